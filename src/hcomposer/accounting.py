@@ -1,0 +1,83 @@
+"""Cost accounting on the meta device: parameters, FLOPs, cache bytes.
+
+Parameters are counted from the modules themselves (built on the meta device,
+no memory); FLOPs are 2 x (active matmul parameters) per token plus each
+primitive's own non-parametric work (attention scores, SSM scan), with the
+output head's matmul included and the input embedding (a lookup) excluded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hcomposer.architecture import Architecture
+
+__all__ = ["Costs", "count_costs"]
+
+
+@dataclass(frozen=True)
+class Costs:
+    pattern: str
+    shape: str
+    n_sublayers: int
+    params_total: int
+    params_active: int
+    params_embedding: int
+    params_non_embedding: int
+    flops_per_token: float
+    seq_len: int
+    kv_bytes_per_token: int
+    state_bytes: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unique_params(module) -> int:
+    seen = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def count_costs(arch: Architecture, seq_len: int | None = None, dtype_bytes: int = 2) -> Costs:
+    """All costs of ``arch`` at ``seq_len`` (default: the shape's max_seq_len)."""
+    from hcomposer.model import build_model
+
+    s = arch.shape
+    seq_len = seq_len or s.max_seq_len
+    model = build_model(arch, device="meta")
+    total = _unique_params(model)
+    embedding = s.vocab_size * s.d_model * (1 if s.tie_embeddings else 2)
+    inactive = 0
+    extra = 0.0
+    kv = 0
+    state = 0
+    for blk in model.layers:
+        prim = blk.mixer
+        inactive += getattr(prim, "inactive_params", lambda: 0)()
+        extra += prim.extra_flops_per_token(seq_len)
+        kv += prim.kv_bytes_per_token(dtype_bytes)
+        state += prim.state_bytes(dtype_bytes)
+    active = total - inactive
+    # The input embedding is a lookup; the head is a d_model x vocab matmul either way.
+    matmul = active - s.vocab_size * s.d_model * (0 if s.tie_embeddings else 1)
+    flops = 2.0 * matmul + extra
+    return Costs(
+        pattern=arch.pattern,
+        shape=s.name,
+        n_sublayers=arch.n_sublayers,
+        params_total=total,
+        params_active=active,
+        params_embedding=embedding,
+        params_non_embedding=total - embedding,
+        flops_per_token=flops,
+        seq_len=seq_len,
+        kv_bytes_per_token=kv,
+        state_bytes=state,
+        counts=arch.counts(),
+    )

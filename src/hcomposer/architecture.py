@@ -1,0 +1,124 @@
+"""Architecture = pattern + shape: the unit every stage of hcomposer passes around."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hcomposer.errors import ShapeError, UserError
+from hcomposer.pattern import Sublayer, count_tokens, format_pattern, parse_pattern
+from hcomposer.shapes import Shape, resolve_shape
+
+__all__ = ["Architecture", "FORMAT"]
+
+FORMAT = "hcomposer.architecture/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Architecture:
+    """A canonical pattern and a shape. Frozen; round-trips to JSON.
+
+    ``pattern`` is always the canonical expanded string; ``layers`` is the typed
+    list of sublayers it stands for (the truth the model is built from).
+    """
+
+    pattern: str
+    shape: Shape
+
+    def __post_init__(self) -> None:
+        layers = parse_pattern(self.pattern)
+        object.__setattr__(self, "pattern", format_pattern(layers))
+        object.__setattr__(self, "_layers", tuple(layers))
+        _check_groups(layers, self.shape)
+
+    @classmethod
+    def parse(cls, pattern: str, shape: str | Path | Shape | dict = "tiny") -> Architecture:
+        """``Architecture.parse("(AF)*2[A|S]F", shape="tiny")``."""
+        return cls(pattern=pattern, shape=resolve_shape(shape))
+
+    @property
+    def layers(self) -> tuple[Sublayer, ...]:
+        return self._layers  # type: ignore[attr-defined]
+
+    @property
+    def n_sublayers(self) -> int:
+        return len(self.layers)
+
+    def counts(self) -> dict[str, int]:
+        return count_tokens(self.layers)
+
+    def with_shape(self, shape: str | Path | Shape | dict) -> Architecture:
+        return Architecture(pattern=self.pattern, shape=resolve_shape(shape))
+
+    def with_pattern(self, pattern: str) -> Architecture:
+        return Architecture(pattern=pattern, shape=self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "pattern": self.pattern,
+            "layers": ["".join(s) if len(s) == 1 else list(s) for s in self.layers],
+            "shape": self.shape.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        if not isinstance(data, dict) or "pattern" not in data or "shape" not in data:
+            raise UserError("architecture JSON needs the keys 'pattern' and 'shape'")
+        fmt = data.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise UserError(f"architecture format {fmt!r} is not known; expected {FORMAT!r}")
+        arch = cls(pattern=data["pattern"], shape=resolve_shape(data["shape"]))
+        if "layers" in data:
+            stored = [tuple(s) if isinstance(s, list) else (s,) for s in data["layers"]]
+            if tuple(stored) != arch.layers:
+                raise UserError("architecture JSON: 'layers' disagrees with 'pattern'")
+        return arch
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Architecture:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise UserError(f"architecture file {text!r} does not exist")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"architecture JSON does not parse: {e}") from None
+        return cls.from_dict(data)
+
+    def __str__(self) -> str:
+        return f"{self.pattern} @ {self.shape.name}"
+
+
+def _check_groups(layers: list[Sublayer], shape: Shape) -> None:
+    """Every branch of a group must get a whole number of heads."""
+    for pos, s in enumerate(layers, 1):
+        k = len(s)
+        if k == 1:
+            continue
+        where = f"sublayer {pos} {format_pattern([s])}"
+        for tok in s:
+            if tok in "AW":
+                for name in ("n_heads", "n_kv_heads"):
+                    if getattr(shape, name) % k:
+                        raise ShapeError(
+                            f"{where}: {name}={getattr(shape, name)} of shape {shape.name!r} "
+                            f"cannot be split evenly into {k} branches",
+                            field=name,
+                        )
+            elif tok == "S":
+                heads = shape.ssm_heads
+                if heads % k or (heads // k) % shape.ssm_groups:
+                    raise ShapeError(
+                        f"{where}: the {heads} SSM heads of shape {shape.name!r} cannot be split "
+                        f"evenly into {k} branches of ssm_groups={shape.ssm_groups}",
+                        field="ssm_head_dim",
+                    )

@@ -1,0 +1,95 @@
+"""The ``hcomposer`` command line: a small dispatcher over ``hcomposer.commands``.
+
+Each command lives in ``hcomposer/commands/<module>.py`` and exposes ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``. Exit codes: 0 done; 2 bad
+input (one line on stderr, no traceback, nothing written); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hcomposer import __version__
+from hcomposer.errors import UserError
+
+__all__ = ["main", "COMMANDS"]
+
+# command name -> module in hcomposer.commands
+COMMANDS: dict[str, str] = {
+    "inspect": "inspect_cmd",
+    "evaluate": "evaluate_cmd",
+    "search": "search_cmd",
+    "aggregate": "aggregate_cmd",
+    "scale": "scale_cmd",
+    "train": "train_cmd",
+    "eval": "eval_cmd",
+    "compare": "compare_cmd",
+    "export": "export_cmd",
+    "run": "run_cmd",
+    "bench-search": "bench_search_cmd",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _available() -> dict[str, str]:
+    found = {}
+    for name, module in COMMANDS.items():
+        if importlib.util.find_spec(f"hcomposer.commands.{module}") is not None:
+            found[name] = module
+    return found
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="hcomposer", description="Discover hybrid language-model architectures.")
+    parser.add_argument("--version", action="version", version=f"hcomposer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module in _available().items():
+        if only is not None and name != only:
+            # Register cheaply so --help lists every command without importing torch.
+            sub.add_parser(name, help=f"(see hcomposer {name} --help)")
+            continue
+        mod = importlib.import_module(f"hcomposer.commands.{module}")
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(only=command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 0 if not argv else 2
+        args.argv = ["hcomposer", *argv]
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if os.environ.get("HCOMPOSER_DEBUG"):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print("internal error (exit 1): please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

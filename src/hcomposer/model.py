@@ -1,0 +1,195 @@
+"""The causal language model built from an Architecture.
+
+Layout: token embedding -> for each sublayer ``x = x + primitive(norm(x))`` ->
+final RMSNorm -> output head (tied to the embedding when the shape says so).
+
+Initialisation (documented, deterministic under ``torch.manual_seed``):
+every Linear and the embedding are drawn from N(0, init_std); projections that
+write into the residual stream (attention o_proj, MLP down_proj, Mamba out_proj,
+group output projections, marked ``is_residual_output``) use
+init_std / sqrt(n_sublayers), so the residual stream's variance does not grow
+with depth (GPT-2's scheme, one residual per sublayer here); norms start at 1;
+primitives then apply their own special initialisation (Mamba-2's A, dt, D).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcomposer.architecture import Architecture
+from hcomposer.primitives import Primitive, RMSNorm, build_sublayer
+
+__all__ = ["HybridLM", "ModelCache", "build_model"]
+
+
+@dataclass
+class ModelCache:
+    """One cache per sublayer (None for stateless ones) and the number of tokens seen."""
+
+    layers: list[Any]
+    max_len: int
+    pos: int = 0
+    batch_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """x + primitive(norm(x)): written once, shared by every primitive."""
+
+    def __init__(self, prim: Primitive, d_model: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps)
+        self.mixer = prim
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), cache=cache)
+
+
+class HybridLM(nn.Module):
+    """A causal LM whose sublayers follow ``arch.layers``."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        s = arch.shape
+        self.embed = nn.Embedding(s.vocab_size, s.d_model)
+        self.layers = nn.ModuleList(
+            Block(build_sublayer(tokens, s), s.d_model, s.norm_eps) for tokens in arch.layers
+        )
+        self.norm = RMSNorm(s.d_model, s.norm_eps)
+        self.lm_head = nn.Linear(s.d_model, s.vocab_size, bias=False)
+        if s.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def shape(self):
+        return self.arch.shape
+
+    def reset_parameters(self) -> None:
+        """The initialisation described in the module docstring."""
+        std = self.arch.shape.init_std
+        out_std = std / math.sqrt(max(1, self.arch.n_sublayers))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                s = out_std if getattr(m, "is_residual_output", False) else std
+                nn.init.normal_(m.weight, 0.0, s)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for m in self.modules():
+            if isinstance(m, Primitive):
+                m.reset_special_parameters()
+
+    def init_cache(
+        self, batch_size: int = 1, max_len: int | None = None, *, device=None, dtype=None
+    ) -> ModelCache:
+        """A fresh cache for incremental decoding of up to ``max_len`` tokens."""
+        max_len = max_len or self.arch.shape.max_seq_len
+        device = device or self.embed.weight.device
+        caches = [
+            blk.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype)
+            for blk in self.layers
+        ]
+        return ModelCache(layers=caches, max_len=max_len, batch_size=batch_size)
+
+    def hidden_states(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d_model]."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        if cache is not None and cache.pos + tokens.shape[1] > cache.max_len:
+            raise ValueError(
+                f"cache holds {cache.max_len} tokens; {cache.pos} used, {tokens.shape[1]} more asked"
+            )
+        x = self.embed(tokens)
+        for i, blk in enumerate(self.layers):
+            x = blk(x, cache=None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.pos += tokens.shape[1]
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T]; with a cache, continue from ``cache.pos``."""
+        return self.lm_head(self.hidden_states(tokens, cache))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+        """Mean next-token cross-entropy (targets already shifted), computed in fp32."""
+        logits = self(tokens)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=ignore_index,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Continue ``tokens`` [B, T]: greedy at temperature 0, else sampled (optionally top-k)."""
+        B, T = tokens.shape
+        cache = self.init_cache(B, T + max_new_tokens)
+        logits = self(tokens, cache=cache)[:, -1]
+        out = [tokens]
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits.float(), temperature, top_k, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if eos_token_id is not None and bool(done.all()):
+                break
+            logits = self(nxt[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def _sample(logits, temperature, top_k, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def build_model(
+    arch: Architecture | str,
+    *,
+    shape: Any = None,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+) -> HybridLM:
+    """Build and initialise the model for an architecture (or a pattern plus ``shape``).
+
+    On the meta device nothing is allocated or initialised: used for accounting.
+    """
+    if isinstance(arch, str):
+        arch = Architecture.parse(arch, shape=shape or "tiny")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if seed is not None:
+        torch.manual_seed(seed)
+    with device:
+        model = HybridLM(arch)
+    if device.type != "meta":
+        model.reset_parameters()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model

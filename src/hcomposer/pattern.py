@@ -1,0 +1,224 @@
+"""The pattern language: text in, a typed list of sublayers out.
+
+One token per residual sublayer (``x = x + primitive(norm(x))``):
+
+    A  global causal attention        W  sliding-window attention
+    F  SwiGLU feed-forward            E  mixture-of-experts feed-forward
+    S  Mamba-2 (SSD)
+
+``[A|S]`` is one intra-layer hybrid sublayer whose branches (sequence mixers only)
+run in parallel; ``(AF)*16`` repeats; whitespace is ignored. The canonical form
+is the expanded string, e.g. ``AFAF[A|S]F``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from hcomposer.errors import PatternError
+
+__all__ = [
+    "TOKENS",
+    "MIXER_TOKENS",
+    "FFN_TOKENS",
+    "Sublayer",
+    "parse_pattern",
+    "format_pattern",
+    "canonical",
+    "to_megatron",
+    "from_megatron",
+    "count_tokens",
+]
+
+# Token -> human name. The registry of modules lives in hcomposer.primitives.
+TOKENS: dict[str, str] = {
+    "A": "attention",
+    "W": "sliding-window attention",
+    "F": "SwiGLU MLP",
+    "E": "mixture of experts",
+    "S": "Mamba-2",
+}
+# Sequence mixers may appear inside a parallel group; channel mixers may not.
+MIXER_TOKENS = frozenset("AWS")
+FFN_TOKENS = frozenset("FE")
+
+# A sublayer is a tuple of tokens: ("A",) for a plain sublayer, ("A", "S") for [A|S].
+Sublayer = tuple[str, ...]
+
+_MEGATRON = {"S": "M", "A": "*", "F": "-", "E": "E"}
+_FROM_MEGATRON = {v: k for k, v in _MEGATRON.items()}
+
+
+def _valid_list() -> str:
+    return ", ".join(f"{t} ({n})" for t, n in TOKENS.items())
+
+
+class _Parser:
+    """Recursive-descent parser over the raw text, tracking 1-based positions."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.i = 0
+
+    def error(self, msg: str, pos: int | None = None) -> PatternError:
+        pos = self.i if pos is None else pos
+        shown = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        return PatternError(
+            f"pattern {shown!r}: {msg} at position {pos + 1}; valid tokens: {_valid_list()}; "
+            "groups [A|S], repeats (AF)*4",
+            pattern=self.text,
+            position=pos + 1,
+        )
+
+    def peek(self) -> str | None:
+        while self.i < len(self.text) and self.text[self.i].isspace():
+            self.i += 1
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def parse(self) -> list[Sublayer]:
+        out = self.sequence(closing=None)
+        if self.peek() is not None:
+            raise self.error(f"unexpected {self.text[self.i]!r}")
+        if not out:
+            raise PatternError(
+                f"pattern {self.text!r} is empty; write at least one token, e.g. 'AF'; "
+                f"valid tokens: {_valid_list()}",
+                pattern=self.text,
+                position=1,
+            )
+        return out
+
+    def sequence(self, closing: str | None) -> list[Sublayer]:
+        out: list[Sublayer] = []
+        while True:
+            c = self.peek()
+            if c is None or c == closing:
+                return out
+            if c in TOKENS:
+                self.i += 1
+                out.append((c,))
+            elif c == "[":
+                out.append(self.group())
+            elif c == "(":
+                out.extend(self.repeat())
+            else:
+                what = "unexpected" if c in ")]|*" else "unknown token"
+                raise self.error(f"{what} {c!r}")
+
+    def group(self) -> Sublayer:
+        start = self.i
+        self.i += 1  # '['
+        branches: list[str] = []
+        while True:
+            c = self.peek()
+            if c is None:
+                raise self.error("unclosed '['", start)
+            if c not in TOKENS:
+                raise self.error(f"unexpected {c!r} inside a group")
+            if c not in MIXER_TOKENS:
+                raise self.error(
+                    f"{c!r} ({TOKENS[c]}) cannot be a parallel branch; groups hold sequence "
+                    f"mixers {sorted(MIXER_TOKENS)}"
+                )
+            branches.append(c)
+            self.i += 1
+            c = self.peek()
+            if c == "|":
+                self.i += 1
+                continue
+            if c == "]":
+                self.i += 1
+                break
+            if c is None:
+                raise self.error("unclosed '['", start)
+            raise self.error(f"expected '|' or ']' but found {c!r}")
+        if len(branches) < 2:
+            raise self.error("a group needs at least two branches, e.g. [A|S]", start)
+        return tuple(branches)
+
+    def repeat(self) -> list[Sublayer]:
+        start = self.i
+        self.i += 1  # '('
+        body = self.sequence(closing=")")
+        if self.peek() != ")":
+            raise self.error("unclosed '('", start)
+        if not body:
+            raise self.error("empty repeat '()'", start)
+        self.i += 1
+        if self.peek() != "*":
+            raise self.error("a '(...)' must be followed by '*k', e.g. (AF)*4")
+        self.i += 1
+        self.peek()
+        j = self.i
+        while j < len(self.text) and self.text[j].isdigit():
+            j += 1
+        if j == self.i:
+            raise self.error("expected a repeat count after '*'")
+        count = int(self.text[self.i : j])
+        if count < 1:
+            raise self.error("repeat count must be at least 1")
+        if count * len(body) > 100_000:
+            raise self.error("pattern expands to more than 100000 sublayers")
+        self.i = j
+        return body * count
+
+
+def parse_pattern(text: str | Sequence[Sublayer]) -> list[Sublayer]:
+    """Parse a pattern string into its list of sublayers; raise PatternError on bad input."""
+    if not isinstance(text, str):
+        layers = [tuple(s) for s in text]
+        return parse_pattern(format_pattern(layers))
+    return _Parser(text).parse()
+
+
+def format_pattern(layers: Iterable[Sublayer]) -> str:
+    """The canonical expanded string of a list of sublayers."""
+    return "".join(s[0] if len(s) == 1 else "[" + "|".join(s) + "]" for s in layers)
+
+
+def canonical(text: str) -> str:
+    """Parse and re-print: ``(AF)*2`` -> ``AFAF``."""
+    return format_pattern(parse_pattern(text))
+
+
+def count_tokens(layers: Iterable[Sublayer]) -> dict[str, int]:
+    """Sublayers per primitive; a group counts once under its own key, e.g. ``[A|S]``."""
+    counts: dict[str, int] = {}
+    for s in layers:
+        key = format_pattern([s])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def to_megatron(text: str | Sequence[Sublayer]) -> str:
+    """Megatron-LM / Nemotron-H ``hybrid_override_pattern`` (M Mamba, * attention, - MLP, E MoE)."""
+    layers = parse_pattern(text)
+    out = []
+    for pos, s in enumerate(layers, 1):
+        if len(s) > 1 or s[0] not in _MEGATRON:
+            raise PatternError(
+                f"sublayer {pos} {format_pattern([s])!r} has no Megatron equivalent; "
+                "hybrid_override_pattern knows only S (M), A (*), F (-), E (E)",
+                position=pos,
+            )
+        out.append(_MEGATRON[s[0]])
+    return "".join(out)
+
+
+def from_megatron(text: str) -> list[Sublayer]:
+    """Parse a Megatron ``hybrid_override_pattern`` such as ``M-M*-``."""
+    layers: list[Sublayer] = []
+    for i, c in enumerate(text):
+        if c.isspace():
+            continue
+        if c not in _FROM_MEGATRON:
+            raise PatternError(
+                f"hybrid_override_pattern {text!r}: unknown symbol {c!r} at position {i + 1}; "
+                "valid: M (Mamba), * (attention), - (MLP), E (MoE)",
+                pattern=text,
+                position=i + 1,
+            )
+        layers.append((_FROM_MEGATRON[c],))
+    if not layers:
+        raise PatternError("hybrid_override_pattern is empty", pattern=text, position=1)
+    return layers

@@ -1,0 +1,88 @@
+"""The one interface every primitive implements.
+
+A primitive is one residual sublayer's computation, without the norm and the
+residual add (the model wires those once, for all primitives):
+
+    y = primitive(x, cache=None)          # x: [B, T, d_model] -> y: [B, T, d_model]
+
+Sequence mixers (A, W, S) may also be branches of an intra-layer group
+``[A|S]``; then they are built with ``fraction`` = their share of the heads and
+``project=False``, return their inner activations ``[B, T, inner_dim]``, and the
+group applies a norm and an output projection per branch.
+
+Caches: ``init_cache`` returns a small mutable object (or None for stateless
+primitives such as F and E). ``forward`` with a cache reads and updates it in
+place, so that feeding a sequence in pieces (prefill then one token at a time)
+gives the same outputs as one full forward.
+
+Costs: every primitive reports, from its own sizes, the FLOPs per token that its
+parameters do not account for (attention scores, the SSM scan), the KV-cache
+bytes each token adds, and the bytes of state each sequence holds whatever its
+length. Parameter counts come from the modules themselves (meta device).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hcomposer.shapes import Shape
+
+__all__ = ["Primitive", "RMSNorm"]
+
+
+class Primitive(nn.Module):
+    """Base class: see the module docstring for the contract."""
+
+    token: ClassVar[str] = "?"
+    # True for sequence mixers (may sit in a parallel group).
+    is_mixer: ClassVar[bool] = False
+    # True when the inner output is already normalised (Mamba-2's gated RMSNorm),
+    # so a parallel group adds no second norm on that branch.
+    normalized_output: ClassVar[bool] = False
+
+    def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
+        super().__init__()
+        self.shape = shape
+        self.fraction = fraction
+        self.project = project
+        # Width of the activations before the output projection (mixers only).
+        self.inner_dim = shape.d_model
+
+    def init_cache(
+        self, batch_size: int, max_len: int, *, device: Any = None, dtype: Any = None
+    ) -> Any:
+        """A fresh cache for incremental decoding, or None if the primitive is stateless."""
+        return None
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token beyond 2 x (matmul parameters), averaged over a sequence."""
+        return 0.0
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Cache bytes that grow with every token of context (global attention's KV)."""
+        return 0
+
+    def state_bytes(self, dtype_bytes: int = 2) -> int:
+        """Cache bytes per sequence that do not grow with context (SSM state, rolling window)."""
+        return 0
+
+    def reset_special_parameters(self) -> None:
+        """Initialise parameters that need more than the model's default normal init."""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(dtype)

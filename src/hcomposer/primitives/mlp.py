@@ -1,0 +1,39 @@
+"""F: the SwiGLU feed-forward network of Llama."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcomposer.primitives.base import Primitive
+from hcomposer.shapes import Shape
+
+__all__ = ["SwiGLU", "MLP"]
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); the building block of F, of experts and shared experts."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.down_proj.is_residual_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(Primitive):
+    """Stateless channel mixer: the cache argument is accepted and ignored."""
+
+    token = "F"
+
+    def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
+        super().__init__(shape, fraction=fraction, project=project)
+        self.ffn = SwiGLU(shape.d_model, shape.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cache: None = None) -> torch.Tensor:
+        return self.ffn(x)

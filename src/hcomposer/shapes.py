@@ -1,0 +1,224 @@
+"""Shapes: how wide everything is. The pattern says which primitive sits where."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hcomposer.errors import ShapeError, UserError
+
+__all__ = ["Shape", "PRESETS", "get_shape", "resolve_shape"]
+
+_ROUTERS = ("softmax", "sigmoid")
+_BALANCE = ("bias", "none")
+_FUSIONS = ("diff", "concat", "add")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """Every width of a model. Frozen, keyword-only, round-trips to JSON.
+
+    ``n_layers`` is the reference depth in sublayers (the Llama baseline at this
+    shape, e.g. 32 for Llama-3.2-1B's 16 attention + 16 MLP); the pattern decides
+    the real depth of any given model.
+    """
+
+    name: str = "custom"
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int = 0  # 0: d_model // n_heads
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int
+    n_layers: int = 0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # W: each query sees itself and the window - 1 tokens before it.
+    window: int = 128
+    # S: Mamba-2.
+    ssm_state: int = 64
+    ssm_expand: int = 2
+    ssm_head_dim: int = 64
+    ssm_conv: int = 4
+    ssm_groups: int = 1
+    ssm_chunk: int = 64
+    # E: mixture of experts (hybrid paper: 1 shared + top-1 of 8, halved experts, sigmoid).
+    n_experts: int = 8
+    top_k: int = 1
+    n_shared_experts: int = 1
+    expert_ffn_dim: int = 0  # 0: ffn_dim // 2
+    router: str = "sigmoid"
+    moe_balance: str = "bias"
+    moe_bias_rate: float = 1e-3
+    # [X|Y]: intra-layer hybrid fusion.
+    fusion: str = "diff"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.n_heads > 0 and self.d_model % self.n_heads:
+                raise ShapeError(
+                    f"shape {self.name!r}: n_heads={self.n_heads} does not divide "
+                    f"d_model={self.d_model}; set head_dim or change n_heads",
+                    field="n_heads",
+                )
+            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+        if self.expert_ffn_dim == 0:
+            object.__setattr__(self, "expert_ffn_dim", max(self.ffn_dim // 2, 1))
+        self._validate()
+
+    def _fail(self, field_name: str, why: str) -> None:
+        raise ShapeError(f"shape {self.name!r}: {field_name} {why}", field=field_name)
+
+    def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                self._fail(f.name, f"must be an integer, got {v!r}")
+        positive = (
+            "d_model n_heads n_kv_heads head_dim ffn_dim vocab_size max_seq_len window ssm_state "
+            "ssm_expand ssm_head_dim ssm_conv ssm_groups ssm_chunk n_experts top_k expert_ffn_dim"
+        )
+        for name in positive.split():
+            if getattr(self, name) < 1:
+                self._fail(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.n_layers < 0 or self.n_shared_experts < 0:
+            self._fail("n_layers/n_shared_experts", "must not be negative")
+        if self.n_heads % self.n_kv_heads:
+            self._fail(
+                "n_kv_heads",
+                f"={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query attention)",
+            )
+        if self.head_dim % 2:
+            self._fail("head_dim", f"={self.head_dim} must be even for rotary embeddings")
+        d_inner = self.ssm_expand * self.d_model
+        if d_inner % self.ssm_head_dim:
+            self._fail(
+                "ssm_head_dim",
+                f"={self.ssm_head_dim} must divide ssm_expand*d_model={d_inner}",
+            )
+        if (d_inner // self.ssm_head_dim) % self.ssm_groups:
+            self._fail("ssm_groups", f"={self.ssm_groups} must divide the number of SSM heads")
+        if self.top_k > self.n_experts:
+            self._fail("top_k", f"={self.top_k} must not exceed n_experts={self.n_experts}")
+        if self.router not in _ROUTERS:
+            self._fail("router", f"={self.router!r}; choose one of {list(_ROUTERS)}")
+        if self.moe_balance not in _BALANCE:
+            self._fail("moe_balance", f"={self.moe_balance!r}; choose one of {list(_BALANCE)}")
+        if self.fusion not in _FUSIONS:
+            self._fail("fusion", f"={self.fusion!r}; choose one of {list(_FUSIONS)}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            self._fail("rope_theta/norm_eps/init_std", "must be positive")
+
+    @property
+    def ssm_inner(self) -> int:
+        return self.ssm_expand * self.d_model
+
+    @property
+    def ssm_heads(self) -> int:
+        return self.ssm_inner // self.ssm_head_dim
+
+    def replace(self, **changes: Any) -> Shape:
+        """A copy with some fields changed (validated again)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ShapeError(f"unknown shape field(s) {unknown}; fields: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Shape:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ShapeError(f"unknown shape field(s) {unknown}; valid fields: {sorted(names)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ShapeError(f"shape is missing field(s) {missing}", field=missing[0])
+        try:
+            return cls(**data)
+        except TypeError as e:  # wrong value types that dataclass init rejects
+            raise ShapeError(f"bad shape: {e}") from None
+
+
+def _llama(name: str, d: int, heads: int, kv: int, ffn: int, layers: int, tie: bool) -> Shape:
+    return Shape(
+        name=name, d_model=d, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, vocab_size=128256,
+        max_seq_len=131072, n_layers=2 * layers, tie_embeddings=tie, rope_theta=500000.0,
+        norm_eps=1e-5, window=4096, ssm_state=128, ssm_head_dim=128, ssm_chunk=256,
+    )
+
+
+PRESETS: dict[str, Shape] = {
+    s.name: s
+    for s in [
+        # Unit tests: everything tiny, but every divisibility rule exercised.
+        Shape(name="tiny", d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256,
+              max_seq_len=256, n_layers=4, window=16, ssm_state=16, ssm_head_dim=16,
+              ssm_chunk=16, n_experts=4, top_k=2, expert_ffn_dim=64),
+        # Search proxy: about a million parameters at 6 sublayers (Composer's search scale).
+        Shape(name="proxy", d_model=128, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=256,
+              max_seq_len=1024, n_layers=6, window=64, ssm_state=32, ssm_head_dim=32,
+              ssm_chunk=32, n_experts=8, top_k=1, expert_ffn_dim=192),
+        Shape(name="10m", d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=768, vocab_size=32768,
+              max_seq_len=2048, n_layers=24, window=256, ssm_state=64, ssm_head_dim=64),
+        Shape(name="50m", d_model=512, n_heads=8, n_kv_heads=4, ffn_dim=1536, vocab_size=32768,
+              max_seq_len=2048, n_layers=32, window=512, ssm_state=64, ssm_head_dim=64),
+        Shape(name="150m", d_model=768, n_heads=12, n_kv_heads=4, ffn_dim=2048,
+              vocab_size=32768, max_seq_len=4096, n_layers=48, window=1024, ssm_state=128,
+              ssm_head_dim=64),
+        Shape(name="350m", d_model=1024, n_heads=16, n_kv_heads=4, ffn_dim=4096,
+              vocab_size=32768, max_seq_len=4096, n_layers=48, window=1024, ssm_state=128,
+              ssm_head_dim=64),
+        _llama("llama-3.2-1b", 2048, 32, 8, 8192, 16, True),
+        _llama("llama-3.2-3b", 3072, 24, 8, 8192, 28, True),
+        _llama("llama-3.1-8b", 4096, 32, 8, 14336, 32, False),
+    ]
+}
+
+
+def get_shape(name: str) -> Shape:
+    """A named preset; an unknown name lists the presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown shape {name!r}; presets: {', '.join(PRESETS)}, or a path to a JSON file"
+        ) from None
+
+
+def resolve_shape(spec: str | Path | Shape | dict) -> Shape:
+    """A Shape from a preset name, a JSON file path, a dict or a Shape."""
+    if isinstance(spec, Shape):
+        return spec
+    if isinstance(spec, dict):
+        return Shape.from_dict(spec)
+    text = str(spec)
+    if text in PRESETS:
+        return PRESETS[text]
+    path = Path(text)
+    if text.endswith(".json") or path.exists():
+        if not path.is_file():
+            raise UserError(f"shape file {text!r} does not exist; give a preset or a JSON file")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"shape file {text!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"shape file {text!r} must hold a JSON object of shape fields")
+        base = data.pop("preset", None)
+        if base is not None:
+            return get_shape(base).replace(**data)
+        return Shape.from_dict(data)
+    return get_shape(text)
+
+
