@@ -73,7 +73,8 @@ class Shape:
         self._validate()
 
     def _fail(self, field_name: str, why: str) -> None:
-        raise ShapeError(f"shape {self.name!r}: {field_name} {why}", field=field_name)
+        sep = "" if why.startswith("=") else " "
+        raise ShapeError(f"shape {self.name!r}: {field_name}{sep}{why}", field=field_name)
 
     def _validate(self) -> None:
         for f in dataclasses.fields(self):

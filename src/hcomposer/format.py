@@ -1,0 +1,41 @@
+"""Human-readable numbers and the shared rich console (stderr)."""
+
+from __future__ import annotations
+
+import re
+
+from hcomposer.errors import UserError
+
+__all__ = ["human", "human_bytes", "parse_count", "console"]
+
+_SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def human(n: float, digits: int = 3) -> str:
+    """1235814400 -> '1.24B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}g}{unit}"
+    return f"{n:.{digits}g}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_count(text: str, what: str = "count") -> int:
+    """'1.2B', '350M', '1e9', '12000' -> int; a UserError names the bad value."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(text))
+    if not m:
+        raise UserError(f"{what} {text!r} is not a number; write e.g. 350M, 1.2B or 1e9")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
+
+
+def console():
+    """A rich console on stderr, so stdout stays clean for --json."""
+    from rich.console import Console
+
+    return Console(stderr=True)
