@@ -107,7 +107,8 @@ class HybridLM(nn.Module):
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         if cache is not None and cache.pos + tokens.shape[1] > cache.max_len:
             raise ValueError(
-                f"cache holds {cache.max_len} tokens; {cache.pos} used, {tokens.shape[1]} more asked"
+                f"cache holds {cache.max_len} tokens; {cache.pos} used, "
+                f"{tokens.shape[1]} more asked"
             )
         x = self.embed(tokens)
         for i, blk in enumerate(self.layers):

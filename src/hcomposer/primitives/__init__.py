@@ -8,7 +8,14 @@ from hcomposer.errors import PatternError
 from hcomposer.primitives.base import Primitive, RMSNorm
 from hcomposer.primitives.hybrid import ParallelGroup
 
-__all__ = ["PRIMITIVES", "Primitive", "RMSNorm", "ParallelGroup", "primitive_class", "build_sublayer"]
+__all__ = [
+    "PRIMITIVES",
+    "Primitive",
+    "RMSNorm",
+    "ParallelGroup",
+    "primitive_class",
+    "build_sublayer",
+]
 
 # token -> (module in this package, class). Resolved on first use so that a
 # primitive's heavier imports are paid only by patterns that use it.
