@@ -1,0 +1,323 @@
+"""Export a model as a Hugging Face folder that ``AutoModelForCausalLM`` loads.
+
+Two kinds of folder:
+
+- ``llama``: a plain transformer pattern (``"AF" * n``) becomes a native
+  ``LlamaForCausalLM`` folder, loadable anywhere without remote code. Our RoPE
+  uses Llama's half-split convention and our RMSNorm matches Llama's, so the
+  weights map one to one (only the names change).
+- ``hcomposer``: every other pattern becomes ``HComposerForCausalLM``
+  (``model_type`` "hcomposer"). ``import hcomposer.hf`` registers it with the
+  Auto classes; the folder also carries ``configuration_hcomposer.py`` and
+  ``modeling_hcomposer.py`` with an ``auto_map``, so ``trust_remote_code=True``
+  loads it without that import. Those two files import the installed
+  ``hcomposer`` package rather than copying the primitives: one implementation of
+  Mamba-2, MoE and the parallel groups, which cannot drift from the framework's.
+  The cost: the loading machine needs ``pip install hcomposer``.
+
+Both folders get ``tokenizer.json`` + ``tokenizer_config.json`` (the byte-level
+tokenizer is rebuilt with ``tokenizers`` so that it yields our exact ids),
+``hcomposer_architecture.json`` and ``hcomposer_export.json`` (provenance). The
+folder is written to a temporary sibling and renamed into place, so a failed
+export leaves nothing behind and an existing target is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcomposer.architecture import Architecture
+from hcomposer.errors import UserError
+from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+
+__all__ = [
+    "export_model",
+    "export_run",
+    "is_llama_pattern",
+    "llama_config_kwargs",
+    "to_llama_state_dict",
+    "byte_tokenizer_json",
+]
+
+EOS_TOKEN = "<|endoftext|>"
+
+_REMOTE_FILES = {
+    "configuration_hcomposer.py": (
+        '"""Remote-code entry for this folder: needs the hcomposer package installed."""\n\n'
+        "from hcomposer.hf.configuration_hcomposer import HComposerConfig\n\n"
+        '__all__ = ["HComposerConfig"]\n'
+    ),
+    "modeling_hcomposer.py": (
+        '"""Remote-code entry for this folder: needs the hcomposer package installed."""\n\n'
+        "from hcomposer.hf.modeling_hcomposer import HComposerForCausalLM\n\n"
+        '__all__ = ["HComposerForCausalLM"]\n'
+    ),
+}
+
+
+def is_llama_pattern(arch: Architecture) -> bool:
+    """True when the pattern is ``(AF)*n``: exactly a Llama decoder stack."""
+    n = arch.n_sublayers // 2
+    return n >= 1 and arch.pattern == "AF" * n
+
+
+def llama_config_kwargs(arch: Architecture) -> dict[str, Any]:
+    """``LlamaConfig`` fields (transformers 5 names) for a plain transformer architecture."""
+    s = arch.shape
+    return {
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.d_model,
+        "intermediate_size": s.ffn_dim,
+        "num_hidden_layers": arch.n_sublayers // 2,
+        "num_attention_heads": s.n_heads,
+        "num_key_value_heads": s.n_kv_heads,
+        "head_dim": s.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": s.max_seq_len,
+        "initializer_range": s.init_std,
+        "rms_norm_eps": s.norm_eps,
+        "tie_word_embeddings": s.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(s.rope_theta)},
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def to_llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our ``(AF)*n`` weights under ``LlamaForCausalLM``'s names."""
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    n = len(model.layers) // 2
+    for i in range(n):
+        a, f = f"layers.{2 * i}", f"layers.{2 * i + 1}"
+        dst = f"model.layers.{i}"
+        out[f"{dst}.input_layernorm.weight"] = sd[f"{a}.norm.weight"]
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{dst}.self_attn.{p}.weight"] = sd[f"{a}.mixer.{p}.weight"]
+        out[f"{dst}.post_attention_layernorm.weight"] = sd[f"{f}.norm.weight"]
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{dst}.mlp.{p}.weight"] = sd[f"{f}.mixer.ffn.{p}.weight"]
+    if not model.arch.shape.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The printable-character alias of every byte used by byte-level BPE (GPT-2's table).
+
+    Printable Latin-1 bytes stand for themselves; the others are moved to code
+    points from 256 upwards, in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _probe_byte_offset(tokenizer) -> int:
+    """The constant ``id - byte`` of a byte-level tokenizer, checked on every probeable byte."""
+    first = tokenizer.encode("a")
+    if len(first) != 1:
+        raise UserError(
+            f"tokenizer {tokenizer.name!r} encodes 'a' as {first}: not a plain byte tokenizer, "
+            "and it has no tokenizer.json to export"
+        )
+    offset = first[0] - ord("a")
+    probes = [chr(c) for c in range(128)] + ["é", "€", "😀", "ÿ", "\u07ff", "\uffef"]
+    for text in probes:
+        want = [b + offset for b in text.encode("utf-8")]
+        got = tokenizer.encode(text)
+        if got != want:
+            raise UserError(
+                f"tokenizer {tokenizer.name!r} maps {text!r} to {got}, not bytes+{offset}: "
+                "cannot rebuild it as tokenizer.json"
+            )
+    return offset
+
+
+def byte_tokenizer_json(tokenizer, vocab_size: int) -> str:
+    """A ``tokenizer.json`` (tokenizers library) that reproduces a byte tokenizer's ids.
+
+    Byte-level pre-tokenisation without regex splitting and a BPE model with no
+    merges: every byte becomes exactly one token, id = byte + offset. Ids outside
+    the byte range (EOS and any other specials) become added special tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    offset = _probe_byte_offset(tokenizer)
+    alias = _bytes_to_unicode()
+    vocab = {alias[b]: b + offset for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    byte_ids = set(vocab.values())
+    eos = getattr(tokenizer, "eos_id", None)
+    specials = []
+    for i in range(vocab_size):
+        if i in byte_ids:
+            continue
+        name = EOS_TOKEN if i == eos else f"<|special_{i}|>"
+        specials.append((i, name))
+    # add_special_tokens appends at the next free id, so add them in id order
+    # after padding the vocabulary to each one's id with placeholder specials.
+    for i, name in specials:
+        if tok.get_vocab_size(with_added_tokens=True) != i:
+            raise UserError(
+                f"tokenizer {tokenizer.name!r}: special id {i} is not contiguous with the byte ids"
+            )
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    return tok.to_str()
+
+
+def _write_tokenizer(tokenizer, arch: Architecture, out: Path) -> dict[str, Any]:
+    """tokenizer.json + tokenizer_config.json; returns the special-token ids for the config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = None
+        if hasattr(tokenizer, "save"):
+            tokenizer.save(tmp)
+            found = list(Path(tmp).rglob("tokenizer.json"))
+            saved = found[0] if found else None
+        if saved is not None:
+            shutil.copyfile(saved, out / "tokenizer.json")
+        else:
+            atomic_write_text(
+                out / "tokenizer.json", byte_tokenizer_json(tokenizer, arch.shape.vocab_size)
+            )
+    data = json.loads((out / "tokenizer.json").read_text())
+    eos_id = getattr(tokenizer, "eos_id", None)
+    eos_token = None
+    for added in data.get("added_tokens", []):
+        if added["id"] == eos_id:
+            eos_token = added["content"]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": arch.shape.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+    if eos_token is not None:
+        config["eos_token"] = eos_token
+    atomic_write_json(out / "tokenizer_config.json", config)
+    return {"eos_token_id": eos_id if eos_token is not None else None}
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists():
+        raise UserError(
+            f"export target {str(out_dir)!r} already exists; choose a new --out folder "
+            "(nothing was overwritten)"
+        )
+    if out_dir.parent.exists() and not out_dir.parent.is_dir():
+        raise UserError(f"export target's parent {str(out_dir.parent)!r} is not a folder")
+
+
+def export_model(
+    model: torch.nn.Module,
+    arch: Architecture,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    kind: str = "auto",
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` as a Hugging Face folder at ``out_dir`` (which must not exist).
+
+    ``kind``: ``auto`` (llama for ``(AF)*n``, else hcomposer), ``llama`` or
+    ``hcomposer``. Returns a summary dict (kind, path, files, parameters).
+    """
+    out_dir = Path(out_dir)
+    _check_target(out_dir)
+    if kind not in ("auto", "llama", "hcomposer"):
+        raise UserError(f"unknown export kind {kind!r}; valid: auto, llama, hcomposer")
+    if kind == "auto":
+        kind = "llama" if is_llama_pattern(arch) else "hcomposer"
+    if kind == "llama" and not is_llama_pattern(arch):
+        raise UserError(f"pattern {arch.pattern!r} is not (AF)*n: only hcomposer export fits it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        model = model.to("cpu")
+        if dtype is not None:
+            model = model.to(dtype)
+        special = _write_tokenizer(tokenizer, arch, tmp)
+        if kind == "llama":
+            hf_model = _llama_model(model, arch, special)
+        else:
+            hf_model = _hcomposer_model(model, arch, special)
+        hf_model.save_pretrained(tmp)
+        if kind == "hcomposer":
+            for name, text in _REMOTE_FILES.items():
+                atomic_write_text(tmp / name, text)
+        atomic_write_text(tmp / "hcomposer_architecture.json", arch.to_json() + "\n")
+        summary = {
+            "kind": kind,
+            "path": str(out_dir),
+            "pattern": arch.pattern,
+            "shape": arch.shape.name,
+            "params": sum(p.numel() for p in hf_model.parameters()),
+            "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
+            "model_class": type(hf_model).__name__,
+        }
+        atomic_write_json(tmp / "hcomposer_export.json", {**summary, **run_metadata(argv)})
+        summary["files"] = sorted(p.name for p in tmp.iterdir())
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _llama_model(model, arch: Architecture, special: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**llama_config_kwargs(arch), bos_token_id=None, **special)
+    config.architectures = ["LlamaForCausalLM"]
+    dtype = next(model.parameters()).dtype
+    hf = LlamaForCausalLM(config).to(dtype)
+    hf.load_state_dict(to_llama_state_dict(model), strict=not arch.shape.tie_embeddings)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _hcomposer_model(model, arch: Architecture, special: dict):
+    from hcomposer.hf import HComposerConfig, HComposerForCausalLM
+
+    config = HComposerConfig(architecture=arch.to_dict(), bos_token_id=None, **special)
+    config.architectures = ["HComposerForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_hcomposer.HComposerConfig",
+        "AutoModelForCausalLM": "modeling_hcomposer.HComposerForCausalLM",
+    }
+    dtype = next(model.parameters()).dtype
+    hf = HComposerForCausalLM(config).to(dtype)
+    hf.model.load_state_dict(model.state_dict())
+    return hf.eval()
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    kind="auto",
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Export a training run folder's latest checkpoint (``hcomposer export DIR --out HF``)."""
+    _check_target(Path(out_dir))
+    from hcomposer.train import load_run
+
+    model, arch, tokenizer, _info = load_run(run_dir)
+    return export_model(model, arch, tokenizer, out_dir, dtype=dtype, kind=kind, argv=argv)
