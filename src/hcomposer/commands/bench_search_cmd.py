@@ -1,0 +1,114 @@
+"""hcomposer bench-search: replay the samplers against a table of every pattern's score."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+from hcomposer.errors import UserError
+from hcomposer.format import console
+
+HELP = "Compare search samplers on a precomputed table of scores (no training)."
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--table",
+        default="af6",
+        help="af6 (all 64 six-position A/F patterns, committed), synthetic[:CHOICES:N:SEED], "
+        "or a table JSON path (default af6)",
+    )
+    p.add_argument("--seeds", type=int, default=20, help="seeds per sampler (default 20)")
+    p.add_argument(
+        "--samplers", default="gp,tpe,random,evolution", help="comma-separated sampler names"
+    )
+    p.add_argument("--budget", type=int, default=64, help="trials per replay (default 64)")
+    p.add_argument(
+        "--n-startup",
+        type=int,
+        default=None,
+        help="initial random trials of gp/tpe (default: what 'search' uses for this budget)",
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for results.json, report.md, regret.png (default: none)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _check(args) -> list[str]:
+    from hcomposer.search.samplers import SAMPLERS
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1 (got {args.seeds})")
+    if args.budget < 1:
+        raise UserError(f"--budget must be at least 1 (got {args.budget})")
+    if args.n_startup is not None and args.n_startup < 1:
+        raise UserError(f"--n-startup must be at least 1 (got {args.n_startup})")
+    names = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    bad = [s for s in names if s not in SAMPLERS]
+    if bad or not names:
+        raise UserError(
+            f"--samplers {args.samplers!r}: unknown {', '.join(bad) or 'empty list'}; "
+            f"choose from {', '.join(SAMPLERS)}"
+        )
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a folder")
+    return list(dict.fromkeys(names))
+
+
+def run(args) -> int:
+    from rich.progress import Progress
+
+    from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+    from hcomposer.search.samplers import default_n_startup
+    from hcomposer.search.tabular import bench, load_table, markdown_report, plot_regret, summarise
+
+    names = _check(args)
+    table = load_table(args.table)
+    n_startup = args.n_startup if args.n_startup is not None else default_n_startup(args.budget)
+    command = shlex.join(args.argv) if getattr(args, "argv", None) else "hcomposer bench-search"
+    seeds = list(range(args.seeds))
+    start = time.perf_counter()
+    with Progress(console=console(), transient=True) as bar:
+        task = bar.add_task("replaying", total=len(names) * len(seeds))
+
+        def tick(r) -> None:
+            bar.update(task, advance=1, description=f"{r.sampler} seed {r.seed}")
+
+        results = bench(table, names, seeds, args.budget, n_startup, on_replay=tick)
+    wall = time.perf_counter() - start
+    summary = summarise(results, args.budget)
+    report = markdown_report(table, summary, args.budget, command)
+    doc = {
+        "table": table.name,
+        "n_patterns": len(table.scores),
+        "top1": sorted(table.top(1)),
+        "top3": sorted(table.top(3)),
+        "budget": args.budget,
+        "seeds": seeds,
+        "n_startup": n_startup,
+        "samplers": summary,
+        "wall_seconds": wall,
+        "command": command,
+    }
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        full = {
+            **doc,
+            "replays": {k: [r.to_dict() for r in v] for k, v in results.items()},
+            "metadata": run_metadata(getattr(args, "argv", [])),
+        }
+        atomic_write_json(out / "results.json", full)
+        atomic_write_text(out / "report.md", report)
+        plot_regret(results, table, args.budget, out / "regret.png")
+        doc["files"] = [str(out / n) for n in ("results.json", "report.md", "regret.png")]
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(report)
+    return 0

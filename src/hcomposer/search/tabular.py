@@ -1,0 +1,396 @@
+"""Tabular search benchmark: replay samplers against a table of every pattern's score.
+
+A table scores every pattern of a small space (``af6``: all 64 six-position ``A``/``F``
+patterns, built by ``benchmarks/build_tabular.py``). Replaying a sampler against it
+costs no training: each proposal is answered by a table lookup through Optuna's
+ask/tell on an in-memory study, with the sampler built by ``make_sampler`` exactly as a
+real search builds it, so the comparison measures the samplers themselves.
+
+Definitions used in the report:
+
+- true top-k: every pattern whose score is at least the k-th highest score (ties can
+  make it larger than k);
+- trials to top-k: the 1-based number of the first trial whose proposed pattern is in
+  the true top-k. A seed that never finds it within the budget counts as
+  ``budget + 1`` (so medians stay defined) and is reported as a miss;
+- evaluations: distinct patterns proposed up to that trial (a search answers a repeat
+  from its log, so this is the training cost);
+- regret after t trials: best score in the table minus the best score proposed so far.
+
+A replay stops once the top-1 pattern is proposed: from then on regret is zero and both
+hit times are known, so the curve is completed with zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import statistics
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hcomposer.errors import UserError
+from hcomposer.pattern import format_pattern, parse_pattern
+
+__all__ = [
+    "FORMAT",
+    "Table",
+    "load_table",
+    "synthetic_table",
+    "Replay",
+    "replay",
+    "bench",
+    "summarise",
+    "markdown_report",
+    "plot_regret",
+]
+
+FORMAT = "hcomposer.tabular/1"
+
+
+@dataclass(frozen=True)
+class Table:
+    """Scores of every pattern of a space of ``positions`` slots over ``choices``."""
+
+    name: str
+    choices: tuple[str, ...]
+    positions: int
+    scores: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = len(self.choices) ** self.positions
+        if len(self.scores) != expected:
+            raise UserError(
+                f"table {self.name!r} scores {len(self.scores)} patterns; a full space of "
+                f"{self.positions} positions over {''.join(self.choices)} has {expected}"
+            )
+        for p in self.scores:
+            layers = parse_pattern(p)
+            if len(layers) != self.positions or any(
+                format_pattern([s]) not in self.choices for s in layers
+            ):
+                raise UserError(f"table {self.name!r}: pattern {p!r} is outside its space")
+
+    @property
+    def ranked(self) -> list[tuple[str, float]]:
+        """Patterns best first (ties by pattern text, for a stable order)."""
+        return sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    @property
+    def best_score(self) -> float:
+        return max(self.scores.values())
+
+    def top(self, k: int) -> frozenset[str]:
+        """Every pattern scoring at least the k-th highest score."""
+        cut = self.ranked[min(k, len(self.scores)) - 1][1]
+        return frozenset(p for p, s in self.scores.items() if s >= cut)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "choices": list(self.choices),
+            "positions": self.positions,
+            **self.meta,
+            "scores": dict(self.ranked),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Table:
+        if data.get("format") != FORMAT:
+            raise UserError(f"not a tabular benchmark table (format {data.get('format')!r})")
+        meta = {
+            k: v
+            for k, v in data.items()
+            if k not in ("format", "name", "choices", "positions", "scores")
+        }
+        return cls(
+            name=data["name"],
+            choices=tuple(data["choices"]),
+            positions=int(data["positions"]),
+            scores={str(k): float(v) for k, v in data["scores"].items()},
+            meta=meta,
+        )
+
+
+def synthetic_table(
+    choices: str | Sequence[str] = "AF", positions: int = 6, seed: int = 0, noise: float = 0.05
+) -> Table:
+    """A structured random table for tests and development (no training).
+
+    Score = per-position main effects + pairwise interactions of neighbours + a penalty
+    on the distance of each choice's share from a random target ratio + noise: enough
+    structure for a model-based sampler to exploit, like a real proxy table.
+    """
+    choices = tuple(choices) if isinstance(choices, str) else tuple(choices)
+    rng = random.Random(seed)
+    main = [{c: rng.gauss(0, 1) for c in choices} for _ in range(positions)]
+    pair = [{(a, b): rng.gauss(0, 0.5) for a in choices for b in choices} for _ in range(positions)]
+    target = {c: rng.random() for c in choices}
+    norm = sum(target.values())
+    target = {c: v / norm for c, v in target.items()}
+    scores = {}
+    for combo in itertools.product(choices, repeat=positions):
+        s = sum(main[i][c] for i, c in enumerate(combo))
+        s += sum(pair[i][(combo[i], combo[i + 1])] for i in range(positions - 1))
+        s -= 4.0 * sum((combo.count(c) / positions - target[c]) ** 2 for c in choices)
+        s += rng.gauss(0, noise)
+        scores["".join(combo)] = round(s, 6)
+    return Table(
+        name=f"synthetic-{''.join(choices)}{positions}-s{seed}",
+        choices=choices,
+        positions=positions,
+        scores=scores,
+        meta={"synthetic": {"seed": seed, "noise": noise}},
+    )
+
+
+def load_table(spec: str | Path) -> Table:
+    """A table by name (``af6``: the committed asset), ``synthetic[:CHOICES:N:SEED]`` or path."""
+    text = str(spec)
+    if text.startswith("synthetic"):
+        parts = text.split(":")
+        try:
+            choices = parts[1] if len(parts) > 1 else "AF"
+            positions = int(parts[2]) if len(parts) > 2 else 6
+            seed = int(parts[3]) if len(parts) > 3 else 0
+        except ValueError:
+            raise UserError(
+                f"table {text!r}: write synthetic[:CHOICES[:POSITIONS[:SEED]]]"
+            ) from None
+        if positions < 1 or len(choices) ** positions > 100_000:
+            raise UserError(f"table {text!r}: the space must have 1 to 100000 patterns")
+        return synthetic_table(choices, positions, seed)
+    path = Path(text)
+    if not path.suffix and "/" not in text:
+        asset = resources.files("hcomposer") / "assets" / "tabular" / f"{text}.json"
+        if not asset.is_file():
+            raise UserError(
+                f"unknown table {text!r}; use af6, synthetic[:CHOICES:N:SEED] or a JSON path"
+            )
+        data = json.loads(asset.read_text())
+    else:
+        if not path.is_file():
+            raise UserError(f"table file {text!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"table file {text!r} is not valid JSON: {e}") from None
+    return Table.from_dict(data)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One sampler, one seed: the proposals and when the top patterns were hit."""
+
+    sampler: str
+    seed: int
+    budget: int
+    proposals: list[str]
+    regret: list[float]
+    trials_to_top1: int | None
+    trials_to_top3: int | None
+    evals_to_top1: int | None
+    evals_to_top3: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # GPSampler is flagged experimental; the warning says nothing about this replay.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def replay(
+    table: Table, sampler: str, seed: int, budget: int, n_startup: int | None = None
+) -> Replay:
+    """Run ``sampler`` for up to ``budget`` ask/tell trials with the table as objective."""
+    import optuna
+
+    from hcomposer.search.samplers import make_sampler
+
+    _quiet_optuna()
+    study = optuna.create_study(
+        direction="maximize", sampler=make_sampler(sampler, seed, 1, n_startup=n_startup)
+    )
+    top1, top3 = table.top(1), table.top(3)
+    best_possible = table.best_score
+    proposals: list[str] = []
+    regret: list[float] = []
+    seen: set[str] = set()
+    hits: dict[str, tuple[int, int]] = {}
+    best = -math.inf
+    for t in range(1, budget + 1):
+        trial = study.ask()
+        # Same parameter names as the search space (p00, p01, ...).
+        pattern = "".join(
+            trial.suggest_categorical(f"p{i:02d}", list(table.choices))
+            for i in range(table.positions)
+        )
+        score = table.scores[pattern]
+        study.tell(trial, score)
+        proposals.append(pattern)
+        seen.add(pattern)
+        best = max(best, score)
+        regret.append(best_possible - best)
+        if pattern in top3 and "top3" not in hits:
+            hits["top3"] = (t, len(seen))
+        if pattern in top1:
+            hits["top1"] = (t, len(seen))
+            break
+    regret += [0.0] * (budget - len(regret))
+    t1 = hits.get("top1", (None, None))
+    t3 = hits.get("top3", (None, None))
+    return Replay(sampler, seed, budget, proposals, regret, t1[0], t3[0], t1[1], t3[1])
+
+
+def bench(
+    table: Table,
+    samplers: Sequence[str],
+    seeds: Sequence[int],
+    budget: int,
+    n_startup: int | None = None,
+    on_replay: Callable[[Replay], None] | None = None,
+) -> dict[str, list[Replay]]:
+    """Every sampler over every seed: sampler name -> replays."""
+    out: dict[str, list[Replay]] = {}
+    for name in samplers:
+        for seed in seeds:
+            r = replay(table, name, seed, budget, n_startup)
+            out.setdefault(name, []).append(r)
+            if on_replay is not None:
+                on_replay(r)
+    return out
+
+
+def _median_hit(values: list[int | None], budget: int) -> float:
+    return statistics.median(budget + 1 if v is None else v for v in values)
+
+
+def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[str, Any]]:
+    """Per sampler: median trials/evaluations to the top-1 and top-3, misses, mean regret."""
+    out: dict[str, dict[str, Any]] = {}
+    checkpoints = sorted({t for t in (4, 8, 16, 32, budget) if t <= budget})
+    for name, reps in results.items():
+        out[name] = {
+            "seeds": len(reps),
+            "median_trials_to_top3": _median_hit([r.trials_to_top3 for r in reps], budget),
+            "median_trials_to_top1": _median_hit([r.trials_to_top1 for r in reps], budget),
+            "median_evals_to_top3": _median_hit([r.evals_to_top3 for r in reps], budget),
+            "median_evals_to_top1": _median_hit([r.evals_to_top1 for r in reps], budget),
+            "misses_top3": sum(r.trials_to_top3 is None for r in reps),
+            "misses_top1": sum(r.trials_to_top1 is None for r in reps),
+            "mean_regret": {
+                str(t): statistics.fmean(r.regret[t - 1] for r in reps) for t in checkpoints
+            },
+        }
+    return out
+
+
+def _fmt_hit(v: float, budget: int) -> str:
+    return f">{budget}" if v > budget else f"{v:g}"
+
+
+def markdown_report(
+    table: Table, summary: dict[str, dict[str, Any]], budget: int, command: str
+) -> str:
+    """The sampler comparison as Markdown (the table lives next to the regret plot)."""
+    from hcomposer.report import markdown_table
+
+    ranked = table.ranked
+    checkpoints = list(next(iter(summary.values()))["mean_regret"]) if summary else []
+    rows = []
+    for name, s in summary.items():
+        rows.append(
+            [
+                name,
+                s["seeds"],
+                _fmt_hit(s["median_trials_to_top3"], budget),
+                _fmt_hit(s["median_evals_to_top3"], budget),
+                s["misses_top3"],
+                _fmt_hit(s["median_trials_to_top1"], budget),
+                _fmt_hit(s["median_evals_to_top1"], budget),
+                s["misses_top1"],
+                *[f"{s['mean_regret'][t]:.4g}" for t in checkpoints],
+            ]
+        )
+    header = [
+        "sampler",
+        "seeds",
+        "trials to top-3 (median)",
+        "evals to top-3",
+        "missed top-3",
+        "trials to top-1 (median)",
+        "evals to top-1",
+        "missed top-1",
+        *[f"regret @{t}" for t in checkpoints],
+    ]
+    lines = [
+        f"# Tabular search benchmark: {table.name}",
+        "",
+        f"`{command}`",
+        "",
+        f"{len(table.scores)} patterns; best {ranked[0][0]} ({ranked[0][1]:.4g}), "
+        f"true top-3: {', '.join(sorted(table.top(3)))}; worst {ranked[-1][0]} "
+        f"({ranked[-1][1]:.4g}). Budget {budget} trials per seed.",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Trials count every ask/tell (repeats included); evals count distinct patterns. "
+        f"A seed that misses within the budget counts as {budget + 1}. Regret is the mean "
+        "over seeds of (best table score - best proposed so far) after t trials.",
+    ]
+    if "random" in summary:
+        base = summary["random"]["median_trials_to_top3"]
+        for name in ("gp", "tpe"):
+            if name in summary:
+                ratio = summary[name]["median_trials_to_top3"] / base
+                verdict = "meets" if ratio <= 0.5 else "misses"
+                lines.append(
+                    f"- {name}: {ratio:.2f}x the trials of random to reach the top-3 "
+                    f"({verdict} the target of at most 0.5x)."
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot_regret(
+    results: dict[str, list[Replay]], table: Table, budget: int, path: str | Path
+) -> Path:
+    """Median best-so-far regret (interquartile band) and the share of seeds at top-3."""
+    import numpy as np
+
+    from hcomposer.report import _plt, _save
+
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(1, budget + 1)
+    for name, reps in results.items():
+        curves = np.array([r.regret for r in reps])
+        med = np.median(curves, axis=0)
+        lo, hi = np.percentile(curves, [25, 75], axis=0)
+        (line,) = ax1.plot(x, med, label=name)
+        ax1.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        hit = np.array([r.trials_to_top3 or budget + 1 for r in reps])
+        ax2.step(x, [(hit <= t).mean() for t in x], where="post", label=name)
+    ax1.set_xlabel("trial")
+    ax1.set_ylabel("best-so-far regret (median, IQR)")
+    ax1.set_title(f"{table.name}: regret")
+    ax2.set_xlabel("trial")
+    ax2.set_ylabel("share of seeds that found a top-3 pattern")
+    ax2.set_title(f"{table.name}: time to top-3")
+    ax2.set_ylim(0, 1.02)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,154 @@
+"""Tabular search benchmark: tables, replay bookkeeping, summaries, the command (synthetic)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from hcomposer.cli import main
+from hcomposer.errors import UserError
+from hcomposer.search.tabular import (
+    Table,
+    load_table,
+    replay,
+    summarise,
+    synthetic_table,
+)
+
+
+def test_synthetic_table_is_full_deterministic_and_round_trips(tmp_path):
+    a, b = synthetic_table("AF", 4, seed=1), synthetic_table("AF", 4, seed=1)
+    assert a.scores == b.scores and len(a.scores) == 16
+    assert synthetic_table("AF", 4, seed=2).scores != a.scores
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(a.to_dict()))
+    c = load_table(str(path))
+    assert c.scores == a.scores and c.choices == ("A", "F") and c.positions == 4
+    assert load_table("synthetic:AFS:3:5").scores == synthetic_table("AFS", 3, 5).scores
+
+
+def test_top_k_includes_ties():
+    scores = {"AA": 1.0, "AF": 0.5, "FA": 0.5, "FF": 0.1}
+    t = Table("t", ("A", "F"), 2, scores)
+    assert t.top(1) == {"AA"}
+    assert t.top(2) == {"AA", "AF", "FA"}
+    assert t.top(3) == {"AA", "AF", "FA"}
+    assert t.ranked[0] == ("AA", 1.0) and t.best_score == 1.0
+
+
+def test_table_validation():
+    with pytest.raises(UserError, match="full space"):
+        Table("t", ("A", "F"), 2, {"AA": 1.0})
+    with pytest.raises(UserError, match="outside"):
+        Table("t", ("A", "F"), 1, {"A": 1.0, "S": 0.0})
+    with pytest.raises(UserError, match="unknown table"):
+        load_table("nope")
+    with pytest.raises(UserError, match="does not exist"):
+        load_table("missing/table.json")
+
+
+def _check_replay(table, r, budget):
+    """Recompute every reported number from the proposals alone."""
+    top1, top3 = table.top(1), table.top(3)
+    assert len(r.regret) == budget
+    assert 1 <= len(r.proposals) <= budget
+    best = float("-inf")
+    for t, p in enumerate(r.proposals, 1):
+        best = max(best, table.scores[p])
+        assert r.regret[t - 1] == pytest.approx(table.best_score - best)
+    assert all(x >= y for x, y in zip(r.regret, r.regret[1:]))  # best-so-far never worsens
+    first3 = next((t for t, p in enumerate(r.proposals, 1) if p in top3), None)
+    first1 = next((t for t, p in enumerate(r.proposals, 1) if p in top1), None)
+    assert r.trials_to_top3 == first3 and r.trials_to_top1 == first1
+    if first1 is not None:
+        assert len(r.proposals) == first1 and r.regret[-1] == 0.0  # stopped at the top-1
+        assert r.evals_to_top1 == len(set(r.proposals[:first1]))
+        assert first3 <= first1
+    else:
+        assert len(r.proposals) == budget and r.regret[-1] > 0
+    if first3 is not None:
+        assert r.evals_to_top3 == len(set(r.proposals[:first3]))
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "evolution", "gp"])
+def test_replay_bookkeeping_and_determinism(sampler):
+    table = synthetic_table("AF", 4, seed=3)
+    budget = 10 if sampler == "gp" else 24
+    r = replay(table, sampler, seed=7, budget=budget, n_startup=4)
+    _check_replay(table, r, budget)
+    # Same seed, same proposals (samplers are seeded from (seed, trial number)).
+    assert replay(table, sampler, seed=7, budget=budget, n_startup=4).proposals == r.proposals
+
+
+def test_random_needs_about_space_over_hits_trials():
+    # 5-position A/F space (32 patterns), top-3 = 3 patterns: random sampling with replacement
+    # hits one after a geometric number of trials with mean 32/3, median about 7.
+    table = synthetic_table("AF", 5, seed=0)
+    assert len(table.top(3)) == 3
+    hits = [replay(table, "random", s, 200).trials_to_top3 for s in range(40)]
+    assert None not in hits
+    assert 4 <= statistics.median(hits) <= 12
+
+
+def test_summary_counts_misses_as_budget_plus_one():
+    table = Table("t", ("A", "F"), 1, {"A": 1.0, "F": 0.0})
+    reps = {"random": [replay(table, "random", s, 1) for s in range(9)]}
+    s = summarise(reps, budget=1)["random"]
+    hits = [r.trials_to_top1 for r in reps["random"]]
+    misses = hits.count(None)
+    assert s["misses_top1"] == misses and 0 < misses < 9
+    expected = statistics.median([2 if h is None else h for h in hits])
+    assert s["median_trials_to_top1"] == expected
+    assert s["mean_regret"]["1"] == pytest.approx(misses / 9)
+
+
+def test_command_writes_report_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = [
+        "bench-search",
+        "--table",
+        "synthetic:AF:4:1",
+        "--seeds",
+        "3",
+        "--samplers",
+        "random,tpe,evolution",
+        "--budget",
+        "16",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["samplers"]) == {"random", "tpe", "evolution"}
+    assert doc["budget"] == 16 and doc["seeds"] == [0, 1, 2]
+    full = json.loads((out / "results.json").read_text())
+    table = load_table("synthetic:AF:4:1")
+    for name, reps in full["replays"].items():
+        hits = [r["trials_to_top3"] for r in reps]
+        expected = statistics.median(17 if h is None else h for h in hits)
+        assert doc["samplers"][name]["median_trials_to_top3"] == expected
+        assert all(r["proposals"][0] in table.scores for r in reps)
+    assert (out / "regret.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "| random |" in report and "bench-search" in report
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--seeds", "0"],
+        ["--budget", "0"],
+        ["--samplers", "gp,annealing"],
+        ["--table", "nope"],
+        ["--n-startup", "0"],
+    ],
+)
+def test_command_bad_input(extra, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["bench-search", "--table", "synthetic:AF:3:0", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert not out.exists()
