@@ -243,14 +243,16 @@ def _build(source, tokenizer: Tokenizer, request: dict, tmp: Path) -> dict[str, 
         write_blocks(np.concatenate([pending, *parts]), final=True)
     if n_docs == 0:
         raise UserError(f"data source {source.spec!r} holds no text")
-    if counts["val"] == 0:
-        # Too little data for the fraction to pick any block: hold out the first tokens
-        # (a tenth of a small corpus at least, so a short validation window fits).
-        train = np.fromfile(tmp / "train.bin", dtype=dtype)
-        n = min(SPLIT_BLOCK, max(int(len(train) * val_fraction), len(train) // 10, 1))
-        train[:n].tofile(tmp / "val.bin")
-        train[n:].tofile(tmp / "train.bin")
-        counts = {"train": len(train) - n, "val": n}
+    if counts["val"] == 0 or counts["train"] == 0:
+        # Too little data for the hash to pick a mix of blocks (a corpus of a few blocks):
+        # hold out the first tokens instead (a tenth at least, so a short window fits).
+        stream = np.concatenate(
+            [np.fromfile(tmp / f"{s}.bin", dtype=dtype) for s in ("val", "train")]
+        )
+        n = min(SPLIT_BLOCK, max(int(len(stream) * val_fraction), len(stream) // 10, 1))
+        stream[:n].tofile(tmp / "val.bin")
+        stream[n:].tofile(tmp / "train.bin")
+        counts = {"train": len(stream) - n, "val": n}
     return {
         **request,
         "documents": n_docs,
