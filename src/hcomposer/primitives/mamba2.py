@@ -1,0 +1,276 @@
+"""S: the Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs"), SSD scan in ssd.py.
+
+Layout, per token (d = d_model, I = inner = heads x head_dim, G groups, N state, H heads):
+
+    in_proj: d -> [z (I), x (I), B (G*N), C (G*N), dt (H)]
+    xBC = silu(causal depthwise conv1d over [x, B, C])        kernel ssm_conv, with bias
+    dt = softplus(dt + dt_bias);  A = -exp(A_log)             one decay rate per head
+    y = SSD(x, dt, A, B, C) + D * x
+    y = RMSNorm(y * silu(z)), per group of I/G channels       the gated norm of Mamba-2
+    out = out_proj(y)                                        I -> d (absent in a group branch)
+
+As a branch of ``[A|S]`` it takes ``fraction`` of the SSM heads, has no out_proj and returns
+the gated-normed ``y`` (already normalised: the group adds no second norm).
+
+Decoding: the cache holds the last ``ssm_conv - 1`` conv inputs and the SSM state (fp32). One
+new token takes the recurrent step; several (prefill, chunked prefill) run the conv over
+[cached inputs, new] and the chunked scan from the cached state, so any split of a sequence
+gives the full forward's outputs.
+
+Initialisation: A = uniform in A_INIT_RANGE (see below), dt_bias = softplus^-1(dt) with dt
+log-uniform in [1e-3, 1e-1] (floored at 1e-4), D = 1, gated norm weight = 1; in_proj/out_proj
+follow the model's normal init, the conv keeps PyTorch's default (as in Mamba-2).
+
+Fast path: when ``mamba_ssm`` is importable, CUDA inputs go through its Triton kernel
+``mamba_chunk_scan_combined`` (announced once, when the first S layer is built). CPU inputs
+always use the PyTorch scan. Set HCOMPOSER_SSD=torch to turn the kernel off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcomposer.errors import ShapeError
+from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.ssd import ssd_chunked, ssd_step
+from hcomposer.shapes import Shape
+
+__all__ = ["Mamba2", "Mamba2Cache", "GatedRMSNorm", "A_INIT_RANGE", "fast_scan_available"]
+
+log = logging.getLogger(__name__)
+
+# A = -a with a ~ U[A_INIT_RANGE]. Mamba-2's own default is U[1, 16]; the hybrid-architectures
+# paper (arXiv 2510.04800), whose Mamba-2 recipe hcomposer reproduces, used U[0.01, 2.0] at 1B.
+# We follow the paper: its hybrids are the reference results, and the smaller rates start every
+# head with a slow decay (exp(-dt*a) >= 0.82 per step at the largest dt), i.e. long memory, which
+# the recall tasks of the MAD/MQAR proxies need.
+A_INIT_RANGE = (0.01, 2.0)
+DT_RANGE = (1e-3, 1e-1)
+DT_FLOOR = 1e-4
+
+_FAST: dict[str, Any] = {}
+
+
+def fast_scan_available() -> bool:
+    """True when mamba_ssm's chunked-scan kernel can be used (CUDA inputs only)."""
+    if "fn" not in _FAST:
+        fn = None
+        reason = "mamba_ssm is not installed"
+        if os.environ.get("HCOMPOSER_SSD", "").lower() == "torch":
+            reason = "HCOMPOSER_SSD=torch"
+        else:
+            try:
+                from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
+            except Exception as e:  # ImportError, or a broken Triton/CUDA install
+                fn, reason = None, f"mamba_ssm is not usable ({type(e).__name__}: {e})"
+        _FAST["fn"] = fn
+        _FAST["reason"] = reason
+    return _FAST["fn"] is not None
+
+
+def _announce_once() -> None:
+    if _FAST.get("announced"):
+        return
+    _FAST["announced"] = True
+    if fast_scan_available():
+        log.warning(
+            "hcomposer S (Mamba-2): CUDA inputs use mamba_ssm's mamba_chunk_scan_combined kernel; "
+            "CPU inputs the PyTorch chunked scan (set HCOMPOSER_SSD=torch to use it everywhere)"
+        )
+    else:
+        log.info("hcomposer S (Mamba-2): PyTorch chunked scan everywhere (%s)", _FAST["reason"])
+
+
+@dataclass
+class Mamba2Cache:
+    """Decoding state of one S layer: constant size, whatever the context length."""
+
+    conv_state: torch.Tensor  # [B, conv_channels, ssm_conv - 1]: the last conv inputs
+    ssm_state: torch.Tensor  # [B, heads, head_dim, ssm_state], fp32 (fp64 for an fp64 model)
+    pos: int = 0
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) over groups of ``group_size`` channels (Mamba-2's norm), in fp32."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        work = torch.promote_types(y.dtype, torch.float32)
+        g = y.to(work) * F.silu(z.to(work))
+        shape = g.shape
+        g = g.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.view(shape) * self.weight.to(work)).to(out_dtype)
+
+
+class Mamba2(Primitive):
+    """The S primitive; see the module docstring."""
+
+    token = "S"
+    is_mixer = True
+    normalized_output = True
+
+    def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
+        super().__init__(shape, fraction=fraction, project=project)
+        heads = round(shape.ssm_heads * fraction)
+        if heads < 1 or abs(heads - shape.ssm_heads * fraction) > 1e-6:
+            raise ShapeError(
+                f"shape {shape.name!r}: ssm_heads={shape.ssm_heads} (ssm_expand*d_model/"
+                f"ssm_head_dim) cannot be split into a {fraction:.3g} share for a parallel group",
+                field="ssm_head_dim",
+            )
+        if heads % shape.ssm_groups:
+            raise ShapeError(
+                f"shape {shape.name!r}: ssm_groups={shape.ssm_groups} must divide the {heads} "
+                "SSM heads of this branch",
+                field="ssm_groups",
+            )
+        self.n_heads = heads
+        self.head_dim = shape.ssm_head_dim
+        self.d_state = shape.ssm_state
+        self.n_groups = shape.ssm_groups
+        self.d_conv = shape.ssm_conv
+        self.chunk_size = shape.ssm_chunk
+        self.inner_dim = heads * self.head_dim
+        self.conv_dim = self.inner_dim + 2 * self.n_groups * self.d_state
+        d = shape.d_model
+
+        self.in_proj = nn.Linear(d, self.inner_dim + self.conv_dim + heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, bias=True
+        )
+        self.dt_bias = nn.Parameter(torch.empty(heads))
+        self.A_log = nn.Parameter(torch.empty(heads))
+        self.D = nn.Parameter(torch.empty(heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            # Mamba-2 exempts these from weight decay; a trainer may read the flag.
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.inner_dim, self.inner_dim // self.n_groups, shape.norm_eps)
+        if project:
+            self.out_proj = nn.Linear(self.inner_dim, d, bias=False)
+            self.out_proj.is_residual_output = True
+        if self.A_log.device.type != "meta":
+            self.reset_special_parameters()
+        _announce_once()
+
+    @torch.no_grad()
+    def reset_special_parameters(self) -> None:
+        lo, hi = A_INIT_RANGE
+        a = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(lo, hi)
+        self.A_log.copy_(a.log())
+        lo, hi = DT_RANGE
+        u = torch.rand_like(self.dt_bias, dtype=torch.float32)
+        dt = torch.exp(u * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=DT_FLOOR)
+        # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 for small dt.
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> Mamba2Cache:
+        device = device if device is not None else self.A_log.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return Mamba2Cache(
+            conv_state=torch.zeros(
+                batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype
+            ),
+            ssm_state=torch.zeros(
+                batch_size,
+                self.n_heads,
+                self.head_dim,
+                self.d_state,
+                device=device,
+                dtype=torch.promote_types(dtype, torch.float32),
+            ),
+        )
+
+    def _conv(self, xbc: torch.Tensor, cache: Mamba2Cache | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over xbc [B, T, C]; with a cache, continue from it."""
+        T = xbc.shape[1]
+        xbc = xbc.transpose(1, 2)
+        k = self.d_conv
+        if cache is None:
+            padded = F.pad(xbc, (k - 1, 0))
+        else:
+            padded = torch.cat([cache.conv_state.to(xbc.dtype), xbc], dim=-1)
+            keep = padded.shape[-1] - (k - 1)
+            cache.conv_state.copy_(padded[..., keep:])
+        out = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(out[..., -T:]).transpose(1, 2)
+
+    def _scan(self, x, dt, A, B, C, initial_state):
+        if x.is_cuda and fast_scan_available():
+            y, final = _FAST["fn"](
+                x,
+                dt,
+                A,
+                B,
+                C,
+                self.chunk_size,
+                initial_states=initial_state,
+                return_final_states=True,
+            )
+            return y, final.float()
+        return ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state)
+
+    def forward(self, u: torch.Tensor, cache: Mamba2Cache | None = None) -> torch.Tensor:
+        Bsz, T, _ = u.shape
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        z, xbc, dt = self.in_proj(u).split([self.inner_dim, self.conv_dim, H], dim=-1)
+        xbc = self._conv(xbc, cache)
+        x, B, C = xbc.split([self.inner_dim, G * N, G * N], dim=-1)
+        x = x.reshape(Bsz, T, H, P)
+        # dt, A and the D skip in fp32 (fp64 for an fp64 model), also under autocast.
+        work = torch.promote_types(u.dtype, torch.float32)
+        dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
+        A = -torch.exp(self.A_log.to(work))
+        if cache is not None and T == 1:
+            y, state = ssd_step(
+                cache.ssm_state, x[:, 0], dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N)
+            )
+            y = y[:, None]
+        else:
+            init = cache.ssm_state if cache is not None else None
+            y, state = self._scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), init)
+        if cache is not None:
+            cache.ssm_state.copy_(state)
+            cache.pos += T
+        y = y.to(work) + x.to(work) * self.D.to(work)[:, None]
+        y = self.norm(y.reshape(Bsz, T, self.inner_dim), z, u.dtype)
+        return self.out_proj(y) if self.project else y
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """Matmul FLOPs of the chunked scan (what training and prefill run), per token.
+
+        Per chunk of L = min(ssm_chunk, seq_len) steps: C B^T per group (2 L^2 G N), the
+        masked product with x per head (2 L^2 H P), the chunk state (2 L H P N) and the
+        start state's output (2 L H P N); across chunks the (c+1)^2 state-passing product
+        (2 (c+1)^2 H P N). Padding of the last chunk is counted: it is computed. Elementwise
+        work (decays, gates, the conv, the D skip) is left out, as for attention's softmax.
+        The recurrent step used for decoding costs about 4 H P N per token instead.
+        """
+        if seq_len <= 0:
+            return 0.0
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        L = min(self.chunk_size, seq_len)
+        nc = -(-seq_len // L)
+        per_chunk = 2 * L * L * G * N + 2 * L * L * H * P + 4 * L * H * P * N
+        total = nc * per_chunk + 2 * (nc + 1) ** 2 * H * P * N
+        return total / seq_len
+
+    def state_bytes(self, dtype_bytes: int = 2) -> int:
+        """Conv inputs (in the model's dtype) plus the SSM state (always fp32), per sequence."""
+        conv = self.conv_dim * (self.d_conv - 1) * dtype_bytes
+        return conv + self.n_heads * self.head_dim * self.d_state * 4
