@@ -181,6 +181,13 @@ def _bpe(spec: str, source: str | None, cache_dir: Path | None) -> HFTokenizer:
         raise UserError(
             f"tokenizer {spec!r}: write bpe:N with N an integer, e.g. bpe:4096"
         ) from None
+    if source is not None and (Path(str(source)) / "manifest.json").is_file():
+        made_with = read_json(Path(str(source)) / "manifest.json").get("tokenizer", {})
+        raise UserError(
+            f"token shards in {str(source)!r} were made with tokenizer {made_with.get('name')!r};"
+            f" {spec} is trained on raw text: pass --tokenizer {made_with.get('name')} or give "
+            "the raw text as --data"
+        )
     src = resolve_source(source)
     # A trained BPE is cached by (vocab size, corpus identity): training is the slow part.
     key = hashlib.sha256(f"bpe/1|{n}|{src.identity()}".encode()).hexdigest()[:16]

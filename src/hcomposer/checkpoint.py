@@ -1,0 +1,190 @@
+"""Training checkpoints: safetensors + JSON (never pickle), written atomically, checksummed.
+
+A checkpoint is the folder ``RUN/checkpoint``:
+
+- ``model.safetensors``: the model's state dict (tied weights stored once);
+- ``optimizer.safetensors``: every tensor of the optimiser state, keyed ``"{param}.{name}"``;
+- ``rng.safetensors``: the torch CPU (and CUDA) generator states;
+- ``state.json``: step, tokens, data position, the optimiser's scalar state (param groups),
+  Python and numpy RNG states, and the sha256 of each file above, checked on load.
+
+It is written into a temporary folder that is renamed into place. The previous checkpoint is
+first renamed to ``.checkpoint.old`` and removed afterwards, so a kill at any moment leaves
+either the old or the new checkpoint whole (``find_checkpoint`` looks at both).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from hcomposer.errors import UserError
+from hcomposer.io import atomic_write_json, read_json, sha256_file
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "FORMAT",
+]
+
+FORMAT = "hcomposer.checkpoint/1"
+_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python and numpy generator states as JSON, torch's as tensors."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    json_state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *(x for x in np_state[2:])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return json_state, tensors
+
+
+def set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = json_state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = json_state["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> Path:
+    """Write ``RUN/checkpoint`` atomically; ``state`` (step, tokens, data...) goes to state.json."""
+    run_dir = Path(run_dir)
+    final = run_dir / "checkpoint"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_json, rng_tensors = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        record = {
+            "format": FORMAT,
+            **state,
+            "optimizer": opt_meta,
+            "rng": rng_json,
+            "sha256": {name: sha256_file(tmp / name) for name in _FILES},
+        }
+        atomic_write_json(tmp / "state.json", record)
+        old = run_dir / ".checkpoint.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """``RUN/checkpoint``, or the previous one if a kill fell between the two renames."""
+    run_dir = Path(run_dir)
+    for name in ("checkpoint", ".checkpoint.old"):
+        if (run_dir / name / "state.json").is_file():
+            return run_dir / name
+    return None
+
+
+def _damaged(folder: Path, what: str) -> UserError:
+    return UserError(
+        f"checkpoint {str(folder)!r} is damaged: {what}; restore it, or delete "
+        f"{str(folder)!r} to start the run over"
+    )
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint after checking every file's sha256."""
+    folder = Path(folder)
+    try:
+        state = read_json(folder / "state.json")
+    except (OSError, ValueError) as e:
+        raise _damaged(folder, f"state.json cannot be read ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise _damaged(folder, "state.json is not an hcomposer checkpoint record")
+    for name in _FILES:
+        path = folder / name
+        if not path.is_file():
+            raise _damaged(folder, f"{name} is missing")
+        if sha256_file(path) != state["sha256"].get(name):
+            raise _damaged(folder, f"{name} fails its sha256 check (truncated or modified)")
+    return state
+
+
+def load_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Verify, then load weights (and optimiser and RNG states) in place; returns state.json."""
+    folder = Path(folder)
+    state = read_state(folder)
+    try:
+        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+    except (SafetensorError, RuntimeError) as e:
+        raise _damaged(folder, f"model.safetensors does not fit this model ({e})") from None
+    if missing or unexpected:
+        raise _damaged(
+            folder,
+            f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+        )
+    if optimizer is not None:
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        device = next(model.parameters()).device
+        tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()}
+        optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+    if restore_rng:
+        set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
+    return state

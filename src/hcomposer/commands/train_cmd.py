@@ -1,0 +1,131 @@
+"""hcomposer train: train a pattern (or an architecture JSON) on text into a run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hcomposer.errors import UserError
+from hcomposer.format import console, human, parse_count
+
+HELP = "Train an architecture on text (the embedded corpus by default) into a run folder."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("arch", metavar="PATTERN|ARCH.json", help="pattern or architecture JSON file")
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="preset or JSON file (default: proxy, or the shape stored in ARCH.json)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="text file/folder, token-shard folder or "
+        "hf:NAME[:CONFIG][@SPLIT] (default: the embedded corpus)",
+    )
+    p.add_argument("--tokenizer", default="byte", help="byte (default), bpe:N or tokenizer.json")
+    p.add_argument("--tokens", default="1M", help="training tokens, e.g. 2M (default 1M)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction (<1) or steps")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--batch-size", type=int, default=16, help="global sequences per step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-tokens", default="64K")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _architecture(spec: str, shape: str | None):
+    from hcomposer.architecture import Architecture
+
+    if spec.endswith(".json") or Path(spec).is_file():
+        arch = Architecture.from_json(spec)
+        return arch.with_shape(shape) if shape else arch
+    return Architecture.parse(spec, shape=shape or "proxy")
+
+
+def run(args) -> int:
+    from hcomposer.train import TrainConfig, train
+
+    arch = _architecture(args.arch, args.shape)
+    config = TrainConfig(
+        tokens=parse_count(args.tokens, "--tokens"),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        grad_accum=args.grad_accum,
+        dtype=args.dtype,
+        compile=args.compile,
+        eval_every=args.eval_every,
+        eval_tokens=parse_count(args.eval_tokens, "--eval-tokens"),
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        device=args.device,
+    )
+    if args.checkpoint_every < 0 or args.eval_every < 0:
+        raise UserError("--checkpoint-every and --eval-every must not be negative")
+    result = train(
+        arch,
+        config,
+        args.out,
+        resume=args.resume,
+        progress=not args.no_progress and not args.json,
+        argv=args.argv,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if result.status != "diverged" else 1
+    out = result.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _summary(out)
+    if result.status == "diverged":
+        console().print(f"[red]{result.message}[/red] (recorded in {args.out}/status.json)")
+        return 1
+    return 0
+
+
+def _summary(out: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {out['out_dir']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    fmt = {
+        "status": str,
+        "step": str,
+        "tokens": lambda v: f"{v:,}",
+        "params_total": lambda v: f"{v:,} ({human(v)})",
+        "loss": lambda v: f"{v:.4f}",
+        "val_loss": lambda v: f"{v:.4f}",
+        "val_ppl": lambda v: f"{v:.2f}",
+        "tokens_per_second": lambda v: f"{v:,.0f}",
+        "wall_seconds": lambda v: f"{v:.1f}",
+    }
+    for key, f in fmt.items():
+        value = out.get(key)
+        table.add_row(key.replace("_", " "), "-" if value is None else f(value))
+    console().print(table)
