@@ -3,19 +3,24 @@
 A table scores every pattern of a small space (``af6``: all 64 six-position ``A``/``F``
 patterns, built by ``benchmarks/build_tabular.py``). Replaying a sampler against it
 costs no training: each proposal is answered by a table lookup through Optuna's
-ask/tell on an in-memory study, with the sampler built by ``make_sampler`` exactly as a
-real search builds it, so the comparison measures the samplers themselves.
+ask/tell on an in-memory study, with the sampler built by ``make_sampler`` exactly as
+``hcomposer search`` builds it, so the comparison measures the samplers themselves.
+
+The replay follows the search engine's accounting: a pattern proposed again is told
+its known score and costs nothing (the engine answers it from the log as a ``CACHED``
+trial), so the budget counts *evaluations*, distinct patterns, as ``--trials`` does;
+a sampler that keeps re-proposing stops after ``max(50, 5 x budget)`` such repeats,
+as the engine stops a stage.
 
 Definitions used in the report:
 
 - true top-k: every pattern whose score is at least the k-th highest score (ties can
   make it larger than k);
-- trials to top-k: the 1-based number of the first trial whose proposed pattern is in
-  the true top-k. A seed that never finds it within the budget counts as
-  ``budget + 1`` (so medians stay defined) and is reported as a miss;
-- evaluations: distinct patterns proposed up to that trial (a search answers a repeat
-  from its log, so this is the training cost);
-- regret after t trials: best score in the table minus the best score proposed so far.
+- evaluations to top-k: the number of distinct patterns evaluated up to and including
+  the first proposal of a true top-k pattern (= the ``--trials`` a search needs). A
+  seed that never proposes one within the budget counts as ``budget + 1`` (so medians
+  stay defined) and is reported as a miss; ``asks`` counts proposals, repeats included;
+- regret after e evaluations: best score in the table minus the best score found.
 
 A replay stops once the top-1 pattern is proposed: from then on regret is zero and both
 hit times are known, so the curve is completed with zeros.
@@ -43,6 +48,7 @@ __all__ = [
     "Table",
     "load_table",
     "synthetic_table",
+    "describe_table",
     "Replay",
     "replay",
     "bench",
@@ -186,6 +192,59 @@ def load_table(spec: str | Path) -> Table:
     return Table.from_dict(data)
 
 
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def describe_table(table: Table, n: int = 5) -> dict[str, Any]:
+    """The structure of a table: extremes, score by primitive count and by position.
+
+    ``position_effect[c][i]`` is the mean score of patterns with ``c`` at position ``i``
+    minus the mean of all patterns; ``seed_spearman`` is the rank correlation between
+    the per-seed score columns when the table stores them (``per_seed``): how far the
+    proxy's ranking is from noise.
+    """
+    ranked = table.ranked
+    overall = statistics.fmean(table.scores.values())
+    layers = {p: [format_pattern([x]) for x in parse_pattern(p)] for p in table.scores}
+    by_count: dict[str, dict[int, float]] = {}
+    for c in table.choices:
+        groups: dict[int, list[float]] = {}
+        for p, s in table.scores.items():
+            groups.setdefault(layers[p].count(c), []).append(s)
+        by_count[c] = {k: statistics.fmean(v) for k, v in sorted(groups.items())}
+    effect = {
+        c: [
+            statistics.fmean(s for p, s in table.scores.items() if layers[p][i] == c) - overall
+            for i in range(table.positions)
+        ]
+        for c in table.choices
+    }
+    out: dict[str, Any] = {
+        "n_patterns": len(ranked),
+        "mean": overall,
+        "stdev": statistics.pstdev(table.scores.values()),
+        "best": ranked[:n],
+        "worst": ranked[-n:],
+        "mean_by_count": by_count,
+        "position_effect": effect,
+    }
+    per_seed = table.meta.get("per_seed")
+    if per_seed:
+        seeds = sorted({k for v in per_seed.values() for k in v})
+        pats = sorted(per_seed)
+        pairs = {}
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1 :]:
+                pairs[f"{a}-{b}"] = _spearman(
+                    [per_seed[p][a] for p in pats], [per_seed[p][b] for p in pats]
+                )
+        out["seed_spearman"] = pairs
+    return out
+
+
 @dataclass(frozen=True)
 class Replay:
     """One sampler, one seed: the proposals and when the top patterns were hit."""
@@ -195,10 +254,10 @@ class Replay:
     budget: int
     proposals: list[str]
     regret: list[float]
-    trials_to_top1: int | None
-    trials_to_top3: int | None
     evals_to_top1: int | None
     evals_to_top3: int | None
+    asks_to_top1: int | None
+    asks_to_top3: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -215,7 +274,7 @@ def _quiet_optuna() -> None:
 def replay(
     table: Table, sampler: str, seed: int, budget: int, n_startup: int | None = None
 ) -> Replay:
-    """Run ``sampler`` for up to ``budget`` ask/tell trials with the table as objective."""
+    """Run ``sampler`` until ``budget`` distinct patterns are evaluated (table lookups)."""
     import optuna
 
     from hcomposer.search.samplers import make_sampler
@@ -231,7 +290,8 @@ def replay(
     seen: set[str] = set()
     hits: dict[str, tuple[int, int]] = {}
     best = -math.inf
-    for t in range(1, budget + 1):
+    repeats, cap = 0, max(50, 5 * budget)
+    while len(seen) < budget and repeats < cap:
         trial = study.ask()
         # Same parameter names as the search space (p00, p01, ...).
         pattern = "".join(
@@ -241,18 +301,25 @@ def replay(
         score = table.scores[pattern]
         study.tell(trial, score)
         proposals.append(pattern)
+        if pattern in seen:
+            repeats += 1
+            continue
         seen.add(pattern)
         best = max(best, score)
         regret.append(best_possible - best)
         if pattern in top3 and "top3" not in hits:
-            hits["top3"] = (t, len(seen))
+            hits["top3"] = (len(seen), len(proposals))
         if pattern in top1:
-            hits["top1"] = (t, len(seen))
+            hits["top1"] = (len(seen), len(proposals))
             break
-    regret += [0.0] * (budget - len(regret))
-    t1 = hits.get("top1", (None, None))
-    t3 = hits.get("top3", (None, None))
-    return Replay(sampler, seed, budget, proposals, regret, t1[0], t3[0], t1[1], t3[1])
+    if "top1" in hits:
+        regret += [0.0] * (budget - len(regret))
+    else:
+        # Budget spent, or the sampler stopped proposing anything new: regret stays.
+        regret += [regret[-1]] * (budget - len(regret))
+    e1, a1 = hits.get("top1", (None, None))
+    e3, a3 = hits.get("top3", (None, None))
+    return Replay(sampler, seed, budget, proposals, regret, e1, e3, a1, a3)
 
 
 def bench(
@@ -285,12 +352,16 @@ def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[s
     for name, reps in results.items():
         out[name] = {
             "seeds": len(reps),
-            "median_trials_to_top3": _median_hit([r.trials_to_top3 for r in reps], budget),
-            "median_trials_to_top1": _median_hit([r.trials_to_top1 for r in reps], budget),
             "median_evals_to_top3": _median_hit([r.evals_to_top3 for r in reps], budget),
             "median_evals_to_top1": _median_hit([r.evals_to_top1 for r in reps], budget),
-            "misses_top3": sum(r.trials_to_top3 is None for r in reps),
-            "misses_top1": sum(r.trials_to_top1 is None for r in reps),
+            # Proposals (repeats included) of the seeds that hit; a miss has no such count.
+            "median_asks_to_top3_hits": (
+                statistics.median(hits)
+                if (hits := [r.asks_to_top3 for r in reps if r.asks_to_top3])
+                else None
+            ),
+            "misses_top3": sum(r.evals_to_top3 is None for r in reps),
+            "misses_top1": sum(r.evals_to_top1 is None for r in reps),
             "mean_regret": {
                 str(t): statistics.fmean(r.regret[t - 1] for r in reps) for t in checkpoints
             },
@@ -312,28 +383,27 @@ def markdown_report(
     checkpoints = list(next(iter(summary.values()))["mean_regret"]) if summary else []
     rows = []
     for name, s in summary.items():
+        asks = s["median_asks_to_top3_hits"]
         rows.append(
             [
                 name,
                 s["seeds"],
-                _fmt_hit(s["median_trials_to_top3"], budget),
                 _fmt_hit(s["median_evals_to_top3"], budget),
                 s["misses_top3"],
-                _fmt_hit(s["median_trials_to_top1"], budget),
                 _fmt_hit(s["median_evals_to_top1"], budget),
                 s["misses_top1"],
+                "-" if asks is None else f"{asks:g}",
                 *[f"{s['mean_regret'][t]:.4g}" for t in checkpoints],
             ]
         )
     header = [
         "sampler",
         "seeds",
-        "trials to top-3 (median)",
-        "evals to top-3",
+        "evals to top-3 (median)",
         "missed top-3",
-        "trials to top-1 (median)",
-        "evals to top-1",
+        "evals to top-1 (median)",
         "missed top-1",
+        "asks to top-3 (hits)",
         *[f"regret @{t}" for t in checkpoints],
     ]
     lines = [
@@ -343,22 +413,23 @@ def markdown_report(
         "",
         f"{len(table.scores)} patterns; best {ranked[0][0]} ({ranked[0][1]:.4g}), "
         f"true top-3: {', '.join(sorted(table.top(3)))}; worst {ranked[-1][0]} "
-        f"({ranked[-1][1]:.4g}). Budget {budget} trials per seed.",
+        f"({ranked[-1][1]:.4g}). Budget {budget} evaluations per seed.",
         "",
         markdown_table(header, rows),
         "",
-        "Trials count every ask/tell (repeats included); evals count distinct patterns. "
-        f"A seed that misses within the budget counts as {budget + 1}. Regret is the mean "
-        "over seeds of (best table score - best proposed so far) after t trials.",
+        "Evals count distinct patterns evaluated (what `search --trials` counts; a repeated "
+        "proposal is answered from the log), asks count every proposal. A seed that misses "
+        f"within the budget counts as {budget + 1}. Regret is the mean over seeds of "
+        "(best table score - best found) after e evaluations.",
     ]
     if "random" in summary:
-        base = summary["random"]["median_trials_to_top3"]
+        base = summary["random"]["median_evals_to_top3"]
         for name in ("gp", "tpe"):
             if name in summary:
-                ratio = summary[name]["median_trials_to_top3"] / base
+                ratio = summary[name]["median_evals_to_top3"] / base
                 verdict = "meets" if ratio <= 0.5 else "misses"
                 lines.append(
-                    f"- {name}: {ratio:.2f}x the trials of random to reach the top-3 "
+                    f"- {name}: {ratio:.2f}x the evaluations of random to reach the top-3 "
                     f"({verdict} the target of at most 0.5x)."
                 )
     return "\n".join(lines) + "\n"
@@ -381,12 +452,12 @@ def plot_regret(
         lo, hi = np.percentile(curves, [25, 75], axis=0)
         (line,) = ax1.plot(x, med, label=name)
         ax1.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
-        hit = np.array([r.trials_to_top3 or budget + 1 for r in reps])
+        hit = np.array([r.evals_to_top3 or budget + 1 for r in reps])
         ax2.step(x, [(hit <= t).mean() for t in x], where="post", label=name)
-    ax1.set_xlabel("trial")
+    ax1.set_xlabel("evaluations (distinct patterns)")
     ax1.set_ylabel("best-so-far regret (median, IQR)")
     ax1.set_title(f"{table.name}: regret")
-    ax2.set_xlabel("trial")
+    ax2.set_xlabel("evaluations (distinct patterns)")
     ax2.set_ylabel("share of seeds that found a top-3 pattern")
     ax2.set_title(f"{table.name}: time to top-3")
     ax2.set_ylim(0, 1.02)
