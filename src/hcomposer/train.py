@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 from hcomposer.architecture import Architecture
 from hcomposer.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
-from hcomposer.data import Tokenizer, get_tokenizer, load_tokenizer, prepare_dataset
+from hcomposer.data import (
+    Tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+    prepare_dataset,
+    resolve_source,
+)
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, record_run
 from hcomposer.model import HybridLM, build_model
@@ -385,6 +391,9 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
             f"batch size {config.batch_size} does not split into {dist.world} process(es) x "
             f"{config.grad_accum} accumulation steps"
         )
+    if config.data is None or not (Path(config.data) / "manifest.json").is_file():
+        # Every rank checks the source, so bad input fails everywhere, not only on rank 0.
+        resolve_source(config.data)
     # Rank 0 tokenises (or finds the shards); the others then open the same shards.
     if dist.main:
         dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
