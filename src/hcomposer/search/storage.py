@@ -1,0 +1,233 @@
+"""Study storage: where trials live, and how trials left by dead workers are found.
+
+- default: ``sqlite:///<out>/study.db`` (the run folder holds the whole search);
+- any SQLAlchemy URL (``postgresql://...``, ``mysql+pymysql://...``) for many machines;
+- ``journal:PATH``: an Optuna journal file (``JournalFileBackend``), for shared file
+  systems without a database.
+
+A trial killed in flight stays RUNNING in the storage. Two detectors turn it back into
+work: every running trial records its owner (host, pid, process start time), so a worker
+on the same host sees at once that the owner is gone; for RDB storages a heartbeat also
+catches owners on other machines (after ``grace_period`` seconds). The dead trial is
+marked FAIL and its parameters are enqueued again (``retry_of`` = its number).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from hcomposer.errors import UserError
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "GRACE_PERIOD",
+    "storage_url",
+    "check_storage",
+    "open_storage",
+    "owner_record",
+    "owner_alive",
+    "reap_dead_trials",
+]
+
+# A proxy trial trains for seconds to minutes; a minute of silence means the worker is gone.
+HEARTBEAT_INTERVAL = 15
+GRACE_PERIOD = 60
+
+
+def storage_url(spec: str | None, out_dir: str | Path) -> str:
+    """The storage a run uses; ``None`` is the SQLite file in the run folder."""
+    if spec is None:
+        return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
+    return spec
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:"):
+        return None
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_storage(spec: str | None, out_dir: str | Path) -> None:
+    """Raise UserError if the storage cannot be reached; writes nothing.
+
+    SQLite and journal paths need an existing folder (the run folder itself is created
+    later); other URLs are connected to once.
+    """
+    if spec is None:
+        return
+    if spec.startswith("journal:"):
+        path = Path(spec[len("journal:") :])
+        if not str(path) or not path.parent.is_dir():
+            folder = str(path.parent)
+            raise UserError(f"--storage {spec!r}: the journal's folder {folder!r} does not exist")
+        return
+    if "://" not in spec:
+        raise UserError(
+            f"--storage {spec!r}: give an SQLAlchemy URL (sqlite:///PATH, postgresql://...) "
+            "or journal:PATH"
+        )
+    sqlite = _sqlite_path(spec)
+    if spec.startswith("sqlite:"):
+        if sqlite is None or not sqlite.parent.is_dir():
+            raise UserError(f"--storage {spec!r}: the folder of the SQLite file does not exist")
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(spec)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # any driver or network failure is the user's URL to fix
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--storage {spec!r} is unreachable: {reason[:200]}") from None
+
+
+def open_storage(url: str) -> BaseStorage:
+    """An Optuna storage for a resolved URL (see :func:`storage_url`)."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    kwargs: dict[str, Any] = {}
+    sqlite = _sqlite_path(url)
+    if sqlite is not None:
+        # Several local workers write one SQLite file: wait for the lock, do not fail.
+        kwargs["connect_args"] = {"timeout": 120}
+        _use_wal(sqlite)
+    storage = optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=GRACE_PERIOD,
+    )
+    if sqlite is not None:
+        _sync_normal(storage)
+    return storage
+
+
+def _use_wal(path: Path) -> None:
+    """Write-ahead logging: readers do not block the writer, one fsync per commit.
+
+    The mode is stored in the file, so it is set once, before Optuna opens it.
+    """
+    import sqlite3
+
+    con = sqlite3.connect(path, timeout=120)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def _sync_normal(storage) -> None:
+    """``synchronous=NORMAL`` on every connection: in WAL mode a commit survives a killed
+    process (it is in the OS cache), only a power cut can lose the last commits."""
+    import sqlalchemy
+
+    def on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    sqlalchemy.event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened before the listener are replaced
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (tells a reused pid apart), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime) follows the command name, which may contain spaces.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_record() -> dict[str, Any]:
+    """Who runs a trial: stored as the trial's ``owner`` user attribute."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+
+
+def owner_alive(owner: dict[str, Any] | None) -> bool | None:
+    """True/False for an owner on this host, None when this host cannot tell."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return None
+    if not Path("/proc").is_dir():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    start = _process_start(pid)
+    if start is None:
+        return False
+    if owner.get("start") is not None and start != owner["start"]:
+        return False  # the pid was reused by another process
+    # A zombie (killed, not yet reaped by its parent) is dead too.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    storage = study._storage
+    try:
+        changed = storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker got there first
+    if not changed:
+        return False
+    if not trial.params:
+        return True  # died before its parameters were drawn: nothing to run again
+    study.enqueue_trial(
+        dict(trial.params),
+        user_attrs={"retry_of": trial.number, "retry_reason": reason},
+    )
+    return True
+
+
+def reap_dead_trials(study: optuna.Study, *, unowned_after: float = 120.0) -> list[int]:
+    """Fail the RUNNING trials whose worker is gone and enqueue them again.
+
+    Returns the numbers of the trials it failed. A RUNNING trial without an owner (the
+    worker died between creating it and recording itself) counts as dead after
+    ``unowned_after`` seconds.
+    """
+    reaped = []
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        alive = owner_alive(owner)
+        start = t.datetime_start
+        if owner is None and start is not None and now - start.timestamp() > unowned_after:
+            alive = False
+        if alive is False:
+            where = f"pid {owner['pid']}" if owner else "an unknown worker"
+            if _fail_and_retry(study, t, f"worker died in flight ({where})"):
+                reaped.append(t.number)
+    # Owners on other machines: the heartbeat (RDB storages only).
+    storage = study._storage
+    if hasattr(storage, "_get_stale_trial_ids") and is_heartbeat_enabled(storage):
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            t = storage.get_trial(trial_id)
+            lost = t.state == TrialState.RUNNING
+            if lost and _fail_and_retry(study, t, "worker lost (no heartbeat)"):
+                reaped.append(t.number)
+    return reaped
