@@ -112,7 +112,7 @@ class GatedRMSNorm(nn.Module):
         g = y.to(work) * F.silu(z.to(work))
         shape = g.shape
         g = g.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        g = F.rms_norm(g, (self.group_size,), eps=self.eps)
         return (g.view(shape) * self.weight.to(work)).to(out_dtype)
 
 
@@ -247,7 +247,7 @@ class Mamba2(Primitive):
         if cache is not None:
             cache.ssm_state.copy_(state)
             cache.pos += T
-        y = y.to(work) + x.to(work) * self.D.to(work)[:, None]
+        y = torch.addcmul(y.to(work), x.to(work), self.D.to(work)[:, None])
         y = self.norm(y.reshape(Bsz, T, self.inner_dim), z, u.dtype)
         return self.out_proj(y) if self.project else y
 

@@ -106,8 +106,8 @@ def ssd_chunked(
         # upper triangle is exp(-inf) = 0 with a zero gradient instead of an overflow.
         scores = Cc @ Bc.transpose(-1, -2)  # [b,g,c,l,s], once per group
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf"))
-        y_diag = (scores[:, :, None] * decay.exp()) @ xh  # [b,g,hg,c,l,p]
+        decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill_(~causal, float("-inf"))
+        y_diag = (scores[:, :, None] * decay.exp_()) @ xh  # [b,g,hg,c,l,p]
 
         # 2. Each chunk's own contribution to the state at its end, all heads of a group in
         # one product: [c, hg*p, l] @ [c, l, n].
