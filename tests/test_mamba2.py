@@ -247,3 +247,29 @@ def test_forward_matches_a_plain_reimplementation(groups):
             p.add_(0.1 * torch.randn_like(p))
     u = _x(2, 21, TINY.d_model, seed=6)
     torch.testing.assert_close(m(u), _plain_mamba2(m, u), rtol=1e-10, atol=1e-10)
+
+
+def test_matches_transformers_mamba2_mixer_with_same_weights():
+    # An independent implementation of the same layer: transformers' Mamba2Mixer (PyTorch path).
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    shape = TINY.replace(ssm_groups=2)
+    torch.manual_seed(0)
+    ours = Mamba2(shape)
+    cfg = transformers.Mamba2Config(
+        hidden_size=shape.d_model, num_heads=ours.n_heads, head_dim=ours.head_dim,
+        state_size=ours.d_state, expand=shape.ssm_expand, n_groups=ours.n_groups,
+        conv_kernel=ours.d_conv, chunk_size=shape.ssm_chunk, layer_norm_epsilon=shape.norm_eps,
+        use_bias=False, use_conv_bias=True, num_hidden_layers=1,
+    )  # fmt: skip
+    hf = Mamba2Mixer(cfg, layer_idx=0)
+    with torch.no_grad():
+        for name in ("in_proj", "conv1d", "out_proj"):
+            getattr(hf, name).load_state_dict(getattr(ours, name).state_dict())
+        for name in ("dt_bias", "A_log", "D"):
+            getattr(hf, name).copy_(getattr(ours, name))
+        hf.norm.weight.copy_(ours.norm.weight + 0.1 * torch.randn_like(ours.norm.weight))
+        ours.norm.weight.copy_(hf.norm.weight)
+    u = torch.randn(2, 45, shape.d_model)
+    torch.testing.assert_close(ours(u), hf(u), rtol=1e-4, atol=1e-5)
