@@ -1,0 +1,75 @@
+"""hcomposer eval: evaluate a trained run folder (loss, MAD, MQAR, NIAH, efficiency, lm-eval)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hcomposer.errors import UserError
+
+HELP = "Evaluate a run folder: --suite loss,mad,mqar,niah,efficiency,lm-eval:TASKS."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="DIR", help="run folder written by `hcomposer train`")
+    p.add_argument(
+        "--suite",
+        required=True,
+        help="comma-separated parts: loss, mad, mqar, niah, efficiency, lm-eval:TASK[,TASK]",
+    )
+    p.add_argument("--data", default=None, help="dataset for `loss` (default: the run's data)")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--niah-lengths", default=None, help="comma-separated token lengths")
+    p.add_argument("--niah-trials", type=int, default=3, help="trials per (length, depth)")
+    p.add_argument("--mqar-lengths", default="64,128,256", help="comma-separated lengths")
+    p.add_argument("--mqar-steps", type=int, default=200, help="training steps per length")
+    p.add_argument("--mqar-shape", default="proxy", help="shape of the fresh MQAR copies, or 'run'")
+    p.add_argument("--max-len", type=int, default=None, help="efficiency: longest context")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def run(args) -> int:
+    from hcomposer.evaluation.suite import parse_suite, run_suite
+
+    parts = parse_suite(args.suite)  # unknown names fail before the run is loaded
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {str(run_dir)!r} does not exist")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    options = {
+        "niah": {"trials": args.niah_trials},
+        "mqar": {
+            "lengths": _ints(args.mqar_lengths, "--mqar-lengths"),
+            "steps": args.mqar_steps,
+            "shape": None if args.mqar_shape == "run" else args.mqar_shape,
+        },
+        "efficiency": {"device": args.device, "max_len": args.max_len},
+        "lm_eval": {"num_fewshot": args.num_fewshot},
+    }
+    if args.niah_lengths:
+        options["niah"]["lengths"] = _ints(args.niah_lengths, "--niah-lengths")
+    res = run_suite(
+        run_dir, parts, data=args.data, include_path=args.include_path, limit=limit,
+        device=args.device, options=options, argv=args.argv, progress=not args.json,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(f"results: {run_dir / 'eval' / 'results.md'}", file=sys.stderr)
+        print((run_dir / "eval" / "results.md").read_text())
+    return 0

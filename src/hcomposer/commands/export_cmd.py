@@ -1,0 +1,37 @@
+"""hcomposer export: a run folder as a Hugging Face model folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "Export a run folder as a Hugging Face model folder (native Llama for (AF)*n)."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="DIR", help="run folder written by `hcomposer train`")
+    p.add_argument("--out", required=True, help="new folder for the Hugging Face model")
+    p.add_argument(
+        "--kind", choices=["auto", "llama", "hcomposer"], default="auto",
+        help="auto: LlamaForCausalLM for (AF)*n patterns, HComposerForCausalLM otherwise",
+    )  # fmt: skip
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON document")
+
+
+def run(args) -> int:
+    import torch
+
+    from hcomposer.export import export_run
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    summary = export_run(args.run_dir, args.out, dtype=dtype, kind=args.kind, argv=args.argv)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"exported {summary['pattern']} as {summary['model_class']} "
+            f"({summary['params']:,} parameters, {summary['dtype']}) to {summary['path']}",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,344 @@
+"""Efficiency: training, prefill and decode throughput against context length, peak memory,
+and KV / state bytes from the accounting.
+
+- training tokens/s: forward + backward + AdamW step on a copy of the model
+  (the evaluated weights are never touched), batch ``train_batch`` x ``train_len``;
+- prefill tokens/s at context length L: one forward of ``batch`` x L tokens into
+  a fresh cache;
+- decode tokens/s at context length L: ``decode_steps`` single-token steps of the
+  whole batch after that prefill, so each step attends to about L tokens;
+- peak memory of each measurement: on CUDA ``torch.cuda.max_memory_allocated``
+  (tensors only, reset before each measurement); on CPU the process's peak
+  resident set size (``VmHWM`` from /proc/self/status, reset through
+  /proc/self/clear_refs), minus the resident size just before the measurement —
+  it includes allocator slack and anything else the process allocates, so read
+  it as an upper bound. Where VmHWM cannot be reset, the ``ru_maxrss`` growth
+  (a lower bound: 0 once an earlier step was larger) is reported and labelled.
+- KV bytes (grow with L) and state bytes (fixed per sequence) come from
+  ``count_costs`` at the model's dtype and are reported per measurement.
+
+Lengths double from ``min_len`` to ``max_len``; a length that runs out of memory
+or over ``max_seconds`` is recorded with its reason and the sweep stops there.
+Each timing is the median of ``repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hcomposer.errors import UserError
+
+__all__ = ["EfficiencyConfig", "run_efficiency", "plot_efficiency", "efficiency_markdown"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EfficiencyConfig:
+    batch: int = 1
+    min_len: int = 128
+    max_len: int | None = None  # None: 4x the training length
+    decode_steps: int = 16
+    train_batch: int = 4
+    train_len: int | None = None  # None: the training length
+    repeats: int = 3
+    max_seconds: float = 60.0
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.min_len < 2 or self.decode_steps < 1 or self.repeats < 1:
+            raise UserError("efficiency: batch, min_len, decode_steps and repeats must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak bytes of one measurement; ``method`` says how it was measured."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda max_memory_allocated"
+        if device.type != "cuda":
+            self.method = (
+                "cpu VmHWM - VmRSS (peak resident set, reset via /proc/self/clear_refs)"
+                if _can_reset_hwm()
+                else "cpu ru_maxrss growth (lower bound)"
+            )
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif _can_reset_hwm():
+            _reset_hwm()
+            self.base = _status_kb("VmRSS") * 1024
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif _can_reset_hwm():
+            self.peak = _status_kb("VmHWM") * 1024 - self.base
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+        self.peak = max(0, int(self.peak))
+        return False
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+_HWM_OK: bool | None = None
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _can_reset_hwm() -> bool:
+    global _HWM_OK
+    if _HWM_OK is None:
+        try:
+            _reset_hwm()
+            _status_kb("VmHWM")
+            _HWM_OK = True
+        except OSError:
+            _HWM_OK = False
+    return _HWM_OK
+
+
+def _timed(fn, device, repeats: int) -> float:
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _train_throughput(model, cfg: EfficiencyConfig, train_len: int, device) -> dict[str, Any]:
+    m = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(cfg.seed)
+    V = m.arch.shape.vocab_size
+    x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
+
+    def step():
+        loss = F.cross_entropy(m(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with _PeakMemory(device) as mem:
+        t = _timed(step, device, cfg.repeats)
+    return {
+        "batch": cfg.train_batch,
+        "seq_len": train_len,
+        "seconds_per_step": t,
+        "tokens_per_s": cfg.train_batch * train_len / t,
+        "peak_bytes": mem.peak,
+    }
+
+
+@torch.no_grad()
+def _inference_point(model, L: int, cfg: EfficiencyConfig, device) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(cfg.seed + L)
+    V = model.arch.shape.vocab_size
+    prompt = torch.randint(0, V, (cfg.batch, L), generator=g).to(device)
+    nxt = torch.randint(0, V, (cfg.batch, 1), generator=g).to(device)
+    total = L + cfg.decode_steps + 1
+
+    def prefill():
+        cache = model.init_cache(cfg.batch, total)
+        model(prompt, cache=cache)
+
+    with _PeakMemory(device) as mem_p:
+        t_prefill = _timed(prefill, device, cfg.repeats)
+
+    def decode():
+        cache = model.init_cache(cfg.batch, total)
+        model(prompt, cache=cache)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg.decode_steps):
+            model(nxt, cache=cache)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    decode()
+    with _PeakMemory(device) as mem_d:
+        t_decode = statistics.median(decode() for _ in range(cfg.repeats))
+    return {
+        "context": L,
+        "prefill_s": t_prefill,
+        "prefill_tokens_per_s": cfg.batch * L / t_prefill,
+        "decode_s_per_token": t_decode / cfg.decode_steps,
+        "decode_tokens_per_s": cfg.batch * cfg.decode_steps / t_decode,
+        "prefill_peak_bytes": mem_p.peak,
+        "decode_peak_bytes": mem_d.peak,
+    }
+
+
+def run_efficiency(
+    model, *, train_len: int, config: EfficiencyConfig | None = None, progress=None
+) -> dict[str, Any]:
+    """The efficiency sweep for ``model``; returns a JSON-ready dict (see module docstring)."""
+    from hcomposer.accounting import count_costs
+
+    cfg = config or EfficiencyConfig()
+    device = _device(cfg.device)
+    arch = model.arch
+    dtype = next(model.parameters()).dtype
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    model = model.to(device).eval()
+    max_len = cfg.max_len or 4 * train_len
+    lengths = []
+    n = cfg.min_len
+    while n <= max_len:
+        lengths.append(n)
+        n *= 2
+    torch.manual_seed(cfg.seed)
+    train = _train_throughput(model, cfg, cfg.train_len or train_len, device)
+    points, stopped = [], None
+    for L in lengths:
+        costs = count_costs(arch, seq_len=L, dtype_bytes=dtype_bytes)
+        t0 = time.perf_counter()
+        try:
+            p = _inference_point(model, L, cfg, device)
+        except (RuntimeError, MemoryError) as e:
+            if not _is_oom(e) and not isinstance(e, MemoryError):
+                raise
+            stopped = f"out of memory at context {L}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        p["kv_bytes"] = costs.kv_bytes_per_token * L * cfg.batch
+        p["state_bytes"] = costs.state_bytes * cfg.batch
+        points.append(p)
+        if progress is not None:
+            progress()
+        if time.perf_counter() - t0 > cfg.max_seconds:
+            stopped = f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
+            break
+    costs = count_costs(arch, seq_len=train_len, dtype_bytes=dtype_bytes)
+    return {
+        "config": cfg.to_dict(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "memory_method": _PeakMemory(device).method,
+        "params_total": costs.params_total,
+        "kv_bytes_per_token": costs.kv_bytes_per_token,
+        "state_bytes_per_sequence": costs.state_bytes,
+        "flops_per_token": costs.flops_per_token,
+        "train": train,
+        "inference": points,
+        "stopped": stopped,
+    }
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def efficiency_markdown(res: dict[str, Any]) -> str:
+    t = res["train"]
+    lines = [
+        f"Device: {res['device_name']} ({res['device']}, {res['threads']} threads), "
+        f"dtype {res['dtype']}. Peak memory: {res['memory_method']}.",
+        "",
+        f"Training: {t['tokens_per_s']:,.0f} tokens/s (batch {t['batch']} x {t['seq_len']}, "
+        f"peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} B/token, "
+        f"state {res['state_bytes_per_sequence']} B/sequence.",
+        "",
+        "| context | prefill tok/s | decode tok/s | prefill peak MiB | decode peak MiB "
+        "| KV MiB | state MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in res["inference"]:
+        lines.append(
+            f"| {p['context']} | {p['prefill_tokens_per_s']:,.0f} | "
+            f"{p['decode_tokens_per_s']:,.1f} | {_mib(p['prefill_peak_bytes'])} | "
+            f"{_mib(p['decode_peak_bytes'])} | {_mib(p['kv_bytes'])} | {_mib(p['state_bytes'])} |"
+        )
+    if res.get("stopped"):
+        lines += ["", f"Sweep stopped: {res['stopped']}."]
+    return "\n".join(lines)
+
+
+def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Prefill and decode tokens/s, and cache bytes, against context (one line per label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hcomposer.evaluation.niah import _save_png
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for label, res in results.items():
+        xs = [p["context"] for p in res["inference"]]
+        axes[0].plot(xs, [p["prefill_tokens_per_s"] for p in res["inference"]], "o-", label=label)
+        axes[1].plot(xs, [p["decode_tokens_per_s"] for p in res["inference"]], "o-", label=label)
+        axes[2].plot(
+            xs, [(p["kv_bytes"] + p["state_bytes"]) / 2**20 for p in res["inference"]], "o-",
+            label=label,
+        )  # fmt: skip
+    titles = ("prefill tokens/s", "decode tokens/s", "KV + state MiB")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
