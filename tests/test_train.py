@@ -129,6 +129,12 @@ def test_bf16_default_trains_and_load_run_reproduces_val_loss(tmp_path, text_fil
     assert run["config"]["train"] == cfg.to_dict() and run["hcomposer_version"]
     ds = prepare_dataset(cfg.data, tok)
     assert _evaluate(model, ds, cfg, torch.device("cpu"), 4) == pytest.approx(res.val_loss)
+    # A kill between the two renames of a checkpoint save leaves only .checkpoint.old.
+    (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / ".checkpoint.old")
+    again, *_ = load_run(tmp_path / "run")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+    )
 
 
 def test_divergence_is_recorded_not_raised(tmp_path, text_file):
@@ -206,6 +212,27 @@ def test_cli_train_json_and_bad_inputs(tmp_path, text_file, capsys):
     result = json.loads(stdout)
     assert result["status"] == "completed" and result["step"] == 4
     assert read_json(out / "architecture.json")["shape"]["vocab_size"] == 320
+    # A folder holding architecture.json (here the run itself) is accepted as the architecture.
+    rc, stdout, _ = _cli(
+        capsys,
+        "train",
+        str(out),
+        "--tokens",
+        "64",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-tokens",
+        "64",
+        "--data",
+        str(text_file),
+        "--out",
+        str(tmp_path / "again"),
+        "--json",
+    )
+    assert rc == 0 and json.loads(stdout)["step"] == 1
+    assert read_json(tmp_path / "again" / "architecture.json")["pattern"] == "AF"
     # Bad input: exit 2, one line, nothing written.
     empty = tmp_path / "empty.txt"
     empty.write_text("")

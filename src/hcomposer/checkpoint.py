@@ -115,9 +115,10 @@ def save_checkpoint(
         }
         atomic_write_json(tmp / "state.json", record)
         old = run_dir / ".checkpoint.old"
-        if old.exists():
-            shutil.rmtree(old)
         if final.exists():
+            # Only now is the previous .checkpoint.old redundant: ``final`` is whole.
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)

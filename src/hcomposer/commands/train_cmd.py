@@ -13,7 +13,11 @@ HELP = "Train an architecture on text (the embedded corpus by default) into a ru
 
 
 def add_arguments(p) -> None:
-    p.add_argument("arch", metavar="PATTERN|ARCH.json", help="pattern or architecture JSON file")
+    p.add_argument(
+        "arch",
+        metavar="PATTERN|ARCH.json|DIR",
+        help="pattern, architecture JSON file, or a folder holding architecture.json",
+    )
     p.add_argument(
         "--shape",
         default=None,
@@ -53,8 +57,12 @@ def add_arguments(p) -> None:
 def _architecture(spec: str, shape: str | None):
     from hcomposer.architecture import Architecture
 
-    if spec.endswith(".json") or Path(spec).is_file():
-        arch = Architecture.from_json(spec)
+    path = Path(spec)
+    if path.is_dir() and (path / "architecture.json").is_file():
+        # A folder holding an architecture (a run, an export, a scale result).
+        path = path / "architecture.json"
+    if path.suffix == ".json" or path.is_file():
+        arch = Architecture.from_json(path)
         return arch.with_shape(shape) if shape else arch
     return Architecture.parse(spec, shape=shape or "proxy")
 
