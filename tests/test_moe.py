@@ -104,11 +104,11 @@ def test_bias_changes_selection_not_gates():
 
 
 def test_bias_update_only_in_training_and_towards_balance():
-    m = _moe(router="sigmoid", top_k=1, moe_bias_rate=0.02)
+    m = _moe(router="sigmoid", top_k=1, moe_bias_rate=0.05)
     with torch.no_grad():
         # Skew the router hard towards expert 0.
         m.router.weight[0] += 0.3 * torch.ones(m.shape.d_model)
-    x = torch.randn(256, m.shape.d_model).abs()
+    x = torch.randn(128, m.shape.d_model).abs()
     m.eval()
     m(x)
     assert m.expert_bias.abs().sum() == 0  # eval never moves the bias
@@ -116,17 +116,21 @@ def test_bias_update_only_in_training_and_towards_balance():
     m.train()
     m(x)
     load = m.last_load.float()
-    expected = 0.02 * torch.sign(load.mean() - load)
+    expected = 0.05 * torch.sign(load.mean() - load)
     torch.testing.assert_close(m.expert_bias, expected)
     with torch.no_grad():
-        for _ in range(80):
-            m(x)
-        # The sign rule oscillates around balance: judge the load averaged over 40 steps.
-        m.reset_load()
         for _ in range(40):
             m(x)
-    mean_load = m.load_total.float() / 40
-    assert float(mean_load.max() - mean_load.min()) < float(first.max() - first.min()) / 5
+        # The sign rule oscillates around balance: judge the load averaged over 20 steps.
+        m.reset_load()
+        for _ in range(20):
+            m(x)
+    mean_load = m.load_total.float() / 20
+    spread, first_spread = (
+        float(mean_load.max() - mean_load.min()),
+        float(first.max() - first.min()),
+    )
+    assert spread < first_spread / 5
 
 
 def test_load_counts():

@@ -1,0 +1,64 @@
+"""Shared helpers for the model tests: which primitives exist, random patterns, cache sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import random
+
+import pytest
+import torch
+
+# Several engineers share two cores: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# S (Mamba-2) lives in its own file, built in parallel; its tests run once the file exists.
+HAS_MAMBA = importlib.util.find_spec("hcomposer.primitives.mamba2") is not None
+MIXERS = "AWS" if HAS_MAMBA else "AW"
+TOKENS = MIXERS + "FE"
+
+requires_mamba = pytest.mark.skipif(
+    not HAS_MAMBA, reason="hcomposer.primitives.mamba2 (S) is not there yet"
+)
+
+
+def random_pattern(rng: random.Random, n_min: int = 2, n_max: int = 6) -> str:
+    """A random canonical pattern of the available tokens, with 2-branch groups now and then."""
+    out = []
+    for _ in range(rng.randint(n_min, n_max)):
+        if rng.random() < 0.25:
+            a, b = rng.choice(MIXERS), rng.choice(MIXERS)
+            out.append(f"[{a}|{b}]")
+        else:
+            out.append(rng.choice(TOKENS))
+    return "".join(out)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable from a cache object (dataclasses, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return 0
+    if dataclasses.is_dataclass(obj):
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o) for o in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(tensor_bytes(o) for o in vars(obj).values())
+    raise TypeError(f"cannot size cache object of type {type(obj)}")
+
+
+def decode_stepwise(model, tokens: torch.Tensor, prefill: int = 0) -> torch.Tensor:
+    """Logits from a prefill of ``prefill`` tokens then one token at a time through a cache."""
+    B, T = tokens.shape
+    cache = model.init_cache(B, T)
+    outs = []
+    if prefill:
+        outs.append(model(tokens[:, :prefill], cache=cache))
+    for t in range(prefill, T):
+        outs.append(model(tokens[:, t : t + 1], cache=cache))
+    assert cache.pos == T
+    return torch.cat(outs, dim=1)
