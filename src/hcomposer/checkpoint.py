@@ -1,4 +1,5 @@
-"""Training checkpoints: safetensors + JSON (never pickle), written atomically, checksummed.
+"""Run-folder state: checkpoints (safetensors + JSON, never pickle; atomic; checksummed),
+status, metrics truncation on resume, and the rules for reusing an output folder.
 
 A checkpoint is the folder ``RUN/checkpoint``:
 
@@ -15,6 +16,7 @@ either the old or the new checkpoint whole (``find_checkpoint`` looks at both).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -27,14 +29,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, read_json, sha256_file
+from hcomposer.io import atomic_write_json, atomic_write_text, read_json, read_jsonl, sha256_file
 
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "find_checkpoint",
     "rng_state",
+    "read_state",
+    "check_out_dir",
+    "read_status",
+    "write_status",
+    "truncate_metrics",
     "set_rng_state",
     "FORMAT",
 ]
@@ -189,3 +197,74 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
     return state
+
+
+def check_out_dir(
+    out: Path, arch: Architecture, config: dict[str, Any], resume: bool, may_differ: set[str]
+) -> bool:
+    """Refuse a folder holding anything but this run; True when there is a run to resume.
+
+    ``config`` is the training config as a dict; fields in ``may_differ`` may change on resume.
+    """
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; choose a folder")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return False
+    run_json = out / "run.json"
+    if not run_json.is_file():
+        raise UserError(
+            f"output folder {str(out)!r} is not empty and holds no hcomposer run; "
+            "choose a new or empty folder"
+        )
+    if not resume:
+        status = read_status(out).get("status", "unknown")
+        raise UserError(
+            f"output folder {str(out)!r} already holds a run (status {status}); pass --resume "
+            "to continue it, or choose another --out"
+        )
+    try:
+        stored = read_json(run_json)["config"]
+        stored_arch = Architecture.from_dict(stored["architecture"])
+        stored_cfg = dict(stored["train"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{str(run_json)!r} cannot be read ({e}); choose another --out") from None
+    # The stored shape had its vocabulary and length set from the tokenizer: compare the rest.
+    free = {"vocab_size": 0, "max_seq_len": 0}
+    if stored_arch.pattern != arch.pattern or dict(stored_arch.shape.to_dict(), **free) != dict(
+        arch.shape.to_dict(), **free
+    ):
+        raise UserError(
+            f"output folder {str(out)!r} holds a run of {stored_arch}, not {arch}; "
+            "choose another --out to train this architecture"
+        )
+    differ = [
+        k
+        for k in sorted(set(stored_cfg) | set(config))
+        if k not in may_differ and stored_cfg.get(k) != config.get(k)
+    ]
+    if differ:
+        raise UserError(
+            f"--resume: the run in {str(out)!r} was started with other settings "
+            f"({', '.join(differ)}); repeat the original options or choose another --out"
+        )
+    return True
+
+
+def read_status(out: Path) -> dict[str, Any]:
+    try:
+        return read_json(out / "status.json")
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(out: Path, status: str, step: int, message: str = "") -> None:
+    atomic_write_json(out / "status.json", {"status": status, "step": step, "message": message})
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to the checkpoint: the steps after it will be run again."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

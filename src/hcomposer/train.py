@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from hcomposer.architecture import Architecture
-from hcomposer.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from hcomposer.checkpoint import (
+    check_out_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    read_status,
+    save_checkpoint,
+    truncate_metrics,
+    write_status,
+)
 from hcomposer.data import (
     Tokenizer,
     get_tokenizer,
@@ -40,7 +49,7 @@ from hcomposer.data import (
     resolve_source,
 )
 from hcomposer.errors import UserError
-from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, record_run
+from hcomposer.io import append_jsonl, atomic_write_json, read_json, record_run
 from hcomposer.model import HybridLM, build_model
 from hcomposer.schedule import SCHEDULES, lr_at
 
@@ -233,75 +242,6 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
-def _check_out_dir(out: Path, arch: Architecture, config: TrainConfig, resume: bool) -> bool:
-    """Refuse a folder holding anything else; returns True when there is a run to resume."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file; choose a folder")
-    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
-    if not entries:
-        return False
-    run_json = out / "run.json"
-    if not run_json.is_file():
-        raise UserError(
-            f"output folder {str(out)!r} is not empty and holds no hcomposer run; "
-            "choose a new or empty folder"
-        )
-    if not resume:
-        status = _read_status(out).get("status", "unknown")
-        raise UserError(
-            f"output folder {str(out)!r} already holds a run (status {status}); pass --resume "
-            "to continue it, or choose another --out"
-        )
-    try:
-        stored = read_json(run_json)["config"]
-        stored_arch = Architecture.from_dict(stored["architecture"])
-        stored_cfg = TrainConfig.from_dict(stored["train"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{str(run_json)!r} cannot be read ({e}); choose another --out") from None
-    # The stored shape had its vocabulary and length set from the tokenizer: compare the rest.
-    free = {"vocab_size": 0, "max_seq_len": 0}
-    if stored_arch.pattern != arch.pattern or dict(stored_arch.shape.to_dict(), **free) != dict(
-        arch.shape.to_dict(), **free
-    ):
-        raise UserError(
-            f"output folder {str(out)!r} holds a run of {stored_arch}, not {arch}; "
-            "choose another --out to train this architecture"
-        )
-    differ = [
-        f.name
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in _RESUMABLE_CHANGES
-        and getattr(stored_cfg, f.name) != getattr(config, f.name)
-    ]
-    if differ:
-        raise UserError(
-            f"--resume: the run in {str(out)!r} was started with other settings "
-            f"({', '.join(differ)}); repeat the original options or choose another --out"
-        )
-    return True
-
-
-def _read_status(out: Path) -> dict[str, Any]:
-    try:
-        return read_json(out / "status.json")
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_status(out: Path, status: str, step: int, message: str = "") -> None:
-    atomic_write_json(out / "status.json", {"status": status, "step": step, "message": message})
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to the checkpoint: the steps after it will be run again."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    from hcomposer.io import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
 def _autocast(device: torch.device, dtype: str):
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -374,7 +314,7 @@ def train(
 
 def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainResult:
     # Every check that can fail on bad input runs before anything is written.
-    has_run = _check_out_dir(out, arch, config, resume)
+    has_run = check_out_dir(out, arch, config.to_dict(), resume, _RESUMABLE_CHANGES)
     if has_run:
         tokenizer = load_tokenizer(out / "tokenizer")
         arch = Architecture.from_json(out / "architecture.json")
@@ -439,8 +379,8 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                 "dataset": dataset_info,
             }
             record_run(out, run_config, argv)
-        _truncate_metrics(out / "metrics.jsonl", start_step)
-        _write_status(out, "running", start_step, f"training from step {start_step}")
+        truncate_metrics(out / "metrics.jsonl", start_step)
+        write_status(out, "running", start_step, f"training from step {start_step}")
     dist.barrier()
 
     net: torch.nn.Module = model
@@ -547,7 +487,7 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
     tps = (step - start_step) * config.tokens_per_step / max(wall, 1e-9)
     if status == "diverged":
         if dist.main:
-            _write_status(out, "diverged", step, message)
+            write_status(out, "diverged", step, message)
     else:
         checkpoint(step)
         if step >= total:
@@ -555,7 +495,7 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
         else:
             message = f"stopped at step {step} of {total}; resume to continue"
         if dist.main:
-            _write_status(out, status, step, message)
+            write_status(out, status, step, message)
     result = TrainResult(
         out_dir=out,
         status=status,
@@ -594,7 +534,7 @@ def load_run(run_dir: str | Path, *, device: Any = None):
         "step": state["step"],
         "tokens": state["tokens"],
         "config": read_json(run_dir / "run.json").get("config", {}),
-        "status": _read_status(run_dir),
+        "status": read_status(run_dir),
         "summary": read_json(run_dir / "summary.json")
         if (run_dir / "summary.json").is_file()
         else None,
