@@ -139,6 +139,9 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
         raise UserError(f"{str(out)!r} holds a study.db without search.json; pick a new --out")
     check_storage(config.storage, out)
     out.mkdir(parents=True, exist_ok=True)
+    # Create the storage's tables before search.json exists: readers (load_trials, other
+    # workers) wait for search.json, so they never race this creation.
+    open_storage(storage_url(config.storage, out))
     if not resuming:
         atomic_write_json(existing, {"config": config.to_dict()})
     record_run(out, config.to_dict(), argv)
@@ -291,7 +294,7 @@ class _Worker:
                 time.sleep(_POLL)  # the rest of the budget is in flight in other workers
                 continue
             if self._orphaned():
-                return
+                raise SystemExit(1)  # the parent was killed: stop between trials
             trial = study.ask(space)
             # The heartbeat covers the whole trial, so a remote worker's death is noticed.
             with get_heartbeat_thread(trial._trial_id, study._storage):
@@ -332,10 +335,11 @@ class _Worker:
             return
         while True:
             known = _known(study, arch.pattern, trial.number)
-            if known is None or known.state != TrialState.RUNNING:
+            if known is not _PENDING and (known is None or known.state != TrialState.RUNNING):
                 break
+            # Another worker trains (or may train) this very pattern: wait for its result.
             reap_dead_trials(study)
-            time.sleep(_POLL)  # another worker is training this very pattern: wait for it
+            time.sleep(_POLL / 5 if known is _PENDING else _POLL)
         if known is not None and known.state == TrialState.COMPLETE:
             trial.set_user_attr("role", "cached")
             trial.set_user_attr("cached_from", known.number)
@@ -438,13 +442,27 @@ def _count(trials: list[FrozenTrial]) -> dict[str, int]:
     return c
 
 
-def _known(study: optuna.Study, pattern: str, number: int) -> FrozenTrial | None:
-    """The earliest other trial that trained (or is training, or failed on) ``pattern``."""
+_PENDING = object()
+
+
+def _known(study: optuna.Study, pattern: str, number: int) -> Any:
+    """What the log says about ``pattern``, from the other trials of this stage.
+
+    The earliest completed training of it; else a lower-numbered trial in flight on it, or
+    one not yet classified (``_PENDING``: its worker is still drawing or checking it, wait
+    to avoid training the same pattern twice); else a real failure on it; else None.
+    """
     running = failed = None
+    pending = False
     for t in study.get_trials(deepcopy=False):
-        if t.number == number or t.user_attrs.get("pattern") != pattern:
+        if t.number == number:
             continue
-        if t.user_attrs.get("role") != "evaluation":
+        role = t.user_attrs.get("role")
+        if t.state == TrialState.RUNNING and t.number < number and role is None:
+            if "pattern" not in t.user_attrs or t.user_attrs["pattern"] == pattern:
+                pending = True
+            continue
+        if t.user_attrs.get("pattern") != pattern or role != "evaluation":
             continue
         if t.state == TrialState.COMPLETE:
             return t
@@ -453,7 +471,9 @@ def _known(study: optuna.Study, pattern: str, number: int) -> FrozenTrial | None
         # A trial killed in flight is run again elsewhere; only real failures count.
         elif t.state == TrialState.FAIL and t.user_attrs.get("failure") and failed is None:
             failed = None if _was_retried(study, t.number) else t
-    return running or failed
+    if running is not None:
+        return running
+    return _PENDING if pending else failed
 
 
 def _was_retried(study: optuna.Study, number: int) -> bool:
@@ -501,7 +521,7 @@ def _worker_entry(config_dict, out_dir, url, objective, parent_pid) -> None:
 
 
 def _progress_from_storage(config: SearchConfig, url: str) -> tuple[int, str | None, float | None]:
-    stages = R.load_stage_trials(config, open_storage(url))
+    stages = R.load_stage_trials(config, open_storage(url, reader=True))
     done = sum(1 for recs in stages for r in recs if r["state"] == "COMPLETE")
     best = R.best_of(stages[-1]) if stages else None
     return done, (best or {}).get("pattern"), (best or {}).get("score")
@@ -530,6 +550,14 @@ def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]
             best = b
             best_pattern = b["pattern"] if b else None
         stages.append({**stage.to_dict(), "states": dict(states), "best": best})
+    for plan, recs in zip(plans, per_stage):
+        n_done = sum(r["state"] == "COMPLETE" for r in recs)
+        if n_done < plan.trials:
+            notes.append(
+                f"stage {plan.index + 1}: {n_done} of {plan.trials} trials trained (the sampler "
+                "kept proposing known or infeasible patterns, or the space is exhausted)"
+            )
+    notes = list(dict.fromkeys(n for n in notes if "stopped after" not in n))
     final = stages[-1]["best"] if stages else None
     result = SearchResult(str(out_dir), config, trials, final, stages, wall, notes)
     summary = result.to_dict()

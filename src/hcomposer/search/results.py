@@ -140,7 +140,7 @@ def load_trials(out_dir: str | Path, stage: int | str | None = "last") -> list[d
     url = storage_url(config.storage, out_dir)
     if config.storage is None and not (Path(out_dir) / "study.db").is_file():
         return []
-    stages = load_stage_trials(config, open_storage(url))
+    stages = load_stage_trials(config, open_storage(url, reader=True))
     if not stages:
         return []
     if stage is None:

@@ -66,7 +66,13 @@ def parse_choices(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         try:
             items = [format_pattern([s]) for s in parse_pattern(text)]
         except PatternError as e:
-            raise UserError(f"--primitives {text!r}: {_first_line(e)}") from None
+            bad = text[e.position - 1] if e.position and e.position <= len(text) else text
+            if bad in TOKENS or bad in "[]|()*":
+                raise UserError(f"--primitives {text!r}: {_first_line(e)}") from None
+            raise UserError(
+                f"--primitives {text!r}: unknown primitive {bad!r}; valid tokens: "
+                f"{', '.join(TOKENS)} (or a group such as [A|S])"
+            ) from None
     out: list[str] = []
     for item in items:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,12 @@ def check_storage(spec: str | None, out_dir: str | Path) -> None:
         raise UserError(f"--storage {spec!r} is unreachable: {reason[:200]}") from None
 
 
-def open_storage(url: str) -> BaseStorage:
-    """An Optuna storage for a resolved URL (see :func:`storage_url`)."""
+def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
+    """An Optuna storage for a resolved URL (see :func:`storage_url`).
+
+    ``reader=True`` never creates tables, so reading a search that is still starting
+    cannot race its own creation of the database.
+    """
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -104,13 +109,18 @@ def open_storage(url: str) -> BaseStorage:
     if sqlite is not None:
         # Several local workers write one SQLite file: wait for the lock, do not fail.
         kwargs["connect_args"] = {"timeout": 120}
-        _use_wal(sqlite)
-    storage = optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-    )
+        if not reader:
+            _use_wal(sqlite)
+    with warnings.catch_warnings():
+        # The heartbeat is marked experimental; it is what finds workers lost on other hosts.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=GRACE_PERIOD,
+            skip_table_creation=reader,
+        )
     if sqlite is not None:
         _sync_normal(storage)
     return storage
