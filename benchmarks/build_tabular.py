@@ -1,15 +1,20 @@
 """Build a tabular search benchmark: score every pattern of a small space on a fixed proxy.
 
-    python benchmarks/build_tabular.py                       # af6: 64 A/F patterns
-    python benchmarks/build_tabular.py --limit 2 --work /tmp/t.jsonl --out /tmp/t.json
+    python benchmarks/build_tabular.py --seeds 0,1                 # af6: 64 A/F patterns
+    python benchmarks/build_tabular.py --seeds 0,1 --shard 3/8     # one of 8 parallel workers
+    python benchmarks/build_tabular.py --seeds 0,1 --assemble      # write the table only
 
-Every (pattern, seed) evaluation is appended as one JSON line to ``--work`` as soon as it
-finishes (``hcomposer.io.append_jsonl``: flushed and fsynced, a killed run keeps every
-whole line); a rerun skips the evaluations already there for the same configuration.
-When every evaluation is done the table (mean score over seeds per pattern, per-seed
-scores, per-task results, the exact configuration and this command) is written
-atomically to ``--out``. The committed ``af6`` table is ``src/hcomposer/assets/tabular/
-af6.json``; ``hcomposer bench-search`` replays samplers against it.
+Every (pattern, seed) evaluation is appended as one JSON line to a log in ``--work`` as
+soon as it finishes (``hcomposer.io.append_jsonl``: flushed and fsynced, so a killed run
+keeps every whole line); a rerun skips the evaluations already in any log of that folder
+for the same configuration, so runs resume and shards combine. When every evaluation is
+done the table (mean score over seeds per pattern, per-seed scores, per-task results,
+the exact proxy configuration and the command) is written atomically to ``--out``
+(default: the package asset ``src/hcomposer/assets/tabular/<name>.json``), which
+``hcomposer bench-search`` replays samplers against.
+
+The proxy runs on the CPU (``evaluate_proxy`` trains on the CPU); ``--threads`` fixes
+torch's thread count per process so that shards do not oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
+import platform
 import shlex
 import sys
 import time
@@ -35,117 +42,169 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--proxy-config",
         default=None,
-        help="JSON object passed to evaluate_proxy(config=...) (default: the proxy's own)",
+        help="JSON object of ProxyConfig fields to change (default: the proxy's defaults)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--shape", default="proxy", help="shape preset of every model (default proxy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--shard", default=None, help="I/N: evaluate every N-th missing item from I")
+    p.add_argument("--assemble", action="store_true", help="evaluate nothing, write the table")
     p.add_argument("--out", default=None, help="table JSON (default: the package asset)")
-    p.add_argument("--work", default=None, help="resumable log (default /tmp/hcomposer-tabular)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N patterns (tests)")
+    p.add_argument(
+        "--work", default=None, help="folder of resumable logs (default /tmp/hcomposer-tabular)"
+    )
     return p.parse_args(argv)
 
 
-def _fingerprint(config: dict) -> str:
+def _shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    i, _, n = text.partition("/")
+    i, n = int(i), int(n)
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {text!r}: write I/N with 0 <= I < N")
+    return i, n
+
+
+def _key(config: dict) -> str:
+    """Fingerprint of everything but the seeds: adding a seed later reuses the log."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    import torch
+def _read_logs(work: Path, key: str) -> dict[tuple[str, int], dict]:
+    from hcomposer.io import read_jsonl
 
-    from hcomposer.architecture import Architecture
-    from hcomposer.evaluation.proxy import evaluate_proxy
-    from hcomposer.io import append_jsonl, atomic_write_json, git_revision, read_jsonl
-    from hcomposer.search.tabular import FORMAT, Table
+    done: dict[tuple[str, int], dict] = {}
+    for log in sorted(work.glob("*.jsonl")):
+        for r in read_jsonl(log):
+            if r.get("key") == key:
+                done[(r["pattern"], int(r["seed"]))] = r
+    return done
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    proxy_config = json.loads(args.proxy_config) if args.proxy_config else None
-    out = (
-        Path(args.out) if args.out else ROOT / "src/hcomposer/assets/tabular" / f"{args.name}.json"
-    )
-    work = Path(args.work) if args.work else Path("/tmp/hcomposer-tabular") / f"{args.name}.jsonl"
-    work.parent.mkdir(parents=True, exist_ok=True)
-    config = {
-        "choices": list(args.choices),
-        "positions": args.positions,
-        "proxy": args.proxy,
-        "proxy_config": proxy_config,
-        "seeds": seeds,
-        "shape": args.shape,
-    }
-    key = _fingerprint(config)
-    patterns = ["".join(p) for p in itertools.product(args.choices, repeat=args.positions)]
-    if args.limit is not None:
-        patterns = patterns[: args.limit]
-    done = {
-        (r["pattern"], r["seed"]): r
-        for r in (read_jsonl(work) if work.exists() else [])
-        if r.get("key") == key
-    }
-    todo = [(p, s) for p in patterns for s in seeds if (p, s) not in done]
-    print(
-        f"{args.name}: {len(patterns)} patterns x {len(seeds)} seeds, {len(done)} done, "
-        f"{len(todo)} to go; log {work}",
-        file=sys.stderr,
-    )
-    start = time.perf_counter()
-    for i, (pattern, seed) in enumerate(todo, 1):
-        arch = Architecture.parse(pattern, shape=args.shape)
-        res = evaluate_proxy(arch, args.proxy, seed=seed, config=proxy_config)
-        record = {"key": key, "pattern": pattern, "seed": seed, **res.to_dict()}
-        record["score"] = float(res.score)
-        append_jsonl(work, record)
-        done[(pattern, seed)] = record
-        elapsed = time.perf_counter() - start
-        eta = elapsed / i * (len(todo) - i)
-        print(
-            f"[{i}/{len(todo)}] {pattern} seed {seed}: score {res.score:.4f} "
-            f"({res.wall_seconds:.1f} s; eta {eta / 60:.1f} min)",
-            file=sys.stderr,
-            flush=True,
-        )
-    if args.limit is not None:
-        print("--limit given: table not written", file=sys.stderr)
-        return 0
+
+def _assemble(args, config, patterns, seeds, done, out: Path, argv: list[str]) -> None:
+    from hcomposer.io import atomic_write_json, git_revision
+    from hcomposer.search.tabular import Table
+
     per_seed = {p: {str(s): done[(p, s)]["score"] for s in seeds} for p in patterns}
     tasks: dict[str, dict] = {}
     for p in patterns:
-        names = done[(p, seeds[0])].get("tasks", {})
+        names = done[(p, seeds[0])]["tasks"]
         tasks[p] = {
-            t: {m: sum(done[(p, s)]["tasks"][t][m] for s in seeds) / len(seeds) for m in names[t]}
+            t: round(statistics_mean([done[(p, s)]["tasks"][t]["accuracy"] for s in seeds]), 6)
             for t in names
         }
-    params = {p: done[(p, seeds[0])].get("params_total") for p in patterns}
-    wall = sum(done[(p, s)].get("wall_seconds", 0.0) for p in patterns for s in seeds)
     table = Table(
         name=args.name,
         choices=tuple(args.choices),
         positions=args.positions,
-        scores={p: sum(v.values()) / len(v) for p, v in per_seed.items()},
+        scores={p: statistics_mean(list(v.values())) for p, v in per_seed.items()},
     )
+    wall = [done[(p, s)]["wall_seconds"] for p in patterns for s in seeds]
+    hosts = sorted({done[(p, s)].get("host", "?") for p in patterns for s in seeds})
     doc = {
         **table.to_dict(),
-        "format": FORMAT,
-        "score": f"mean over seeds of evaluate_proxy(...).score ({args.proxy}); higher is better",
+        "score": (
+            f"mean over seeds {seeds} of evaluate_proxy(pattern @ {args.shape}, "
+            f"{args.proxy!r}).score: mean best held-out accuracy over the tasks; higher is better"
+        ),
         "config": config,
-        "command": "python " + shlex.join(["benchmarks/build_tabular.py", *(argv or sys.argv[1:])]),
-        "evaluation_seconds": wall,
+        "seeds": seeds,
+        "command": "python " + shlex.join(["benchmarks/build_tabular.py", *argv]),
+        "evaluations": len(wall),
+        "evaluation_seconds_total": round(sum(wall), 1),
+        "evaluation_seconds_mean": round(sum(wall) / len(wall), 2),
+        "hosts": hosts,
         "git_revision": git_revision(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
         "per_seed": per_seed,
-        "tasks": tasks,
-        "params_total": params,
+        "task_accuracy": tasks,
+        "params_total": {p: done[(p, seeds[0])]["params_total"] for p in patterns},
     }
     atomic_write_json(out, doc)
-    print(
-        f"wrote {out} ({len(patterns)} patterns, {wall / 60:.1f} min of evaluation)",
-        file=sys.stderr,
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    import torch
+
+    from hcomposer.architecture import Architecture
+    from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
+    from hcomposer.io import append_jsonl
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    changes = json.loads(args.proxy_config) if args.proxy_config else {}
+    proxy_config = ProxyConfig.from_dict({**ProxyConfig().to_dict(), **changes, "seed": 0})
+    out = (
+        Path(args.out) if args.out else ROOT / "src/hcomposer/assets/tabular" / f"{args.name}.json"
     )
+    work = Path(args.work) if args.work else Path("/tmp/hcomposer-tabular")
+    work.mkdir(parents=True, exist_ok=True)
+    config = {
+        "choices": list(args.choices),
+        "positions": args.positions,
+        "proxy": args.proxy,
+        "proxy_config": proxy_config.to_dict(),
+        "shape": args.shape,
+    }
+    key = _key(config)
+    patterns = ["".join(p) for p in itertools.product(args.choices, repeat=args.positions)]
+    done = _read_logs(work, key)
+    # Seed-major order: a partial build has whole seeds first.
+    todo = [(p, s) for s in seeds for p in patterns if (p, s) not in done]
+    index, count = _shard(args.shard)
+    mine = [] if args.assemble else todo[index::count]
+    log = work / (f"{args.name}-{key}-{index}of{count}.jsonl")
+    print(
+        f"{args.name}: {len(patterns)} patterns x {len(seeds)} seeds, {len(done)} done, "
+        f"{len(todo)} missing, {len(mine)} for this process; log {log}",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    for i, (pattern, seed) in enumerate(mine, 1):
+        arch = Architecture.parse(pattern, shape=args.shape)
+        res = evaluate_proxy(arch, args.proxy, seed=seed, config=proxy_config)
+        d = res.to_dict()
+        record = {
+            "key": key,
+            "pattern": pattern,
+            "seed": seed,
+            "score": float(res.score),
+            "tasks": {
+                t: {"accuracy": v["accuracy"], "loss": v["loss"]} for t, v in d["tasks"].items()
+            },
+            "params_total": res.params_total,
+            "wall_seconds": round(res.wall_seconds, 2),
+            "failures": d["failures"],
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "host": f"{platform.node()} ({os.cpu_count()} cpus)",
+        }
+        append_jsonl(log, record)
+        done[(pattern, seed)] = record
+        eta = (time.perf_counter() - start) / i * (len(mine) - i)
+        print(
+            f"[{i}/{len(mine)}] {pattern} seed {seed}: score {res.score:.4f} "
+            f"({res.wall_seconds:.1f} s; eta {eta / 60:.1f} min)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if count > 1 and not args.assemble:
+        return 0
+    done = _read_logs(work, key)
+    missing = [(p, s) for s in seeds for p in patterns if (p, s) not in done]
+    if missing:
+        print(f"{len(missing)} evaluations missing: table not written", file=sys.stderr)
+        return 1
+    _assemble(args, config, patterns, seeds, done, out, argv)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

@@ -191,3 +191,36 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main(["aggregate", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error:") for line in err)
+
+
+def test_cli_reads_a_real_search_folder(tmp_path, capsys):
+    from hcomposer.search.engine import load_trials
+
+    out = tmp_path / "search"
+    argv = [
+        "search",
+        "--proxy",
+        "synthetic",
+        "--primitives",
+        "AF",
+        "--layers",
+        "4",
+        "--trials",
+        "10",
+        "--sampler",
+        "random",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    # The engine's trials.jsonl would also do; prove the study itself is read.
+    (out / "trials.jsonl").unlink()
+    assert main(["aggregate", str(out), "--method", "nc", "--k", "3", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["source"] == "study"
+    trials = load_trials(out)
+    assert doc["pattern"] == aggregate(trials, "nc", c=1, k=3)
+    done = {t["pattern"] for t in trials if t["state"] == "COMPLETE"}
+    assert doc["n_candidates"] == len(done) and {k["pattern"] for k in doc["kept"]} <= done
