@@ -1,0 +1,321 @@
+"""``hcomposer run``: the Composer pipeline end to end, resumable stage by stage.
+
+    search -> aggregate -> scale -> train composite + baseline -> evaluate -> report
+
+Each stage writes its result into the run folder and is marked done in
+``pipeline.json``; a rerun skips finished stages and lets the unfinished one
+resume itself (the search from its study, training from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hcomposer.errors import UserError
+from hcomposer.io import atomic_write_json, read_json, record_run
+
+__all__ = ["RunRecipe", "RUN_RECIPES", "get_run_recipe", "run_pipeline", "matched_baseline"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecipe:
+    """Everything ``hcomposer run`` does, as plain data (stored in the run folder)."""
+
+    name: str
+    search: dict[str, Any]  # SearchConfig fields (see hcomposer.search)
+    aggregate_method: str = "n0"
+    aggregate_c: int = 1
+    scale_strategy: str = "stack"
+    target_shape: str = "10m"
+    target_layers: int = 0  # 0: the target shape's reference depth
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    eval_suites: tuple[str, ...] = ("loss", "niah", "efficiency")
+    eval_options: dict[str, Any] = field(default_factory=dict)  # run_suite options
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eval_suites"] = list(self.eval_suites)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecipe:
+        d = dict(d)
+        d["eval_suites"] = tuple(d.get("eval_suites", ()))
+        return cls(**d)
+
+
+def _quickstart() -> RunRecipe:
+    from hcomposer.recipes import RECIPES
+
+    search = RECIPES["quickstart"]().to_dict()
+    return RunRecipe(
+        name="quickstart",
+        search=search,
+        aggregate_method="n0",
+        scale_strategy="stack",
+        target_shape="10m",
+        target_layers=12,
+        train=dict(tokens=600_000, batch_size=16, seq_len=256, lr=3e-3, warmup=30,
+                   eval_every=50, eval_tokens=65_536, checkpoint_every=50),
+        eval_suites=("loss", "niah", "efficiency"),
+    )
+
+
+def _paper() -> RunRecipe:
+    from hcomposer.recipes import RECIPES
+
+    search = RECIPES["paper"]().to_dict()
+    return RunRecipe(
+        name="paper",
+        search=search,
+        aggregate_method="n0",
+        scale_strategy="stretch",
+        target_shape="llama-3.2-1b",
+        target_layers=32,
+        train=dict(tokens=20_000_000_000, batch_size=256, seq_len=2048, lr=3e-4, warmup=2000,
+                   eval_every=1000, checkpoint_every=1000),
+        eval_suites=("loss", "niah", "mqar", "efficiency",
+                     "lm-eval:arc_easy,arc_challenge,hellaswag,winogrande,piqa,sciq"),
+    )
+
+
+RUN_RECIPES: dict[str, Callable[[], RunRecipe]] = {"quickstart": _quickstart, "paper": _paper}
+
+
+def get_run_recipe(name: str) -> RunRecipe:
+    if name not in RUN_RECIPES:
+        raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(RUN_RECIPES)}")
+    return RUN_RECIPES[name]()
+
+
+def matched_baseline(params: int, shape) -> tuple[str, int]:
+    """The Llama-style ``(AF)*n`` at ``shape`` whose parameter count is closest to ``params``."""
+    from hcomposer.accounting import count_costs
+    from hcomposer.architecture import Architecture
+
+    best: tuple[int, str, int] | None = None
+    n = 1
+    while True:
+        pattern = "AF" * n
+        total = count_costs(Architecture(pattern=pattern, shape=shape)).params_total
+        gap = abs(total - params)
+        if best is None or gap < best[0]:
+            best = (gap, pattern, total)
+        if total > params:
+            break
+        n += 1
+    return best[1], best[2]
+
+
+class _State:
+    """pipeline.json: the recipe and what each finished stage produced."""
+
+    def __init__(self, out: Path, recipe: RunRecipe, argv: list[str] | None):
+        self.path = out / "pipeline.json"
+        self.out = out
+        if self.path.exists():
+            data = read_json(self.path)
+            if data.get("recipe") != recipe.to_dict():
+                raise UserError(
+                    f"{out} holds a run of another configuration (recipe "
+                    f"{data.get('recipe', {}).get('name')!r}); choose a new --out or delete it"
+                )
+            self.data = data
+        else:
+            if out.exists() and any(out.iterdir()):
+                raise UserError(
+                    f"{out} exists and is not an hcomposer run folder; choose a new --out"
+                )
+            self.data = {"recipe": recipe.to_dict(), "stages": {}}
+            out.mkdir(parents=True, exist_ok=True)
+            record_run(out, recipe.to_dict(), argv)
+            self.save()
+
+    def done(self, stage: str) -> dict | None:
+        return self.data["stages"].get(stage)
+
+    def finish(self, stage: str, result: dict) -> dict:
+        self.data["stages"][stage] = {**result, "finished": time.time()}
+        self.save()
+        return result
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
+    from hcomposer.search import SearchConfig, run_search
+
+    config = SearchConfig.from_dict(recipe.search)
+    result = run_search(config, state.out / "search", progress=progress)
+    return state.finish("search", {"best": result.best, "n_trials": len(result.trials)})
+
+
+def _stage_aggregate(state: _State, recipe: RunRecipe) -> dict:
+    from hcomposer.search import load_trials
+    from hcomposer.search.aggregate import aggregate_details
+
+    trials = load_trials(state.out / "search")
+    agg = aggregate_details(trials, method=recipe.aggregate_method, c=recipe.aggregate_c)
+    atomic_write_json(state.out / "aggregate.json", agg.to_dict())
+    return state.finish("aggregate", {"pattern": agg.pattern, "method": agg.method})
+
+
+def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
+    from hcomposer.accounting import count_costs
+    from hcomposer.architecture import Architecture
+    from hcomposer.search.extrapolate import extrapolate
+    from hcomposer.shapes import resolve_shape
+
+    shape = resolve_shape(recipe.target_shape)
+    layers = recipe.target_layers or shape.n_layers
+    pattern = extrapolate(searched, layers, recipe.scale_strategy)
+    composite = Architecture(pattern=pattern, shape=shape)
+    params = count_costs(composite).params_total
+    base_pattern, base_params = matched_baseline(params, shape)
+    baseline = Architecture(pattern=base_pattern, shape=shape)
+    atomic_write_json(state.out / "composite.json", composite.to_dict())
+    atomic_write_json(state.out / "baseline.json", baseline.to_dict())
+    return state.finish(
+        "scale",
+        {
+            "searched": searched,
+            "strategy": recipe.scale_strategy,
+            "composite": pattern,
+            "composite_params": params,
+            "baseline": base_pattern,
+            "baseline_params": base_params,
+        },
+    )
+
+
+def _stage_train(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
+    from hcomposer.architecture import Architecture
+    from hcomposer.train import TrainConfig, train
+
+    arch = Architecture.from_json(state.out / f"{role}.json")
+    config = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
+    run_dir = state.out / "train" / role
+    result = train(arch, config, run_dir, resume=True, progress=progress, argv=argv)
+    if result.status != "completed":
+        raise UserError(
+            f"training the {role} {arch.pattern} ended with status {result.status!r} "
+            f"({result.message}); see {run_dir}/status.json"
+        )
+    return state.finish(f"train_{role}", {**result.to_dict(), "pattern": arch.pattern})
+
+
+def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
+    from hcomposer.evaluation.suite import run_suite
+
+    run_dir = state.out / "train" / role
+    res = run_suite(run_dir, ",".join(recipe.eval_suites), options=recipe.eval_options,
+                    argv=argv, progress=progress)  # fmt: skip
+    parts = res.get("parts", {})
+    brief = {
+        "loss": (parts.get("loss") or {}).get("loss"),
+        "niah": (parts.get("niah") or {}).get("accuracy_mean"),
+    }
+    return state.finish(f"eval_{role}", brief)
+
+
+def _stage_report(state: _State, recipe: RunRecipe) -> dict:
+    from hcomposer.compare import compare_runs
+    from hcomposer.report import markdown_table, plot_pareto, plot_pattern_strips, plot_trials
+    from hcomposer.search import load_trials
+
+    out = state.out
+    st = state.data["stages"]
+    trials = load_trials(out / "search")
+    done = sorted(
+        (t for t in trials if t.get("state") == "COMPLETE" and t.get("score") is not None),
+        key=lambda t: -t["score"],
+    )
+    plot_trials(trials, out / "trials.png", title=f"Search ({recipe.search.get('sampler')})")
+    pareto = None
+    if len(recipe.search.get("objective", ["score"])) > 1:
+        cost = recipe.search["objective"][1]
+        pts = [dict(t, cost=(t.get("values") or [None, None])[1]) for t in done]
+        pareto = plot_pareto(pts, out / "pareto.png", cost_label=cost)
+    sc = st["scale"]
+    strips = [(f"#{t['number']} {t['score']:.3f}", t["pattern"]) for t in done[:6]]
+    strips += [("aggregated", st["aggregate"]["pattern"]), ("composite", sc["composite"]),
+               ("baseline", sc["baseline"])]
+    plot_pattern_strips(strips, out / "patterns.png", title="Top trials, aggregate, scaled")
+    cmp = compare_runs([out / "train" / "baseline", out / "train" / "composite"],
+                       out / "compare", labels=["baseline", "composite"],
+                       title="Composite against the Llama-style baseline")  # fmt: skip
+    top = [[t["number"], t["pattern"], t["score"]] for t in done[:10]]
+    lines = [
+        f"# hcomposer run — recipe `{recipe.name}`",
+        "",
+        markdown_table(["stage", "result"], [
+            ["search", f"{st['search']['n_trials']} trials, best `{done[0]['pattern']}` "
+                       f"({done[0]['score']:.4f})" if done else "no completed trial"],
+            ["aggregate", f"`{st['aggregate']['pattern']}` ({recipe.aggregate_method})"],
+            ["scale", f"`{sc['composite']}` ({sc['strategy']}, {sc['composite_params']:,} params)"],
+            ["baseline", f"`{sc['baseline']}` ({sc['baseline_params']:,} params)"],
+        ]),
+        "",
+        "## Search",
+        "",
+        "![trials](trials.png)",
+        "",
+        markdown_table(["trial", "pattern", "score"], top),
+        "",
+    ]
+    if pareto is not None:
+        lines += ["![Pareto front](pareto.png)", ""]
+    lines += ["## Patterns", "", "![patterns](patterns.png)", ""]
+    body = (out / "compare" / "compare.md").read_text()
+    body = body.replace("](", "](compare/").replace("# Composite", "## Composite", 1)
+    lines += [body]
+    from hcomposer.io import atomic_write_text
+
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return state.finish("report", {"report": str(out / "report.md"),
+                                   "table_header": cmp["table_header"],
+                                   "table": cmp["table"]})  # fmt: skip
+
+
+def run_pipeline(
+    recipe: RunRecipe,
+    out_dir: str | Path,
+    *,
+    argv: list[str] | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every stage; returns pipeline.json's content."""
+    say = say or (lambda _text: None)
+    state = _State(Path(out_dir), recipe, argv)
+    t0 = time.perf_counter()
+
+    def stage(name: str, fn: Callable[[], dict]) -> dict:
+        prev = state.done(name)
+        if prev is not None:
+            say(f"[{name}] done earlier, skipped")
+            return prev
+        say(f"[{name}] ...")
+        s = time.perf_counter()
+        res = fn()
+        say(f"[{name}] finished in {time.perf_counter() - s:.0f}s")
+        return res
+
+    stage("search", lambda: _stage_search(state, recipe, progress))
+    agg = stage("aggregate", lambda: _stage_aggregate(state, recipe))
+    stage("scale", lambda: _stage_scale(state, recipe, agg["pattern"]))
+    for role in ("baseline", "composite"):
+        stage(f"train_{role}", lambda r=role: _stage_train(state, recipe, r, argv, progress))
+    for role in ("baseline", "composite"):
+        stage(f"eval_{role}", lambda r=role: _stage_eval(state, recipe, r, argv, progress))
+    stage("report", lambda: _stage_report(state, recipe))
+    state.data["wall_seconds_last_call"] = time.perf_counter() - t0
+    state.save()
+    return state.data
