@@ -1,0 +1,115 @@
+"""MQAR: multi-query associative recall (Arora, Eyuboglu et al. 2023, "Zoology").
+
+A sequence opens with ``num_kv_pairs`` key-value pairs (distinct keys, distinct
+values), then the keys come back as queries at random places in the rest of the
+sequence; at each query the model must output that key's value. The distance from
+the context to a query follows a power law (short gaps more likely), as in natural
+text; positions that are not queries hold random tokens. Harder than MAD's recall
+because every key is seen once and the queries come many tokens later.
+
+Examples are ``inputs[N, T]`` and ``targets[N, T]`` (``-100`` where nothing is
+scored), generated at once from a ``numpy.random.Generator`` seeded by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hcomposer.data.mad import IGNORE, MADData
+from hcomposer.errors import UserError
+
+__all__ = ["MQARConfig", "generate_mqar", "DEFAULT_MQAR"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MQARConfig:
+    """One MQAR difficulty. Frozen; round-trips to JSON.
+
+    ``vocab_size`` (keys from ids 1..V/2-1, values from V/2..V-1), ``seq_len``,
+    ``num_kv_pairs``; ``power_a`` shapes the query-gap distribution (1.0 uniform,
+    Zoology's 0.01 strongly favours short gaps).
+    """
+
+    vocab_size: int = 128
+    seq_len: int = 64
+    num_kv_pairs: int = 8
+    num_train_examples: int = 4096
+    num_test_examples: int = 256
+    power_a: float = 0.01
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.seq_len % 2:
+            raise UserError(f"MQAR seq_len={self.seq_len} must be even")
+        if 4 * self.num_kv_pairs > self.seq_len:
+            raise UserError(
+                f"MQAR: num_kv_pairs={self.num_kv_pairs} needs seq_len >= {4 * self.num_kv_pairs}"
+            )
+        if self.num_kv_pairs >= self.vocab_size // 2 - 1 or self.num_kv_pairs < 1:
+            raise UserError(
+                f"MQAR: num_kv_pairs={self.num_kv_pairs} must be in 1..{self.vocab_size // 2 - 2} "
+                f"for vocab_size={self.vocab_size}"
+            )
+        if self.power_a <= 0 or self.num_train_examples < 1 or self.num_test_examples < 1:
+            raise UserError("MQAR: power_a and example counts must be positive")
+        if not self.name:
+            object.__setattr__(self, "name", f"mqar_T{self.seq_len}_kv{self.num_kv_pairs}")
+
+    def replace(self, **changes: Any) -> MQARConfig:
+        return dataclasses.replace(self, **{"name": "", **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MQARConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"unknown MQAR field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**data)
+
+
+# Growing sequence lengths with proportionally more pairs (Zoology varies both).
+DEFAULT_MQAR: tuple[MQARConfig, ...] = (
+    MQARConfig(seq_len=64, num_kv_pairs=8),
+    MQARConfig(seq_len=128, num_kv_pairs=16),
+)
+
+
+def _mqar_split(c: MQARConfig, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    D, T, V = c.num_kv_pairs, c.seq_len, c.vocab_size
+    half = V // 2
+    # Distinct keys in 1..half-1 and distinct values in half..V-1 (random permutations).
+    keys = np.argsort(rng.random((n, half - 1)), axis=1)[:, :D] + 1
+    values = np.argsort(rng.random((n, V - half)), axis=1)[:, :D] + half
+    context = 2 * D
+    space = (T - context) // 2  # query slots: even offsets after the context
+    p = c.power_a * np.arange(1, space + 1, dtype=np.float64) ** (c.power_a - 1)
+    # D distinct slots per row drawn without replacement with probabilities p
+    # (Gumbel top-k: the k largest log p + Gumbel noise).
+    g = np.log(p)[None, :] - np.log(-np.log(rng.random((n, space))))
+    slots = np.argsort(-g, axis=1)[:, :D]
+    seq = rng.integers(0, V, size=(n, T + 1))
+    seq[:, 0:context:2] = keys
+    seq[:, 1:context:2] = values
+    lab = np.full((n, T + 1), IGNORE, dtype=np.int64)
+    rows = np.arange(n)[:, None]
+    qpos = context + 2 * slots
+    seq[rows, qpos] = keys
+    # After the one-token shift the query's own position outputs the value; the
+    # input after a query stays random, so the answer is never given as input.
+    lab[rows, qpos + 1] = values
+    return np.ascontiguousarray(seq[:, :-1]), np.ascontiguousarray(lab[:, 1:])
+
+
+def generate_mqar(config: MQARConfig, seed: int) -> MADData:
+    """Train and held-out MQAR examples, determined by ``(config, seed)``."""
+    rng = np.random.default_rng([seed, 7, config.seq_len, config.num_kv_pairs])
+    tr = _mqar_split(config, rng, config.num_train_examples)
+    te = _mqar_split(config, rng, config.num_test_examples)
+    return MADData(config, tr[0], tr[1], te[0], te[1])

@@ -1,0 +1,404 @@
+"""Cheap proxy scores for search: MAD, MQAR and a text-loss proxy.
+
+``evaluate_proxy(arch, "mad")`` trains a fresh model per MAD task on generated data
+for a fixed number of AdamW steps at each point of a small learning-rate x weight-
+decay grid, keeps the best held-out accuracy per task (MAD's protocol) and scores
+the architecture by the mean over tasks. ``"mad:TASK[,TASK]"`` runs a subset,
+``"mqar"`` runs MQAR at growing sequence lengths, ``"text"`` trains on a text
+corpus for a token budget and scores minus the validation loss.
+
+The architecture's shape is used as given except ``vocab_size`` and
+``max_seq_len``, which each task sets. The same seed gives the same score.
+A run whose loss turns non-finite scores 0 on that grid point, with the reason
+recorded; it never raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcomposer.architecture import Architecture
+from hcomposer.data.mad import MAD_TASKS, MADData, MADTaskConfig, default_task_config, generate_task
+from hcomposer.data.mqar import DEFAULT_MQAR, MQARConfig, generate_mqar
+from hcomposer.errors import UserError
+from hcomposer.evaluation.proxy_train import RunResult, count_params, train_and_score
+
+__all__ = [
+    "PROXIES",
+    "ProxyConfig",
+    "ProxyResult",
+    "evaluate_proxy",
+    "parse_proxy",
+]
+
+PROXIES = ("mad", "mqar", "text")
+_DTYPES = ("bf16", "fp32")
+
+# Short aliases accepted in "mad:TASK" (the full names work too).
+TASK_ALIASES = {
+    "recall": "in_context_recall",
+    "fuzzy": "fuzzy_in_context_recall",
+    "noisy": "noisy_in_context_recall",
+    "copy": "selective_copying",
+    "compress": "compression",
+    "memorize": "memorization",
+}
+
+
+def _default_mad() -> tuple[MADTaskConfig, ...]:
+    return tuple(default_task_config(t) for t in MAD_TASKS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    """How a proxy trains and scores. Frozen; round-trips to JSON.
+
+    ``lrs`` x ``weight_decays`` is the grid (best held-out accuracy kept per task);
+    ``stop_when_perfect`` skips the rest of a task's grid once a point reaches
+    accuracy 1.0, which no other point can beat. ``dtype`` is ``bf16`` (autocast)
+    or ``fp32``. ``threads`` is torch's intra-op thread count during the evaluation
+    (0 leaves it alone): one thread per evaluation, and parallel evaluations as
+    separate workers, because on a shared 2-core machine two threads per process
+    ran many times slower than one (OpenMP threads waiting on each other).
+    The text proxy trains for ``text_tokens`` tokens at ``text_lr``.
+    """
+
+    steps: int = 120
+    batch_size: int = 32
+    lrs: tuple[float, ...] = (1e-3, 4e-3)
+    weight_decays: tuple[float, ...] = (0.0,)
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    eval_batch_size: int = 256
+    dtype: str = "bf16"
+    threads: int = 1
+    seed: int = 0
+    stop_when_perfect: bool = True
+    mad_tasks: tuple[MADTaskConfig, ...] = field(default_factory=_default_mad)
+    mqar_tasks: tuple[MQARConfig, ...] = DEFAULT_MQAR
+    text_tokens: int = 262_144
+    text_seq_len: int = 128
+    text_batch_size: int = 16
+    text_lr: float = 3e-3
+    text_eval_tokens: int = 32_768
+    tokenizer: str = "byte"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
+        object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
+        object.__setattr__(self, "mad_tasks", tuple(self.mad_tasks))
+        object.__setattr__(self, "mqar_tasks", tuple(self.mqar_tasks))
+        if self.dtype not in _DTYPES:
+            raise UserError(f"proxy dtype {self.dtype!r}; choose one of {list(_DTYPES)}")
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_batch_size",
+            "text_tokens",
+            "text_seq_len",
+            "text_batch_size",
+            "text_eval_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"proxy config: {name} must be at least 1")
+        if not self.lrs or any(v <= 0 for v in self.lrs) or self.text_lr <= 0:
+            raise UserError("proxy config: learning rates must be positive (lrs non-empty)")
+        if not self.weight_decays or any(v < 0 for v in self.weight_decays):
+            raise UserError("proxy config: weight_decays must be non-empty and >= 0")
+        if self.threads < 0:
+            raise UserError("proxy config: threads must be >= 0 (0: leave torch's setting)")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise UserError("proxy config: warmup_steps and grad_clip must be >= 0")
+
+    def replace(self, **changes: Any) -> ProxyConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["lrs"] = list(self.lrs)
+        d["weight_decays"] = list(self.weight_decays)
+        d["mad_tasks"] = [t.to_dict() for t in self.mad_tasks]
+        d["mqar_tasks"] = [t.to_dict() for t in self.mqar_tasks]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProxyConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"unknown proxy config field(s) {unknown}; valid: {sorted(names)}")
+        d = dict(data)
+        if "mad_tasks" in d:
+            d["mad_tasks"] = tuple(MADTaskConfig.from_dict(t) for t in d["mad_tasks"])
+        if "mqar_tasks" in d:
+            d["mqar_tasks"] = tuple(MQARConfig.from_dict(t) for t in d["mqar_tasks"])
+        for key in ("lrs", "weight_decays"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> ProxyConfig:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise UserError(f"proxy config file {text!r} does not exist")
+            text = path.read_text()
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise UserError(f"proxy config JSON does not parse: {e}") from None
+
+
+@dataclass
+class ProxyResult:
+    """A proxy's verdict on one architecture. ``score``: higher is better."""
+
+    proxy: str
+    pattern: str
+    score: float
+    tasks: dict[str, dict[str, Any]]
+    params_total: int
+    wall_seconds: float
+    tokens_per_second: float
+    tokens: int
+    seed: int
+    config: ProxyConfig
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def failure(self) -> str | None:
+        """The first failure, or None when every run finished with finite losses."""
+        return self.failures[0] if self.failures else None
+
+    def to_dict(self) -> dict[str, Any]:
+        tasks = {
+            name: {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in t.items()
+            }
+            for name, t in self.tasks.items()
+        }
+        return {
+            "proxy": self.proxy,
+            "pattern": self.pattern,
+            "score": self.score,
+            "tasks": tasks,
+            "params_total": self.params_total,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "tokens": self.tokens,
+            "seed": self.seed,
+            "failure": self.failure,
+            "failures": list(self.failures),
+            "config": self.config.to_dict(),
+        }
+
+
+def parse_proxy(proxy: str) -> tuple[str, tuple[str, ...]]:
+    """``"mad"`` / ``"mad:recall,copy"`` / ``"mqar"`` / ``"text"`` -> (kind, task names).
+
+    Unknown proxies or task names raise UserError listing the valid ones.
+    """
+    kind, _, rest = proxy.strip().partition(":")
+    if kind not in PROXIES:
+        raise UserError(f"unknown proxy {proxy!r}; valid: mad, mad:TASK[,TASK], mqar, text")
+    if not rest:
+        return kind, ()
+    if kind != "mad":
+        raise UserError(f"proxy {kind!r} takes no task list; only mad:TASK[,TASK] does")
+    names = []
+    for raw in rest.split(","):
+        name = raw.strip().replace("-", "_")
+        name = TASK_ALIASES.get(name, name)
+        if name not in MAD_TASKS:
+            valid = ", ".join(MAD_TASKS) + " (aliases: " + ", ".join(TASK_ALIASES) + ")"
+            raise UserError(f"unknown MAD task {raw.strip()!r}; valid: {valid}")
+        if name not in names:
+            names.append(name)
+    return kind, tuple(names)
+
+
+def _task_list(kind: str, names: tuple[str, ...], config: ProxyConfig) -> list[tuple[str, Any]]:
+    if kind == "mqar":
+        return [(c.name, c) for c in config.mqar_tasks]
+    by_name = {c.task: c for c in config.mad_tasks}
+    wanted = names or tuple(by_name)
+    out = []
+    for name in wanted:
+        # A task left out of the config's list still runs at its default difficulty.
+        out.append((name, by_name.get(name) or default_task_config(name)))
+    return out
+
+
+def _generate(kind: str, cfg: Any, seed: int) -> MADData:
+    return generate_mqar(cfg, seed) if kind == "mqar" else generate_task(cfg, seed)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar on stderr (steps, tokens/s, elapsed, ETA), or nothing."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+def evaluate_proxy(
+    arch: Architecture | str,
+    proxy: str = "mad",
+    *,
+    seed: int = 0,
+    data: str | Path | None = None,
+    config: ProxyConfig | None = None,
+    progress: bool = False,
+) -> ProxyResult:
+    """Score ``arch`` with a proxy (see the module docstring).
+
+    ``seed`` decides the generated data, the initial weights and the batch order
+    (it overrides ``config.seed``); ``data`` is the text proxy's corpus (None: the
+    embedded one); ``progress`` shows a rich progress bar on stderr.
+    """
+    if isinstance(arch, str):
+        arch = Architecture.parse(arch, shape="proxy")
+    config = (config or ProxyConfig()).replace(seed=seed)
+    kind, names = parse_proxy(proxy)
+    if kind != "text" and data is not None:
+        raise UserError(f"--data is only used by the text proxy, not by {kind!r}")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _evaluate(arch, proxy, kind, names, seed, data, config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(arch, proxy, kind, names, seed, data, config, progress) -> ProxyResult:
+    if kind == "text":
+        from hcomposer.evaluation.proxy_text import evaluate_text
+
+        return evaluate_text(arch, proxy, data=data, config=config, progress=progress)
+
+    t0 = time.perf_counter()
+    tasks = _task_list(kind, names, config)
+    grid = [(lr, wd) for lr in config.lrs for wd in config.weight_decays]
+    results: dict[str, dict[str, Any]] = {}
+    failures: list[str] = []
+    tokens = 0
+    total_steps = len(tasks) * len(grid) * config.steps
+    with _progress(progress) as p:
+        handle = p.add_task(proxy, total=total_steps, rate="") if p is not None else None
+        started = time.perf_counter()
+        seen_tokens = [0]
+
+        def on_step(steps: int, n_tok: int) -> None:
+            seen_tokens[0] += n_tok
+            if p is not None:
+                rate = seen_tokens[0] / max(1e-9, time.perf_counter() - started)
+                p.update(handle, advance=steps, rate=f"{rate:,.0f} tok/s")
+
+        for i, (name, cfg) in enumerate(tasks):
+            task_data = _generate(kind, cfg, seed)
+            runs: list[RunResult] = []
+            for j, (lr, wd) in enumerate(grid):
+                if p is not None:
+                    p.update(handle, description=f"{name} lr={lr:g} wd={wd:g}")
+                run = train_and_score(
+                    arch,
+                    task_data,
+                    lr=lr,
+                    weight_decay=wd,
+                    steps=config.steps,
+                    batch_size=config.batch_size,
+                    warmup_steps=config.warmup_steps,
+                    grad_clip=config.grad_clip,
+                    dtype=config.dtype,
+                    seed=_run_seed(seed, i),
+                    eval_batch_size=config.eval_batch_size,
+                    on_step=on_step,
+                )
+                runs.append(run)
+                tokens += run.tokens
+                if run.failure:
+                    failures.append(f"{name}: {run.failure}")
+                if config.stop_when_perfect and run.accuracy >= 1.0:
+                    if p is not None:
+                        p.update(handle, advance=config.steps * (len(grid) - j - 1))
+                    break
+            results[name] = _best(runs, count_params(arch, task_data))
+    wall = time.perf_counter() - t0
+    score = sum(r["accuracy"] for r in results.values()) / len(results)
+    return ProxyResult(
+        proxy=proxy,
+        pattern=arch.pattern,
+        score=score,
+        tasks=results,
+        params_total=_params_total(arch),
+        wall_seconds=wall,
+        tokens_per_second=tokens / max(wall, 1e-9),
+        tokens=tokens,
+        seed=seed,
+        config=config,
+        failures=failures,
+    )
+
+
+def _run_seed(seed: int, task_index: int) -> int:
+    # One initialisation per task, shared by its grid points (a fair comparison of
+    # learning rates); different tasks start from different weights.
+    return seed * 1000 + task_index
+
+
+def _best(runs: list[RunResult], params: int) -> dict[str, Any]:
+    # Highest held-out accuracy; ties go to the lower loss (a failed run has loss
+    # nan and accuracy 0, so it never wins against a finished one).
+    def key(r: RunResult):
+        return (r.accuracy, -(r.loss if math.isfinite(r.loss) else math.inf))
+
+    best = max(runs, key=key)
+    return {
+        "accuracy": best.accuracy,
+        "loss": best.loss,
+        "lr": best.lr,
+        "weight_decay": best.weight_decay,
+        "params": params,
+        "grid": [r.to_dict() for r in runs],
+    }
+
+
+def _params_total(arch: Architecture) -> int:
+    from hcomposer.accounting import count_costs
+
+    return int(count_costs(arch).params_total)

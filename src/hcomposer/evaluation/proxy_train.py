@@ -1,0 +1,281 @@
+"""The inner loop of the synthetic proxies: train a fresh model on one task, score it.
+
+One call of :func:`train_and_score` trains one model for a fixed number of AdamW
+steps on one task's generated training set at one learning rate and weight decay,
+then measures accuracy and loss on the held-out set. Everything is batched
+tensors; the only Python loop is over optimiser steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcomposer.architecture import Architecture
+from hcomposer.data.mad import IGNORE, MADData
+from hcomposer.model import HybridLM, build_model
+from hcomposer.primitives import RMSNorm
+
+__all__ = [
+    "RunResult",
+    "PooledDecoder",
+    "train_and_score",
+    "evaluate_split",
+    "build_task_model",
+    "count_params",
+    "autocast",
+    "lr_at",
+]
+
+
+@dataclass
+class RunResult:
+    """One training run (one task, one lr, one weight decay)."""
+
+    lr: float
+    weight_decay: float
+    accuracy: float
+    loss: float
+    steps_done: int
+    tokens: int
+    seconds: float
+    failure: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "accuracy": self.accuracy,
+            "loss": _finite_or_none(self.loss),
+            "steps": self.steps_done,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "failure": self.failure,
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+class PooledDecoder(nn.Module):
+    """Rebuild a whole sequence from one vector (MAD's compression task).
+
+    The last position's final hidden state is the code; each output position adds a
+    fixed sinusoidal position vector to it and a small two-layer MLP with its own
+    unembedding predicts the token there. The decoder cannot see the input, so all
+    the information must pass through the architecture's last position.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, seq_len: int):
+        super().__init__()
+        pos = torch.arange(seq_len, dtype=torch.float32)[:, None]
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2) / d_model)
+        table = torch.zeros(seq_len, d_model)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+        self.register_buffer("positions", table, persistent=False)
+        self.mlp = nn.Sequential(
+            RMSNorm(d_model),
+            nn.Linear(d_model, d_model),
+            nn.GELU(),
+            RMSNorm(d_model),
+            nn.Linear(d_model, d_model),
+            nn.GELU(),
+            RMSNorm(d_model),
+        )
+        self.unembed = nn.Linear(d_model, vocab_size)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        """code [B, D] -> logits [B, T, V]."""
+        x = code[:, None, :] + self.positions.to(code.dtype)
+        return self.unembed(self.mlp(x))
+
+
+def autocast(dtype: str):
+    """bf16 autocast on CPU when asked; fp32 otherwise."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _logits_at_targets(model: HybridLM, head: PooledDecoder | None, x, y):
+    """Logits [K, V] and labels [K] at the scored positions only."""
+    h = model.hidden_states(x)
+    if head is not None:
+        logits = head(h[:, -1])
+        mask = y != IGNORE
+        return logits[mask], y[mask]
+    mask = y != IGNORE
+    # The output head runs only where a target is scored (a quarter of the
+    # positions on recall): cheaper, and the same loss.
+    return model.lm_head(h[mask]), y[mask]
+
+
+def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+    # Decay matrices only (embeddings and linear weights); norms and biases not.
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_task_model(
+    arch: Architecture, data: MADData, seed: int
+) -> tuple[HybridLM, PooledDecoder | None]:
+    """A fresh model (and decoder for pooled tasks) sized for the task, seeded,
+    without touching the caller's global random state."""
+    vocab = data.config.vocab_size
+    seq_len = data.train_inputs.shape[1]
+    shape = arch.shape.replace(vocab_size=vocab, max_seq_len=max(seq_len, 2))
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch.with_shape(shape), seed=seed)
+        head = None
+        if data.pooled:
+            torch.manual_seed(seed + 1)
+            head = PooledDecoder(shape.d_model, vocab, seq_len)
+    return model, head
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: HybridLM,
+    head: PooledDecoder | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    dtype: str,
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over the scored positions of a split."""
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for i in range(0, x.shape[0], batch_size):
+        with autocast(dtype):
+            logits, labels = _logits_at_targets(
+                model, head, x[i : i + batch_size], y[i : i + batch_size]
+            )
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += int(labels.numel())
+    model.train()
+    if total == 0:
+        return 0.0, float("nan")
+    return correct / total, loss_sum / total
+
+
+def train_and_score(
+    arch: Architecture,
+    data: MADData,
+    *,
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    batch_size: int,
+    warmup_steps: int,
+    grad_clip: float,
+    dtype: str,
+    seed: int,
+    eval_batch_size: int = 256,
+    on_step: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Train a fresh model on ``data`` for ``steps`` AdamW steps, then score it.
+
+    ``on_step(steps, tokens)`` is called after every step (for progress bars); a run
+    stopped by a non-finite loss reports its remaining steps at once.
+    """
+    t0 = time.perf_counter()
+    model, head = build_task_model(arch, data, seed)
+    modules: list[nn.Module] = [model] + ([head] if head is not None else [])
+    opt = torch.optim.AdamW(
+        _param_groups(modules, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8
+    )
+    params = [p for g in opt.param_groups for p in g["params"]]
+    x_tr = torch.from_numpy(data.train_inputs)
+    y_tr = torch.from_numpy(data.train_targets)
+    n = x_tr.shape[0]
+    bs = min(batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    tokens = 0
+    failure = None
+    done = 0
+    for step in range(steps):
+        if cursor + bs > n:  # next epoch, new order
+            order = torch.randperm(n, generator=gen)
+            cursor = 0
+        idx = order[cursor : cursor + bs]
+        cursor += bs
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup_steps)
+        with autocast(dtype):
+            logits, labels = _logits_at_targets(model, head, x_tr[idx], y_tr[idx])
+        loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            failure = f"non-finite training loss at step {step} (lr={lr:g}, wd={weight_decay:g})"
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        tokens += int(idx.numel() * x_tr.shape[1])
+        done = step + 1
+        if on_step is not None:
+            on_step(1, int(idx.numel() * x_tr.shape[1]))
+    if failure is not None:
+        if on_step is not None:
+            on_step(steps - done, 0)
+        return RunResult(
+            lr, weight_decay, 0.0, float("nan"), done, tokens, time.perf_counter() - t0, failure
+        )
+    acc, loss_v = evaluate_split(
+        model,
+        head,
+        torch.from_numpy(data.test_inputs),
+        torch.from_numpy(data.test_targets),
+        eval_batch_size,
+        dtype,
+    )
+    if not math.isfinite(loss_v):
+        return RunResult(
+            lr,
+            weight_decay,
+            0.0,
+            float("nan"),
+            done,
+            tokens,
+            time.perf_counter() - t0,
+            f"non-finite held-out loss (lr={lr:g}, wd={weight_decay:g})",
+        )
+    return RunResult(lr, weight_decay, acc, loss_v, done, tokens, time.perf_counter() - t0)
+
+
+def count_params(arch: Architecture, data: MADData) -> int:
+    """Parameters of the model as trained for this task (meta device, nothing allocated)."""
+    shape = arch.shape.replace(
+        vocab_size=data.config.vocab_size, max_seq_len=max(data.train_inputs.shape[1], 2)
+    )
+    model = build_model(arch.with_shape(shape), device="meta")
+    return int(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
