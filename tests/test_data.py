@@ -125,8 +125,12 @@ def test_shards_reused_then_rebuilt_when_source_changes(corpus, tmp_path):
     f.write_text("Different text now.\n" * 10)
     os.utime(f, ns=(time.time_ns(), time.time_ns()))
     rebuilt = prepare_dataset(str(corpus), tok, cache_dir=cache)
-    total = sum(rebuilt.n_tokens.values())
-    assert total != sum(ds.n_tokens.values())
+    assert rebuilt.path == ds.path and manifest.stat().st_mtime_ns != mtime
+    assert sum(rebuilt.n_tokens.values()) != sum(ds.n_tokens.values())
+    assert rebuilt.manifest["documents"] == 51
+    assert tok.decode(np.concatenate([rebuilt.val, rebuilt.train])[:20].tolist()) == (
+        "Different text now.\n"
+    )
     assert not [p for p in (cache / "tokens").iterdir() if p.name.startswith(".")]
 
 

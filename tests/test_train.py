@@ -159,6 +159,9 @@ def test_output_folder_rules(tmp_path, text_file):
         train(Architecture.parse("FA", shape="tiny"), cfg, out, resume=True, progress=False)
     with pytest.raises(UserError, match="other settings \\(lr\\)"):
         train(arch, cfg.replace(lr=1e-2), out, resume=True, progress=False)
+    text_file.write_text(text_file.read_text()[:-10])
+    with pytest.raises(UserError, match="data of the run .* changed"):
+        train(arch, cfg, out, resume=True, progress=False)
     assert _snapshot(out) == before
     other = tmp_path / "other"
     other.mkdir()

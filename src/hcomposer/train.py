@@ -342,6 +342,13 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
         dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
     for split in ("train", "val"):
         dataset._check_len(dataset.split(split), split, config.seq_len)
+    if has_run:
+        started_on = read_json(out / "run.json")["config"].get("dataset", {}).get("sha256")
+        if started_on is not None and started_on != dataset.manifest["sha256"]:
+            raise UserError(
+                f"--resume: the data of the run in {str(out)!r} changed since it started "
+                "(token shard checksums differ); restore the data or start a new run"
+            )
 
     device = dist.device
     model = build_model(arch, device=device, seed=config.seed)

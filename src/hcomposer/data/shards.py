@@ -279,8 +279,11 @@ def prepare_dataset(
         return load_token_folder(source, tokenizer)
     src = resolve_source(source)
     request = _request(src, tokenizer, val_fraction, seed)
+    # The folder is named by what the user asked for (source spec, tokenizer, split); the
+    # manifest inside also records the files' sizes and times, so an edited source maps to
+    # the same folder, fails the match below and is rebuilt in place.
     key = hashlib.sha256(
-        repr((request["source"], tokenizer.identity, request["split"])).encode()
+        repr((src.kind, src.spec, tokenizer.identity, request["split"])).encode()
     ).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
     folder = root / "tokens" / f"{src.kind}-{key}"
