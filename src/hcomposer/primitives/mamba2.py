@@ -201,14 +201,18 @@ class Mamba2(Primitive):
         T = xbc.shape[1]
         xbc = xbc.transpose(1, 2)
         k = self.d_conv
+        w, b = self.conv1d.weight, self.conv1d.bias
         if cache is None:
-            padded = F.pad(xbc, (k - 1, 0))
+            # The conv pads both ends; the first T outputs are the causal ones.
+            out = F.conv1d(xbc, w, b, padding=k - 1, groups=self.conv_dim)[..., :T]
         else:
             padded = torch.cat([cache.conv_state.to(xbc.dtype), xbc], dim=-1)
             keep = padded.shape[-1] - (k - 1)
             cache.conv_state.copy_(padded[..., keep:])
-        out = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        return F.silu(out[..., -T:]).transpose(1, 2)
+            out = F.conv1d(padded, w, b, groups=self.conv_dim)
+        # Back to [B, T, C] and contiguous once, so that every later elementwise op and
+        # product reads dense memory instead of a transposed view.
+        return F.silu(out.transpose(1, 2).contiguous())
 
     def _scan(self, x, dt, A, B, C, initial_state):
         if x.is_cuda and fast_scan_available():
