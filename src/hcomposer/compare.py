@@ -83,16 +83,19 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[Any], li
         {p["context"] for r in runs for p in (_get(r, "eval", "efficiency", "inference") or [])}
     )
     for L in contexts:
-        metrics.append((f"prefill tokens/s @ {L}", ("_inf", str(L), "prefill_tokens_per_s"),
-                        "higher"))
-        metrics.append((f"decode tokens/s @ {L}", ("_inf", str(L), "decode_tokens_per_s"),
-                        "higher"))
+        metrics.append(
+            (f"prefill tokens/s @ {L}", ("_inf", str(L), "prefill_tokens_per_s"), "higher")
+        )
+        metrics.append(
+            (f"decode tokens/s @ {L}", ("_inf", str(L), "decode_tokens_per_s"), "higher")
+        )
     lengths = sorted(
         {int(k) for r in runs for k in (_get(r, "eval", "niah", "accuracy_by_length") or {})}
     )
     for L in lengths:
-        metrics.append((f"needle accuracy @ {L}", ("eval", "niah", "accuracy_by_length", str(L)),
-                        "higher"))
+        metrics.append(
+            (f"needle accuracy @ {L}", ("eval", "niah", "accuracy_by_length", str(L)), "higher")
+        )
     tasks = sorted({t for r in runs for t in (_get(r, "eval", "lm-eval", "tasks") or {})})
     for t in tasks:
         metrics.append((f"lm-eval {t}", ("_lm", t), "higher"))
@@ -106,7 +109,8 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[Any], li
             continue
         ref = values[0]
         ratios = [
-            (v / ref) if isinstance(v, (int, float)) and isinstance(ref, (int, float)) and ref
+            (v / ref)
+            if isinstance(v, (int, float)) and isinstance(ref, (int, float)) and ref
             else None
             for v in values
         ]
@@ -162,13 +166,21 @@ def compare_runs(
         [name, *(_fmt(v) for v in values), *(_fmt(r) for r in ratios[1:])]
         for name, values, ratios in rows
     ]
-    plot_pattern_strips([(r["label"], r["pattern"]) for r in runs], out / "patterns.png",
-                        title="Architectures")
+    plot_pattern_strips(
+        [(r["label"], r["pattern"]) for r in runs], out / "patterns.png", title="Architectures"
+    )
     plot_loss_curves({r["label"]: r["metrics"] for r in runs}, out / "loss.png")
     lines = [f"# {title}", ""]
     lines += [f"- **{r['label']}** `{r['pattern']}` ({r['shape']}) — `{r['dir']}`" for r in runs]
-    lines += ["", "![architectures](patterns.png)", "", markdown_table(header, table), "",
-              "![loss curves](loss.png)", ""]
+    lines += [
+        "",
+        "![architectures](patterns.png)",
+        "",
+        markdown_table(header, table),
+        "",
+        "![loss curves](loss.png)",
+        "",
+    ]
     extra = _eval_plots(runs, out)
     lines += extra
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")

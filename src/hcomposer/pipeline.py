@@ -61,8 +61,16 @@ def _quickstart() -> RunRecipe:
         scale_strategy="stack",
         target_shape="10m",
         target_layers=12,
-        train=dict(tokens=600_000, batch_size=16, seq_len=256, lr=3e-3, warmup=30,
-                   eval_every=50, eval_tokens=65_536, checkpoint_every=50),
+        train=dict(
+            tokens=600_000,
+            batch_size=16,
+            seq_len=256,
+            lr=3e-3,
+            warmup=30,
+            eval_every=50,
+            eval_tokens=65_536,
+            checkpoint_every=50,
+        ),
         eval_suites=("loss", "niah", "efficiency"),
     )
 
@@ -78,10 +86,22 @@ def _paper() -> RunRecipe:
         scale_strategy="stretch",
         target_shape="llama-3.2-1b",
         target_layers=32,
-        train=dict(tokens=20_000_000_000, batch_size=256, seq_len=2048, lr=3e-4, warmup=2000,
-                   eval_every=1000, checkpoint_every=1000),
-        eval_suites=("loss", "niah", "mqar", "efficiency",
-                     "lm-eval:arc_easy,arc_challenge,hellaswag,winogrande,piqa,sciq"),
+        train=dict(
+            tokens=20_000_000_000,
+            batch_size=256,
+            seq_len=2048,
+            lr=3e-4,
+            warmup=2000,
+            eval_every=1000,
+            checkpoint_every=1000,
+        ),
+        eval_suites=(
+            "loss",
+            "niah",
+            "mqar",
+            "efficiency",
+            "lm-eval:arc_easy,arc_challenge,hellaswag,winogrande,piqa,sciq",
+        ),
     )
 
 
@@ -245,8 +265,11 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         pareto = plot_pareto(pts, out / "pareto.png", cost_label=cost)
     sc = st["scale"]
     strips = [(f"#{t['number']} {t['score']:.3f}", t["pattern"]) for t in done[:6]]
-    strips += [("aggregated", st["aggregate"]["pattern"]), ("composite", sc["composite"]),
-               ("baseline", sc["baseline"])]
+    strips += [
+        ("aggregated", st["aggregate"]["pattern"]),
+        ("composite", sc["composite"]),
+        ("baseline", sc["baseline"]),
+    ]
     plot_pattern_strips(strips, out / "patterns.png", title="Top trials, aggregate, scaled")
     cmp = compare_runs([out / "train" / "baseline", out / "train" / "composite"],
                        out / "compare", labels=["baseline", "composite"],
@@ -255,13 +278,24 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
     lines = [
         f"# hcomposer run — recipe `{recipe.name}`",
         "",
-        markdown_table(["stage", "result"], [
-            ["search", f"{st['search']['n_trials']} trials, best `{done[0]['pattern']}` "
-                       f"({done[0]['score']:.4f})" if done else "no completed trial"],
-            ["aggregate", f"`{st['aggregate']['pattern']}` ({recipe.aggregate_method})"],
-            ["scale", f"`{sc['composite']}` ({sc['strategy']}, {sc['composite_params']:,} params)"],
-            ["baseline", f"`{sc['baseline']}` ({sc['baseline_params']:,} params)"],
-        ]),
+        markdown_table(
+            ["stage", "result"],
+            [
+                [
+                    "search",
+                    f"{st['search']['n_trials']} trials, best `{done[0]['pattern']}` "
+                    f"({done[0]['score']:.4f})"
+                    if done
+                    else "no completed trial",
+                ],
+                ["aggregate", f"`{st['aggregate']['pattern']}` ({recipe.aggregate_method})"],
+                [
+                    "scale",
+                    f"`{sc['composite']}` ({sc['strategy']}, {sc['composite_params']:,} params)",
+                ],
+                ["baseline", f"`{sc['baseline']}` ({sc['baseline_params']:,} params)"],
+            ],
+        ),
         "",
         "## Search",
         "",

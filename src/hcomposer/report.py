@@ -102,8 +102,13 @@ def plot_pareto(
     if pts:
         front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[1])
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], s=16, color="#999999", label="trial")
-        ax.plot([p[1] for p in front], [p[0] for p in front], "o-", color="#d62728",
-                label="Pareto front")
+        ax.plot(
+            [p[1] for p in front],
+            [p[0] for p in front],
+            "o-",
+            color="#d62728",
+            label="Pareto front",
+        )
         ax.legend(loc="lower right")
     ax.set_xlabel(cost_label)
     ax.set_ylabel("proxy score")
@@ -126,8 +131,11 @@ def plot_pattern_strips(
         for i, sub in enumerate(layers):
             h = 0.8 / len(sub)
             for j, tok in enumerate(sub):
-                ax.add_patch(Rectangle((i, y + 0.1 + j * h), 0.95, h,
-                                       color=PRIMITIVE_COLORS.get(tok, "#cccccc")))
+                ax.add_patch(
+                    Rectangle(
+                        (i, y + 0.1 + j * h), 0.95, h, color=PRIMITIVE_COLORS.get(tok, "#cccccc")
+                    )
+                )
     ax.set_xlim(0, width)
     ax.set_ylim(0, len(parsed))
     ax.set_yticks([len(parsed) - 1 - r + 0.5 for r in range(len(parsed))])
@@ -135,9 +143,12 @@ def plot_pattern_strips(
     ax.set_xlabel("sublayer")
     ax.set_title(title)
     used = sorted({t for _, layers in parsed for s in layers for t in s})
-    ax.legend(handles=[Patch(color=PRIMITIVE_COLORS[t], label=t) for t in used if
-                       t in PRIMITIVE_COLORS],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.legend(
+        handles=[Patch(color=PRIMITIVE_COLORS[t], label=t) for t in used if t in PRIMITIVE_COLORS],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+    )
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     return _save(fig, path)
@@ -176,5 +187,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-

@@ -1,0 +1,175 @@
+"""hcomposer run end to end on a tiny recipe: stages, report, resume after SIGKILL, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hcomposer.errors import UserError
+from hcomposer.pipeline import RunRecipe, matched_baseline, run_pipeline
+from hcomposer.search import SearchConfig, load_trials
+
+SMOKE = RunRecipe(
+    name="smoke",
+    search=SearchConfig(
+        primitives=("A", "F", "S"),
+        layers=4,
+        trials=5,
+        sampler="random",
+        proxy="synthetic",
+        shape="tiny",
+    ).to_dict(),
+    target_shape="tiny",
+    target_layers=8,
+    scale_strategy="stack",
+    train=dict(
+        tokens=4096,
+        batch_size=4,
+        seq_len=64,
+        eval_every=8,
+        eval_tokens=512,
+        checkpoint_every=4,
+        log_every=2,
+        warmup=2,
+    ),
+    eval_suites=("loss", "niah", "efficiency"),
+    eval_options={
+        "niah": {"lengths": [192], "depths": [0.0, 1.0], "trials": 1},
+        "efficiency": {
+            "min_len": 32,
+            "max_len": 64,
+            "repeats": 1,
+            "decode_steps": 2,
+            "train_batch": 1,
+        },
+    },
+)
+
+_SCRIPT = """
+import sys, json
+from hcomposer.pipeline import RunRecipe, run_pipeline
+recipe = RunRecipe.from_dict(json.loads(sys.argv[2]))
+run_pipeline(recipe, sys.argv[1], progress=False)
+"""
+
+
+def test_matched_baseline_is_closest():
+    from hcomposer.accounting import count_costs
+    from hcomposer.architecture import Architecture
+    from hcomposer.shapes import get_shape
+
+    shape = get_shape("tiny")
+    target = count_costs(Architecture.parse("ASFSASFS", shape)).params_total
+    pattern, params = matched_baseline(target, shape)
+    n = len(pattern) // 2
+    assert pattern == "AF" * n
+    for other in (n - 1, n + 1):
+        if other >= 1:
+            p = count_costs(Architecture.parse("AF" * other, shape)).params_total
+            assert abs(p - target) >= abs(params - target)
+
+
+def test_pipeline_resumes_after_kill_and_reports(tmp_path: Path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, str(out), json.dumps(SMOKE.to_dict())],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    # Kill it once the baseline's training has written its first checkpoint.
+    ckpt = out / "train" / "baseline" / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert {"search", "aggregate", "scale"} <= set(stages)
+    assert "train_baseline" not in stages
+    trials_before = load_trials(out / "search")
+
+    state = run_pipeline(SMOKE, out, progress=False)
+    for stage in ("train_baseline", "train_composite", "eval_baseline", "eval_composite", "report"):
+        assert stage in state["stages"], stage
+    # The search was not run again: the same trials, no new ones.
+    trials_after = load_trials(out / "search")
+    assert [t["number"] for t in trials_after] == [t["number"] for t in trials_before]
+    assert len([t for t in trials_after if t["state"] == "COMPLETE"]) == 5
+    # The resumed training reached its budget and logged each step once.
+    steps = [
+        json.loads(x)["step"]
+        for x in (out / "train/baseline/metrics.jsonl").open()
+        if '"loss"' in x
+    ]
+    assert steps == sorted(set(steps)) and max(steps) == 4096 // (4 * 64)
+    report = (out / "report.md").read_text()
+    scale = state["stages"]["scale"]
+    assert scale["composite"] in report and scale["baseline"] in report
+    assert len(scale["composite"]) == 8 and set(scale["baseline"]) == {"A", "F"}
+    for png in (
+        "trials.png",
+        "patterns.png",
+        "compare/loss.png",
+        "compare/efficiency.png",
+        "compare/niah_0.png",
+    ):
+        assert (out / png).stat().st_size > 1000, png
+    # A second call finds everything done and changes nothing.
+    before = (out / "report.md").stat().st_mtime_ns
+    run_pipeline(SMOKE, out, progress=False)
+    assert (out / "report.md").stat().st_mtime_ns == before
+
+
+def test_pipeline_refuses_other_configuration(tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"recipe": {"name": "other"}, "stages": {}}))
+    with pytest.raises(UserError, match="another configuration"):
+        run_pipeline(SMOKE, out, progress=False)
+    assert json.loads((out / "pipeline.json").read_text())["recipe"] == {"name": "other"}
+
+
+def test_run_cli_bad_input_writes_nothing(tmp_path: Path):
+    from hcomposer.cli import main
+
+    out = tmp_path / "x"
+    assert main(["run", "--recipe", "nope", "--out", str(out)]) == 2
+    assert main(["run", "--trials", "0", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_compare_cli(tmp_path: Path, capsys):
+    """compare on two tiny trained runs: ratios against the first, report files."""
+    from hcomposer.architecture import Architecture
+    from hcomposer.cli import main
+    from hcomposer.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        tokens=1024, batch_size=4, seq_len=32, eval_every=4, eval_tokens=256, log_every=2, warmup=1
+    )
+    runs = []
+    for name, pattern in (("base", "AFAF"), ("hyb", "AFSF")):
+        train(Architecture.parse(pattern, "tiny"), cfg, tmp_path / name, progress=False)
+        runs.append(str(tmp_path / name))
+    assert main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["metric"]: r for r in data["rows"]}
+    p = rows["parameters"]
+    assert p["ratios"][0] == 1.0 and p["ratios"][1] == pytest.approx(
+        p["values"][1] / p["values"][0]
+    )
+    assert rows["state bytes / sequence"]["values"][0] == 0
+    assert rows["state bytes / sequence"]["values"][1] > 0
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("AFSF") >= 1
+    assert main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "c2")]) == 2
+    assert not (tmp_path / "c2").exists()
