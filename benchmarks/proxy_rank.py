@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     pcfg = ProxyConfig(
         steps=args.proxy_steps, lrs=tuple(float(v) for v in args.proxy_lrs.split(",")),
         text_tokens=args.text_tokens, text_seq_len=args.text_seq_len,
-        text_batch_size=args.text_batch_size, text_eval_tokens=16_384, dtype=args.dtype,
+        text_batch_size=args.text_batch_size, text_eval_tokens=8192, dtype=args.dtype,
     )  # fmt: skip
     tcfg = TrainConfig(
         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
         min_lr=args.lr / 10, dtype=args.dtype, eval_every=10_000_000, seed=args.seed,
-        eval_tokens=32_768, log_every=50, checkpoint_every=10_000_000,
+        eval_tokens=8192, log_every=50, checkpoint_every=10_000_000,
     )  # fmt: skip
     res = run_proxy_rank(
         pool, args.out, k=args.k, proxy=args.proxy, proxy_shape=args.proxy_shape,
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         scale_layers=args.layers, train_config=tcfg, seed=args.seed,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )  # fmt: skip
-    print(json.dumps(res["correlation"], indent=2))
+    print(json.dumps(res["correlation"], indent=2))  # None for a worker with < 3 patterns
     return 0
 
 

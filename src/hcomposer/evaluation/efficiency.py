@@ -49,6 +49,9 @@ class EfficiencyConfig:
     decode_steps: int = 16
     train_batch: int = 4
     train_len: int | None = None  # None: the training length
+    # "adamw" (what the trainer uses) or "none" (forward + backward only: skips the
+    # optimizer, whose first construction imports torch._dynamo, seconds on a busy CPU).
+    train_optimizer: str = "adamw"
     repeats: int = 3
     max_seconds: float = 60.0
     device: str = "auto"
@@ -57,6 +60,8 @@ class EfficiencyConfig:
     def __post_init__(self) -> None:
         if self.batch < 1 or self.min_len < 2 or self.decode_steps < 1 or self.repeats < 1:
             raise UserError("efficiency: batch, min_len, decode_steps and repeats must be positive")
+        if self.train_optimizer not in ("adamw", "none"):
+            raise UserError("efficiency: train_optimizer must be 'adamw' or 'none'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,22 +159,24 @@ def _is_oom(e: BaseException) -> bool:
 
 def _train_throughput(model, cfg: EfficiencyConfig, train_len: int, device) -> dict[str, Any]:
     m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4) if cfg.train_optimizer == "adamw" else None
     g = torch.Generator().manual_seed(cfg.seed)
     V = m.arch.shape.vocab_size
     x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
 
     def step():
         loss = F.cross_entropy(m(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
 
     with _PeakMemory(device) as mem:
         t = _timed(step, device, cfg.repeats)
     return {
         "batch": cfg.train_batch,
         "seq_len": train_len,
+        "optimizer": cfg.train_optimizer,
         "seconds_per_step": t,
         "tokens_per_s": cfg.train_batch * train_len / t,
         "peak_bytes": mem.peak,
@@ -235,9 +242,10 @@ def run_efficiency(
         n *= 2
     torch.manual_seed(cfg.seed)
     train = _train_throughput(model, cfg, cfg.train_len or train_len, device)
+    # KV bytes per token and state bytes per sequence do not depend on the length.
+    costs = count_costs(arch, seq_len=train_len, dtype_bytes=dtype_bytes)
     points, stopped = [], None
     for L in lengths:
-        costs = count_costs(arch, seq_len=L, dtype_bytes=dtype_bytes)
         t0 = time.perf_counter()
         try:
             p = _inference_point(model, L, cfg, device)
@@ -256,7 +264,6 @@ def run_efficiency(
         if time.perf_counter() - t0 > cfg.max_seconds:
             stopped = f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
             break
-    costs = count_costs(arch, seq_len=train_len, dtype_bytes=dtype_bytes)
     return {
         "config": cfg.to_dict(),
         "device": str(device),

@@ -138,6 +138,9 @@ def run_proxy_rank(
         points.append({"pattern": pat, "proxy_score": score, "scale_pattern": r["scale_pattern"],
                        "scale_val_loss": r["val_loss"], "scale_params": r["params"]})  # fmt: skip
     valid = [p for p in points if p["scale_val_loss"] is not None]
+    if len(valid) < 3:
+        # A worker of a parallel run (a slice of the pool): its logs are the result.
+        return {"points": points, "correlation": None}
     corr = rank_correlation([p["proxy_score"] for p in valid], [p["scale_val_loss"] for p in valid])
     result = {
         "proxy": proxy,

@@ -46,7 +46,9 @@ def parse_suite(text: str) -> list[tuple[str, list[str]]]:
         if not item:
             continue
         name, sep, rest = item.partition(":")
-        if name in PARTS and (name != "lm-eval" or sep):
+        if name == "lm-eval" and not rest.strip():
+            raise UserError("lm-eval needs tasks: --suite lm-eval:TASK[,TASK]")
+        if name in PARTS:
             in_lm_eval = name == "lm-eval"
             tasks = [t.strip() for t in rest.split("+") if t.strip()] if in_lm_eval else []
             if sep and not in_lm_eval:
