@@ -351,6 +351,8 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
             )
 
     device = dist.device
+    if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
     model = build_model(arch, device=device, seed=config.seed)
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay),
