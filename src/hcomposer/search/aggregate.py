@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hcomposer.errors import UserError
@@ -85,7 +85,6 @@ class Aggregation:
     n_trials: int
     n_candidates: int
     best: Candidate
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,7 +98,6 @@ class Aggregation:
             "kept": [c.to_dict() for c in self.kept],
             "clusters": self.clusters,
             "votes": self.votes,
-            **self.extra,
         }
 
 
