@@ -315,7 +315,6 @@ class _Worker:
         trial.set_user_attr("pattern", arch.pattern)
         trial.set_user_attr("seed", cfg.seed)
         trial.set_user_attr("proxy", cfg.proxy)
-        trial.set_user_attr("stage", stage.index)
         try:
             costs = self.costs(arch)
         except Exception as e:  # a pattern the model builder rejects is a failed trial

@@ -205,6 +205,11 @@ class SearchConfig:
                 raise UserError(
                     f"--min-count {tok}={n} is above --max-count {tok}={self.max_count[tok]}"
                 )
+        from hcomposer.architecture import Architecture
+
+        for choice in self.primitives:
+            # A group must split the shape's heads evenly; say so now, not in trial 17.
+            Architecture(pattern=choice, shape=self.shape)
         if self.n_startup is not None and self.n_startup < 1:
             raise UserError("--n-startup must be at least 1")
         if self.population_size is not None and self.population_size < 2:
