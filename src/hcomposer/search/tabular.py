@@ -432,7 +432,41 @@ def markdown_report(
                     f"- {name}: {ratio:.2f}x the evaluations of random to reach the top-3 "
                     f"({verdict} the target of at most 0.5x)."
                 )
+    lines += ["", *_structure_lines(table)]
     return "\n".join(lines) + "\n"
+
+
+def _structure_lines(table: Table) -> list[str]:
+    """The table's own structure: extremes, score by primitive count and by position."""
+    from hcomposer.report import markdown_table
+
+    d = describe_table(table)
+    out = [
+        "## Table structure",
+        "",
+        f"Mean score {d['mean']:.4g}, spread (std) {d['stdev']:.4g}. "
+        f"Best: {', '.join(f'{p} {v:.4g}' for p, v in d['best'])}. "
+        f"Worst: {', '.join(f'{p} {v:.4g}' for p, v in d['worst'])}.",
+        "",
+    ]
+    first = table.choices[0]
+    counts = d["mean_by_count"][first]
+    out += [
+        f"Mean score by number of {first}:",
+        "",
+        markdown_table([f"# {first}", *map(str, counts)], [["score", *counts.values()]]),
+        "",
+        "Mean score with a choice at a position, minus the table mean:",
+        "",
+        markdown_table(
+            ["choice", *[f"pos {i + 1}" for i in range(table.positions)]],
+            [[c, *v] for c, v in d["position_effect"].items()],
+        ),
+    ]
+    if "seed_spearman" in d:
+        rho = ", ".join(f"{k}: {v:.3f}" for k, v in d["seed_spearman"].items())
+        out += ["", f"Spearman rank correlation between seeds: {rho}."]
+    return out
 
 
 def plot_regret(
