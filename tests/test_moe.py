@@ -66,8 +66,10 @@ def _dense_reference(m: MixtureOfExperts, x: torch.Tensor) -> torch.Tensor:
         dict(router="sigmoid", top_k=3, n_experts=6, n_shared_experts=0),
     ],
 )
-def test_equals_dense_outputs_and_gradients(changes):
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_equals_dense_outputs_and_gradients(changes, dispatch):
     m = _moe(**changes).eval()
+    m.dispatch = dispatch
     # A non-zero bias so that selection and gates come from different scores.
     m.expert_bias.copy_(torch.linspace(-0.2, 0.2, m.n_experts))
     x = torch.randn(3, 11, m.shape.d_model, requires_grad=True)
@@ -131,6 +133,17 @@ def test_bias_update_only_in_training_and_towards_balance():
         float(first.max() - first.min()),
     )
     assert spread < first_spread / 5
+
+
+def test_auto_dispatch_picks_the_loop_for_uneven_load():
+    m = _moe(top_k=1).eval()
+    assert m._use_grouped([3, 3, 2, 2], 10)
+    assert not m._use_grouped([10, 0, 0, 0], 10)
+    # All tokens on one expert (the loop path under "auto") still equals the dense reference.
+    m.expert_bias[1] = 100.0
+    x = torch.randn(30, m.shape.d_model)
+    torch.testing.assert_close(m(x), _dense_reference(m, x), atol=1e-5, rtol=1e-5)
+    assert int(m.last_load[1]) == 30
 
 
 def test_load_counts():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,19 +97,18 @@ class _AttentionBase(Primitive):
     def _attend(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
         """SDPA of q [B,H,Tq,hd] over k, v [B,Hkv,Tk,hd] with absolute positions."""
         Tq, Tk = q.shape[2], k.shape[2]
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # SDPA reads each KV head for its group of query heads itself: no repeated copy of
+        # K and V (1.4-1.5x faster forward+backward on CPU than repeat_interleave).
+        gqa = self.n_kv_heads != self.n_heads
         full_causal = Tq == Tk and bool((q_pos == k_pos).all()) and self.window is None
         if full_causal:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = k_pos[None, :] <= q_pos[:, None]
         if self.window is not None:
             mask = mask & (k_pos[None, :] > q_pos[:, None] - self.window)
         if Tq == 1 and bool(mask.all()):
-            return F.scaled_dot_product_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = y.shape
