@@ -150,6 +150,7 @@ def test_command_writes_report_and_plot(tmp_path, capsys):
         ["--samplers", "gp,annealing"],
         ["--table", "nope"],
         ["--n-startup", "0"],
+        ["--workers", "0"],
     ],
 )
 def test_command_bad_input(extra, tmp_path, capsys):
@@ -178,3 +179,14 @@ def test_describe_table_known_answers():
     assert d["position_effect"]["F"] == [-1.5, -0.5]
     # Seed 1 ranks AA > FA > AF > FF against seed 0's AA > AF > FA > FF: rho = 1 - 6*2/60.
     assert d["seed_spearman"]["0-1"] == pytest.approx(0.8)
+
+
+def test_workers_give_the_same_replays():
+    from hcomposer.search.tabular import bench
+
+    table = synthetic_table("AF", 4, seed=2)
+    one = bench(table, ["random", "evolution"], [0, 1, 2], 10)
+    two = bench(table, ["random", "evolution"], [0, 1, 2], 10, workers=2)
+    assert {k: [r.to_dict() for r in v] for k, v in one.items()} == {
+        k: [r.to_dict() for r in v] for k, v in two.items()
+    }

@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
         help="initial random trials of gp/tpe (default: what 'search' uses for this budget)",
     )
     p.add_argument(
+        "--workers", type=int, default=1, help="replay in N processes (same results; default 1)"
+    )
+    p.add_argument(
         "--out", default=None, help="folder for results.json, report.md, regret.png (default: none)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -44,6 +47,8 @@ def _check(args) -> list[str]:
 
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1 (got {args.seeds})")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {args.workers})")
     if args.budget < 1:
         raise UserError(f"--budget must be at least 1 (got {args.budget})")
     if args.n_startup is not None and args.n_startup < 1:
@@ -79,7 +84,9 @@ def run(args) -> int:
         def tick(r) -> None:
             bar.update(task, advance=1, description=f"{r.sampler} seed {r.seed}")
 
-        results = bench(table, names, seeds, args.budget, n_startup, on_replay=tick)
+        results = bench(
+            table, names, seeds, args.budget, n_startup, on_replay=tick, workers=args.workers
+        )
     wall = time.perf_counter() - start
     summary = summarise(results, args.budget)
     report = markdown_report(table, summary, args.budget, command)
@@ -91,6 +98,7 @@ def run(args) -> int:
         "budget": args.budget,
         "seeds": seeds,
         "n_startup": n_startup,
+        "workers": args.workers,
         "samplers": summary,
         "wall_seconds": wall,
         "command": command,

@@ -322,6 +322,13 @@ def replay(
     return Replay(sampler, seed, budget, proposals, regret, e1, e3, a1, a3)
 
 
+def _one_thread() -> None:
+    # Worker processes: one torch thread each, so N workers use N cores, not N x all.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def bench(
     table: Table,
     samplers: Sequence[str],
@@ -329,16 +336,31 @@ def bench(
     budget: int,
     n_startup: int | None = None,
     on_replay: Callable[[Replay], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, list[Replay]]:
-    """Every sampler over every seed: sampler name -> replays."""
-    out: dict[str, list[Replay]] = {}
-    for name in samplers:
-        for seed in seeds:
-            r = replay(table, name, seed, budget, n_startup)
-            out.setdefault(name, []).append(r)
+    """Every sampler over every seed: sampler name -> replays (in seed order).
+
+    ``workers > 1`` runs the replays in that many processes; each replay depends only on
+    its sampler and seed, so the results are the same as with one.
+    """
+    jobs = [(name, seed) for name in samplers for seed in seeds]
+    done: dict[tuple[str, int], Replay] = {}
+    if workers <= 1:
+        for name, seed in jobs:
+            done[(name, seed)] = r = replay(table, name, seed, budget, n_startup)
             if on_replay is not None:
                 on_replay(r)
-    return out
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
+            futures = [pool.submit(replay, table, n, s, budget, n_startup) for n, s in jobs]
+            for fut in as_completed(futures):
+                r = fut.result()
+                done[(r.sampler, r.seed)] = r
+                if on_replay is not None:
+                    on_replay(r)
+    return {name: [done[(name, seed)] for seed in seeds] for name in samplers}
 
 
 def _median_hit(values: list[int | None], budget: int) -> float:
