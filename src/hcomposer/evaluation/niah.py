@@ -25,7 +25,7 @@ import torch
 
 from hcomposer.errors import UserError
 
-__all__ = ["NIAHConfig", "run_niah", "plot_niah", "niah_markdown", "CITIES"]
+__all__ = ["NIAHConfig", "run_niah", "niah_lengths", "plot_niah", "niah_markdown", "CITIES"]
 
 CITIES = (
     "Lisbon", "Nairobi", "Osaka", "Lima", "Oslo", "Hanoi", "Quito", "Dakar", "Perth", "Tunis",
@@ -94,6 +94,24 @@ def _build_prompt(tokenizer, hay: np.ndarray, length: int, depth: float, city: s
     return h[:p] + needle + h[p:] + question
 
 
+def niah_lengths(tokenizer, config: NIAHConfig, train_len: int) -> tuple[list[int], list[int]]:
+    """(asked lengths, lengths that will run); UserError when none can run."""
+    wanted = config.resolve_lengths(train_len)
+    # The needle and the question alone take ~120 byte tokens: lengths that leave under
+    # 32 tokens of haystack are skipped (and listed) rather than run meaningless.
+    city = max(CITIES, key=len)
+    needle = f" The special magic {city} number is: 1234567. "
+    question = f"\nWhat is the special magic {city} number? The special magic {city} number is:"
+    overhead = len(tokenizer.encode(needle)) + len(tokenizer.encode(question))
+    lengths = [n for n in wanted if n >= overhead + 32]
+    if not lengths:
+        raise UserError(
+            f"niah lengths {wanted} are all shorter than needle + question + 32 tokens "
+            f"({overhead + 32}); pass longer ones with --niah-lengths"
+        )
+    return wanted, lengths
+
+
 @torch.no_grad()
 def _greedy(model, ids: list[int], max_new: int, eos: int | None) -> list[int]:
     device = next(model.parameters()).device
@@ -117,21 +135,7 @@ def run_niah(
         from hcomposer.data import embedded_corpus_text
 
         haystack_text = embedded_corpus_text()
-    wanted = config.resolve_lengths(train_len)
-    # The needle and the question alone take ~120 byte tokens: lengths that leave under
-    # 32 tokens of haystack are skipped (and listed) rather than run meaningless.
-    city = max(CITIES, key=len)
-    overhead = len(tokenizer.encode(f" The special magic {city} number is: 1234567. ")) + len(
-        tokenizer.encode(
-            f"\nWhat is the special magic {city} number? The special magic {city} number is:"
-        )
-    )
-    lengths = [n for n in wanted if n >= overhead + 32]
-    if not lengths:
-        raise UserError(
-            f"niah lengths {wanted} are all shorter than needle + question + 32 tokens "
-            f"({overhead + 32}); pass longer lengths"
-        )
+    wanted, lengths = niah_lengths(tokenizer, config, train_len)
     corpus = np.asarray(tokenizer.encode(haystack_text), dtype=np.int64)
     longest = max(lengths)
     if len(corpus) < longest:

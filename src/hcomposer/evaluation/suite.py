@@ -160,6 +160,10 @@ def run_suite(
         raise UserError(f"--data {data!r} does not exist (a file, folder, or hf:NAME)")
 
     train_len = _train_len(info, arch)
+    if "niah" in dict(parts):
+        from hcomposer.evaluation.niah import niah_lengths
+
+        niah_lengths(tokenizer, configs["niah"], train_len)
     eval_dir = run_dir / "eval"
     results = load_eval_results(run_dir) or {}
     results.update(
