@@ -153,16 +153,20 @@ def test_cli_errors_and_json(capsys, tmp_path):
 
 
 # Known answers (issue 3): on in-context recall an MLP-only model cannot see the
-# context and stays near chance (1/8 with 8 values); attention learns the lookup.
+# context and stays near chance (1/8 with 8 values); attention learns the lookup
+# (an induction circuit: it forms between 600 and 1000 steps here, and faster at a
+# lower learning rate than at a higher one); Mamba-2 beats MLP-only.
 RECALL = dict(vocab_size=16, seq_len=32, num_train_examples=2048, num_test_examples=128)
 
 
 def _recall(pattern: str, steps: int) -> float:
+    # fp32: at the tiny shape bf16 autocast is slower on CPU, not faster.
     cfg = ProxyConfig(
         steps=steps,
         batch_size=32,
-        lrs=(3e-3,),
+        lrs=(1e-3,),
         warmup_steps=10,
+        dtype="fp32",
         mad_tasks=(default_task_config("in_context_recall", **RECALL),),
     )
     r = evaluate_proxy(Architecture.parse(pattern, "tiny"), "mad:recall", config=cfg)
@@ -171,14 +175,30 @@ def _recall(pattern: str, steps: int) -> float:
 
 @pytest.fixture(scope="module")
 def mlp_recall() -> float:
-    return _recall("FFFF", 150)
+    return _recall("FFFF", 200)
 
 
 def test_known_answer_mlp_near_chance_attention_solves_recall(mlp_recall):
-    assert mlp_recall < 0.3
-    assert _recall("AFAF", 400) > 0.9
+    assert mlp_recall < 0.2
+    assert _recall("AFAF", 1000) > 0.9
 
 
 @pytest.mark.skipif(not HAS_MAMBA, reason="S (primitives/mamba2.py) not built yet")
 def test_known_answer_ssm_beats_mlp_on_recall(mlp_recall):
     assert _recall("SFSF", 400) > mlp_recall + 0.1
+
+
+def test_text_proxy_on_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HCOMPOSER_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    cfg = ProxyConfig(
+        text_tokens=4096, text_seq_len=32, text_batch_size=4, text_eval_tokens=256, lrs=(1e-3,)
+    )
+    arch = Architecture.parse("AF", "tiny")
+    r = evaluate_proxy(arch, "text", data=corpus, config=cfg)
+    again = evaluate_proxy(arch, "text", data=corpus, config=cfg)
+    loss = r.tasks["text"]["loss"]
+    assert r.score == -loss == again.score
+    # 32 steps on a repetitive text: well below the uniform byte loss ln(256) = 5.55
+    assert loss < 4.0 and r.tokens == 4096 and not r.failures

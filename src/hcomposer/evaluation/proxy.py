@@ -74,7 +74,7 @@ class ProxyConfig:
 
     steps: int = 120
     batch_size: int = 32
-    lrs: tuple[float, ...] = (1e-3, 4e-3)
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
     weight_decays: tuple[float, ...] = (0.0,)
     warmup_steps: int = 10
     grad_clip: float = 1.0
