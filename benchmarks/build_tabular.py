@@ -110,7 +110,8 @@ def _assemble(args, config, patterns, seeds, done, out: Path, argv: list[str]) -
         ),
         "config": config,
         "seeds": seeds,
-        "command": "python " + shlex.join(["benchmarks/build_tabular.py", *argv]),
+        # The rebuild command: the same configuration, without the sharding/assembly flags.
+        "command": "python " + shlex.join(["benchmarks/build_tabular.py", *_config_args(argv)]),
         "evaluations": len(wall),
         "evaluation_seconds_total": round(sum(wall), 1),
         "evaluation_seconds_mean": round(sum(wall) / len(wall), 2),
@@ -121,6 +122,18 @@ def _assemble(args, config, patterns, seeds, done, out: Path, argv: list[str]) -
         "params_total": {p: done[(p, seeds[0])]["params_total"] for p in patterns},
     }
     atomic_write_json(out, doc)
+
+
+def _config_args(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--shard", "--work", "--out"):
+            skip = True
+        elif a != "--assemble" and not a.startswith(("--shard=", "--work=", "--out=")):
+            out.append(a)
+    return out
 
 
 def statistics_mean(values: list[float]) -> float:
