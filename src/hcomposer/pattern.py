@@ -63,8 +63,12 @@ class _Parser:
     def error(self, msg: str, pos: int | None = None) -> PatternError:
         pos = self.i if pos is None else pos
         shown = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        here = self.text[pos] if pos < len(self.text) else None
+        named = here is None or "found" in msg or repr(here) in msg
+        found = "" if named else f" (found {here!r})"
         return PatternError(
-            f"pattern {shown!r}: {msg} at position {pos + 1}; valid tokens: {_valid_list()}; "
+            f"pattern {shown!r}: {msg} at position {pos + 1}{found}; "
+            f"valid tokens: {_valid_list()}; "
             "groups [A|S], repeats (AF)*4",
             pattern=self.text,
             position=pos + 1,
