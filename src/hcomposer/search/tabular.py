@@ -485,7 +485,7 @@ def _structure_lines(table: Table) -> list[str]:
             [[c, *v] for c, v in d["position_effect"].items()],
         ),
     ]
-    if "seed_spearman" in d:
+    if d.get("seed_spearman"):
         rho = ", ".join(f"{k}: {v:.3f}" for k, v in d["seed_spearman"].items())
         out += ["", f"Spearman rank correlation between seeds: {rho}."]
     return out
