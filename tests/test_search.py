@@ -280,3 +280,26 @@ def test_config_validation():
         plan_stages(SearchConfig(primitives="AF", layers=3, trials=9))
     with pytest.raises(UserError, match="min-count"):
         SearchConfig(min_count={"A": 9}, layers=6)
+
+
+def test_proxy_config_reaches_the_evaluator(monkeypatch):
+    """A search's proxy_config is handed to evaluate_proxy as a ProxyConfig."""
+    from hcomposer.evaluation import proxy as proxy_mod
+    from hcomposer.search.objectives import resolve_objective
+    from hcomposer.search.space import SearchConfig
+
+    seen = {}
+
+    def fake(arch, proxy, *, seed=0, config=None, **kw):
+        seen["config"] = config
+        return {"score": 0.5}
+
+    monkeypatch.setattr(proxy_mod, "evaluate_proxy", fake)
+    cfg = SearchConfig(layers=2, trials=1, proxy="mad:recall", proxy_config={"steps": 7})
+    objective = resolve_objective(cfg.proxy, None, cfg.proxy_config)
+    from hcomposer.architecture import Architecture
+
+    objective(Architecture.parse("AF", "tiny"), proxy=cfg.proxy, seed=0)
+    assert seen["config"].steps == 7
+    with pytest.raises(UserError):
+        SearchConfig(layers=2, trials=1, proxy_config={"no_such_field": 1})

@@ -580,7 +580,7 @@ def run_search(
     module-level function), since each worker is a spawned process.
     """
     out = Path(out_dir)
-    objective = resolve_objective(config.proxy, objective)
+    objective = resolve_objective(config.proxy, objective, config.proxy_config)
     prepare_run_folder(config, out, argv)
     _quiet_optuna()
     url = storage_url(config.storage, out)

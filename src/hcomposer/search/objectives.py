@@ -12,6 +12,7 @@ It is not a proxy for anything and is hidden from ``--help``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -71,11 +72,18 @@ def is_synthetic(proxy: str) -> bool:
     return proxy == "synthetic" or proxy.startswith("synthetic:")
 
 
-def proxy_objective(arch: Architecture, proxy: str = "mad", *, seed: int = 0) -> Any:
-    """The real evaluator: ``hcomposer.evaluation.proxy.evaluate_proxy``."""
-    from hcomposer.evaluation.proxy import evaluate_proxy
+def proxy_objective(
+    arch: Architecture, proxy: str = "mad", *, seed: int = 0, config: dict | None = None
+) -> Any:
+    """The real evaluator: ``hcomposer.evaluation.proxy.evaluate_proxy``.
 
-    return evaluate_proxy(arch, proxy, seed=seed)
+    ``config`` holds ``ProxyConfig`` fields that differ from the defaults (steps, tasks,
+    learning-rate grid), as stored in the search's ``proxy_config``.
+    """
+    from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
+
+    cfg = ProxyConfig.from_dict(config) if config else None
+    return evaluate_proxy(arch, proxy, seed=seed, config=cfg)
 
 
 def _unit(*parts: Any) -> float:
@@ -130,7 +138,9 @@ def synthetic_objective(arch: Architecture, proxy: str = "synthetic", *, seed: i
     }
 
 
-def resolve_objective(proxy: str, objective: Objective | None) -> Objective:
+def resolve_objective(
+    proxy: str, objective: Objective | None, proxy_config: dict | None = None
+) -> Objective:
     """The callable a search uses: the injected one, the synthetic one or the proxy."""
     if objective is not None:
         return objective
@@ -144,6 +154,9 @@ def resolve_objective(proxy: str, objective: Objective | None) -> Objective:
             if not ok:
                 raise UserError(f"--proxy {proxy!r}: write synthetic:SECONDS with SECONDS >= 0")
         return synthetic_objective
+    if proxy_config:
+        # A partial of a module-level function stays picklable for spawned workers.
+        return functools.partial(proxy_objective, config=dict(proxy_config))
     return proxy_objective
 
 

@@ -155,9 +155,15 @@ class SearchConfig:
     population_size: int | None = None
     storage: str | None = None
     workers: int = 1
+    # ProxyConfig fields that differ from the proxy's defaults (e.g. fewer steps or tasks).
+    proxy_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        if self.proxy_config:
+            from hcomposer.evaluation.proxy import ProxyConfig
+
+            ProxyConfig.from_dict(self.proxy_config)  # a bad field fails here, before any work
         set_(self, "primitives", parse_choices(self.primitives))
         set_(self, "shape", resolve_shape(self.shape))
         obj = self.objective
