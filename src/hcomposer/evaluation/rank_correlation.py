@@ -173,6 +173,8 @@ def proxy_rank_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for p in sorted(result["points"], key=lambda p: -p["proxy_score"]):
+        p = {**p, "pattern": p["pattern"].replace("|", "\\|"),
+             "scale_pattern": p["scale_pattern"].replace("|", "\\|")}  # fmt: skip
         loss = "-" if p["scale_val_loss"] is None else f"{p['scale_val_loss']:.4f}"
         lines.append(
             f"| `{p['pattern']}` | {p['proxy_score']:.4f} | `{p['scale_pattern']}` | "
