@@ -169,3 +169,30 @@ def test_export_config_fields(tmp_path):
     assert cfg["tie_word_embeddings"] is True
     arch = Architecture.from_json(tmp_path / "hf" / "hcomposer_architecture.json")
     assert arch.pattern == "AFAFAF"
+
+
+def test_import_hcomposer_alone_registers_auto_classes(tmp_path):
+    """`import hcomposer` (not hcomposer.hf) is enough for AutoModelForCausalLM, no remote code."""
+    model, _ = _export(tmp_path, "AF[A|S]F", tie=True)
+    x = torch.randint(0, 260, (1, 12), generator=torch.Generator().manual_seed(5))
+    torch.save({"x": x, "logits": model(x).detach()}, tmp_path / "ref.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import torch
+        import hcomposer
+        assert "transformers" not in sys.modules  # the import itself stays light
+        from transformers import AutoModelForCausalLM
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        hf = AutoModelForCausalLM.from_pretrained({str(tmp_path / "hf")!r})
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ref["x"]).logits, ref["logits"], atol=1e-4, rtol=0)
+        print("auto-ok", type(hf).__module__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "auto-ok hcomposer.hf.modeling_hcomposer" in res.stdout

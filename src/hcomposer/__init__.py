@@ -27,6 +27,15 @@ __all__ = [
 ]
 
 
+def _install_hf_hook() -> None:
+    from hcomposer._hf_hook import install
+
+    install()
+
+
+_install_hf_hook()
+
+
 def __getattr__(name):
     # torch-heavy pieces load on first use so `hcomposer --help` stays quick.
     if name == "build_model":
