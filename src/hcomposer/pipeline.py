@@ -174,7 +174,13 @@ def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
 
     config = SearchConfig.from_dict(recipe.search)
     result = run_search(config, state.out / "search", progress=progress)
-    return state.finish("search", {"best": result.best, "n_trials": len(result.trials)})
+    keep = ("number", "pattern", "score")
+    best = result.best
+    if isinstance(best, dict):
+        best = {k: best.get(k) for k in keep}
+    elif isinstance(best, list):  # two objectives: the Pareto front
+        best = [{k: b.get(k) for k in keep} for b in best]
+    return state.finish("search", {"best": best, "n_trials": len(result.trials)})
 
 
 def _stage_aggregate(state: _State, recipe: RunRecipe) -> dict:
@@ -190,13 +196,20 @@ def _stage_aggregate(state: _State, recipe: RunRecipe) -> dict:
 def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
     from hcomposer.accounting import count_costs
     from hcomposer.architecture import Architecture
+    from hcomposer.data import get_tokenizer
     from hcomposer.search.extrapolate import extrapolate
     from hcomposer.shapes import resolve_shape
+    from hcomposer.train import TrainConfig, resolve_arch
 
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
     pattern = extrapolate(searched, layers, recipe.scale_strategy)
-    composite = Architecture(pattern=pattern, shape=shape)
+    # Match the baseline on the model that is trained: its vocabulary comes from the
+    # tokenizer (byte-level: 320 ids), not from the preset's 32K, which would dominate.
+    tcfg = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
+    tokenizer = get_tokenizer(tcfg.tokenizer, source=tcfg.data)
+    composite = resolve_arch(Architecture(pattern=pattern, shape=shape), tokenizer, tcfg.seq_len)
+    shape = composite.shape
     params = count_costs(composite).params_total
     base_pattern, base_params = matched_baseline(params, shape)
     baseline = Architecture(pattern=base_pattern, shape=shape)

@@ -60,7 +60,7 @@ def run(args) -> int:
     con.print(f"[bold]hcomposer run[/bold] recipe [cyan]{recipe.name}[/cyan] -> {out}")
     state = run_pipeline(
         recipe, out, argv=args.argv, progress=not args.no_progress,
-        say=lambda text: con.print(text),
+        say=lambda text: con.print(text, markup=False, highlight=False),
     )  # fmt: skip
     rep = state["stages"]["report"]
     if args.json:
@@ -72,7 +72,13 @@ def run(args) -> int:
     summary = Table(title="hcomposer run")
     summary.add_column("stage")
     summary.add_column("result")
-    summary.add_row("search best", str(st["search"]["best"]))
+    best = st["search"]["best"] or {}
+    summary.add_row(
+        "search best",
+        f"{best.get('pattern')}  score {best.get('score', 0):.4f}"
+        if isinstance(best, dict)
+        else str(best),
+    )
     summary.add_row("aggregated", st["aggregate"]["pattern"])
     summary.add_row("composite", st["scale"]["composite"])
     summary.add_row("baseline", st["scale"]["baseline"])
