@@ -30,8 +30,8 @@ def rope_angles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [T, head_dim] for integer positions [T] (computed in fp32)."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                  / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
     ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     ang = torch.cat([ang, ang], dim=-1)
@@ -190,13 +190,11 @@ class SlidingWindowAttention(_AttentionBase):
         v_all = torch.cat([cache.v[:, :, slots].to(v.dtype), v], dim=2)
         k_pos = torch.cat([prev, q_pos])
         y = self._attend(q, k_all, v_all, q_pos, k_pos)
-        keep = q_pos[-min(T, w):]
-        cache.k[:, :, keep % w] = k[:, :, -len(keep):].to(cache.k.dtype)
-        cache.v[:, :, keep % w] = v[:, :, -len(keep):].to(cache.v.dtype)
+        keep = q_pos[-min(T, w) :]
+        cache.k[:, :, keep % w] = k[:, :, -len(keep) :].to(cache.k.dtype)
+        cache.v[:, :, keep % w] = v[:, :, -len(keep) :].to(cache.v.dtype)
         cache.pos = start + T
         return self._finish(y)
 
     def state_bytes(self, dtype_bytes: int = 2) -> int:
         return 2 * self.n_kv_heads * self.head_dim * self.window * dtype_bytes
-
-
