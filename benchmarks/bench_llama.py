@@ -21,47 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from hcomposer import build_model
+from hcomposer.export import llama_config_kwargs, to_llama_state_dict
 from hcomposer.shapes import resolve_shape
 
-__all__ = ["main", "llama_config", "to_llama_state_dict"]
-
-
-def llama_config(shape, n_layers: int):
-    """The LlamaConfig of the same widths as ``shape``."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.d_model,
-        intermediate_size=shape.ffn_dim,
-        num_hidden_layers=n_layers,
-        num_attention_heads=shape.n_heads,
-        num_key_value_heads=shape.n_kv_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=shape.max_seq_len,
-        rms_norm_eps=shape.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
-        tie_word_embeddings=shape.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-
-
-def to_llama_state_dict(model) -> dict[str, torch.Tensor]:
-    """Weights of a ``(AF)*n`` HybridLM under LlamaForCausalLM's names."""
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    for i in range(len(model.layers) // 2):
-        attn, mlp = model.layers[2 * i], model.layers[2 * i + 1]
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = attn.norm.weight
-        sd[pre + "post_attention_layernorm.weight"] = mlp.norm.weight
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[pre + f"self_attn.{name}.weight"] = getattr(attn.mixer, name).weight
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            sd[pre + f"mlp.{name}.weight"] = getattr(mlp.mixer.ffn, name).weight
-    if not model.arch.shape.tie_embeddings:
-        sd["lm_head.weight"] = model.lm_head.weight
-    return {k: v.detach().clone() for k, v in sd.items()}
+__all__ = ["main"]
 
 
 def _step_fn(model, logits_of, opt, tokens, targets, autocast):
@@ -81,8 +44,10 @@ def _models(shape, n_pairs: int, seed: int):
     import transformers
 
     ours = build_model(f"(AF)*{n_pairs}", shape=shape, seed=seed)
-    ref = transformers.LlamaForCausalLM(llama_config(shape, n_pairs))
-    missing, unexpected = ref.load_state_dict(to_llama_state_dict(ours), strict=False)
+    # The export's own mapping: the benchmark also exercises what `hcomposer export` writes.
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_kwargs(ours.arch)))
+    sd = {k: v.detach().clone() for k, v in to_llama_state_dict(ours).items()}
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
     if unexpected or (set(missing) - {"lm_head.weight"}):
         raise RuntimeError(f"weight mapping failed: {missing} {unexpected}")
     if shape.tie_embeddings:

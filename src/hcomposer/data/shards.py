@@ -168,23 +168,6 @@ def load_token_folder(folder: str | Path, tokenizer: Tokenizer, *, verify: bool 
     return _open(folder, read_json(folder / "manifest.json"))
 
 
-def _install(tmp: Path, folder: Path) -> None:
-    """Rename the finished build into place; stale shards are moved aside first."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        # Another process (a DDP rank) installed the same build first: keep theirs.
-        if not (folder / "manifest.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _val_block(seed: int, index: int, val_fraction: float) -> bool:
     h = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(h[:8], "little") / 2.0**64 < val_fraction

@@ -110,6 +110,15 @@ class _AttentionBase(Primitive):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
+    def _empty_kv(self, batch_size: int, slots: int, device, dtype):
+        """Zeroed key and value buffers [B, Hkv, slots, hd] (a cache's storage)."""
+        shape = (batch_size, self.n_kv_heads, slots, self.head_dim)
+        dtype = dtype or self.q_proj.weight.dtype
+        return (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = y.shape
         y = y.transpose(1, 2).reshape(B, T, self.inner_dim)
@@ -129,12 +138,7 @@ class Attention(_AttentionBase):
     token = "A"
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> KVCache:
-        shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
-        dtype = dtype or self.q_proj.weight.dtype
-        return KVCache(
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
-        )
+        return KVCache(*self._empty_kv(batch_size, max_len, device, dtype))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = x.shape[1]
@@ -168,12 +172,7 @@ class SlidingWindowAttention(_AttentionBase):
         self.window = shape.window
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> RollingKVCache:
-        shape = (batch_size, self.n_kv_heads, self.window, self.head_dim)
-        dtype = dtype or self.q_proj.weight.dtype
-        return RollingKVCache(
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
-        )
+        return RollingKVCache(*self._empty_kv(batch_size, self.window, device, dtype))
 
     def forward(self, x: torch.Tensor, cache: RollingKVCache | None = None) -> torch.Tensor:
         T = x.shape[1]
