@@ -9,8 +9,8 @@
 # build by accident:
 #   - a torch that already imports is kept as it is (your CUDA build keeps working);
 #   - else, with an NVIDIA GPU (nvidia-smi answers), the default PyPI build (CUDA);
-#   - else the CPU build: a local wheel if pip can find one (pip's find-links),
-#     otherwise the PyTorch CPU index.
+#   - else the CPU build: "torch==X+cpu" from wherever pip is configured to look
+#     (a local wheel, a mirror); failing that, the PyTorch CPU index.
 # Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0") and TORCH_INDEX_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,11 +43,12 @@ elif [ -n "${TORCH_INDEX_URL:-}" ]; then
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   echo "setup: NVIDIA GPU found; installing the CUDA build of torch from PyPI"
   pip install -q "${TORCH_SPEC:-torch}"
-elif pip install -q --no-index "$cpu_torch" >/dev/null 2>&1; then
-  echo "setup: installed $cpu_torch (CPU) from a local wheel"
+elif pip install -q "${cpu_torch}+cpu" 2>/dev/null; then
+  echo "setup: no GPU; installed ${cpu_torch}+cpu"
 else
   echo "setup: no GPU; installing $cpu_torch from the PyTorch CPU index"
-  pip install -q "$cpu_torch" --index-url https://download.pytorch.org/whl/cpu
+  pip install -q "$cpu_torch" --index-url https://download.pytorch.org/whl/cpu \
+    --extra-index-url https://pypi.org/simple
 fi
 
 pip install -q -e ".${extras}"
