@@ -6,7 +6,7 @@ import re
 
 from hcomposer.errors import UserError
 
-__all__ = ["human", "human_bytes", "parse_count", "console"]
+__all__ = ["human", "human_bytes", "parse_count", "console", "progress_bar"]
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -39,3 +39,29 @@ def console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def progress_bar(enabled: bool = True, field: str = "info"):
+    """The progress bar long jobs share (on stderr): description, bar, steps, the task's
+    ``field`` text (loss, tokens/s), elapsed time and ETA. Disabled, it draws nothing."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{{task.fields[{field}]}}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console(),
+        disable=not enabled,
+        transient=False,
+    )

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,30 +248,9 @@ def _generate(kind: str, cfg: Any, seed: int) -> MADData:
 
 
 def _progress(enabled: bool):
-    """A rich progress bar on stderr (steps, tokens/s, elapsed, ETA), or nothing."""
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from hcomposer.format import progress_bar
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
+    return progress_bar(enabled, field="rate")
 
 
 def evaluate_proxy(
