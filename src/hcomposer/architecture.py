@@ -114,6 +114,14 @@ def _check_groups(layers: list[Sublayer], shape: Shape) -> None:
                             f"cannot be split evenly into {k} branches",
                             field=name,
                         )
+            elif tok == "D":
+                for name in ("dn_heads", "dn_v_heads"):
+                    if getattr(shape, name) % k:
+                        raise ShapeError(
+                            f"{where}: {name}={getattr(shape, name)} of shape {shape.name!r} "
+                            f"cannot be split evenly into {k} branches",
+                            field=name,
+                        )
             elif tok == "S":
                 heads = shape.ssm_heads
                 if heads % k or (heads // k) % shape.ssm_groups:

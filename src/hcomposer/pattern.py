@@ -4,7 +4,7 @@ One token per residual sublayer (``x = x + primitive(norm(x))``):
 
     A  global causal attention        W  sliding-window attention
     F  SwiGLU feed-forward            E  mixture-of-experts feed-forward
-    S  Mamba-2 (SSD)
+    S  Mamba-2 (SSD)                  D  Gated DeltaNet
 
 ``[A|S]`` is one intra-layer hybrid sublayer whose branches (sequence mixers only)
 run in parallel; ``(AF)*16`` repeats; whitespace is ignored. The canonical form
@@ -37,9 +37,10 @@ TOKENS: dict[str, str] = {
     "F": "SwiGLU MLP",
     "E": "mixture of experts",
     "S": "Mamba-2",
+    "D": "Gated DeltaNet",
 }
 # Sequence mixers may appear inside a parallel group; channel mixers may not.
-MIXER_TOKENS = frozenset("AWS")
+MIXER_TOKENS = frozenset("AWSD")
 FFN_TOKENS = frozenset("FE")
 
 # A sublayer is a tuple of tokens: ("A",) for a plain sublayer, ("A", "S") for [A|S].
@@ -199,6 +200,15 @@ def to_megatron(text: str | Sequence[Sublayer]) -> str:
     layers = parse_pattern(text)
     out = []
     for pos, s in enumerate(layers, 1):
+        if s == ("D",):
+            # The Nemotron-H hybrid_override_pattern has symbols for Mamba, attention, MLP and
+            # MoE only: no symbol means no conversion, rather than a guessed one.
+            raise PatternError(
+                f"sublayer {pos} 'D' (Gated DeltaNet) has no symbol in the Nemotron-H "
+                "hybrid_override_pattern (M Mamba, * attention, - MLP, E MoE); a pattern with D "
+                "cannot be converted to Megatron",
+                position=pos,
+            )
         if len(s) > 1 or s[0] not in _MEGATRON:
             raise PatternError(
                 f"sublayer {pos} {format_pattern([s])!r} has no Megatron equivalent; "

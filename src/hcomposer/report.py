@@ -28,6 +28,7 @@ PRIMITIVE_COLORS = {
     "F": "#1f77b4",  # MLP: blue
     "E": "#9467bd",  # MoE: purple
     "S": "#2ca02c",  # Mamba-2: green
+    "D": "#ff7f0e",  # Gated DeltaNet: orange
 }
 
 

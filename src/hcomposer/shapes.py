@@ -48,6 +48,16 @@ class Shape:
     ssm_conv: int = 4
     ssm_groups: int = 1
     ssm_chunk: int = 64
+    # D: Gated DeltaNet. 0 = derived from the width in __post_init__: head dim min(64,
+    # d_model/4); q/k heads d_model / (2 head dim), so keys are d_model/2 wide; v heads = q/k
+    # heads; v head dim 2x the q/k one (values twice as wide as keys, as in the paper and
+    # Qwen3-Next). The layer then holds about 4 d_model^2 weights, like MHA attention.
+    dn_heads: int = 0
+    dn_head_dim: int = 0
+    dn_v_heads: int = 0
+    dn_v_head_dim: int = 0
+    dn_conv: int = 4
+    dn_chunk: int = 64
     # E: mixture of experts (hybrid paper: 1 shared + top-1 of 8, halved experts, sigmoid).
     n_experts: int = 8
     top_k: int = 1
@@ -70,7 +80,19 @@ class Shape:
             object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
         if self.expert_ffn_dim == 0:
             object.__setattr__(self, "expert_ffn_dim", max(self.ffn_dim // 2, 1))
+        self._derive_deltanet()
         self._validate()
+
+    def _derive_deltanet(self) -> None:
+        def put(name: str, value: int) -> None:
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, value)
+
+        put("dn_head_dim", max(1, min(64, self.d_model // 4)))
+        if isinstance(self.dn_head_dim, int) and self.dn_head_dim > 0:
+            put("dn_heads", max(1, self.d_model // (2 * self.dn_head_dim)))
+            put("dn_v_head_dim", 2 * self.dn_head_dim)
+        put("dn_v_heads", self.dn_heads)
 
     def _fail(self, field_name: str, why: str) -> None:
         sep = "" if why.startswith("=") else " "
@@ -83,7 +105,8 @@ class Shape:
                 self._fail(f.name, f"must be an integer, got {v!r}")
         positive = (
             "d_model n_heads n_kv_heads head_dim ffn_dim vocab_size max_seq_len window ssm_state "
-            "ssm_expand ssm_head_dim ssm_conv ssm_groups ssm_chunk n_experts top_k expert_ffn_dim"
+            "ssm_expand ssm_head_dim ssm_conv ssm_groups ssm_chunk n_experts top_k expert_ffn_dim "
+            "dn_heads dn_head_dim dn_v_heads dn_v_head_dim dn_conv dn_chunk"
         )
         for name in positive.split():
             if getattr(self, name) < 1:
@@ -105,6 +128,12 @@ class Shape:
             )
         if (d_inner // self.ssm_head_dim) % self.ssm_groups:
             self._fail("ssm_groups", f"={self.ssm_groups} must divide the number of SSM heads")
+        if self.dn_v_heads % self.dn_heads:
+            self._fail(
+                "dn_v_heads",
+                f"={self.dn_v_heads} must be a multiple of dn_heads={self.dn_heads} (each q/k "
+                "head serves dn_v_heads/dn_heads value heads)",
+            )
         if self.top_k > self.n_experts:
             self._fail("top_k", f"={self.top_k} must not exceed n_experts={self.n_experts}")
         if self.router not in _ROUTERS:
@@ -168,6 +197,8 @@ def _llama(name: str, d: int, heads: int, kv: int, ffn: int, layers: int, tie: b
         ssm_state=128,
         ssm_head_dim=128,
         ssm_chunk=256,
+        dn_head_dim=128,
+        dn_chunk=64,
     )
 
 
@@ -188,6 +219,7 @@ PRESETS: dict[str, Shape] = {
             ssm_state=16,
             ssm_head_dim=16,
             ssm_chunk=16,
+            dn_chunk=16,
             n_experts=4,
             top_k=2,
             expert_ffn_dim=64,
@@ -206,6 +238,7 @@ PRESETS: dict[str, Shape] = {
             ssm_state=32,
             ssm_head_dim=32,
             ssm_chunk=32,
+            dn_chunk=32,
             n_experts=8,
             top_k=1,
             expert_ffn_dim=192,

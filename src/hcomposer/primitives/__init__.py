@@ -25,6 +25,7 @@ PRIMITIVES: dict[str, tuple[str, str]] = {
     "F": ("mlp", "MLP"),
     "E": ("moe", "MixtureOfExperts"),
     "S": ("mamba2", "Mamba2"),
+    "D": ("deltanet", "GatedDeltaNet"),
 }
 
 
