@@ -196,3 +196,25 @@ def test_import_hcomposer_alone_registers_auto_classes(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "auto-ok hcomposer.hf.modeling_hcomposer" in res.stdout
+
+
+@pytest.mark.parametrize("pattern", ["DFD[A|D]F", "F[D|S]FAF"])
+def test_hcomposer_export_with_gated_deltanet(tmp_path, pattern):
+    from transformers import AutoModelForCausalLM
+
+    import hcomposer.hf  # noqa: F401  (registers model_type "hcomposer")
+
+    model, summary = _export(tmp_path, pattern, tie=False)
+    assert summary["kind"] == "hcomposer"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.arch.pattern == pattern
+    # Every D weight (A_log, dt_bias, the norm scale too) came through unchanged.
+    theirs = hf.model.state_dict()
+    for name, p in model.state_dict().items():
+        assert torch.equal(theirs[name], p), name
+    x = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+    ours = model.generate(x[:, :5], 12)
+    cached = hf.generate(x[:, :5], max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours, cached)
