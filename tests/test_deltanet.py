@@ -328,3 +328,42 @@ def test_search_space_accepts_d(tmp_path, capsys):
     trials = json.loads(capsys.readouterr().out)["trials"]
     assert len(trials) == 6 and all(set(t["pattern"]) <= set("AFD") for t in trials)
     assert any("D" in t["pattern"] for t in trials)
+
+
+@pytest.mark.parametrize("shape", [TINY, GVA], ids=["heads", "gva"])
+def test_matches_transformers_qwen3_next_layer_with_same_weights(shape):
+    # An independent implementation of the same layer: transformers' Qwen3NextGatedDeltaNet
+    # (its PyTorch path). It packs q, k, v, z per q/k head group and b, a per group; our
+    # in_proj rows are re-ordered into that layout, every other weight copied as is.
+    transformers = pytest.importorskip("transformers")
+    mod = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    torch.manual_seed(0)
+    ours = GatedDeltaNet(shape)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    Hk, Hv, K, V = ours.n_heads, ours.n_v_heads, ours.head_dim, ours.v_head_dim
+    cfg = transformers.Qwen3NextConfig(
+        hidden_size=shape.d_model, linear_num_key_heads=Hk, linear_num_value_heads=Hv,
+        linear_key_head_dim=K, linear_value_head_dim=V, linear_conv_kernel_dim=ours.d_conv,
+        rms_norm_eps=shape.norm_eps, hidden_act="silu", num_hidden_layers=1,
+        layer_types=["linear_attention"],
+    )  # fmt: skip
+    hf = mod.Qwen3NextGatedDeltaNet(cfg, layer_idx=0)
+    r = Hv // Hk
+    q, k, v, z, a, b = ours.in_proj.weight.split([Hk * K, Hk * K, Hv * V, Hv * V, Hv, Hv])
+    qkvz, ba = [], []
+    for j in range(Hk):
+        qkvz += [q[j * K : (j + 1) * K], k[j * K : (j + 1) * K]]
+        qkvz += [v[j * r * V : (j + 1) * r * V], z[j * r * V : (j + 1) * r * V]]
+        ba += [b[j * r : (j + 1) * r], a[j * r : (j + 1) * r]]
+    with torch.no_grad():
+        hf.in_proj_qkvz.weight.copy_(torch.cat(qkvz))
+        hf.in_proj_ba.weight.copy_(torch.cat(ba))
+        hf.conv1d.weight.copy_(ours.conv1d.weight)
+        hf.dt_bias.copy_(ours.dt_bias)
+        hf.A_log.copy_(ours.A_log)
+        hf.norm.weight.copy_(ours.norm_weight)
+        hf.out_proj.weight.copy_(ours.out_proj.weight)
+        u = torch.randn(2, 45, shape.d_model)
+        torch.testing.assert_close(ours(u), hf(u), rtol=1e-4, atol=1e-5)
