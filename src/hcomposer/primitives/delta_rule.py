@@ -35,9 +35,10 @@ per entry; bf16's 8-bit mantissa would turn both into noise. Every exponent used
 difference gamma_i - gamma_j with j <= i, or gamma_i itself, so it is <= 0 and exp() never
 overflows (a form that divides by exp(gamma_j) would overflow for strong decays). The mask is
 applied before exp(), never after, so masked entries are exp(-inf) = 0 with zero gradient. The
-system (I + A) is unit lower-triangular and, with unit-norm keys and beta < 1, well conditioned
-(it is the chunk's product of the contractions I - beta k k^T written additively), so a
-triangular solve (backward stable) is used rather than an explicit inverse.
+system (I + A) is unit lower-triangular; its inverse is the WY form of the chunk's product of
+the factors I - beta k k^T, which are contractions for unit-norm keys and beta in (0, 1), so it
+stays bounded in practice (the fp32 tests over 300 steps and with strong decays hold to 1e-4).
+It is solved with a triangular solve (backward stable), never inverted explicitly.
 """
 
 from __future__ import annotations
