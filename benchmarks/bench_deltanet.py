@@ -62,7 +62,8 @@ def _timer(fn, clock):
 
 
 def _measure(steps, rounds, slow_rounds) -> dict[str, float]:
-    """Median seconds per call; the implementations run in turns, after one warm-up each."""
+    """Median seconds per call (and the fastest and slowest round, keys ``name:min``/``:max``);
+    the implementations run in turns, after one warm-up each."""
     times: dict[str, list[float]] = {k: [] for k in steps}
     for run in steps.values():
         run()
@@ -71,7 +72,19 @@ def _measure(steps, rounds, slow_rounds) -> dict[str, float]:
             if name.startswith("step") and r >= slow_rounds:
                 continue
             times[name].append(run())
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update({f"{k}:min": min(v) for k, v in times.items()})
+    out.update({f"{k}:max": max(v) for k, v in times.items()})
+    return out
+
+
+def _ratio(r, ours, other) -> str:
+    """Median ratio of tokens/s, with the range over rounds (worst and best pairing)."""
+    # After the conversion to tokens/s a ":min" key (fastest round) holds the highest rate.
+    lo = r[f"{ours}:max"] / r[f"{other}:min"]
+    hi = r[f"{ours}:min"] / r[f"{other}:max"]
+    mid = r[ours] / r[other]
+    return f"{mid:.2f}x ({min(lo, hi):.2f}-{max(lo, hi):.2f})"
 
 
 def _layer_row(shape, T, batch, rounds, slow_rounds, clock) -> dict:
@@ -144,23 +157,23 @@ def _scan_row(shape, T, batch, rounds, slow_rounds, clock) -> dict:
 
 def _layer_table(rows) -> str:
     lines = [
-        "| shape | T | chunked fwd tok/s | step fwd tok/s | fwd ratio | chunked fwd+bwd tok/s "
-        "| step fwd+bwd tok/s | fwd+bwd ratio |",
+        "| shape | T | chunked fwd tok/s | step fwd tok/s | fwd ratio (range) "
+        "| chunked fwd+bwd tok/s | step fwd+bwd tok/s | fwd+bwd ratio (range) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['T']} | {r['chunked/fwd']:,.0f} | {r['step/fwd']:,.0f} | "
-            f"{r['chunked/fwd'] / r['step/fwd']:.1f}x | {r['chunked/fwd+bwd']:,.0f} | "
-            f"{r['step/fwd+bwd']:,.0f} | {r['chunked/fwd+bwd'] / r['step/fwd+bwd']:.1f}x |"
+            f"{_ratio(r, 'chunked/fwd', 'step/fwd')} | {r['chunked/fwd+bwd']:,.0f} | "
+            f"{r['step/fwd+bwd']:,.0f} | {_ratio(r, 'chunked/fwd+bwd', 'step/fwd+bwd')} |"
         )
     return "\n".join(lines)
 
 
 def _scan_table(rows) -> str:
     lines = [
-        "| shape | T | chunked tok/s | step tok/s | transformers tok/s | vs step | "
-        "vs transformers |",
+        "| shape | T | chunked tok/s | step tok/s | transformers tok/s | vs step (range) | "
+        "vs transformers (range) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -168,8 +181,8 @@ def _scan_table(rows) -> str:
         lines.append(
             f"| {r['shape']} | {r['T']} | {r['chunked']:,.0f} | {r['step']:,.0f} | "
             + (f"{hf:,.0f}" if hf else "-")
-            + f" | {r['chunked'] / r['step']:.1f}x | "
-            + (f"{r['chunked'] / hf:.2f}x" if hf else "-")
+            + f" | {_ratio(r, 'chunked', 'step')} | "
+            + (_ratio(r, "chunked", "transformers") if hf else "-")
             + " |"
         )
     return "\n".join(lines)
