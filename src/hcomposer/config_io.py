@@ -143,9 +143,16 @@ RANGES: dict[str, dict[str, tuple]] = {
         "power_a": (0, 100.0, "open"),
     },
 }
-# Fields a class parses from text itself (e.g. "A=1" counts, "AFS" choices): no type check here.
-TEXT_FIELDS: dict[str, set[str]] = {
-    "SearchConfig": {"primitives", "objective", "min_count", "max_count", "proxy_config"},
+# Fields a class also accepts as text and parses itself ("AFS" choices, "A=1" counts,
+# "score,kv"): the annotation checked here instead of the field's own.
+TEXT_FIELDS: dict[str, dict[str, Any]] = {
+    "SearchConfig": {
+        "primitives": str | list[str] | tuple[str, ...],
+        "objective": str | list[str] | tuple[str, ...],
+        "min_count": dict[str, int] | list[str] | tuple[str, ...],
+        "max_count": dict[str, int] | list[str] | tuple[str, ...],
+        "proxy_config": dict[str, Any],
+    },
 }
 # Per-element ranges of tuple fields.
 ELEMENT_RANGES: dict[str, dict[str, tuple]] = {
@@ -353,9 +360,9 @@ def check_fields(cls: type, data: dict[str, Any], where: str) -> None:
     hints = _hints(cls)
     ranges = RANGES.get(cls.__name__, {})
     element_ranges = ELEMENT_RANGES.get(cls.__name__, {})
-    text_fields = TEXT_FIELDS.get(cls.__name__, set())
+    hints = {**hints, **TEXT_FIELDS.get(cls.__name__, {})}
     for f in dataclasses.fields(cls):
-        if f.name not in data or f.name not in hints or f.name in text_fields:
+        if f.name not in data or f.name not in hints:
             continue
         v = data[f.name]
         here = f"{where}: field {f.name!r}"
