@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hcomposer.errors import UserError
+from hcomposer.errors import ShapeError, UserError
 from hcomposer.guards import cap
 from hcomposer.io import CONFIG_FORMAT_VERSION
 
@@ -350,13 +350,31 @@ def _range_text(rng: tuple) -> str:
     return low if hi == _INF else f"{low} and at most {hi:g}"
 
 
-def check_fields(cls: type, data: dict[str, Any], where: str) -> None:
+def check_fields(
+    cls: type, data: dict[str, Any], where: str, *, error: type[UserError] = UserError
+) -> None:
     """Check the fields of ``data`` that ``cls`` declares: type, finiteness, range.
 
-    Unknown keys are left to the class (its ``from_dict`` names the valid ones).
+    Unknown keys are left to the class (its ``from_dict`` names the valid ones). ``error``
+    is the class raised (a :class:`ShapeError` also gets the field's name).
     """
+    try:
+        _check_fields(cls, data, where)
+    except _FieldError as e:
+        if issubclass(error, ShapeError):
+            raise error(str(e), field=e.field) from None
+        raise error(str(e)) from None
+
+
+class _FieldError(UserError):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a JSON object {{...}}, not {_kind(data)}")
+        raise _FieldError(f"{where} must be a JSON object {{...}}, not {_kind(data)}")
     hints = _hints(cls)
     ranges = RANGES.get(cls.__name__, {})
     element_ranges = ELEMENT_RANGES.get(cls.__name__, {})
@@ -366,18 +384,26 @@ def check_fields(cls: type, data: dict[str, Any], where: str) -> None:
             continue
         v = data[f.name]
         here = f"{where}: field {f.name!r}"
-        if not _type_ok(hints[f.name], v, here):
+        try:
+            fits = _type_ok(hints[f.name], v, here)
+        except _FieldError:
+            raise
+        except UserError as e:  # a nested check (a finite number, a tuple's length)
+            raise _FieldError(str(e), f.name) from None
+        if not fits:
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
-            raise UserError(f"{here} must be {_type_name(hints[f.name])}, got {shown}")
+            raise _FieldError(f"{here} must be {_type_name(hints[f.name])}, got {shown}", f.name)
         rng = ranges.get(f.name)
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if rng is not None and number and not _in_range(v, rng):
-            raise UserError(f"{here} must be {_range_text(rng)}, got {v!r}")
+            raise _FieldError(f"{here} must be {_range_text(rng)}, got {v!r}", f.name)
         rng = element_ranges.get(f.name)
         if rng is not None and isinstance(v, (list, tuple)):
             for x in v:
                 if isinstance(x, (int, float)) and not _in_range(x, rng):
-                    raise UserError(f"{here}: every value must be {_range_text(rng)}, got {x!r}")
+                    raise _FieldError(
+                        f"{here}: every value must be {_range_text(rng)}, got {x!r}", f.name
+                    )
 
 
 def load_config(cls: type, source: Any, where: str) -> Any:

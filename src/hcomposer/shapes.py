@@ -130,7 +130,7 @@ class Shape:
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ShapeError(f"unknown shape field(s) {unknown}; fields: {sorted(names)}")
-        check_fields(Shape, changes, "shape")
+        check_fields(Shape, changes, "shape", error=ShapeError)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,7 +138,7 @@ class Shape:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shape:
-        check_fields(cls, data, "shape")
+        check_fields(cls, data, "shape", error=ShapeError)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
