@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from hcomposer.architecture import Architecture
 
-__all__ = ["Costs", "count_costs"]
+__all__ = ["Costs", "count_costs", "estimate_memory"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +81,40 @@ def count_costs(arch: Architecture, seq_len: int | None = None, dtype_bytes: int
         state_bytes=state,
         counts=arch.counts(),
     )
+
+
+def _rough_params(arch: Architecture) -> int:
+    """Parameters from the shape alone, to within a small factor (no model is built)."""
+    s = arch.shape
+    d, inner = s.d_model, s.ssm_expand * s.d_model
+    per_token = {
+        "A": 2 * d * s.n_heads * s.head_dim + 2 * d * s.n_kv_heads * s.head_dim,
+        "W": 2 * d * s.n_heads * s.head_dim + 2 * d * s.n_kv_heads * s.head_dim,
+        "F": 3 * d * s.ffn_dim,
+        "E": (s.n_experts + s.n_shared_experts) * 3 * d * s.expert_ffn_dim + d * s.n_experts,
+        "S": d * (2 * inner + 2 * s.ssm_groups * s.ssm_state) + inner * d,
+    }
+    body = sum(per_token.get(tok, 4 * d * d) for sub in arch.layers for tok in sub)
+    return body + s.vocab_size * d * (1 if s.tie_embeddings else 2)
+
+
+def estimate_memory(
+    arch: Architecture, *, batch: int, seq_len: int, training: bool = False
+) -> float:
+    """Rough peak bytes of one forward (or training step) of ``batch x seq_len`` tokens in fp32.
+
+    Only used to refuse requests no machine here could hold (``hcomposer.guards``), so it is
+    computed from the shape alone, without building a model: weights (x4 when training:
+    gradients and AdamW's two moments), the widest activation per sublayer (all sublayers
+    kept for backward when training), the logits and their gradient, and the keys and
+    values of the global-attention sublayers.
+    """
+    s = arch.shape
+    tokens = batch * seq_len
+    weights = _rough_params(arch) * 4 * (4 if training else 1)
+    widest = max(s.d_model * 4, s.ffn_dim * 3, s.ssm_expand * s.d_model * 2)
+    activations = tokens * widest * 4 * (arch.n_sublayers if training else 2)
+    logits = tokens * s.vocab_size * 4 * 2
+    n_attention = sum(tok == "A" for sub in arch.layers for tok in sub)
+    cache = tokens * n_attention * 2 * s.n_kv_heads * s.head_dim * 4
+    return float(weights + activations + logits + cache)

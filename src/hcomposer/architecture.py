@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hcomposer.config_io import migrate, parse_json_text, read_json_file, stamp
 from hcomposer.errors import ShapeError, UserError
 from hcomposer.pattern import Sublayer, count_tokens, format_pattern, parse_pattern
 from hcomposer.shapes import Shape, resolve_shape
@@ -56,23 +57,37 @@ class Architecture:
         return Architecture(pattern=pattern, shape=self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "pattern": self.pattern,
-            "layers": ["".join(s) if len(s) == 1 else list(s) for s in self.layers],
-            "shape": self.shape.to_dict(),
-        }
+        return stamp(
+            {
+                "format": FORMAT,
+                "pattern": self.pattern,
+                "layers": ["".join(s) if len(s) == 1 else list(s) for s in self.layers],
+                "shape": self.shape.to_dict(),
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
-        if not isinstance(data, dict) or "pattern" not in data or "shape" not in data:
+        data = migrate(data, "architecture JSON")
+        if "pattern" not in data or "shape" not in data:
             raise UserError("architecture JSON needs the keys 'pattern' and 'shape'")
         fmt = data.get("format", FORMAT)
         if fmt != FORMAT:
             raise UserError(f"architecture format {fmt!r} is not known; expected {FORMAT!r}")
+        if not isinstance(data["pattern"], str):
+            raise UserError(
+                f"architecture JSON: 'pattern' must be a string, not {data['pattern']!r}"
+            )
+        if not isinstance(data["shape"], (dict, str)):
+            raise UserError(
+                "architecture JSON: 'shape' must be an object of fields or a preset name"
+            )
         arch = cls(pattern=data["pattern"], shape=resolve_shape(data["shape"]))
         if "layers" in data:
-            stored = [tuple(s) if isinstance(s, list) else (s,) for s in data["layers"]]
+            layers = data["layers"]
+            if not isinstance(layers, list) or not all(isinstance(s, (str, list)) for s in layers):
+                raise UserError("architecture JSON: 'layers' must be a list of tokens")
+            stored = [tuple(s) if isinstance(s, list) else (s,) for s in layers]
             if tuple(stored) != arch.layers:
                 raise UserError("architecture JSON: 'layers' disagrees with 'pattern'")
         return arch
@@ -84,15 +99,12 @@ class Architecture:
     def from_json(cls, text_or_path: str | Path) -> Architecture:
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise UserError(f"architecture file {text!r} does not exist")
-            text = path.read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"architecture JSON does not parse: {e}") from None
-        return cls.from_dict(data)
+            data = read_json_file(text, "architecture file")
+            try:
+                return cls.from_dict(data)
+            except UserError as e:
+                raise type(e)(f"architecture file {text!r}: {e}") from None
+        return cls.from_dict(parse_json_text(text, "architecture JSON"))
 
     def __str__(self) -> str:
         return f"{self.pattern} @ {self.shape.name}"

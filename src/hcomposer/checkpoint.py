@@ -30,8 +30,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from hcomposer.architecture import Architecture
+from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_json, read_jsonl, sha256_file
+from hcomposer.io import (
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+    read_json,
+    read_jsonl,
+    sha256_file,
+)
 
 __all__ = [
     "save_checkpoint",
@@ -108,6 +116,8 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final = run_dir / "checkpoint"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
+    # mkdtemp makes the folder 0700; a run folder follows the user's umask.
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         save_model(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
@@ -161,11 +171,17 @@ def read_state(folder: str | Path) -> dict[str, Any]:
         raise _damaged(folder, f"state.json cannot be read ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise _damaged(folder, "state.json is not an hcomposer checkpoint record")
+    sums = state.get("sha256")
+    if not isinstance(sums, dict):
+        raise _damaged(folder, "state.json holds no checksums")
+    for key in ("step", "optimizer", "rng"):
+        if key not in state:
+            raise _damaged(folder, f"state.json has no {key!r}")
     for name in _FILES:
         path = folder / name
         if not path.is_file():
             raise _damaged(folder, f"{name} is missing")
-        if sha256_file(path) != state["sha256"].get(name):
+        if sha256_file(path) != sums.get(name):
             raise _damaged(folder, f"{name} fails its sha256 check (truncated or modified)")
     return state
 
@@ -187,15 +203,21 @@ def load_checkpoint(
     if missing or unexpected:
         raise _damaged(
             folder,
-            f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            f"weights do not match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); architecture.json disagrees with them",
         )
-    if optimizer is not None:
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        device = next(model.parameters()).device
-        tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()}
-        optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
-    if restore_rng:
-        set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
+    try:
+        if optimizer is not None:
+            tensors = load_file(str(folder / "optimizer.safetensors"))
+            device = next(model.parameters()).device
+            tensors = {
+                k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()
+            }
+            optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        if restore_rng:
+            set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
+    except (SafetensorError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise _damaged(folder, f"its optimiser or RNG state does not load ({e})") from None
     return state
 
 
@@ -225,12 +247,15 @@ def check_out_dir(
             f"output folder {str(out)!r} already holds a run (status {status}); pass --resume "
             "to continue it, or choose another --out"
         )
+    stored = read_run_file(out, "run.json", keys=("config",), versioned=True)["config"]
     try:
-        stored = read_json(run_json)["config"]
         stored_arch = Architecture.from_dict(stored["architecture"])
         stored_cfg = dict(stored["train"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{str(run_json)!r} cannot be read ({e}); choose another --out") from None
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise UserError(
+            f"run folder {str(out)!r} is damaged: run.json cannot be read ({e}); "
+            "restore it from a copy, or choose another --out"
+        ) from None
     # The stored shape had its vocabulary and length set from the tokenizer: compare the rest.
     free = {"vocab_size": 0, "max_seq_len": 0}
     if stored_arch.pattern != arch.pattern or dict(stored_arch.shape.to_dict(), **free) != dict(
@@ -255,16 +280,23 @@ def check_out_dir(
 
 def read_status(out: Path) -> dict[str, Any]:
     try:
-        return read_json(out / "status.json")
+        status = read_json(out / "status.json")
     except (OSError, ValueError):
         return {}
+    # status.json is informative only: a damaged one reads as "unknown".
+    return status if isinstance(status, dict) else {}
 
 
 def write_status(out: Path, status: str, step: int, message: str = "") -> None:
     atomic_write_json(out / "status.json", {"status": status, "step": step, "message": message})
 
 
+def _step_of(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the records up to the checkpoint: the steps after it will be run again."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    kept = [r for r in read_jsonl(path) if _step_of(r) <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -15,6 +15,8 @@ import sys
 
 from hcomposer import __version__
 from hcomposer.errors import UserError
+from hcomposer.guards import check_args
+from hcomposer.threads import apply_thread_policy
 
 __all__ = ["main", "COMMANDS"]
 
@@ -65,8 +67,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """After a closed pipe (``hcomposer inspect --json | head``): drop further output."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (captured in tests): nothing will be flushed to it
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before torch loads: OpenMP reads its wait policy once (see hcomposer.threads).
+    apply_thread_policy()
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(only=command if command in COMMANDS else None)
@@ -75,10 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
         args.argv = ["hcomposer", *argv]
-        return int(args._run(args) or 0)
+        check_args(args)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()
+        return code
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line, whatever the message holds.
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

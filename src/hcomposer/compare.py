@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from hcomposer.io import atomic_write_json, atomic_write_text, read_jsonl
 
 __all__ = ["collect_run", "compare_runs", "comparison_rows"]
 
@@ -26,10 +27,13 @@ def collect_run(run_dir: str | Path, label: str | None = None) -> dict[str, Any]
     if not (d / "architecture.json").is_file():
         raise UserError(f"{str(d)!r} is not a training run folder (no architecture.json)")
     arch = Architecture.from_json(d / "architecture.json")
-    run = read_json(d / "run.json") if (d / "run.json").is_file() else {}
-    seq_len = int(run.get("config", {}).get("train", {}).get("seq_len") or arch.shape.max_seq_len)
+    run = read_run_file(d, "run.json", versioned=True) if (d / "run.json").is_file() else {}
+    train = (run.get("config") or {}).get("train") or {}
+    seq_len = train.get("seq_len") if isinstance(train, dict) else None
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        seq_len = arch.shape.max_seq_len
     costs = count_costs(arch, seq_len=seq_len)
-    summary = read_json(d / "summary.json") if (d / "summary.json").is_file() else {}
+    summary = read_run_file(d, "summary.json") if (d / "summary.json").is_file() else {}
     return {
         "label": label or d.name,
         "dir": str(d),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from hcomposer.errors import UserError
+from hcomposer.guards import check_cap
 
 __all__ = ["human", "human_bytes", "parse_count", "console", "progress_bar"]
 
@@ -31,7 +32,11 @@ def parse_count(text: str, what: str = "count") -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(text))
     if not m:
         raise UserError(f"{what} {text!r} is not a number; write e.g. 350M, 1.2B or 1e9")
-    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
+    value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    if value > 1e18:
+        check_cap("count", 10**18, what)
+    value = int(round(value))
+    return check_cap("tokens" if "token" in what else "count", value, what)
 
 
 def console():

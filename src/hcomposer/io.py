@@ -14,7 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# The config format version of the files hcomposer writes (see hcomposer.config_io).
+CONFIG_FORMAT_VERSION = 1
+
 __all__ = [
+    "CONFIG_FORMAT_VERSION",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -22,6 +26,7 @@ __all__ = [
     "append_jsonl",
     "read_jsonl",
     "sha256_file",
+    "current_umask",
     "git_revision",
     "run_metadata",
     "record_run",
@@ -34,6 +39,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the permissions of any file this user creates.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,6 +49,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -84,9 +104,12 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
     with open(p, encoding="utf-8") as f:
         for line in f:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 continue
+            # Only objects are records; anything else is a damaged line, skipped like a torn one.
+            if isinstance(record, dict):
+                yield record
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -133,4 +156,5 @@ def run_metadata(argv: list[str] | None = None) -> dict[str, Any]:
 
 def record_run(out_dir: str | Path, config: dict, argv: list[str] | None = None) -> None:
     """Write ``run.json`` (resolved config + metadata) into a run folder, atomically."""
-    atomic_write_json(Path(out_dir) / "run.json", {"config": config, **run_metadata(argv)})
+    doc = {"format_version": CONFIG_FORMAT_VERSION, "config": config, **run_metadata(argv)}
+    atomic_write_json(Path(out_dir) / "run.json", doc)

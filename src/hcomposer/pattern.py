@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from hcomposer.errors import PatternError
+from hcomposer.guards import cap
 
 __all__ = [
     "TOKENS",
@@ -60,6 +61,16 @@ class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.i = 0
+        # Checked as the list grows, before any repeat is expanded: (AF)*50000 ten times
+        # is refused at the second repeat instead of building a million tuples.
+        self.max_sublayers = cap("sublayers")
+
+    def too_many(self, n: int, pos: int) -> PatternError:
+        return self.error(
+            f"pattern expands to {n:,} sublayers, above the cap of {self.max_sublayers:,} "
+            "(set HCOMPOSER_MAX_SUBLAYERS to allow more)",
+            pos,
+        )
 
     def error(self, msg: str, pos: int | None = None) -> PatternError:
         pos = self.i if pos is None else pos
@@ -99,6 +110,7 @@ class _Parser:
             c = self.peek()
             if c is None or c == closing:
                 return out
+            start = self.i
             if c in TOKENS:
                 self.i += 1
                 out.append((c,))
@@ -109,6 +121,8 @@ class _Parser:
             else:
                 what = "unexpected" if c in ")]|*" else "unknown token"
                 raise self.error(f"{what} {c!r}")
+            if len(out) > self.max_sublayers:
+                raise self.too_many(len(out), start)
 
     def group(self) -> Sublayer:
         start = self.i
@@ -155,15 +169,16 @@ class _Parser:
         self.i += 1
         self.peek()
         j = self.i
-        while j < len(self.text) and self.text[j].isdigit():
+        # ASCII digits only: str.isdigit() also accepts superscripts such as '²'.
+        while j < len(self.text) and "0" <= self.text[j] <= "9" and j - self.i < 19:
             j += 1
         if j == self.i:
-            raise self.error("expected a repeat count after '*'")
+            raise self.error("expected a repeat count (digits 0-9) after '*'")
         count = int(self.text[self.i : j])
         if count < 1:
             raise self.error("repeat count must be at least 1")
-        if count * len(body) > 100_000:
-            raise self.error("pattern expands to more than 100000 sublayers")
+        if count * len(body) > self.max_sublayers:
+            raise self.too_many(count * len(body), start)
         self.i = j
         return body * count
 
@@ -173,6 +188,14 @@ def parse_pattern(text: str | Sequence[Sublayer]) -> list[Sublayer]:
     if not isinstance(text, str):
         layers = [tuple(s) for s in text]
         return parse_pattern(format_pattern(layers))
+    limit = cap("pattern_chars")
+    if len(text) > limit:
+        raise PatternError(
+            f"pattern of {len(text):,} characters is above the cap of {limit:,} "
+            "(set HCOMPOSER_MAX_PATTERN_CHARS to allow more)",
+            pattern=text[:80],
+            position=limit + 1,
+        )
     return _Parser(text).parse()
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcomposer.config_io import DamagedFolder, read_run_file, stamp
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, read_json, record_run
+from hcomposer.io import atomic_write_json, record_run
 
 __all__ = ["RunRecipe", "RUN_RECIPES", "get_run_recipe", "run_pipeline", "matched_baseline"]
 
@@ -140,7 +141,12 @@ class _State:
         self.path = out / "pipeline.json"
         self.out = out
         if self.path.exists():
-            data = read_json(self.path)
+            data = read_run_file(out, "pipeline.json", keys=("recipe", "stages"), versioned=True)
+            if not isinstance(data["stages"], dict):
+                raise DamagedFolder(
+                    f"run folder {str(out)!r} is damaged: pipeline.json 'stages' is not an "
+                    "object; restore it from a copy, or start again with a new --out"
+                )
             if data.get("recipe") != recipe.to_dict():
                 raise UserError(
                     f"{out} holds a run of another configuration (recipe "
@@ -166,7 +172,7 @@ class _State:
         return result
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        atomic_write_json(self.path, stamp(self.data))
 
 
 def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:

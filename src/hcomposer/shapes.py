@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hcomposer.config_io import check_fields, migrate, read_json_file
 from hcomposer.errors import ShapeError, UserError
 
 __all__ = ["Shape", "PRESETS", "get_shape", "resolve_shape"]
@@ -159,6 +159,7 @@ class Shape:
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ShapeError(f"unknown shape field(s) {unknown}; fields: {sorted(names)}")
+        check_fields(Shape, changes, "shape", error=ShapeError)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +167,7 @@ class Shape:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shape:
+        check_fields(cls, data, "shape", error=ShapeError)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -325,14 +327,14 @@ def resolve_shape(spec: str | Path | Shape | dict) -> Shape:
     if text.endswith(".json") or path.exists():
         if not path.is_file():
             raise UserError(f"shape file {text!r} does not exist; give a preset or a JSON file")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"shape file {text!r} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"shape file {text!r} must hold a JSON object of shape fields")
+        data = migrate(read_json_file(path, "shape file"), f"shape file {text!r}")
         base = data.pop("preset", None)
-        if base is not None:
-            return get_shape(base).replace(**data)
-        return Shape.from_dict(data)
+        try:
+            if base is not None:
+                if not isinstance(base, str):
+                    raise UserError(f"field 'preset' must be a preset name, got {base!r}")
+                return get_shape(base).replace(**data)
+            return Shape.from_dict(data)
+        except UserError as e:
+            raise ShapeError(f"shape file {text!r}: {e}") from None
     return get_shape(text)

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from hcomposer.checkpoint import (
     truncate_metrics,
     write_status,
 )
+from hcomposer.config_io import check_fields, read_run_file
 from hcomposer.data import (
     Tokenizer,
     get_tokenizer,
@@ -49,7 +51,7 @@ from hcomposer.data import (
     resolve_source,
 )
 from hcomposer.errors import UserError
-from hcomposer.io import append_jsonl, atomic_write_json, read_json, record_run
+from hcomposer.io import append_jsonl, atomic_write_json, record_run
 from hcomposer.model import HybridLM, build_model
 from hcomposer.schedule import SCHEDULES, lr_at
 
@@ -107,6 +109,17 @@ class TrainConfig:
             raise UserError(f"train config: dtype {self.dtype!r}; choose bf16 or fp32")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise UserError("train config: need lr > 0 and 0 <= min_lr <= lr")
+        for name in ("warmup", "weight_decay", "grad_clip", "decay_fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"train config: {name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.lr) and math.isfinite(self.min_lr)):
+            raise UserError("train config: lr and min_lr must be finite")
+        if self.batch_size % self.grad_accum:
+            raise UserError(
+                f"train config: batch size {self.batch_size} does not split into "
+                f"{self.grad_accum} accumulation steps"
+            )
         if self.tokens < self.batch_size * self.seq_len:
             raise UserError(
                 f"train config: --tokens {self.tokens} is less than one batch "
@@ -128,6 +141,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        check_fields(cls, data, "train config")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -316,15 +330,27 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
         # Every rank checks the source, so bad input fails everywhere, not only on rank 0.
         resolve_source(config.data)
     # Rank 0 tokenises (or finds the shards); the others then open the same shards.
+    t_data = time.time()
     if dist.main:
         dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
     dist.barrier()
     if not dist.main:
         dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
-    for split in ("train", "val"):
-        dataset._check_len(dataset.split(split), split, config.seq_len)
+    try:
+        for split in ("train", "val"):
+            dataset._check_len(dataset.split(split), split, config.seq_len)
+    except UserError:
+        # Shards built just now from a source too small to train on: leave nothing behind.
+        manifest = Path(dataset.path) / "manifest.json"
+        fresh = manifest.is_file() and manifest.stat().st_mtime >= t_data - 1
+        if dist.main and fresh and Path(dataset.path) != Path(str(config.data)):
+            shutil.rmtree(dataset.path, ignore_errors=True)
+        raise
     if has_run:
-        started_on = read_json(out / "run.json")["config"].get("dataset", {}).get("sha256")
+        stored = read_run_file(out, "run.json", keys=("config",), versioned=True)["config"]
+        started_on = (
+            (stored.get("dataset") or {}).get("sha256") if isinstance(stored, dict) else None
+        )
         if started_on is not None and started_on != dataset.manifest["sha256"]:
             raise UserError(
                 f"--resume: the data of the run in {str(out)!r} changed since it started "
@@ -351,9 +377,15 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
     params_total = sum(p.numel() for p in model.parameters())
     if start_step >= total and (out / "summary.json").is_file():
         # Nothing left to do: report the finished run, change nothing.
-        done = read_json(out / "summary.json")
+        done = read_run_file(out, "summary.json")
+        fields = {f.name for f in dataclasses.fields(TrainResult)}
+        if not fields - {"message"} <= set(done):
+            raise UserError(
+                f"run folder {str(out)!r} is damaged: summary.json lacks fields; delete "
+                "summary.json and resume to write it again"
+            )
+        done = {k: v for k, v in done.items() if k in fields}
         done["out_dir"] = out
-        done.pop("val_ppl", None)
         return TrainResult(**done)
 
     if dist.main:
@@ -438,7 +470,9 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                 status, message = "diverged", f"diverged at step {step + 1}"
                 step += 1
                 break
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            # grad_clip 0 turns clipping off (as in the proxies); the norm is still logged.
+            clip = config.grad_clip or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -523,9 +557,9 @@ def load_run(run_dir: str | Path, *, device: Any = None):
     info = {
         "step": state["step"],
         "tokens": state["tokens"],
-        "config": read_json(run_dir / "run.json").get("config", {}),
+        "config": read_run_file(run_dir, "run.json", keys=("config",), versioned=True)["config"],
         "status": read_status(run_dir),
-        "summary": read_json(run_dir / "summary.json")
+        "summary": read_run_file(run_dir, "summary.json")
         if (run_dir / "summary.json").is_file()
         else None,
     }

@@ -24,10 +24,15 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--c", type=int, default=1, help="positions nc conditions on (default 1)")
     p.add_argument("--k", type=int, default=5, help="k-means clusters on the scores (default 5)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="the study's URL when the search kept it outside DIR (never read from DIR itself)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def read_trials(directory: str | Path) -> tuple[list[dict], str]:
+def read_trials(directory: str | Path, storage: str | None = None) -> tuple[list[dict], str]:
     """The trials of a search folder and where they came from.
 
     The search engine's ``load_trials`` (its Optuna storage) comes first; a plain
@@ -49,8 +54,10 @@ def read_trials(directory: str | Path) -> tuple[list[dict], str]:
         load_trials = None
     if load_trials is not None:
         try:
-            trials = load_trials(path)
+            trials = load_trials(path, storage=storage)
         except UserError as e:
+            if storage is not None:
+                raise  # the user named the storage: its error is the answer
             engine_error = e
         else:
             if trials:
@@ -69,7 +76,7 @@ def read_trials(directory: str | Path) -> tuple[list[dict], str]:
 def run(args) -> int:
     from hcomposer.search.aggregate import aggregate_details
 
-    trials, source = read_trials(args.dir)
+    trials, source = read_trials(args.dir, storage=args.storage)
     result = aggregate_details(trials, method=args.method, c=args.c, k=args.k)
     out = {**result.to_dict(), "source": source}
     if args.json:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.guards import check_output_dir
 
 HELP = "Compare search samplers on a precomputed table of scores (no training)."
 
@@ -60,8 +61,8 @@ def _check(args) -> list[str]:
             f"--samplers {args.samplers!r}: unknown {', '.join(bad) or 'empty list'}; "
             f"choose from {', '.join(SAMPLERS)}"
         )
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out!r} exists and is not a folder")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     return list(dict.fromkeys(names))
 
 

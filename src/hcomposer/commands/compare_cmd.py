@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.guards import check_output_dir
 
 HELP = "Compare trained run folders (the first is the reference) into a Markdown report."
 
@@ -27,9 +28,7 @@ def run(args) -> int:
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.dirs):
         raise UserError(f"--labels has {len(labels)} names for {len(args.dirs)} folders")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out!r} is a file; choose a folder")
+    out = check_output_dir(args.out, "--out")
     result = compare_runs(args.dirs, out, labels)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.guards import check_memory, check_output_dir
 
 HELP = "Evaluate a run folder: --suite loss,mad,mqar,niah,efficiency,lm-eval:TASKS."
 
@@ -36,9 +37,29 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{what} needs whole numbers of at least 1, got {text!r}")
+    return values
+
+
+def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> None:
+    """Refuse context lengths the machine cannot hold, before the run is loaded."""
+    from hcomposer.accounting import estimate_memory
+    from hcomposer.architecture import Architecture
+
+    names = {name for name, _ in parts}
+    asked = [("--niah-lengths", n) for n in options["niah"].get("lengths") or () if "niah" in names]
+    asked += [("--mqar-lengths", n) for n in options["mqar"]["lengths"] or () if "mqar" in names]
+    if max_len is not None and "efficiency" in names:
+        asked.append(("--max-len", max_len))
+    if not asked or not (run_dir / "architecture.json").is_file():
+        return
+    arch = Architecture.from_json(run_dir / "architecture.json")
+    flag, longest = max(asked, key=lambda a: a[1])
+    check_memory(estimate_memory(arch, batch=1, seq_len=longest), f"{flag} {longest:,}")
 
 
 def run(args) -> int:
@@ -48,6 +69,7 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {str(run_dir)!r} does not exist")
+    check_output_dir(run_dir / "eval", "the run's eval folder")
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -63,6 +85,7 @@ def run(args) -> int:
     }
     if args.niah_lengths:
         options["niah"]["lengths"] = _ints(args.niah_lengths, "--niah-lengths")
+    _check_lengths(run_dir, parts, options, args.max_len)
     res = run_suite(
         run_dir, parts, data=args.data, include_path=args.include_path, limit=limit,
         device=args.device, options=options, argv=args.argv, progress=not args.json,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from hcomposer.errors import UserError
 
@@ -40,6 +41,8 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise UserError(f"{flag} {text!r}: numbers separated by commas, e.g. 1e-3,4e-3") from None
     if not values:
         raise UserError(f"{flag} needs at least one value")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"{flag} {text!r}: every value must be a finite number >= 0")
     return values
 
 

@@ -23,7 +23,9 @@ def run(args) -> int:
     import torch
 
     from hcomposer.export import export_run
+    from hcomposer.guards import check_output_dir
 
+    check_output_dir(args.out, "--out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     summary = export_run(args.run_dir, args.out, dtype=dtype, kind=args.kind, argv=args.argv)
     if args.json:

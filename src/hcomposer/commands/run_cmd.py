@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.guards import check_output_dir
 
 HELP = (
     "Run the whole pipeline: search -> aggregate -> scale -> train composite and baseline "
@@ -56,12 +57,17 @@ def run(args) -> int:
 
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
+    check_output_dir(out, "--out")
     con = console()
-    con.print(f"[bold]hcomposer run[/bold] recipe [cyan]{recipe.name}[/cyan] -> {out}")
-    state = run_pipeline(
-        recipe, out, argv=args.argv, progress=not args.no_progress,
-        say=lambda text: con.print(text, markup=False, highlight=False),
-    )  # fmt: skip
+    # The banner comes with the first stage, so a refused folder prints only the error.
+    banner = [f"[bold]hcomposer run[/bold] recipe [cyan]{recipe.name}[/cyan] -> {out}"]
+
+    def say(text: str) -> None:
+        if banner:
+            con.print(banner.pop())
+        con.print(text, markup=False, highlight=False)
+
+    state = run_pipeline(recipe, out, argv=args.argv, progress=not args.no_progress, say=say)
     rep = state["stages"]["report"]
     if args.json:
         print(json.dumps({"out": str(out), "stages": state["stages"]}, default=str))

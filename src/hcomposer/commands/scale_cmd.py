@@ -6,6 +6,7 @@ import json
 
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.guards import check_cap
 
 HELP = "Extrapolate a pattern to N sublayers or N parameters by stacking or stretching."
 
@@ -36,7 +37,7 @@ def _layers_arg(text: str) -> int:
         raise UserError(f"--layers {text!r} is not a whole number of sublayers") from None
     if value < 1:
         raise UserError(f"--layers must be at least 1 (got {value})")
-    return value
+    return check_cap("sublayers", value, "--layers")
 
 
 def run(args) -> int:
@@ -59,6 +60,11 @@ def run(args) -> int:
         target = parse_count(args.params, "--params")
         if target < 1:
             raise UserError(f"--params must be positive (got {args.params!r})")
+        # The depth scan is linear in the depth: refuse a target deeper than the cap up front.
+        one = count_costs(Architecture(pattern=block, shape=shape))
+        per_sublayer = max(one.params_non_embedding / one.n_sublayers, 1.0)
+        depth = int((target - one.params_embedding) / per_sublayer)
+        check_cap("sublayers", depth, f"--params {args.params} (about {depth:,} sublayers):")
         arch = scale_to_params(block, target, shape, args.strategy)
     costs = count_costs(arch)
     result = {

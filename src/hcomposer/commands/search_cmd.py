@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.guards import check_output_dir
 
 HELP = "Search the order and ratio of primitives (Bayesian optimisation by default); resumable."
 
@@ -151,6 +152,7 @@ def run(args) -> int:
 
     config = build_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"search-{config.sampler}-{config.seed}"
+    check_output_dir(out, "--out")
     result = run_search(config, out, argv=args.argv, progress=not args.no_progress)
     if args.json:
         data = result.to_dict()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.guards import check_memory, check_output_dir
 
 HELP = "Train an architecture on text (the embedded corpus by default) into a run folder."
 
@@ -58,18 +59,24 @@ def _architecture(spec: str, shape: str | None):
     from hcomposer.architecture import Architecture
 
     path = Path(spec)
-    if path.is_dir() and (path / "architecture.json").is_file():
-        # A folder holding an architecture (a run, an export, a scale result).
-        path = path / "architecture.json"
-    if path.suffix == ".json" or path.is_file():
+    try:
+        if path.is_dir() and (path / "architecture.json").is_file():
+            # A folder holding an architecture (a run, an export, a scale result).
+            path = path / "architecture.json"
+        is_file = path.suffix == ".json" or path.is_file()
+    except (OSError, ValueError):  # a name too long for a path, or a NUL: a pattern
+        is_file = False
+    if is_file:
         arch = Architecture.from_json(path)
         return arch.with_shape(shape) if shape else arch
     return Architecture.parse(spec, shape=shape or "proxy")
 
 
 def run(args) -> int:
+    from hcomposer.accounting import estimate_memory
     from hcomposer.train import TrainConfig, train
 
+    check_output_dir(args.out, "--out")
     arch = _architecture(args.arch, args.shape)
     config = TrainConfig(
         tokens=parse_count(args.tokens, "--tokens"),
@@ -95,6 +102,9 @@ def run(args) -> int:
     )
     if args.checkpoint_every < 0 or args.eval_every < 0:
         raise UserError("--checkpoint-every and --eval-every must not be negative")
+    micro = max(config.batch_size // config.grad_accum, 1)
+    need = estimate_memory(arch, batch=micro, seq_len=config.seq_len, training=True)
+    check_memory(need, f"training {micro} x {config.seq_len} tokens per micro-step")
     result = train(
         arch,
         config,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hcomposer.architecture import Architecture
+from hcomposer.config_io import check_fields, load_config, migrate, stamp
 from hcomposer.data.mad import MAD_TASKS, MADData, MADTaskConfig, default_task_config, generate_task
 from hcomposer.data.mqar import DEFAULT_MQAR, MQARConfig, generate_mqar
 from hcomposer.errors import UserError
@@ -109,6 +110,8 @@ class ProxyConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"proxy config: {name} must be at least 1")
+        if not all(math.isfinite(v) for v in (*self.lrs, *self.weight_decays, self.text_lr)):
+            raise UserError("proxy config: learning rates and weight decays must be finite")
         if not self.lrs or any(v <= 0 for v in self.lrs) or self.text_lr <= 0:
             raise UserError("proxy config: learning rates must be positive (lrs non-empty)")
         if not self.weight_decays or any(v < 0 for v in self.weight_decays):
@@ -131,6 +134,8 @@ class ProxyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProxyConfig:
+        data = migrate(data, "proxy config")
+        check_fields(cls, data, "proxy config")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -146,20 +151,11 @@ class ProxyConfig:
         return cls(**d)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(stamp(self.to_dict()), indent=indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> ProxyConfig:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise UserError(f"proxy config file {text!r} does not exist")
-            text = path.read_text()
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise UserError(f"proxy config JSON does not parse: {e}") from None
+        return load_config(cls, text_or_path, "proxy config")
 
 
 @dataclass

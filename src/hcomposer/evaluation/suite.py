@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_json, run_metadata
+from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
 
 __all__ = ["PARTS", "parse_suite", "run_suite", "load_eval_results", "eval_markdown"]
 
@@ -266,7 +267,10 @@ def load_eval_results(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     for cand in (p / "eval" / "results.json", p / "results.json"):
         if cand.is_file():
-            return read_json(cand)
+            return read_run_file(
+                cand.parent, cand.name,
+                recover="delete it and run 'hcomposer eval' again to write it anew",
+            )  # fmt: skip
     return {}
 
 

@@ -43,8 +43,9 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.architecture import Architecture
+from hcomposer.config_io import read_run_file, stamp
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_json, record_run
+from hcomposer.io import atomic_write_json, atomic_write_text, record_run
 from hcomposer.search import results as R
 from hcomposer.search.live import LiveView
 from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
@@ -124,7 +125,10 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     resuming = existing.is_file()
     if resuming:
         try:
-            old = SearchConfig.from_dict(read_json(existing)["config"]).identity()
+            stored = read_run_file(
+                out, "search.json", kind="search", keys=("config",), versioned=True
+            )
+            old = SearchConfig.from_dict(stored["config"]).identity()
         except (KeyError, ValueError, TypeError, UserError) as e:
             raise UserError(
                 f"{str(existing)!r} is not a readable search config ({e}); pick a new --out"
@@ -143,7 +147,7 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     # workers) wait for search.json, so they never race this creation.
     open_storage(storage_url(config.storage, out))
     if not resuming:
-        atomic_write_json(existing, {"config": config.to_dict()})
+        atomic_write_json(existing, stamp({"config": config.to_dict()}))
     record_run(out, config.to_dict(), argv)
     return resuming
 

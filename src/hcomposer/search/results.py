@@ -22,8 +22,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hcomposer.config_io import DamagedFolder, read_run_file
 from hcomposer.errors import UserError
-from hcomposer.io import read_json
 from hcomposer.search.space import OBJECTIVES, SearchConfig, plan_stages
 
 __all__ = [
@@ -53,7 +53,14 @@ def read_config(out_dir: str | Path) -> SearchConfig:
     path = Path(out_dir) / "search.json"
     if not path.is_file():
         raise UserError(f"{str(out_dir)!r} is not a search folder (no search.json)")
-    return SearchConfig.from_dict(read_json(path)["config"])
+    stored = read_run_file(out_dir, "search.json", kind="search", keys=("config",), versioned=True)
+    try:
+        return SearchConfig.from_dict(stored["config"])
+    except UserError as e:
+        raise DamagedFolder(
+            f"search folder {str(out_dir)!r} is damaged: search.json: {e}; restore it from a "
+            "copy, or rerun the same 'hcomposer search' command into a new --out"
+        ) from None
 
 
 def trial_state(t: FrozenTrial) -> str:
@@ -128,19 +135,44 @@ def load_stage_trials(config: SearchConfig, storage) -> list[list[dict[str, Any]
     return out
 
 
-def load_trials(out_dir: str | Path, stage: int | str | None = "last") -> list[dict[str, Any]]:
+def load_trials(
+    out_dir: str | Path, stage: int | str | None = "last", storage: str | None = None
+) -> list[dict[str, Any]]:
     """The trials of a search folder as dicts (``number``, ``pattern``, ``score``, ``state``...).
 
     ``stage="last"`` (default) gives the final stage that has started (for one-shot
     searches, all trials); ``None`` every stage; an int that stage (0-based).
+
+    The folder's own ``study.db`` is read by default. A search kept elsewhere (its
+    search.json names another storage) is read only from ``storage``, a URL the caller
+    got from the user: a folder never decides what gets opened or created outside it.
     """
-    from hcomposer.search.storage import open_storage, storage_url
+    from hcomposer.search.storage import check_storage, open_storage, storage_url
 
     config = read_config(out_dir)
-    url = storage_url(config.storage, out_dir)
-    if config.storage is None and not (Path(out_dir) / "study.db").is_file():
-        return []
-    stages = load_stage_trials(config, open_storage(url, reader=True))
+    own = Path(out_dir) / "study.db"
+    if storage is None:
+        if config.storage is not None and config.storage != storage_url(None, out_dir):
+            raise UserError(
+                f"search folder {str(out_dir)!r} keeps its trials in {config.storage!r}; a "
+                "storage named inside a folder is not opened: give it with --storage URL"
+            )
+        if not own.is_file():
+            return []
+        url = storage_url(None, out_dir)
+    else:
+        check_storage(storage, out_dir, must_exist=True)
+        url = storage
+    try:
+        stages = load_stage_trials(config, open_storage(url, reader=True))
+    except UserError:
+        raise
+    except Exception as e:  # a damaged or foreign database: say so, with the way out
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DamagedFolder(
+            f"search folder {str(out_dir)!r}: its study cannot be read ({why}); restore "
+            "study.db from a copy, or aggregate DIR/trials.jsonl written when the search ended"
+        ) from None
     if not stages:
         return []
     if stage is None:

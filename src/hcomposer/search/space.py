@@ -25,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from hcomposer.config_io import check_fields, migrate
 from hcomposer.errors import PatternError, UserError
 from hcomposer.pattern import TOKENS, format_pattern, parse_pattern
 from hcomposer.search.samplers import SAMPLERS
@@ -185,6 +186,13 @@ class SearchConfig:
             raise UserError(
                 f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
             )
+        n_space = len(self.primitives) ** min(self.layers, 64)
+        if self.strategy == "one-shot" and self.trials > n_space:
+            raise UserError(
+                f"--trials {self.trials} is more than the {n_space} patterns of the space "
+                f"({len(self.primitives)} choices at {self.layers} positions); lower --trials "
+                "or widen --primitives/--layers"
+            )
         if self.stage_size is not None and not (1 <= self.stage_size <= self.layers):
             raise UserError(f"--stage-size must be between 1 and --layers ({self.layers})")
         bad = [o for o in self.objective if o not in OBJECTIVES]
@@ -216,10 +224,39 @@ class SearchConfig:
         for choice in self.primitives:
             # A group must split the shape's heads evenly; say so now, not in trial 17.
             Architecture(pattern=choice, shape=self.shape)
+        self._check_budgets_reachable()
         if self.n_startup is not None and self.n_startup < 1:
             raise UserError("--n-startup must be at least 1")
         if self.population_size is not None and self.population_size < 2:
             raise UserError("--population-size must be at least 2")
+
+    def _check_budgets_reachable(self) -> None:
+        """Refuse a --max-params / --max-kv-bytes that even the cheapest pattern exceeds.
+
+        Both costs are a base plus one term per sublayer, so the cheapest pattern of the
+        space repeats the cheapest choice: if that is over budget, every trial would be.
+        """
+        if self.max_params is None and self.max_kv_bytes is None:
+            return
+        from hcomposer.accounting import count_costs
+        from hcomposer.architecture import Architecture
+
+        costs = [
+            count_costs(Architecture(pattern=c * self.layers, shape=self.shape))
+            for c in self.primitives
+        ]
+        least_params = min(c.params_total for c in costs)
+        least_kv = min(c.kv_bytes_per_token for c in costs)
+        if self.max_params is not None and least_params > self.max_params:
+            raise UserError(
+                f"--max-params {self.max_params:,}: the smallest pattern of the space has "
+                f"{least_params:,} parameters at shape {self.shape.name!r}; raise the budget"
+            )
+        if self.max_kv_bytes is not None and least_kv > self.max_kv_bytes:
+            raise UserError(
+                f"--max-kv-bytes {self.max_kv_bytes:,}: every pattern of the space needs at "
+                f"least {least_kv:,} bytes per token; raise the budget or add S/F/E choices"
+            )
 
     @property
     def directions(self) -> list[str]:
@@ -252,7 +289,8 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
-        data = dict(data)
+        data = migrate(data, "search config")
+        check_fields(cls, data, "search config")
         fmt = data.pop("format", FORMAT)
         if fmt != FORMAT:
             raise UserError(f"search config format {fmt!r} is not known; expected {FORMAT!r}")

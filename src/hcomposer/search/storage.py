@@ -27,6 +27,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
+from hcomposer.guards import check_output_file
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -58,11 +59,12 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def check_storage(spec: str | None, out_dir: str | Path) -> None:
+def check_storage(spec: str | None, out_dir: str | Path, *, must_exist: bool = False) -> None:
     """Raise UserError if the storage cannot be reached; writes nothing.
 
-    SQLite and journal paths need an existing folder (the run folder itself is created
-    later); other URLs are connected to once.
+    SQLite and journal paths need an existing, writable folder (the run folder itself is
+    created later); with ``must_exist`` (reading a finished search) the file itself.
+    Other URLs are connected to once.
     """
     if spec is None:
         return
@@ -71,6 +73,9 @@ def check_storage(spec: str | None, out_dir: str | Path) -> None:
         if not str(path) or not path.parent.is_dir():
             folder = str(path.parent)
             raise UserError(f"--storage {spec!r}: the journal's folder {folder!r} does not exist")
+        check_output_file(path, f"--storage {spec!r}:")
+        if must_exist and not path.is_file():
+            raise UserError(f"--storage {spec!r}: the journal file does not exist")
         return
     if "://" not in spec:
         raise UserError(
@@ -81,6 +86,9 @@ def check_storage(spec: str | None, out_dir: str | Path) -> None:
     if spec.startswith("sqlite:"):
         if sqlite is None or not sqlite.parent.is_dir():
             raise UserError(f"--storage {spec!r}: the folder of the SQLite file does not exist")
+        check_output_file(sqlite, f"--storage {spec!r}:")
+        if must_exist and not sqlite.is_file():
+            raise UserError(f"--storage {spec!r}: the SQLite file does not exist")
         return
     try:
         import sqlalchemy

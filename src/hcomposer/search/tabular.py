@@ -40,6 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
 from hcomposer.pattern import format_pattern, parse_pattern
 
@@ -110,8 +111,10 @@ class Table:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Table:
-        if data.get("format") != FORMAT:
-            raise UserError(f"not a tabular benchmark table (format {data.get('format')!r})")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise UserError(f"not a tabular benchmark table (format {found!r})")
+        _check_table_fields(data)
         meta = {
             k: v
             for k, v in data.items()
@@ -124,6 +127,30 @@ class Table:
             scores={str(k): float(v) for k, v in data["scores"].items()},
             meta=meta,
         )
+
+
+def _check_table_fields(data: dict[str, Any]) -> None:
+    """Types of a table's fields (the file is user input): one UserError naming the field."""
+    checks = {
+        "name": lambda v: isinstance(v, str),
+        "choices": lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
+        "positions": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64,
+        "scores": lambda v: (
+            isinstance(v, dict)
+            and all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                for s in v.values()
+            )
+        ),
+    }
+    for name, ok in checks.items():
+        if name not in data:
+            raise UserError(f"table: field {name!r} is missing")
+        if not ok(data[name]):
+            want = {"name": "a string", "choices": "a list of tokens",
+                    "positions": "a whole number from 1 to 64",
+                    "scores": "an object of pattern: finite number"}[name]  # fmt: skip
+            raise UserError(f"table: field {name!r} must be {want}")
 
 
 def synthetic_table(
@@ -183,12 +210,11 @@ def load_table(spec: str | Path) -> Table:
             )
         data = json.loads(asset.read_text())
     else:
-        if not path.is_file():
-            raise UserError(f"table file {text!r} does not exist")
+        data = read_json_file(path, "table file")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"table file {text!r} is not valid JSON: {e}") from None
+            return Table.from_dict(data)
+        except UserError as e:
+            raise UserError(f"table file {text!r}: {e}") from None
     return Table.from_dict(data)
 
 

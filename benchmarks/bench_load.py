@@ -1,0 +1,154 @@
+"""Throughput beside a competing busy process: torch's default threading against our policy.
+
+The question (issue 13): on a small shared machine, how much training (and proxy-evaluation)
+throughput is kept when one other process spins on a core, and what does the policy cost
+when the machine is quiet? OpenMP reads its wait policy once, when the library loads, so
+every configuration runs in a fresh child process; the configurations are run in turns
+(round-robin, ``--rounds`` times) so drifting load from other users spreads over all of them.
+
+Configurations (each measured quiet and beside one busy process):
+
+- ``default``: torch's defaults (all cores, OpenMP's spin-then-sleep wait);
+- ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once) -- the policy
+  ``hcomposer`` applies (``hcomposer.threads``);
+- ``one-thread``: one intra-op thread.
+
+Workloads: ``train`` is a training step of ``(AF)*6`` at shape ``10m`` (byte vocabulary,
+batch 16 x 256, bf16 autocast, AdamW), as ``hcomposer train "(AF)*6" --shape 10m`` runs it;
+``proxy`` is a proxy-evaluation step (shape ``proxy``, 6 sublayers, batch 32 x 64), at the
+proxies' own one thread.
+
+    nice -n 10 python benchmarks/bench_load.py --rounds 3 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "default": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "one-thread": {"OMP_NUM_THREADS": "1"},
+}
+WORKLOADS = {
+    "train": {"pattern": "(AF)*6", "shape": "10m", "batch": 16, "seq_len": 256},
+    "proxy": {"pattern": "AFAFAF", "shape": "proxy", "batch": 32, "seq_len": 64, "threads": 1},
+}
+
+
+def child(workload: str, steps: int, warmup: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from hcomposer.architecture import Architecture
+    from hcomposer.model import build_model
+
+    w = WORKLOADS[workload]
+    if "threads" in w:
+        torch.set_num_threads(w["threads"])
+    arch = Architecture.parse(w["pattern"], shape=w["shape"])
+    arch = arch.with_shape(arch.shape.replace(vocab_size=256, max_seq_len=w["seq_len"]))
+    model = build_model(arch, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (w["batch"], w["seq_len"] + 1), generator=gen)
+    times, cpu = [], []
+    for i in range(warmup + steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    tokens = w["batch"] * w["seq_len"]
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": tokens / statistics.median(times),
+                "cpu_s_per_step": statistics.median(cpu),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+def _busy() -> subprocess.Popen:
+    # One process spinning on a core: the competing load of the issue's measurement.
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _measure(config: str, workload: str, loaded: bool, steps: int, warmup: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env.update(CONFIGS[config])
+    cmd = [sys.executable, __file__, "--child", workload, "--steps", str(steps)]
+    cmd += ["--warmup", str(warmup)]
+    busy = _busy() if loaded else None
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workloads", default="train,proxy")
+    ap.add_argument("--out", default=None, help="JSON file for every measurement")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.warmup)
+        return
+    results: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for workload in args.workloads.split(","):
+            for config in CONFIGS:
+                if workload == "proxy" and config == "one-thread":
+                    continue  # the proxies run one thread already
+                for loaded in (False, True):
+                    key = f"{workload}/{config}/{'loaded' if loaded else 'quiet'}"
+                    m = _measure(config, workload, loaded, args.steps, args.warmup)
+                    results.setdefault(key, []).append(m["tokens_per_s"])
+                    print(f"round {r + 1} {key}: {m['tokens_per_s']:,.0f} tok/s", flush=True)
+    print()
+    print("| workload | config | quiet tok/s | loaded tok/s | loaded / default quiet | "
+          "quiet / default quiet |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for workload in args.workloads.split(","):
+        base = statistics.median(results[f"{workload}/default/quiet"])
+        for config in CONFIGS:
+            key = f"{workload}/{config}"
+            if f"{key}/quiet" not in results:
+                continue
+            q, lo = results[f"{key}/quiet"], results[f"{key}/loaded"]
+            mq, ml = statistics.median(q), statistics.median(lo)
+            summary[key] = {"quiet": q, "loaded": lo, "loaded_ratio": ml / base,
+                            "quiet_ratio": mq / base}  # fmt: skip
+            print(
+                f"| {workload} | {config} | {mq:,.0f} ({min(q):,.0f}-{max(q):,.0f}) | "
+                f"{ml:,.0f} ({min(lo):,.0f}-{max(lo):,.0f}) | {ml / base:.2f} | {mq / base:.2f} |"
+            )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
