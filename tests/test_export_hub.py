@@ -203,10 +203,13 @@ def test_model_card_parses_and_says_what_it_should(tmp_path):
     info = {
         "step": 12,
         "tokens": 6144,
-        "config": {"data": "corpus.jsonl", "tokenizer": "byte", "seq_len": 64, "seed": 3},
+        "config": {
+            "train": {"data": "corpus.jsonl", "tokenizer": "byte", "seq_len": 64, "seed": 3},
+            "dataset": {"source": {"spec": "corpus.jsonl"}, "tokens": {"train": 900, "val": 50}},
+        },
         "summary": {"val_loss": 2.5, "loss": 2.75},
     }
-    evals = "## loss\n\n| metric | value |\n|---|---|\n| val_loss | 2.5 |\n"
+    evals = "# Evaluation\n\n## loss\n\n| metric | value |\n|---|---|\n| val_loss | 2.5 |\n"
     export_model(_model(arch), arch, ByteTok(), tmp_path / "hf", run_info=info, eval_markdown=evals)
     card = ModelCard.load(tmp_path / "hf" / "README.md")
     assert card.data.library_name == "transformers"
@@ -215,7 +218,8 @@ def test_model_card_parses_and_says_what_it_should(tmp_path):
     text = card.text
     n_params = sum(p.numel() for p in _model(arch).parameters())
     wants = ["`SFAF`", "BambaForCausalLM", f"{n_params:,} total", "corpus.jsonl", "6,144"]
-    wants += ["| val_loss | 2.5 |", "from_pretrained", "| `d_model` | 64 |"]
+    wants += ["| val_loss | 2.5 |", "from_pretrained", "| `d_model` | 64 |", "seq_len=64"]
+    wants += ["900 training", "\n### loss\n"]
     for want in wants:
         assert want in text, want
     # Without run information or results the card says so instead of inventing them.

@@ -55,13 +55,23 @@ def _shape_table(arch: Architecture) -> str:
 def _training(info: dict[str, Any] | None) -> str:
     if not info:
         return "Not recorded: the model was exported from Python, not from a run folder."
-    cfg = info.get("config") or {}
-    data = cfg.get("data") or "the embedded sample corpus"
-    lines = [
-        f"- data: `{data}` (tokenizer `{cfg.get('tokenizer', 'byte')}`)",
+    run = info.get("config") or {}
+    cfg = run.get("train", run)
+    dataset = run.get("dataset") or {}
+    source = (dataset.get("source") or {}).get("spec") or cfg.get("data")
+    data = f"`{source}`" if source else "the embedded sample corpus (Jane Austen's novels)"
+    tokenizer = (dataset.get("tokenizer") or {}).get("name") or cfg.get("tokenizer", "byte")
+    lines = [f"- data: {data}, tokenizer `{tokenizer}`"]
+    counts = dataset.get("tokens") or {}
+    if counts:
+        lines.append(
+            f"- dataset: {counts.get('train', 0):,} training and {counts.get('val', 0):,} "
+            "validation tokens"
+        )
+    lines.append(
         f"- tokens trained: {int(info.get('tokens') or 0):,} in {int(info.get('step') or 0):,} "
-        "optimiser steps",
-    ]
+        "optimiser steps"
+    )
     keys = ("batch_size", "seq_len", "lr", "schedule", "weight_decay", "dtype", "seed")
     known = [f"{k}={cfg[k]}" for k in keys if k in cfg]
     if known:
@@ -71,6 +81,11 @@ def _training(info: dict[str, Any] | None) -> str:
         if summary.get(key) is not None:
             lines.append(f"- {what} at the end of training: {summary[key]:.4f}")
     return "\n".join(lines)
+
+
+def _demote(markdown: str) -> str:
+    """Headings one level down, so stored results sit under the card's own section."""
+    return "\n".join("#" + ln if ln.startswith("#") else ln for ln in markdown.strip().splitlines())
 
 
 def model_card(
@@ -109,7 +124,7 @@ hcomposer, one character per residual sublayer
 
 ## Evaluation
 
-{eval_markdown.strip() if eval_markdown else "No stored results (`hcomposer eval RUN` adds them)."}
+{_demote(eval_markdown) if eval_markdown else "No stored results (`hcomposer eval RUN` adds them)."}
 
 ## How to load
 
