@@ -43,7 +43,9 @@ from hcomposer.io import (
 
 __all__ = [
     "save_checkpoint",
+    "save_checkpoint_state",
     "load_checkpoint",
+    "read_optimizer_state",
     "find_checkpoint",
     "rng_state",
     "read_state",
@@ -113,14 +115,33 @@ def save_checkpoint(
     state: dict[str, Any],
 ) -> Path:
     """Write ``RUN/checkpoint`` atomically; ``state`` (step, tokens, data...) goes to state.json."""
+    return save_checkpoint_state(
+        run_dir, lambda path: save_model(model, path), optimizer.state_dict(), state
+    )
+
+
+def save_checkpoint_state(
+    run_dir: str | Path,
+    model_tensors: dict[str, torch.Tensor] | Any,
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """``save_checkpoint`` from state dicts (the FSDP path gathers them on rank 0).
+
+    ``model_tensors``: the weights as ``save_model`` would store them (a tied parameter
+    once), or a function writing ``model.safetensors`` to the path it is given.
+    """
     run_dir = Path(run_dir)
     final = run_dir / "checkpoint"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
     # mkdtemp makes the folder 0700; a run folder follows the user's umask.
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+        if callable(model_tensors):
+            model_tensors(str(tmp / "model.safetensors"))
+        else:
+            save_file(model_tensors, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _split_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_json, rng_tensors = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -184,6 +205,13 @@ def read_state(folder: str | Path) -> dict[str, Any]:
         if sha256_file(path) != sums.get(name):
             raise _damaged(folder, f"{name} fails its sha256 check (truncated or modified)")
     return state
+
+
+def read_optimizer_state(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's optimiser state dict (``torch.optim`` form, tensors on the CPU)."""
+    folder = Path(folder)
+    state = read_state(folder)
+    return _join_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
 
 
 def load_checkpoint(

@@ -1,30 +1,31 @@
 """Export a model as a Hugging Face folder that ``AutoModelForCausalLM`` loads.
 
-Two kinds of folder:
+Three kinds of folder (``kind="auto"`` picks the first that fits):
 
 - ``llama``: a plain transformer pattern (``"AF" * n``) becomes a native
   ``LlamaForCausalLM`` folder, loadable anywhere without remote code. Our RoPE
   uses Llama's half-split convention and our RMSNorm matches Llama's, so the
   weights map one to one (only the names change).
+- ``bamba``: ``(XF)*n`` with X in {A, S} becomes a native ``BambaForCausalLM``
+  (``export_native``): stock ``transformers``, no remote code.
 - ``hcomposer``: every other pattern becomes ``HComposerForCausalLM``
   (``model_type`` "hcomposer"). ``import hcomposer.hf`` registers it with the
-  Auto classes; the folder also carries ``configuration_hcomposer.py`` and
-  ``modeling_hcomposer.py`` with an ``auto_map``, so ``trust_remote_code=True``
-  loads it without that import. Those two files import the installed
-  ``hcomposer`` package rather than copying the primitives: one implementation of
-  Mamba-2, MoE and the parallel groups, which cannot drift from the framework's.
-  The cost: the loading machine needs ``pip install hcomposer``.
+  Auto classes; the folder also carries self-contained remote code generated from
+  the package's own modules (``export_remote``) with an ``auto_map``, so
+  ``trust_remote_code=True`` loads it with only ``torch`` and ``transformers``.
 
-Both folders get ``tokenizer.json`` + ``tokenizer_config.json`` (the byte-level
+Every folder gets ``tokenizer.json`` + ``tokenizer_config.json`` (the byte-level
 tokenizer is rebuilt with ``tokenizers`` so that it yields our exact ids),
-``hcomposer_architecture.json`` and ``hcomposer_export.json`` (provenance). The
-folder is written to a temporary sibling and renamed into place, so a failed
-export leaves nothing behind and an existing target is never touched.
+``hcomposer_architecture.json``, ``hcomposer_export.json`` (provenance) and a
+``README.md`` model card (``model_card``). The folder is written to a temporary
+sibling and renamed into place, so a failed export leaves nothing behind and an
+existing target is never touched; its files get the user's usual permissions.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,10 +35,15 @@ import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.export_native import bamba_model, is_bamba_pattern
+from hcomposer.export_remote import write_remote_code
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+from hcomposer.model_card import model_card
 
 __all__ = [
+    "KINDS",
     "export_model",
+    "resolve_kind",
     "export_run",
     "is_llama_pattern",
     "llama_config_kwargs",
@@ -47,18 +53,7 @@ __all__ = [
 
 EOS_TOKEN = "<|endoftext|>"
 
-_REMOTE_FILES = {
-    "configuration_hcomposer.py": (
-        '"""Remote-code entry for this folder: needs the hcomposer package installed."""\n\n'
-        "from hcomposer.hf.configuration_hcomposer import HComposerConfig\n\n"
-        '__all__ = ["HComposerConfig"]\n'
-    ),
-    "modeling_hcomposer.py": (
-        '"""Remote-code entry for this folder: needs the hcomposer package installed."""\n\n'
-        "from hcomposer.hf.modeling_hcomposer import HComposerForCausalLM\n\n"
-        '__all__ = ["HComposerForCausalLM"]\n'
-    ),
-}
+KINDS = ("auto", "llama", "bamba", "hcomposer")
 
 
 def is_llama_pattern(arch: Architecture) -> bool:
@@ -232,20 +227,19 @@ def export_model(
     dtype: torch.dtype | None = None,
     kind: str = "auto",
     argv: list[str] | None = None,
+    run_info: dict[str, Any] | None = None,
+    eval_markdown: str | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` as a Hugging Face folder at ``out_dir`` (which must not exist).
 
-    ``kind``: ``auto`` (llama for ``(AF)*n``, else hcomposer), ``llama`` or
-    ``hcomposer``. Returns a summary dict (kind, path, files, parameters).
+    ``kind``: ``auto`` (llama for ``(AF)*n``, bamba for ``(XF)*n`` with X in {A, S},
+    else hcomposer), ``llama``, ``bamba`` or ``hcomposer``. ``run_info`` and
+    ``eval_markdown`` feed the model card. Returns a summary dict (kind, path, files,
+    parameters).
     """
     out_dir = Path(out_dir)
     _check_target(out_dir)
-    if kind not in ("auto", "llama", "hcomposer"):
-        raise UserError(f"unknown export kind {kind!r}; valid: auto, llama, hcomposer")
-    if kind == "auto":
-        kind = "llama" if is_llama_pattern(arch) else "hcomposer"
-    if kind == "llama" and not is_llama_pattern(arch):
-        raise UserError(f"pattern {arch.pattern!r} is not (AF)*n: only hcomposer export fits it")
+    kind = resolve_kind(arch, kind)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
@@ -255,12 +249,13 @@ def export_model(
         special = _write_tokenizer(tokenizer, arch, tmp)
         if kind == "llama":
             hf_model = _llama_model(model, arch, special)
+        elif kind == "bamba":
+            hf_model = bamba_model(model, arch, special)
         else:
             hf_model = _hcomposer_model(model, arch, special)
         hf_model.save_pretrained(tmp)
         if kind == "hcomposer":
-            for name, text in _REMOTE_FILES.items():
-                atomic_write_text(tmp / name, text)
+            write_remote_code(tmp)
         atomic_write_text(tmp / "hcomposer_architecture.json", arch.to_json() + "\n")
         summary = {
             "kind": kind,
@@ -272,12 +267,41 @@ def export_model(
             "model_class": type(hf_model).__name__,
         }
         atomic_write_json(tmp / "hcomposer_export.json", {**summary, **run_metadata(argv)})
+        card = model_card(arch, summary, info=run_info, eval_markdown=eval_markdown)
+        atomic_write_text(tmp / "README.md", card)
         summary["files"] = sorted(p.name for p in tmp.iterdir())
+        _usual_permissions(tmp)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def resolve_kind(arch: Architecture, kind: str) -> str:
+    """The folder kind for ``arch``: ``auto`` resolved, an explicit kind checked against it."""
+    if kind not in KINDS:
+        raise UserError(f"unknown export kind {kind!r}; valid: {', '.join(KINDS)}")
+    if kind == "auto":
+        if is_llama_pattern(arch):
+            return "llama"
+        return "bamba" if is_bamba_pattern(arch) else "hcomposer"
+    if kind == "llama" and not is_llama_pattern(arch):
+        raise UserError(f"pattern {arch.pattern!r} is not (AF)*n: --kind llama does not fit it")
+    if kind == "bamba" and not (is_bamba_pattern(arch) or is_llama_pattern(arch)):
+        raise UserError(
+            f"pattern {arch.pattern!r} is not (XF)*n with X in A, S: --kind bamba does not fit it"
+        )
+    return kind
+
+
+def _usual_permissions(root: Path) -> None:
+    """Folders and files as the user's umask makes them (mkdtemp/mkstemp give 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _llama_model(model, arch: Architecture, special: dict):
@@ -317,7 +341,20 @@ def export_run(
 ) -> dict[str, Any]:
     """Export a training run folder's latest checkpoint (``hcomposer export DIR --out HF``)."""
     _check_target(Path(out_dir))
+    from hcomposer.evaluation.suite import eval_markdown, load_eval_results
     from hcomposer.train import load_run
 
-    model, arch, tokenizer, _info = load_run(run_dir)
-    return export_model(model, arch, tokenizer, out_dir, dtype=dtype, kind=kind, argv=argv)
+    model, arch, tokenizer, info = load_run(run_dir)
+    resolve_kind(arch, kind)
+    results = load_eval_results(run_dir)
+    return export_model(
+        model,
+        arch,
+        tokenizer,
+        out_dir,
+        dtype=dtype,
+        kind=kind,
+        argv=argv,
+        run_info=info,
+        eval_markdown=eval_markdown(results) if results.get("parts") else None,
+    )

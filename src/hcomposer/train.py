@@ -31,14 +31,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hcomposer import fsdp
 from hcomposer.architecture import Architecture
 from hcomposer.checkpoint import (
     check_out_dir,
     find_checkpoint,
     load_checkpoint,
+    read_optimizer_state,
     read_state,
     read_status,
     save_checkpoint,
+    save_checkpoint_state,
     truncate_metrics,
     write_status,
 )
@@ -65,6 +68,7 @@ _RESUMABLE_CHANGES = {
     "eval_every",
     "eval_tokens",
     "device",
+    "fsdp",
 }
 
 
@@ -96,6 +100,8 @@ class TrainConfig:
     tokenizer: str = "byte"
     val_fraction: float = 0.02
     device: str = "auto"
+    # Shard parameters, gradients and optimiser state over the torchrun processes (FSDP2).
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -320,6 +326,11 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
     if ckpt is not None:
         # A truncated or tampered checkpoint is refused here, before anything is written.
         read_state(ckpt)
+    if config.fsdp and not dist.enabled:
+        raise UserError(
+            "--fsdp shards the model over torchrun's processes: run it under "
+            "`torchrun --nproc_per_node N` with N >= 2"
+        )
     micro, rem = divmod(config.batch_size, dist.world * config.grad_accum)
     if rem or micro == 0:
         raise UserError(
@@ -360,18 +371,31 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
     device = dist.device
     if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
-    model = build_model(arch, device=device, seed=config.seed)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay),
-        lr=config.lr,
-        betas=config.betas,
-        fused=device.type == "cuda",
-    )
     start_step = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        start_step = int(state["step"])
+    if config.fsdp:
+        # Built whole on the host (the same initial weights as DDP), then sharded onto the
+        # device; the optimiser is created over the shards.
+        model = build_model(arch, device="cpu", seed=config.seed)
+        if ckpt is not None:
+            start_step = int(load_checkpoint(ckpt, model)["step"])
+        model = fsdp.shard_model(model, device)
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+        )
+        if ckpt is not None:
+            fsdp.load_optimizer_state(optimizer, read_optimizer_state(ckpt))
     else:
+        model = build_model(arch, device=device, seed=config.seed)
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, config.weight_decay),
+            lr=config.lr,
+            betas=config.betas,
+            fused=device.type == "cuda",
+        )
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer)
+            start_step = int(state["step"])
+    if ckpt is None:
         torch.manual_seed(config.seed + dist.rank)
     total = config.total_steps
     params_total = sum(p.numel() for p in model.parameters())
@@ -408,25 +432,26 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
     net: torch.nn.Module = model
     if config.compile:
         net = torch.compile(model)
-    if dist.enabled:
+    if dist.enabled and not config.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
     model.train()
 
     def checkpoint(step: int) -> None:
-        if dist.main:
-            save_checkpoint(
-                out,
-                model,
-                optimizer,
-                {
-                    "step": step,
-                    "tokens": step * config.tokens_per_step,
-                    "data": {"seed": config.seed, "next_batch": step},
-                    "total_steps": total,
-                },
-            )
+        record = {
+            "step": step,
+            "tokens": step * config.tokens_per_step,
+            "data": {"seed": config.seed, "next_batch": step},
+            "total_steps": total,
+        }
+        if config.fsdp:
+            # Every rank takes part in gathering; rank 0 writes the ordinary format.
+            tensors, optim_state = fsdp.full_state(model, optimizer)
+            if dist.main:
+                save_checkpoint_state(out, tensors, optim_state, record)
+        elif dist.main:
+            save_checkpoint(out, model, optimizer, record)
         dist.barrier()
 
     rows = slice(dist.rank * micro * config.grad_accum, (dist.rank + 1) * micro * config.grad_accum)
@@ -458,7 +483,12 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
             for k in range(config.grad_accum):
                 x, y = x_all[k * micro : (k + 1) * micro], y_all[k * micro : (k + 1) * micro]
                 sync = k == config.grad_accum - 1 or not dist.enabled
-                ctx = contextlib.nullcontext() if sync else net.no_sync()
+                if sync:
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = fsdp.no_gradient_sync(model) if config.fsdp else net.no_sync()
+                if config.fsdp:
+                    fsdp.sync_buffers(model)
                 with ctx:
                     with _autocast(device, config.dtype):
                         logits = net(x)
@@ -493,7 +523,8 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                 }
                 bar.update(task, info=f"loss {step_loss:.4f}  {tps:,.0f} tok/s")
             if (config.eval_every and step % config.eval_every == 0) or step == total:
-                if dist.main:
+                # A sharded model's forward needs every rank (each gathers the weights).
+                if dist.main or config.fsdp:
                     last_val = _evaluate(model, dataset, config, device, micro)
                 record = record or {
                     "step": step,

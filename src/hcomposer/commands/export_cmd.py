@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "Export a run folder as a Hugging Face model folder (native Llama for (AF)*n)."
+HELP = "Export a run folder as a Hugging Face model folder (native Llama or Bamba where it fits)."
 
 
 def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="DIR", help="run folder written by `hcomposer train`")
     p.add_argument("--out", required=True, help="new folder for the Hugging Face model")
     p.add_argument(
-        "--kind", choices=["auto", "llama", "hcomposer"], default="auto",
-        help="auto: LlamaForCausalLM for (AF)*n patterns, HComposerForCausalLM otherwise",
+        "--kind", choices=["auto", "llama", "bamba", "hcomposer"], default="auto",
+        help="auto: LlamaForCausalLM for (AF)*n, BambaForCausalLM for (XF)*n with X in A,S, "
+        "HComposerForCausalLM (self-contained remote code) otherwise",
     )  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON document")

@@ -51,6 +51,10 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--fsdp", action="store_true",
+        help="shard weights, gradients and optimiser state over torchrun's processes (FSDP2)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -99,6 +103,7 @@ def run(args) -> int:
         data=args.data,
         tokenizer=args.tokenizer,
         device=args.device,
+        fsdp=args.fsdp,
     )
     if args.checkpoint_every < 0 or args.eval_every < 0:
         raise UserError("--checkpoint-every and --eval-every must not be negative")

@@ -1,0 +1,135 @@
+"""Native ``transformers`` classes for hybrid patterns whose layer math matches exactly.
+
+``BambaForCausalLM`` (transformers >= 5) is a stack of decoder layers, each
+
+    x = x + mixer(input_layernorm(x));  x = x + SwiGLU(pre_ff_layernorm(x))
+
+where the mixer is Mamba-2 or global attention. That is our pattern ``(XF)*n`` with every
+``X`` in ``{A, S}``, term for term:
+
+- Mamba-2 (``BambaMixer``): one ``in_proj`` split ``[z, xBC, dt]`` in our order, a depthwise
+  causal conv with bias and SiLU, ``dt = softplus(dt + dt_bias)`` (its ``time_step_limit``
+  left at ``(0, inf)``, a no-op clamp), ``A = -exp(A_log)``, ``n_groups`` shared B/C, the
+  ``D * x`` skip, then the gated RMSNorm ``RMSNorm(y * silu(z))`` per group of
+  ``intermediate / n_groups`` channels and ``out_proj``: our ``Mamba2`` exactly (the chunk
+  size only reorders fp32 sums).
+- Attention (``BambaAttention``): GQA with Llama's half-split RoPE. ``BambaConfig`` defaults
+  to rotating half of each head (``partial_rotary_factor = 0.5``) for its checkpoints; we
+  write ``partial_rotary_factor: 1.0`` into ``rope_parameters``, which it honours, so the
+  whole head rotates as ours does.
+- Norms are RMSNorm in fp32 with the shape's ``norm_eps``; the final norm and the (tied or
+  untied) head are Llama's.
+
+An all-``A`` pattern ``(AF)*n`` stays Llama (the more widely supported class). Why the other
+hybrid classes of ``transformers`` do not fit is written down in ``docs/export.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hcomposer.architecture import Architecture
+
+__all__ = ["is_bamba_pattern", "bamba_config_kwargs", "bamba_model", "to_bamba_state_dict"]
+
+
+def is_bamba_pattern(arch: Architecture) -> bool:
+    """True for ``(XF)*n`` with every X in {A, S} and at least one S."""
+    layers = arch.layers
+    if not layers or len(layers) % 2:
+        return False
+    mixers = [layers[i] for i in range(0, len(layers), 2)]
+    ffns = [layers[i] for i in range(1, len(layers), 2)]
+    if any(f != ("F",) for f in ffns) or any(m not in (("A",), ("S",)) for m in mixers):
+        return False
+    return ("S",) in mixers
+
+
+def bamba_config_kwargs(arch: Architecture) -> dict[str, Any]:
+    """``BambaConfig`` fields for a ``(XF)*n`` pattern (see ``is_bamba_pattern``)."""
+    s = arch.shape
+    mixers = [arch.layers[i][0] for i in range(0, len(arch.layers), 2)]
+    return {
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.d_model,
+        "intermediate_size": s.ffn_dim,
+        "num_hidden_layers": len(mixers),
+        "num_attention_heads": s.n_heads,
+        "num_key_value_heads": s.n_kv_heads,
+        "head_dim": s.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": s.max_seq_len,
+        "initializer_range": s.init_std,
+        "rms_norm_eps": s.norm_eps,
+        "tie_word_embeddings": s.tie_embeddings,
+        "attn_layer_indices": [i for i, m in enumerate(mixers) if m == "A"],
+        "mamba_n_heads": s.ssm_heads,
+        "mamba_d_head": s.ssm_head_dim,
+        "mamba_n_groups": s.ssm_groups,
+        "mamba_d_state": s.ssm_state,
+        "mamba_d_conv": s.ssm_conv,
+        "mamba_expand": s.ssm_expand,
+        "mamba_chunk_size": s.ssm_chunk,
+        "mamba_conv_bias": True,
+        "mamba_proj_bias": False,
+        "time_step_limit": (0.0, float("inf")),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(s.rope_theta),
+            "partial_rotary_factor": 1.0,
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "z_loss_coefficient": 0.0,
+    }
+
+
+def to_bamba_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our ``(XF)*n`` weights under ``BambaForCausalLM``'s names."""
+    sd = model.state_dict()
+    out = {
+        "model.embed_tokens.weight": sd["embed.weight"],
+        "model.final_layernorm.weight": sd["norm.weight"],
+    }
+    for i in range(len(model.layers) // 2):
+        m, f = f"layers.{2 * i}", f"layers.{2 * i + 1}"
+        dst = f"model.layers.{i}"
+        out[f"{dst}.input_layernorm.weight"] = sd[f"{m}.norm.weight"]
+        out[f"{dst}.pre_ff_layernorm.weight"] = sd[f"{f}.norm.weight"]
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{dst}.feed_forward.{p}.weight"] = sd[f"{f}.mixer.ffn.{p}.weight"]
+        if model.arch.layers[2 * i] == ("A",):
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{dst}.self_attn.{p}.weight"] = sd[f"{m}.mixer.{p}.weight"]
+        else:
+            for p in (
+                "in_proj.weight",
+                "conv1d.weight",
+                "conv1d.bias",
+                "dt_bias",
+                "A_log",
+                "D",
+                "norm.weight",
+                "out_proj.weight",
+            ):
+                out[f"{dst}.mamba.{p}"] = sd[f"{m}.mixer.{p}"]
+    if not model.arch.shape.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def bamba_model(model: torch.nn.Module, arch: Architecture, special: dict):
+    """A ``BambaForCausalLM`` carrying ``model``'s weights (config fields from the shape)."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    config = BambaConfig(
+        **bamba_config_kwargs(arch), bos_token_id=None, pad_token_id=None, **special
+    )
+    config.architectures = ["BambaForCausalLM"]
+    dtype = next(model.parameters()).dtype
+    hf = BambaForCausalLM(config).to(dtype)
+    hf.load_state_dict(to_bamba_state_dict(model), strict=not arch.shape.tie_embeddings)
+    hf.tie_weights()
+    return hf.eval()

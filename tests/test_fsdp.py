@@ -1,0 +1,111 @@
+"""torchrun FSDP2 on CPU (gloo, two processes): DDP's losses, exact resume, export."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hcomposer.architecture import Architecture
+from hcomposer.checkpoint import find_checkpoint, read_state
+from hcomposer.data import embedded_corpus_text
+from hcomposer.errors import UserError
+from hcomposer.io import read_json, read_jsonl
+from hcomposer.train import TrainConfig, load_run, train
+
+PATTERN = "SEAF"  # Mamba-2, MoE (a buffer FSDP does not sync by itself), attention, MLP
+ARGS = ["--shape", "tiny", "--tokens", "768", "--batch-size", "4", "--seq-len", "32"]
+ARGS += ["--grad-accum", "2", "--dtype", "fp32", "--log-every", "1", "--eval-every", "3"]
+ARGS += ["--eval-tokens", "128", "--checkpoint-every", "3", "--no-progress", "--json"]
+
+
+def _torchrun(tmp_path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HCOMPOSER_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run([*run, *cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def _losses(run_dir) -> dict[int, tuple[float, float | None]]:
+    return {
+        r["step"]: (r["loss"], r.get("val_loss")) for r in read_jsonl(run_dir / "metrics.jsonl")
+    }
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_resumes_exactly_and_exports(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(embedded_corpus_text()[:30_000], encoding="utf-8")
+    cli = ["-m", "hcomposer.cli", "train", PATTERN, "--data", str(data), *ARGS]
+    _torchrun(tmp_path, *cli, "--out", str(tmp_path / "ddp"))
+    _torchrun(tmp_path, *cli, "--fsdp", "--out", str(tmp_path / "fsdp"))
+    # Interrupted after 3 steps (as a kill after the checkpoint would), then resumed.
+    script = tmp_path / "stop.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from hcomposer.architecture import Architecture
+            from hcomposer.train import TrainConfig, train
+            config = TrainConfig(tokens=768, batch_size=4, seq_len=32, grad_accum=2,
+                                 dtype="fp32", log_every=1, eval_every=3, eval_tokens=128,
+                                 checkpoint_every=3, data={str(data)!r}, lr=1e-3,
+                                 min_lr=1e-4, fsdp=True)
+            train(Architecture.parse({PATTERN!r}, shape="tiny"), config,
+                  {str(tmp_path / "resumed")!r}, progress=False, stop_at=3,
+                  argv=["train", {PATTERN!r}])
+            """
+        )
+    )
+    _torchrun(tmp_path, str(script))
+    assert read_state(find_checkpoint(tmp_path / "resumed"))["step"] == 3
+    _torchrun(tmp_path, *cli, "--fsdp", "--resume", "--out", str(tmp_path / "resumed"))
+
+    ddp, sharded, resumed = (_losses(tmp_path / n) for n in ("ddp", "fsdp", "resumed"))
+    assert list(ddp) == list(range(1, 7)) and sharded.keys() == ddp.keys() == resumed.keys()
+    for step in ddp:
+        # Same batches, same initial weights: FSDP's reduce-scatter vs DDP's all-reduce only
+        # reorders fp32 sums.
+        assert sharded[step][0] == pytest.approx(ddp[step][0], rel=1e-5), step
+        # A resumed run repeats the uninterrupted one's numbers exactly.
+        assert resumed[step] == sharded[step], step
+    assert sharded[6][1] == pytest.approx(ddp[6][1], rel=1e-5)
+    for name in ("fsdp", "resumed"):
+        assert read_json(tmp_path / name / "status.json")["status"] == "completed"
+
+    # The gathered checkpoint is the whole state: the resumed run (which loaded the one
+    # written at step 3 into freshly sharded processes) ends with the same bytes.
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ours = load_file(tmp_path / "fsdp" / "checkpoint" / name)
+        again = load_file(tmp_path / "resumed" / "checkpoint" / name)
+        assert ours.keys() == again.keys()
+        assert all(torch.equal(ours[k], again[k]) for k in ours), name
+    # The ordinary format, so one process loads it (the MoE bias buffer included).
+    model_f, arch, _, info = load_run(tmp_path / "fsdp")
+    assert info["step"] == 6
+    assert model_f.layers[1].mixer.expert_bias.abs().sum() > 0
+    from transformers import AutoModelForCausalLM
+
+    from hcomposer.export import export_run
+
+    summary = export_run(tmp_path / "fsdp", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    x = torch.randint(0, arch.shape.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model_f(x), atol=1e-4, rtol=0)
+    assert summary["kind"] == "hcomposer"
+    assert "768" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_fsdp_without_torchrun_is_refused_before_writing(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(embedded_corpus_text()[:5_000], encoding="utf-8")
+    config = TrainConfig(tokens=256, batch_size=2, seq_len=32, data=str(data), fsdp=True)
+    with pytest.raises(UserError, match="torchrun"):
+        train(Architecture.parse("AF", shape="tiny"), config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
