@@ -119,6 +119,14 @@ def _assemble(args, config, patterns, seeds, done, out: Path, argv: list[str]) -
         "git_revision": git_revision(),
         "per_seed": per_seed,
         "task_accuracy": tasks,
+        # Every seed's per-task accuracy, so the noise of each task can be read back.
+        "task_accuracy_per_seed": {
+            p: {
+                str(s): {t: round(v["accuracy"], 6) for t, v in done[(p, s)]["tasks"].items()}
+                for s in seeds
+            }
+            for p in patterns
+        },
         "params_total": {p: done[(p, seeds[0])]["params_total"] for p in patterns},
     }
     atomic_write_json(out, doc)

@@ -162,3 +162,43 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(target)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert list(target.iterdir()) == []
+
+
+def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
+    from hcomposer.cli import main
+
+    out = tmp_path / "rank"
+    argv = ["proxy-rank", "--recipe", "smoke", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    corr = doc["correlation"]
+    assert corr["n"] == 3 and corr["spearman_ci"][0] <= corr["spearman"] <= corr["spearman_ci"][1]
+    points = {p["pattern"]: p for p in doc["points"]}
+    # Two proxy seeds each; AFAF also trained on a second seed, so its scale noise is measured.
+    assert all(len(p["proxy_scores"]) == 2 for p in points.values())
+    assert set(points["AFAF"]["scale_losses"]) == {"0", "1"}
+    assert "AFAF" in doc["noise"]["scale_seed_std"]
+    mean = sum(points["AFAF"]["proxy_scores"]) / 2
+    assert points["AFAF"]["proxy_score"] == pytest.approx(mean)
+    lines = (out / "scale_losses.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    # Rerun: nothing is trained or scored again.
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (out / "scale_losses.jsonl").read_text().splitlines() == lines
+    assert len((out / "proxy_scores.jsonl").read_text().splitlines()) == 6
+    assert (out / "proxy_rank.png").read_bytes()[:4] == b"\x89PNG"
+    assert "bootstrap interval" in (out / "result.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--recipe", "nope"], ["--seeds", "a"], ["--patterns", "AF,FF"], ["--patterns", "AX,FF,AA"]],
+)
+def test_proxy_rank_bad_input(extra, tmp_path, capsys):
+    from hcomposer.cli import main
+
+    out = tmp_path / "never"
+    assert main(["proxy-rank", "--recipe", "smoke", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and not out.exists()

@@ -190,3 +190,51 @@ def test_workers_give_the_same_replays():
     assert {k: [r.to_dict() for r in v] for k, v in one.items()} == {
         k: [r.to_dict() for r in v] for k, v in two.items()
     }
+
+
+def _noisy_table():
+    per_seed = {"A": {"0": 0.0, "1": 2.0}, "F": {"0": 0.5, "1": 0.5}}
+    scores = {p: statistics.fmean(v.values()) for p, v in per_seed.items()}
+    return Table("noisy", ("A", "F"), 1, scores, {"per_seed": per_seed})
+
+
+def test_noisy_replay_draws_seed_scores_and_regrets_the_recommendation():
+    table = _noisy_table()
+    assert table.seeds == ["0", "1"] and table.seed_scores("A") == [0.0, 2.0]
+    seen_low = seen_high = False
+    for seed in range(30):
+        r = replay(table, "random", seed, budget=2)
+        assert r.noisy and len(dict.fromkeys(r.proposals)) == 2  # runs the whole budget
+        firsts = list(dict.fromkeys(r.proposals))
+        obs = dict(zip(firsts, r.observed))
+        assert obs["A"] in (0.0, 2.0) and obs["F"] == 0.5
+        # After both: the search picks the best observed; regret is 1.0 minus its mean.
+        picked = max(obs, key=obs.get)
+        assert r.regret[-1] == pytest.approx(1.0 - table.scores[picked])
+        seen_low |= obs["A"] == 0.0
+        seen_high |= obs["A"] == 2.0
+    assert seen_low and seen_high  # both seeds get drawn
+    # The same replay seed draws the same noise.
+    assert replay(table, "random", 3, 2).observed == replay(table, "random", 3, 2).observed
+
+
+def test_tied_set_and_summary_intervals():
+    # Three seeds each; B is 0.05 below A with pooled seed std 0.1: tied. C is far below.
+    per_seed = {
+        "AA": {"0": 1.0, "1": 1.1, "2": 0.9},
+        "AF": {"0": 0.95, "1": 1.05, "2": 0.85},
+        "FA": {"0": 0.5, "1": 0.6, "2": 0.4},
+        "FF": {"0": 0.2, "1": 0.3, "2": 0.1},
+    }
+    scores = {p: statistics.fmean(v.values()) for p, v in per_seed.items()}
+    table = Table("t", ("A", "F"), 2, scores, {"per_seed": per_seed})
+    assert table.tied() == {"AA", "AF"}
+    reps = {"random": [replay(table, "random", s, 4) for s in range(12)]}
+    s = summarise(reps, budget=4)["random"]
+    hits = [r.evals_to_tied for r in reps["random"]]
+    assert None not in hits and s["median_evals_to_tied"] == statistics.median(hits)
+    lo, hi = s["evals_to_tied_ci"]
+    assert lo <= s["median_evals_to_tied"] <= hi
+    mean4 = statistics.fmean(r.regret[3] for r in reps["random"])
+    assert s["mean_regret"]["4"] == pytest.approx(mean4)
+    assert s["regret_ci"]["4"][0] <= mean4 <= s["regret_ci"]["4"][1]

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "export": "export_cmd",
     "run": "run_cmd",
     "bench-search": "bench_search_cmd",
+    "proxy-rank": "proxy_rank_cmd",
 }
 
 

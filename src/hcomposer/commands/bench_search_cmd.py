@@ -23,7 +23,9 @@ def add_arguments(p) -> None:
         help="af6 (all 64 six-position A/F patterns, committed), synthetic[:CHOICES:N:SEED], "
         "or a table JSON path (default af6)",
     )
-    p.add_argument("--seeds", type=int, default=20, help="seeds per sampler (default 20)")
+    p.add_argument(
+        "--seeds", type=int, default=100, help="replays (seeds) per sampler (default 100)"
+    )
     p.add_argument(
         "--samplers", default="gp,tpe,random,evolution", help="comma-separated sampler names"
     )
@@ -96,6 +98,8 @@ def run(args) -> int:
         "n_patterns": len(table.scores),
         "top1": sorted(table.top(1)),
         "top3": sorted(table.top(3)),
+        "tied_with_best": sorted(table.tied()),
+        "table_seeds": table.seeds,
         "budget": args.budget,
         "seeds": seeds,
         "n_startup": n_startup,

@@ -8,11 +8,18 @@ Recipe (``run_proxy_rank``):
 3. extrapolate each kept pattern to ``scale_layers`` sublayers (``stack``) at the
    larger ``scale_shape`` and train it on text for ``train_config.tokens``;
 4. report Spearman's rho (scipy) between proxy scores and minus the validation
-   loss at scale (both "higher is better"), Kendall's tau, and a scatter plot.
+   loss at scale (both "higher is better") with a 95% bootstrap interval over the
+   patterns, Kendall's tau, and a scatter plot.
 
-Every step appends to a JSON-lines log in ``out_dir``, so a killed run resumes
-where it stopped; ``result.json``, ``result.md`` and ``proxy_rank.png`` are
-written atomically at the end.
+Seeds: every pattern is scored with the proxy on each of ``proxy_seeds`` (the mean
+is its score) and trained at scale on ``scale_seeds``; the patterns named in
+``noise_patterns`` are also trained on ``noise_seeds``, which measures the scale
+runs' own seed noise. The report states both noises beside the correlation.
+
+Every step appends to a JSON-lines log in ``out_dir`` (one line per pattern and
+seed), so a killed run resumes where it stopped and a finished run is never
+repeated; ``result.json``, ``result.md`` and ``proxy_rank.png`` are written
+atomically at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from hcomposer.stats import seed_std, spearman_ci
 
 __all__ = ["select_across_range", "rank_correlation", "run_proxy_rank", "plot_proxy_rank"]
 
@@ -40,7 +48,7 @@ def select_across_range(scored: list[tuple[str, float]], k: int) -> list[tuple[s
 
 
 def rank_correlation(proxy_scores: list[float], scale_losses: list[float]) -> dict[str, float]:
-    """Spearman rho and Kendall tau between proxy scores and minus the losses at scale."""
+    """Spearman rho (with a 95% bootstrap interval) and Kendall tau: scores vs minus losses."""
     from scipy import stats
 
     if len(proxy_scores) != len(scale_losses) or len(proxy_scores) < 3:
@@ -48,8 +56,10 @@ def rank_correlation(proxy_scores: list[float], scale_losses: list[float]) -> di
     neg = [-v for v in scale_losses]
     rho, p_rho = stats.spearmanr(proxy_scores, neg)
     tau, p_tau = stats.kendalltau(proxy_scores, neg)
+    _, lo, hi = spearman_ci(proxy_scores, neg)
     return {
         "spearman": float(rho),
+        "spearman_ci": [lo, hi],
         "spearman_p": float(p_rho),
         "kendall": float(tau),
         "kendall_p": float(p_tau),
@@ -74,11 +84,25 @@ def plot_proxy_rank(points: list[dict[str, Any]], corr: dict[str, float], path, 
                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xlabel(f"proxy score ({proxy}, higher is better)")
     ax.set_ylabel("validation loss at scale")
-    ax.set_title(f"Spearman rho = {corr['spearman']:.2f}, Kendall tau = {corr['kendall']:.2f}")
+    if any(p.get("scale_std") for p in points) or any(p.get("proxy_std") for p in points):
+        xerr = [p.get("proxy_std", 0.0) for p in points]
+        yerr = [p.get("scale_std", 0.0) for p in points]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", alpha=0.5)
+    lo, hi = corr.get("spearman_ci", [float("nan")] * 2)
+    ax.set_title(
+        f"Spearman rho = {corr['spearman']:.2f} [{lo:.2f}, {hi:.2f}], "
+        f"Kendall tau = {corr['kendall']:.2f}"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)
+
+
+def _run_name(pattern: str, seed: int) -> str:
+    name = pattern.replace("|", "_").replace("[", "(").replace("]", ")")
+    # Seed 0 keeps the folder name of runs made before seeds were recorded.
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def run_proxy_rank(
@@ -93,6 +117,10 @@ def run_proxy_rank(
     scale_layers: int = 12,
     train_config=None,
     seed: int = 0,
+    proxy_seeds: tuple[int, ...] | None = None,
+    scale_seeds: tuple[int, ...] | None = None,
+    noise_patterns: tuple[str, ...] = (),
+    noise_seeds: tuple[int, ...] = (),
     log=print,
 ) -> dict[str, Any]:
     """The recipe in the module docstring; returns the result dict (also written to out_dir)."""
@@ -103,54 +131,81 @@ def run_proxy_rank(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_config = train_config or TrainConfig(tokens=500_000, seq_len=128, batch_size=8)
+    proxy_seeds = tuple(proxy_seeds) if proxy_seeds else (seed,)
+    scale_seeds = tuple(scale_seeds) if scale_seeds else (train_config.seed,)
     t0 = time.perf_counter()
     proxy_log = out / "proxy_scores.jsonl"
-    done = {r["pattern"]: r for r in read_jsonl(proxy_log)}
-    scored = []
+    # Lines written before seeds were recorded were made with ``seed``.
+    done = {(r["pattern"], r.get("seed", seed)): r for r in read_jsonl(proxy_log)}
+    scored, proxy_runs = [], {}
     for pat in patterns:
         arch = Architecture.parse(pat, proxy_shape)
-        if arch.pattern not in done:
-            res = evaluate_proxy(arch, proxy, seed=seed, config=proxy_config)
-            rec = {"pattern": arch.pattern, "score": res.score, "wall_seconds": res.wall_seconds,
-                   "tasks": res.tasks}  # fmt: skip
-            append_jsonl(proxy_log, rec)
-            done[arch.pattern] = rec
-            log(f"proxy {arch.pattern}: {res.score:.4f} ({res.wall_seconds:.0f}s)")
-        scored.append((arch.pattern, done[arch.pattern]["score"]))
+        for s in proxy_seeds:
+            if (arch.pattern, s) not in done:
+                res = evaluate_proxy(arch, proxy, seed=s, config=proxy_config)
+                rec = {"pattern": arch.pattern, "seed": s, "score": res.score,
+                       "wall_seconds": res.wall_seconds, "tasks": res.tasks}  # fmt: skip
+                append_jsonl(proxy_log, rec)
+                done[(arch.pattern, s)] = rec
+                log(f"proxy {arch.pattern} seed {s}: {res.score:.4f} ({res.wall_seconds:.0f}s)")
+        proxy_runs[arch.pattern] = [done[(arch.pattern, s)]["score"] for s in proxy_seeds]
+        scored.append((arch.pattern, sum(proxy_runs[arch.pattern]) / len(proxy_seeds)))
     chosen = select_across_range(scored, k)
+    noisy = {Architecture.parse(p, proxy_shape).pattern for p in noise_patterns}
     scale_log = out / "scale_losses.jsonl"
-    trained = {r["pattern"]: r for r in read_jsonl(scale_log)}
+    trained = {(r["pattern"], r.get("seed", train_config.seed)): r for r in read_jsonl(scale_log)}
     points = []
     for pat, score in chosen:
         big = Architecture.parse(stack(pat, scale_layers), scale_shape)
-        if pat not in trained:
-            run_dir = out / "runs" / pat.replace("|", "_").replace("[", "(").replace("]", ")")
-            res = train(big, train_config, run_dir, resume=run_dir.exists(), progress=False)
+        seeds = list(dict.fromkeys([*scale_seeds, *(noise_seeds if pat in noisy else ())]))
+        for s in seeds:
+            if (pat, s) in trained:
+                continue
+            cfg = train_config.replace(seed=s)
+            run_dir = out / "runs" / _run_name(pat, s)
+            res = train(big, cfg, run_dir, resume=run_dir.exists(), progress=False)
             rec = {
-                "pattern": pat, "scale_pattern": big.pattern, "val_loss": res.val_loss,
+                "pattern": pat, "seed": s, "scale_pattern": big.pattern, "val_loss": res.val_loss,
                 "status": res.status, "params": res.params_total,
                 "wall_seconds": res.wall_seconds, "tokens_per_s": res.tokens_per_second,
             }  # fmt: skip
             append_jsonl(scale_log, rec)
-            trained[pat] = rec
-            log(f"scale {big.pattern}: val_loss {res.val_loss} ({res.wall_seconds:.0f}s)")
-        r = trained[pat]
-        points.append({"pattern": pat, "proxy_score": score, "scale_pattern": r["scale_pattern"],
-                       "scale_val_loss": r["val_loss"], "scale_params": r["params"]})  # fmt: skip
+            trained[(pat, s)] = rec
+            log(f"scale {big.pattern} seed {s}: val_loss {res.val_loss} ({res.wall_seconds:.0f}s)")
+        runs = [trained[(pat, s)] for s in seeds]
+        losses = [r["val_loss"] for r in runs if r["val_loss"] is not None]
+        points.append({
+            "pattern": pat, "proxy_score": score, "proxy_scores": proxy_runs[pat],
+            "proxy_std": seed_std(proxy_runs[pat]), "scale_pattern": runs[0]["scale_pattern"],
+            "scale_val_loss": sum(losses) / len(losses) if losses else None,
+            "scale_losses": {str(s): trained[(pat, s)]["val_loss"] for s in seeds},
+            "scale_std": seed_std(losses) if losses else 0.0, "scale_params": runs[0]["params"],
+        })  # fmt: skip
     valid = [p for p in points if p["scale_val_loss"] is not None]
     if len(valid) < 3:
         # A worker of a parallel run (a slice of the pool): its logs are the result.
         return {"points": points, "correlation": None}
     corr = rank_correlation([p["proxy_score"] for p in valid], [p["scale_val_loss"] for p in valid])
+    multi = [p for p in valid if len([v for v in p["scale_losses"].values() if v]) > 1]
     result = {
         "proxy": proxy,
         "proxy_shape": proxy_shape,
         "scale_shape": Architecture.parse("AF", scale_shape).shape.to_dict(),
         "scale_layers": scale_layers,
         "train_config": train_config.to_dict(),
+        "proxy_seeds": list(proxy_seeds),
+        "scale_seeds": list(scale_seeds),
         "pool": [{"pattern": p, "score": s} for p, s in scored],
         "points": points,
         "correlation": corr,
+        "noise": {
+            "proxy_seed_std_median": (
+                sorted(p["proxy_std"] for p in valid)[len(valid) // 2]
+                if len(proxy_seeds) > 1
+                else None
+            ),
+            "scale_seed_std": {p["pattern"]: p["scale_std"] for p in multi},
+        },
         "wall_seconds_this_call": time.perf_counter() - t0,
     }
     atomic_write_json(out / "result.json", result)
@@ -166,18 +221,47 @@ def proxy_rank_markdown(result: dict[str, Any]) -> str:
         f"{result['train_config']['tokens']:,} training tokens at {result['scale_layers']} "
         f"sublayers, d_model {result['scale_shape']['d_model']}.",
         "",
-        f"**Spearman rho = {c['spearman']:.3f}** (p = {c['spearman_p']:.3g}), "
-        f"Kendall tau = {c['kendall']:.3f}, n = {c['n']}.",
+        f"**Spearman rho = {c['spearman']:.3f}** "
+        + (
+            f"(95% bootstrap interval {c['spearman_ci'][0]:.2f} to {c['spearman_ci'][1]:.2f}; "
+            if "spearman_ci" in c
+            else "("
+        )  # fmt: skip
+        + f"p = {c['spearman_p']:.3g}), Kendall tau = {c['kendall']:.3f}, n = {c['n']}.",
         "",
-        "| pattern | proxy score | scale pattern | params | val loss at scale |",
+        *_noise_lines(result),
+        "| pattern | proxy score (seed std) | scale pattern | params | val loss at scale "
+        "(seed std) |",
         "|---|---|---|---|---|",
     ]
     for p in sorted(result["points"], key=lambda p: -p["proxy_score"]):
         p = {**p, "pattern": p["pattern"].replace("|", "\\|"),
              "scale_pattern": p["scale_pattern"].replace("|", "\\|")}  # fmt: skip
         loss = "-" if p["scale_val_loss"] is None else f"{p['scale_val_loss']:.4f}"
+        if p.get("scale_std"):
+            loss += f" ({p['scale_std']:.4f})"
+        score = f"{p['proxy_score']:.4f}"
+        if len(p.get("proxy_scores", [])) > 1:
+            score += f" ({p['proxy_std']:.4f})"
         lines.append(
-            f"| `{p['pattern']}` | {p['proxy_score']:.4f} | `{p['scale_pattern']}` | "
+            f"| `{p['pattern']}` | {score} | `{p['scale_pattern']}` | "
             f"{p['scale_params']:,} | {loss} |"
         )
     return "\n".join(lines)
+
+
+def _noise_lines(result: dict[str, Any]) -> list[str]:
+    noise = result.get("noise") or {}
+    out = []
+    if noise.get("proxy_seed_std_median") is not None:
+        out.append(
+            f"Proxy seed noise: median per-pattern std {noise['proxy_seed_std_median']:.4f} "
+            f"over seeds {result['proxy_seeds']}."
+        )
+    if noise.get("scale_seed_std"):
+        out.append(
+            "Scale seed noise (val loss std): "
+            + ", ".join(f"`{k}` {v:.4f}" for k, v in noise["scale_seed_std"].items())
+            + ". Loss gaps smaller than about twice this are inside the noise."
+        )
+    return [*out, ""] if out else []

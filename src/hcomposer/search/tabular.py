@@ -40,9 +40,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
 from hcomposer.pattern import format_pattern, parse_pattern
+from hcomposer.stats import bootstrap_ci, bootstrap_mean_band, noise_floor, spearman, tied_with_best
 
 __all__ = [
     "FORMAT",
@@ -93,6 +96,32 @@ class Table:
     @property
     def best_score(self) -> float:
         return max(self.scores.values())
+
+    @property
+    def seeds(self) -> list[str]:
+        """Seed labels of the per-seed scores (``meta["per_seed"]``); empty for one-score tables."""
+        per_seed = self.meta.get("per_seed") or {}
+        return sorted({k for v in per_seed.values() for k in v}, key=_seed_key)
+
+    def seed_scores(self, pattern: str) -> list[float]:
+        """Every seed's score of ``pattern`` (seed order), or its one score."""
+        per_seed = (self.meta.get("per_seed") or {}).get(pattern)
+        if not per_seed:
+            return [self.scores[pattern]]
+        return [float(per_seed[k]) for k in sorted(per_seed, key=_seed_key)]
+
+    def per_seed_scores(self) -> dict[str, list[float]]:
+        """Pattern -> every seed's score: the input of the noise statistics."""
+        return {p: self.seed_scores(p) for p in self.scores}
+
+    def tied(self, level: float = 0.95) -> frozenset[str]:
+        """Patterns statistically tied with the best (``stats.tied_with_best``).
+
+        With one seed per pattern there is no noise estimate: the top-1 (with exact ties).
+        """
+        if len(self.seeds) < 2:
+            return self.top(1)
+        return tied_with_best(self.per_seed_scores(), level)[0]
 
     def top(self, k: int) -> frozenset[str]:
         """Every pattern scoring at least the k-th highest score."""
@@ -151,6 +180,10 @@ def _check_table_fields(data: dict[str, Any]) -> None:
                     "positions": "a whole number from 1 to 64",
                     "scores": "an object of pattern: finite number"}[name]  # fmt: skip
             raise UserError(f"table: field {name!r} must be {want}")
+
+
+def _seed_key(label: str) -> tuple[int, str]:
+    return (int(label), "") if label.lstrip("-").isdigit() else (0, label)
 
 
 def synthetic_table(
@@ -218,19 +251,17 @@ def load_table(spec: str | Path) -> Table:
     return Table.from_dict(data)
 
 
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 def describe_table(table: Table, n: int = 5) -> dict[str, Any]:
     """The structure of a table: extremes, score by primitive count and by position.
 
     ``position_effect[c][i]`` is the mean score of patterns with ``c`` at position ``i``
     minus the mean of all patterns; ``seed_spearman`` is the rank correlation between
     the per-seed score columns when the table stores them (``per_seed``): how far the
-    proxy's ranking is from noise.
+    proxy's ranking is from noise. With several seeds it also gives the ``noise_floor``
+    (median per-pattern seed standard deviation), the patterns ``tied_with_best`` (a
+    one-sided 95% test with pooled seed noise, ``stats.tied_with_best``) and the gap
+    (``tie_margin``) below the best mean that still counts as a tie; with parameter counts
+    (``meta["params_total"]``), ``spearman_score_params``: how much of the score is size.
     """
     ranked = table.ranked
     overall = statistics.fmean(table.scores.values())
@@ -264,16 +295,33 @@ def describe_table(table: Table, n: int = 5) -> dict[str, Any]:
         pairs = {}
         for i, a in enumerate(seeds):
             for b in seeds[i + 1 :]:
-                pairs[f"{a}-{b}"] = _spearman(
+                pairs[f"{a}-{b}"] = spearman(
                     [per_seed[p][a] for p in pats], [per_seed[p][b] for p in pats]
                 )
         out["seed_spearman"] = pairs
+        tied, margins = tied_with_best(table.per_seed_scores())
+        best = ranked[0][0]
+        out["noise_floor"] = noise_floor(table.per_seed_scores())
+        out["tied_with_best"] = sorted(tied, key=lambda p: (-table.scores[p], p))
+        out["tie_margin"] = margins[best]
+    params = table.meta.get("params_total")
+    if params and all(p in params for p in table.scores):
+        pats = sorted(table.scores)
+        out["spearman_score_params"] = spearman(
+            [table.scores[p] for p in pats], [float(params[p]) for p in pats]
+        )
     return out
 
 
 @dataclass(frozen=True)
 class Replay:
-    """One sampler, one seed: the proposals and when the top patterns were hit."""
+    """One sampler, one seed: the proposals, what was observed, when the top was hit.
+
+    ``observed`` holds the score the sampler was told for each distinct pattern, in order of
+    evaluation (one seed's score drawn at random in a noisy replay); ``regret[e-1]`` is the
+    best mean score in the table minus the *mean* score of the pattern the search would
+    recommend after ``e`` evaluations (the best observed one).
+    """
 
     sampler: str
     seed: int
@@ -284,6 +332,9 @@ class Replay:
     evals_to_top3: int | None
     asks_to_top1: int | None
     asks_to_top3: int | None
+    observed: list[float] = field(default_factory=list)
+    evals_to_tied: int | None = None
+    noisy: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -298,14 +349,30 @@ def _quiet_optuna() -> None:
 
 
 def replay(
-    table: Table, sampler: str, seed: int, budget: int, n_startup: int | None = None
+    table: Table,
+    sampler: str,
+    seed: int,
+    budget: int,
+    n_startup: int | None = None,
+    noisy: bool | None = None,
+    tied: frozenset[str] | None = None,
 ) -> Replay:
-    """Run ``sampler`` until ``budget`` distinct patterns are evaluated (table lookups)."""
+    """Run ``sampler`` until ``budget`` distinct patterns are evaluated (table lookups).
+
+    ``noisy`` (default: whenever the table has several seeds) answers each first evaluation
+    of a pattern with one of its seeds' scores drawn at random, as a real search meets seed
+    noise; a repeated proposal is answered from the log (the same observed score). A noiseless
+    replay stops once the top-1 pattern is proposed (regret is zero from then on); a noisy one
+    runs the whole budget, since finding the top-1 does not mean recognising it.
+    """
     import optuna
 
     from hcomposer.search.samplers import make_sampler
 
     _quiet_optuna()
+    noisy = len(table.seeds) > 1 if noisy is None else noisy
+    tied = table.tied() if tied is None else tied
+    draw = random.Random(f"noise-{seed}")
     study = optuna.create_study(
         direction="maximize", sampler=make_sampler(sampler, seed, 1, n_startup=n_startup)
     )
@@ -313,39 +380,48 @@ def replay(
     best_possible = table.best_score
     proposals: list[str] = []
     regret: list[float] = []
-    seen: set[str] = set()
+    observed: dict[str, float] = {}
     hits: dict[str, tuple[int, int]] = {}
-    best = -math.inf
+    recommended, best_seen = None, -math.inf
     repeats, cap = 0, max(50, 5 * budget)
-    while len(seen) < budget and repeats < cap:
+    while len(observed) < budget and repeats < cap:
         trial = study.ask()
         # Same parameter names as the search space (p00, p01, ...).
         pattern = "".join(
             trial.suggest_categorical(f"p{i:02d}", list(table.choices))
             for i in range(table.positions)
         )
-        score = table.scores[pattern]
-        study.tell(trial, score)
         proposals.append(pattern)
-        if pattern in seen:
+        if pattern in observed:
+            study.tell(trial, observed[pattern])
             repeats += 1
             continue
-        seen.add(pattern)
-        best = max(best, score)
-        regret.append(best_possible - best)
+        score = draw.choice(table.seed_scores(pattern)) if noisy else table.scores[pattern]
+        study.tell(trial, score)
+        observed[pattern] = score
+        if score > best_seen:
+            recommended, best_seen = pattern, score
+        regret.append(best_possible - table.scores[recommended])
+        n = len(observed)
         if pattern in top3 and "top3" not in hits:
-            hits["top3"] = (len(seen), len(proposals))
-        if pattern in top1:
-            hits["top1"] = (len(seen), len(proposals))
-            break
-    if "top1" in hits:
+            hits["top3"] = (n, len(proposals))
+        if pattern in tied and "tied" not in hits:
+            hits["tied"] = (n, len(proposals))
+        if pattern in top1 and "top1" not in hits:
+            hits["top1"] = (n, len(proposals))
+            if not noisy:
+                break
+    if "top1" in hits and not noisy:
         regret += [0.0] * (budget - len(regret))
     else:
         # Budget spent, or the sampler stopped proposing anything new: regret stays.
         regret += [regret[-1]] * (budget - len(regret))
     e1, a1 = hits.get("top1", (None, None))
     e3, a3 = hits.get("top3", (None, None))
-    return Replay(sampler, seed, budget, proposals, regret, e1, e3, a1, a3)
+    et, _ = hits.get("tied", (None, None))
+    return Replay(
+        sampler, seed, budget, proposals, regret, e1, e3, a1, a3, list(observed.values()), et, noisy
+    )
 
 
 def _one_thread() -> None:
@@ -394,14 +470,24 @@ def _median_hit(values: list[int | None], budget: int) -> float:
 
 
 def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[str, Any]]:
-    """Per sampler: median trials/evaluations to the top-1 and top-3, misses, mean regret."""
+    """Per sampler: evaluations to the top-1/top-3/tied-with-best set, misses, regret.
+
+    Medians of hit times count a miss as ``budget + 1``; ``evals_to_tied_ci`` is a 95%
+    percentile bootstrap interval of that median over replays; ``regret_ci`` the interval
+    of the mean regret at each checkpoint (replays resampled whole).
+    """
     out: dict[str, dict[str, Any]] = {}
     checkpoints = sorted({t for t in (4, 8, 16, 32, budget) if t <= budget})
     for name, reps in results.items():
+        curves = [r.regret for r in reps]
+        mean, lo, hi = bootstrap_mean_band(curves)
+        tied = [budget + 1 if r.evals_to_tied is None else r.evals_to_tied for r in reps]
         out[name] = {
             "seeds": len(reps),
             "median_evals_to_top3": _median_hit([r.evals_to_top3 for r in reps], budget),
             "median_evals_to_top1": _median_hit([r.evals_to_top1 for r in reps], budget),
+            "median_evals_to_tied": statistics.median(tied),
+            "evals_to_tied_ci": list(bootstrap_ci(tied, stat=np.median)),
             # Proposals (repeats included) of the seeds that hit; a miss has no such count.
             "median_asks_to_top3_hits": (
                 statistics.median(hits)
@@ -410,9 +496,9 @@ def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[s
             ),
             "misses_top3": sum(r.evals_to_top3 is None for r in reps),
             "misses_top1": sum(r.evals_to_top1 is None for r in reps),
-            "mean_regret": {
-                str(t): statistics.fmean(r.regret[t - 1] for r in reps) for t in checkpoints
-            },
+            "misses_tied": sum(r.evals_to_tied is None for r in reps),
+            "mean_regret": {str(t): float(mean[t - 1]) for t in checkpoints},
+            "regret_ci": {str(t): [float(lo[t - 1]), float(hi[t - 1])] for t in checkpoints},
         }
     return out
 
@@ -429,57 +515,76 @@ def markdown_report(
 
     ranked = table.ranked
     checkpoints = list(next(iter(summary.values()))["mean_regret"]) if summary else []
+    tied = table.tied()
     rows = []
     for name, s in summary.items():
-        asks = s["median_asks_to_top3_hits"]
+        lo, hi = s["evals_to_tied_ci"]
         rows.append(
             [
                 name,
                 s["seeds"],
+                f"{_fmt_hit(s['median_evals_to_tied'], budget)} "
+                f"[{_fmt_hit(lo, budget)}, {_fmt_hit(hi, budget)}]",
+                s["misses_tied"],
                 _fmt_hit(s["median_evals_to_top3"], budget),
-                s["misses_top3"],
                 _fmt_hit(s["median_evals_to_top1"], budget),
-                s["misses_top1"],
-                "-" if asks is None else f"{asks:g}",
-                *[f"{s['mean_regret'][t]:.4g}" for t in checkpoints],
+                *[
+                    f"{s['mean_regret'][t]:.3g} [{s['regret_ci'][t][0]:.3g}, "
+                    f"{s['regret_ci'][t][1]:.3g}]"
+                    for t in checkpoints
+                ],
             ]
         )
     header = [
         "sampler",
-        "seeds",
+        "replays",
+        "evals to tied-with-best (median [95% CI])",
+        "missed tied",
         "evals to top-3 (median)",
-        "missed top-3",
         "evals to top-1 (median)",
-        "missed top-1",
-        "asks to top-3 (hits)",
-        *[f"regret @{t}" for t in checkpoints],
+        *[f"regret @{t} (mean [95% CI])" for t in checkpoints],
     ]
+    noisy = len(table.seeds) > 1
     lines = [
         f"# Tabular search benchmark: {table.name}",
         "",
         f"`{command}`",
         "",
         f"{len(table.scores)} patterns; best {ranked[0][0]} ({ranked[0][1]:.4g}), "
-        f"true top-3: {', '.join(sorted(table.top(3)))}; worst {ranked[-1][0]} "
-        f"({ranked[-1][1]:.4g}). Budget {budget} evaluations per seed.",
+        f"{len(tied)} tied with it ({', '.join(sorted(tied))}); worst {ranked[-1][0]} "
+        f"({ranked[-1][1]:.4g}). Budget {budget} evaluations per replay.",
         "",
         markdown_table(header, rows),
         "",
         "Evals count distinct patterns evaluated (what `search --trials` counts; a repeated "
-        "proposal is answered from the log), asks count every proposal. A seed that misses "
-        f"within the budget counts as {budget + 1}. Regret is the mean over seeds of "
-        "(best table score - best found) after e evaluations.",
+        "proposal is answered from the log). A replay that misses within the budget counts "
+        f"as {budget + 1}. Regret after e evaluations is the best mean score in the table minus "
+        "the mean score of the pattern the search would pick then (its best observed one). "
+        + (
+            f"Noisy replays: each evaluation is told one of the table's {len(table.seeds)} "
+            "seeds' scores, drawn at random, as a real search meets seed noise."
+            if noisy
+            else "One seed per pattern: no noise model, and the tied set is the top-1."
+        ),
     ]
     if "random" in summary:
-        base = summary["random"]["median_evals_to_top3"]
-        for name in ("gp", "tpe"):
-            if name in summary:
-                ratio = summary[name]["median_evals_to_top3"] / base
-                verdict = "meets" if ratio <= 0.5 else "misses"
-                lines.append(
-                    f"- {name}: {ratio:.2f}x the evaluations of random to reach the top-3 "
-                    f"({verdict} the target of at most 0.5x)."
+        base = summary["random"]
+        for name in [n for n in summary if n != "random"]:
+            s = summary[name]
+            ratio = s["median_evals_to_tied"] / base["median_evals_to_tied"]
+            overlap = not (
+                s["evals_to_tied_ci"][1] < base["evals_to_tied_ci"][0]
+                or s["evals_to_tied_ci"][0] > base["evals_to_tied_ci"][1]
+            )
+            lines.append(
+                f"- {name}: {ratio:.2f}x the evaluations of random to reach the tied-with-best "
+                "set; "
+                + (
+                    "the intervals overlap, so the difference is inside the noise."
+                    if overlap
+                    else "the intervals do not overlap."
                 )
+            )
     lines += ["", *_structure_lines(table)]
     return "\n".join(lines) + "\n"
 
@@ -513,35 +618,42 @@ def _structure_lines(table: Table) -> list[str]:
     ]
     if d.get("seed_spearman"):
         rho = ", ".join(f"{k}: {v:.3f}" for k, v in d["seed_spearman"].items())
-        out += ["", f"Spearman rank correlation between seeds: {rho}."]
+        out += [
+            "",
+            f"Spearman rank correlation between seeds: {rho}. Noise floor (median per-pattern "
+            f"seed std): {d['noise_floor']:.4g}; a pattern within {d['tie_margin']:.4g} of the "
+            f"best mean is tied with it ({len(d['tied_with_best'])} patterns).",
+        ]
+    if "spearman_score_params" in d:
+        out += [
+            "",
+            "Spearman correlation of score with parameter count: "
+            f"{d['spearman_score_params']:.3f}.",
+        ]
     return out
 
 
 def plot_regret(
     results: dict[str, list[Replay]], table: Table, budget: int, path: str | Path
 ) -> Path:
-    """Median best-so-far regret (interquartile band) and the share of seeds at top-3."""
-    import numpy as np
-
+    """Mean simple regret (95% bootstrap band) and the share of replays at the tied set."""
     from hcomposer.report import _plt, _save
 
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(1, budget + 1)
     for name, reps in results.items():
-        curves = np.array([r.regret for r in reps])
-        med = np.median(curves, axis=0)
-        lo, hi = np.percentile(curves, [25, 75], axis=0)
-        (line,) = ax1.plot(x, med, label=name)
+        mean, lo, hi = bootstrap_mean_band([r.regret for r in reps])
+        (line,) = ax1.plot(x, mean, label=name)
         ax1.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
-        hit = np.array([r.evals_to_top3 or budget + 1 for r in reps])
+        hit = np.array([r.evals_to_tied or budget + 1 for r in reps])
         ax2.step(x, [(hit <= t).mean() for t in x], where="post", label=name)
     ax1.set_xlabel("evaluations (distinct patterns)")
-    ax1.set_ylabel("best-so-far regret (median, IQR)")
+    ax1.set_ylabel("simple regret (mean, 95% bootstrap band)")
     ax1.set_title(f"{table.name}: regret")
     ax2.set_xlabel("evaluations (distinct patterns)")
-    ax2.set_ylabel("share of seeds that found a top-3 pattern")
-    ax2.set_title(f"{table.name}: time to top-3")
+    ax2.set_ylabel("share of replays that evaluated a tied-with-best pattern")
+    ax2.set_title(f"{table.name}: time to the tied set")
     ax2.set_ylim(0, 1.02)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

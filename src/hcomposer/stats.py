@@ -1,0 +1,171 @@
+"""Small statistics for evidence: bootstrap intervals, seed noise, ties with the best.
+
+Every claim hcomposer makes about architectures (A beats B, the search beats random, the
+proxy ranks like scale) is reported with an interval from these functions. They take plain
+sequences and return plain floats, so the tests can check them against hand-worked numbers.
+
+Conventions:
+
+- bootstrap intervals are percentile intervals of ``n_boot`` resamples drawn with a fixed
+  seed, so a report is reproducible;
+- seed noise of one pattern is its sample standard deviation over seeds (``ddof=1``); the
+  *noise floor* of a table is the median of those over its patterns;
+- a pattern is *tied with the best* when its mean is not below the best mean by more than a
+  one-sided z test allows, with the within-pattern variance pooled over the whole table
+  (three seeds per pattern give too rough a variance each; the pooled one has hundreds of
+  degrees of freedom, so the normal quantile is the right one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import scipy.stats
+
+__all__ = [
+    "bootstrap_ci",
+    "bootstrap_mean_band",
+    "spearman",
+    "spearman_ci",
+    "seed_std",
+    "noise_floor",
+    "pooled_seed_std",
+    "tied_with_best",
+]
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    stat: Callable[..., float] = np.mean,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` over ``values`` (scipy's ``bootstrap``)."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        v = float(stat(x)) if x.size else math.nan
+        return v, v
+    res = scipy.stats.bootstrap(
+        (x,),
+        stat,
+        n_resamples=n_boot,
+        confidence_level=level,
+        method="percentile",
+        vectorized=False,
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def bootstrap_mean_band(
+    curves: Sequence[Sequence[float]] | np.ndarray,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean curve over replays (rows) with a pointwise percentile bootstrap band.
+
+    Rows are resampled whole, so the band at each step is the interval of the mean over
+    replays; returns ``(mean, lo, hi)``, each of the curves' length.
+    """
+    c = np.asarray(curves, dtype=float)
+    if c.ndim != 2 or c.shape[0] == 0:
+        raise ValueError("bootstrap_mean_band needs a 2-D array with at least one row")
+    mean = c.mean(axis=0)
+    if c.shape[0] < 2:
+        return mean, mean.copy(), mean.copy()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, c.shape[0], size=(n_boot, c.shape[0]))
+    boots = c[idx].mean(axis=1)  # [n_boot, T]: the mean curve of each resample of rows
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha], axis=0)
+    return mean, lo, hi
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get average ranks); NaN if a side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size or a.size < 2:
+        raise ValueError("spearman needs two sequences of the same length, at least 2")
+    if np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan
+    return float(scipy.stats.spearmanr(a, b).statistic)
+
+
+def spearman_ci(
+    x: Sequence[float],
+    y: Sequence[float],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Spearman's rho with a percentile bootstrap interval over resampled pairs.
+
+    Resamples in which one side is constant have no rho and are dropped.
+    """
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    rho = spearman(a, b)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, a.size, size=a.size)
+        r = spearman(a[i], b[i])
+        if not math.isnan(r):
+            boots.append(r)
+    if not boots:
+        return rho, math.nan, math.nan
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
+    return rho, float(lo), float(hi)
+
+
+def seed_std(values: Sequence[float]) -> float:
+    """Sample standard deviation over seeds (ddof=1); 0 for a single seed."""
+    x = np.asarray(values, dtype=float)
+    return float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def noise_floor(per_seed: Mapping[str, Sequence[float]]) -> float:
+    """Median over patterns of each pattern's seed standard deviation."""
+    stds = [seed_std(v) for v in per_seed.values() if len(v) > 1]
+    return float(np.median(stds)) if stds else math.nan
+
+
+def pooled_seed_std(per_seed: Mapping[str, Sequence[float]]) -> float:
+    """Within-pattern standard deviation pooled over patterns (weights = degrees of freedom)."""
+    ss, dof = 0.0, 0
+    for v in per_seed.values():
+        x = np.asarray(v, dtype=float)
+        if x.size > 1:
+            ss += float(((x - x.mean()) ** 2).sum())
+            dof += x.size - 1
+    return math.sqrt(ss / dof) if dof else math.nan
+
+
+def tied_with_best(
+    per_seed: Mapping[str, Sequence[float]], level: float = 0.95
+) -> tuple[frozenset[str], dict[str, float]]:
+    """Patterns whose mean is statistically tied with the best mean.
+
+    Pattern p (n_p seeds, mean m_p) is tied with the best b when
+    ``m_b - m_p <= z * s * sqrt(1/n_b + 1/n_p)``: a one-sided z test at ``level`` with the
+    pooled within-pattern standard deviation ``s``. With one seed per pattern there is no
+    noise estimate and only the best itself (and exact ties) count. Returns the set and the
+    margin each pattern would need (the right-hand side), for reports.
+    """
+    means = {p: float(np.mean(v)) for p, v in per_seed.items()}
+    best = max(means, key=lambda p: (means[p], p))
+    s = pooled_seed_std(per_seed)
+    z = float(scipy.stats.norm.ppf(level))
+    margins: dict[str, float] = {}
+    tied = set()
+    nb = len(per_seed[best])
+    for p, m in means.items():
+        margin = 0.0 if math.isnan(s) else z * s * math.sqrt(1 / nb + 1 / len(per_seed[p]))
+        margins[p] = margin
+        if means[best] - m <= margin + 1e-12:
+            tied.add(p)
+    return frozenset(tied), margins

@@ -1,0 +1,76 @@
+"""The evidence statistics against hand-worked answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hcomposer.stats import (
+    bootstrap_ci,
+    bootstrap_mean_band,
+    noise_floor,
+    pooled_seed_std,
+    seed_std,
+    spearman,
+    spearman_ci,
+    tied_with_best,
+)
+
+
+def test_spearman_known_answers():
+    # One swapped neighbour pair among 4: rho = 1 - 6 * 2 / (4 * 15) = 0.8.
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    # Ties take average ranks: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3) -> r = sqrt(3)/2.
+    assert spearman([5, 5, 9], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_bootstrap_ci_of_two_values_spans_both():
+    # Resampled means of (0, 1) are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 2.5% and
+    # 97.5% quantiles are the extremes.
+    assert bootstrap_ci([0.0, 1.0], n_boot=4000) == (0.0, 1.0)
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    lo, hi = bootstrap_ci(np.linspace(0, 1, 101))
+    assert lo < 0.5 < hi and hi - lo < 0.25
+
+
+def test_bootstrap_mean_band_resamples_rows():
+    curves = [[0.0, 1.0], [2.0, 3.0]]
+    mean, lo, hi = bootstrap_mean_band(curves, n_boot=4000)
+    assert mean.tolist() == [1.0, 2.0]
+    # Each column's resampled mean is one of (a, (a+b)/2, b): the band spans the two rows.
+    assert lo.tolist() == [0.0, 1.0] and hi.tolist() == [2.0, 3.0]
+    same = bootstrap_mean_band([[1.0, 0.5]] * 5)
+    assert all(np.array_equal(a, [1.0, 0.5]) for a in same)
+
+
+def test_spearman_ci_covers_rho():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = x + rng.normal(scale=0.5, size=40)
+    rho, lo, hi = spearman_ci(x, y)
+    assert lo <= rho <= hi and 0.6 < rho < 1.0 and hi - lo < 0.4
+    rho, lo, hi = spearman_ci([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])
+    assert rho == pytest.approx(1.0) and lo == pytest.approx(1.0)
+
+
+def test_seed_noise_known_answers():
+    per_seed = {"a": [1.0, 2.0, 3.0], "b": [0.0, 0.0, 0.0], "c": [0.0, 2.0, 4.0]}
+    assert seed_std(per_seed["a"]) == pytest.approx(1.0) and seed_std([5.0]) == 0.0
+    assert noise_floor(per_seed) == pytest.approx(1.0)  # median of 1, 0, 2
+    # Sums of squares 2 + 0 + 8 over 2 + 2 + 2 degrees of freedom.
+    assert pooled_seed_std(per_seed) == pytest.approx(math.sqrt(10 / 6))
+
+
+def test_tied_with_best_known_answer():
+    per_seed = {"A": [1.0, 1.1, 0.9], "B": [0.95, 1.05, 0.85], "C": [0.5, 0.6, 0.4]}
+    tied, margins = tied_with_best(per_seed)
+    # Pooled s = sqrt(3 * 0.02 / 6) = 0.1; margin = 1.6449 * 0.1 * sqrt(2/3) = 0.1343.
+    assert margins["B"] == pytest.approx(1.6448536 * 0.1 * math.sqrt(2 / 3), rel=1e-5)
+    assert tied == {"A", "B"}  # B is 0.05 below the best, C 0.5 below
+    # With one seed there is no noise estimate: only the best itself.
+    tied1, _ = tied_with_best({"A": [1.0], "B": [0.99]})
+    assert tied1 == {"A"}
