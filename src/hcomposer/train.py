@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hcomposer import fsdp
 from hcomposer.architecture import Architecture
 from hcomposer.checkpoint import (
     check_out_dir,
@@ -373,6 +372,10 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
     start_step = 0
     if config.fsdp:
+        # Imported here: torch's FSDP modules cost about a second of start-up CPU time that
+        # runs without --fsdp should not pay.
+        from hcomposer import fsdp
+
         # Built whole on the host (the same initial weights as DDP), then sharded onto the
         # device; the optimiser is created over the shards.
         model = build_model(arch, device="cpu", seed=config.seed)
