@@ -88,6 +88,8 @@ class Shape:
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, value)
 
+        if not isinstance(self.d_model, int) or isinstance(self.d_model, bool):
+            return  # _validate names the bad field
         put("dn_head_dim", max(1, min(64, self.d_model // 4)))
         if isinstance(self.dn_head_dim, int) and self.dn_head_dim > 0:
             put("dn_heads", max(1, self.d_model // (2 * self.dn_head_dim)))
@@ -106,7 +108,7 @@ class Shape:
         positive = (
             "d_model n_heads n_kv_heads head_dim ffn_dim vocab_size max_seq_len window ssm_state "
             "ssm_expand ssm_head_dim ssm_conv ssm_groups ssm_chunk n_experts top_k expert_ffn_dim "
-            "dn_heads dn_head_dim dn_v_heads dn_v_head_dim dn_conv dn_chunk"
+            "dn_head_dim dn_heads dn_v_head_dim dn_v_heads dn_conv dn_chunk"
         )
         for name in positive.split():
             if getattr(self, name) < 1:
