@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workloads", default="train,proxy")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
     ap.add_argument("--out", default=None, help="JSON file for every measurement")
     args = ap.parse_args()
     if args.child:
@@ -118,7 +119,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for workload in args.workloads.split(","):
-            for config in CONFIGS:
+            for config in args.configs.split(","):
                 if workload == "proxy" and config == "one-thread":
                     continue  # the proxies run one thread already
                 for loaded in (False, True):
@@ -133,7 +134,7 @@ def main() -> None:
     summary = {}
     for workload in args.workloads.split(","):
         base = statistics.median(results[f"{workload}/default/quiet"])
-        for config in CONFIGS:
+        for config in args.configs.split(","):
             key = f"{workload}/{config}"
             if f"{key}/quiet" not in results:
                 continue
