@@ -27,6 +27,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
+from hcomposer.search.pg import schema_lock
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -111,7 +112,7 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         kwargs["connect_args"] = {"timeout": 120}
         if not reader:
             _use_wal(sqlite)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), schema_lock(url, skip=reader):
         # The heartbeat is marked experimental; it is what finds workers lost on other hosts.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
