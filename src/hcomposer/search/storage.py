@@ -41,8 +41,24 @@ __all__ = [
 ]
 
 # A proxy trial trains for seconds to minutes; a minute of silence means the worker is gone.
+# HCOMPOSER_HEARTBEAT="INTERVAL,GRACE" (seconds) overrides both, e.g. for a quick test.
 HEARTBEAT_INTERVAL = 15
 GRACE_PERIOD = 60
+
+
+def _heartbeat() -> tuple[int, int]:
+    spec = os.environ.get("HCOMPOSER_HEARTBEAT", "")
+    try:
+        interval, grace = (int(x) for x in spec.split(","))
+    except ValueError:
+        return HEARTBEAT_INTERVAL, GRACE_PERIOD
+    return max(1, interval), max(2, grace)
+
+
+def _host() -> str:
+    """This worker's host as owner records name it; HCOMPOSER_HOST overrides the hostname
+    (machines or containers that share one)."""
+    return os.environ.get("HCOMPOSER_HOST") or socket.gethostname()
 
 
 def storage_url(spec: str | None, out_dir: str | Path) -> str:
@@ -118,8 +134,8 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs=kwargs,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
+            heartbeat_interval=_heartbeat()[0],
+            grace_period=_heartbeat()[1],
             skip_table_creation=reader,
         )
     if sqlite is not None:
@@ -166,12 +182,12 @@ def _process_start(pid: int) -> str | None:
 def owner_record() -> dict[str, Any]:
     """Who runs a trial: stored as the trial's ``owner`` user attribute."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+    return {"host": _host(), "pid": pid, "start": _process_start(pid)}
 
 
 def owner_alive(owner: dict[str, Any] | None) -> bool | None:
     """True/False for an owner on this host, None when this host cannot tell."""
-    if not owner or owner.get("host") != socket.gethostname():
+    if not owner or owner.get("host") != _host():
         return None
     pid = int(owner.get("pid", -1))
     if pid <= 0:
