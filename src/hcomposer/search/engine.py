@@ -46,6 +46,7 @@ from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json, record_run
 from hcomposer.search import results as R
 from hcomposer.search.claims import claim
+from hcomposer.search.executors import Executor, LocalExecutor, run_threads
 from hcomposer.search.live import LiveView
 from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
 from hcomposer.search.samplers import default_n_startup, make_sampler
@@ -517,26 +518,39 @@ def run_search(
     *,
     argv: list[str] | None = None,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Run (or resume) a search into ``out_dir``; returns the trials and the best.
 
     ``objective(arch, proxy=..., seed=...)`` replaces the proxy evaluator (see
     :mod:`hcomposer.search.objectives`); with ``workers > 1`` it must be picklable (a
-    module-level function), since each worker is a spawned process.
+    module-level function), since each worker is a spawned process. ``executor`` says
+    where evaluations run (:mod:`hcomposer.search.executors`; default: local).
     """
     out = Path(out_dir)
     objective = resolve_objective(config.proxy, objective, config.proxy_config)
-    prepare_run_folder(config, out, argv)
-    _quiet_optuna()
-    url = storage_url(config.storage, out)
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    with LiveView(config.trials, enabled=progress, label=f"search {config.sampler}") as view:
-        if config.workers == 1:
-            notes = _Worker(config, out, url, objective, view=view).run()
-        else:
-            notes = _run_workers(config, out, url, objective, view)
-    return summarise(config, out, time.perf_counter() - t0, notes)
+    executor = executor or LocalExecutor()
+    # Connect first: an unreachable cluster is a UserError before anything is written.
+    with executor:
+        prepare_run_folder(config, out, argv)
+        _quiet_optuna()
+        url = storage_url(config.storage, out)
+        t0 = time.perf_counter()
+        label = f"search {config.sampler}"
+        with LiveView(config.trials, enabled=progress, label=label) as view:
+            evaluate = executor.wrap(objective)
+            if config.workers == 1:
+                notes = _Worker(config, out, url, evaluate, view=view).run()
+            elif executor.threads:
+                notes = run_threads(
+                    lambda i: _Worker(
+                        config, out, url, evaluate, view=view if i == 0 else None
+                    ).run(),
+                    config.workers,
+                )
+            else:
+                notes = _run_workers(config, out, url, objective, view)
+        return summarise(config, out, time.perf_counter() - t0, notes)
 
 
 def _run_workers(config, out: Path, url: str, objective, view: LiveView) -> list[str]:
