@@ -46,6 +46,7 @@ from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json, record_run
 from hcomposer.search import results as R
 from hcomposer.search.claims import claim
+from hcomposer.search.dashboard import task_scores
 from hcomposer.search.executors import Executor, LocalExecutor, run_threads
 from hcomposer.search.live import LiveView
 from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
@@ -344,7 +345,7 @@ class _Worker:
         if verdict == "cached":
             trial.set_user_attr("role", "cached")
             trial.set_user_attr("cached_from", known.number)
-            for key in ("scores", "wall_seconds", "proxy_result"):
+            for key in ("scores", "task_scores", "wall_seconds", "proxy_result"):
                 if key in known.user_attrs:
                     trial.set_user_attr(key, known.user_attrs[key])
             study.tell(trial, list(known.values))
@@ -405,6 +406,8 @@ class _Worker:
         trial.set_user_attr("wall_seconds", round(wall, 4))
         if outcome.details:
             trial.set_user_attr("proxy_result", _jsonable(outcome.details))
+            if task_scores(outcome.details):
+                trial.set_user_attr("task_scores", _jsonable(task_scores(outcome.details)))
         if not math.isfinite(outcome.score):
             self._fail(study, trial, "evaluation", f"score is {outcome.score} (diverged?)")
             return
