@@ -151,14 +151,14 @@ def test_worker_killed_mid_trial_is_recovered_by_heartbeat(pg, tmp_path):
 
 def test_resume_after_both_processes_die(pg, tmp_path):
     url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
-    procs = [_search(url, tmp_path / f"p{i}", 2, 1.5) for i in range(2)]
+    procs = [_search(url, tmp_path / f"p{i}", 2, 5.0) for i in range(2)]
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
             trials = _read(tmp_path / "p0")
             done = [t for t in trials if t["state"] == "COMPLETE"]
             running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
-            if len(done) >= 2 and running:
+            if done and running:
                 break
             assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
             time.sleep(0.2)
@@ -174,7 +174,7 @@ def test_resume_after_both_processes_die(pg, tmp_path):
     kept = {t["number"]: t for t in before if t["state"] == "COMPLETE"}
     assert len(kept) < TRIALS
 
-    codes, errs = _wait([_search(url, tmp_path / "p0", 2, 1.5)])
+    codes, errs = _wait([_search(url, tmp_path / "p0", 2, 5.0)])
     assert codes == [0], errs
     after = load_trials(tmp_path / "p0")
     _check_exact(after)

@@ -30,12 +30,20 @@ def local_ray():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env},
-    )
+    # Ray gives its raylet a fixed 30 s to register; on a loaded machine try again.
+    for attempt in range(3):
+        try:
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+            )
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield
     finally:

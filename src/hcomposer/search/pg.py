@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-__all__ = ["is_postgres", "schema_lock", "SCHEMA_LOCK_KEY"]
+__all__ = ["is_postgres", "driver_url", "schema_lock", "SCHEMA_LOCK_KEY"]
 
 # Any 64-bit constant works; every hcomposer process must use the same one.
 SCHEMA_LOCK_KEY = 0x68636F6D_706F7372  # "hcomposr"
@@ -20,6 +20,20 @@ SCHEMA_LOCK_KEY = 0x68636F6D_706F7372  # "hcomposr"
 
 def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql:", "postgresql+", "postgres:"))
+
+
+def driver_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; with only psycopg 3 installed (the
+    ``hcomposer[postgres]`` extra) use that driver instead of failing on the import."""
+    import importlib.util
+
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            rest = url[len(prefix) :]
+            if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
+                return "postgresql+psycopg://" + rest
+            return "postgresql://" + rest
+    return url
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
-from hcomposer.search.pg import schema_lock
+from hcomposer.search.pg import driver_url, schema_lock
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -102,7 +102,7 @@ def check_storage(spec: str | None, out_dir: str | Path) -> None:
     try:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(spec)
+        engine = sqlalchemy.create_engine(driver_url(spec))
         with engine.connect():
             pass
         engine.dispose()
@@ -121,6 +121,7 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    url = driver_url(url)
     kwargs: dict[str, Any] = {}
     sqlite = _sqlite_path(url)
     if sqlite is not None:
