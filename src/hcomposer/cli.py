@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect_cmd",
     "evaluate": "evaluate_cmd",
     "search": "search_cmd",
+    "dashboard": "dashboard_cmd",
     "aggregate": "aggregate_cmd",
     "scale": "scale_cmd",
     "train": "train_cmd",

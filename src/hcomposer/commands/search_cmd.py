@@ -61,6 +61,18 @@ def add_arguments(p) -> None:
     p.add_argument("--n-startup", type=int, default=None, help="initial random trials of gp/tpe")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
     p.add_argument(
+        "--executor",
+        default="local",
+        help="where trials are evaluated: local (default, --workers processes) or ray",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join: auto or HOST:PORT (default: local)",
+    )
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="Ray CPUs per trial (1)")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="Ray GPUs per trial (0)")
+    p.add_argument(
         "--storage",
         default=None,
         help="SQLAlchemy URL or journal:PATH (default: sqlite in the --out folder)",
@@ -149,11 +161,20 @@ def _table(result) -> None:
 
 def run(args) -> int:
     from hcomposer.search.engine import run_search
+    from hcomposer.search.executors import make_executor
 
     config = build_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"search-{config.sampler}-{config.seed}"
     check_output_dir(out, "--out")
-    result = run_search(config, out, argv=args.argv, progress=not args.no_progress)
+    executor = make_executor(
+        args.executor,
+        ray_address=args.ray_address,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+    )
+    result = run_search(
+        config, out, argv=args.argv, progress=not args.no_progress, executor=executor
+    )
     if args.json:
         data = result.to_dict()
         print(json.dumps(data, indent=2))

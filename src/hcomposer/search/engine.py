@@ -18,9 +18,8 @@ Cheap proposals (cached, infeasible, failed-before) are capped at
 constraints, end the search early with a note instead of looping.
 
 Resuming: a RUNNING trial whose worker is gone is failed and its pattern enqueued
-again (see :mod:`hcomposer.search.storage`). Workers agree on the budget through the
-trial numbers the storage hands out: a trial is trained only if fewer than ``--trials``
-trials with smaller numbers are trained or may still be.
+again (see :mod:`hcomposer.search.storage`). Workers agree on the budget and on who
+trains a pattern by claiming it under a per-study lock (:mod:`hcomposer.search.claims`).
 """
 
 from __future__ import annotations
@@ -47,6 +46,9 @@ from hcomposer.config_io import read_run_file, stamp
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, atomic_write_text, record_run
 from hcomposer.search import results as R
+from hcomposer.search.claims import claim
+from hcomposer.search.dashboard import task_scores
+from hcomposer.search.executors import Executor, LocalExecutor, run_threads
 from hcomposer.search.live import LiveView
 from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
 from hcomposer.search.samplers import default_n_startup, make_sampler
@@ -336,32 +338,32 @@ class _Worker:
             trial.set_user_attr("failure", reason)
             study.tell(trial, self._values(-math.inf, None, costs, infeasible=True))
             return
-        while True:
-            known = _known(study, arch.pattern, trial.number)
-            if known is not _PENDING and (known is None or known.state != TrialState.RUNNING):
-                break
-            # Another worker trains (or may train) this very pattern: wait for its result.
-            reap_dead_trials(study)
-            time.sleep(_POLL / 5 if known is _PENDING else _POLL)
-        if known is not None and known.state == TrialState.COMPLETE:
+        verdict, known = claim(
+            study,
+            trial,
+            arch.pattern,
+            stage.trials,
+            poll=_POLL,
+            on_wait=lambda: reap_dead_trials(study),
+        )
+        if verdict == "cached":
             trial.set_user_attr("role", "cached")
             trial.set_user_attr("cached_from", known.number)
-            for key in ("scores", "wall_seconds", "proxy_result"):
+            for key in ("scores", "task_scores", "wall_seconds", "proxy_result"):
                 if key in known.user_attrs:
                     trial.set_user_attr(key, known.user_attrs[key])
             study.tell(trial, list(known.values))
             return
-        if known is not None and "retry_of" not in trial.user_attrs:
+        if verdict == "failed":
             trial.set_user_attr("role", "failed-before")
             why = known.user_attrs.get("failure", "failed")
             self._fail(
                 study, trial, "failed-before", f"failed before in trial {known.number}: {why}"
             )
             return
-        if _budget_used(study, trial.number) >= stage.trials:
+        if verdict == "surplus":
             self._fail(study, trial, "surplus", "surplus: the budget was filled by other workers")
             return
-        trial.set_user_attr("role", "evaluation")
         trial.set_user_attr("architecture", arch.to_dict())
         self._evaluate(study, trial, arch, costs)
 
@@ -408,6 +410,8 @@ class _Worker:
         trial.set_user_attr("wall_seconds", round(wall, 4))
         if outcome.details:
             trial.set_user_attr("proxy_result", _jsonable(outcome.details))
+            if task_scores(outcome.details):
+                trial.set_user_attr("task_scores", _jsonable(task_scores(outcome.details)))
         if not math.isfinite(outcome.score):
             self._fail(study, trial, "evaluation", f"score is {outcome.score} (diverged?)")
             return
@@ -443,61 +447,6 @@ def _count(trials: list[FrozenTrial]) -> dict[str, int]:
             patterns.add(t.user_attrs["pattern"])
     c["known_patterns"] = len(patterns)
     return c
-
-
-_PENDING = object()
-
-
-def _known(study: optuna.Study, pattern: str, number: int) -> Any:
-    """What the log says about ``pattern``, from the other trials of this stage.
-
-    The earliest completed training of it; else a lower-numbered trial in flight on it, or
-    one not yet classified (``_PENDING``: its worker is still drawing or checking it, wait
-    to avoid training the same pattern twice); else a real failure on it; else None.
-    """
-    running = failed = None
-    pending = False
-    for t in study.get_trials(deepcopy=False):
-        if t.number == number:
-            continue
-        role = t.user_attrs.get("role")
-        if t.state == TrialState.RUNNING and t.number < number and role is None:
-            if "pattern" not in t.user_attrs or t.user_attrs["pattern"] == pattern:
-                pending = True
-            continue
-        if t.user_attrs.get("pattern") != pattern or role != "evaluation":
-            continue
-        if t.state == TrialState.COMPLETE:
-            return t
-        if t.state == TrialState.RUNNING and t.number < number:
-            running = t
-        # A trial killed in flight is run again elsewhere; only real failures count.
-        elif t.state == TrialState.FAIL and t.user_attrs.get("failure") and failed is None:
-            failed = None if _was_retried(study, t.number) else t
-    if running is not None:
-        return running
-    return _PENDING if pending else failed
-
-
-def _was_retried(study: optuna.Study, number: int) -> bool:
-    return any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False))
-
-
-def _budget_used(study: optuna.Study, number: int) -> int:
-    """Trials numbered below ``number`` that are trained, or in flight and may be."""
-    used = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.number >= number:
-            continue
-        role = t.user_attrs.get("role")
-        if (
-            t.state == TrialState.COMPLETE
-            and role == "evaluation"
-            or t.state == TrialState.RUNNING
-            and role in (None, "evaluation")
-        ):
-            used += 1
-    return used
 
 
 def _quiet_optuna() -> None:
@@ -576,26 +525,39 @@ def run_search(
     *,
     argv: list[str] | None = None,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Run (or resume) a search into ``out_dir``; returns the trials and the best.
 
     ``objective(arch, proxy=..., seed=...)`` replaces the proxy evaluator (see
     :mod:`hcomposer.search.objectives`); with ``workers > 1`` it must be picklable (a
-    module-level function), since each worker is a spawned process.
+    module-level function), since each worker is a spawned process. ``executor`` says
+    where evaluations run (:mod:`hcomposer.search.executors`; default: local).
     """
     out = Path(out_dir)
     objective = resolve_objective(config.proxy, objective, config.proxy_config)
-    prepare_run_folder(config, out, argv)
-    _quiet_optuna()
-    url = storage_url(config.storage, out)
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    with LiveView(config.trials, enabled=progress, label=f"search {config.sampler}") as view:
-        if config.workers == 1:
-            notes = _Worker(config, out, url, objective, view=view).run()
-        else:
-            notes = _run_workers(config, out, url, objective, view)
-    return summarise(config, out, time.perf_counter() - t0, notes)
+    executor = executor or LocalExecutor()
+    # Connect first: an unreachable cluster is a UserError before anything is written.
+    with executor:
+        prepare_run_folder(config, out, argv)
+        _quiet_optuna()
+        url = storage_url(config.storage, out)
+        t0 = time.perf_counter()
+        label = f"search {config.sampler}"
+        with LiveView(config.trials, enabled=progress, label=label) as view:
+            evaluate = executor.wrap(objective)
+            if config.workers == 1:
+                notes = _Worker(config, out, url, evaluate, view=view).run()
+            elif executor.threads:
+                notes = run_threads(
+                    lambda i: _Worker(
+                        config, out, url, evaluate, view=view if i == 0 else None
+                    ).run(),
+                    config.workers,
+                )
+            else:
+                notes = _run_workers(config, out, url, objective, view)
+        return summarise(config, out, time.perf_counter() - t0, notes)
 
 
 def _run_workers(config, out: Path, url: str, objective, view: LiveView) -> list[str]:

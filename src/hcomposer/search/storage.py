@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
 from hcomposer.guards import check_output_file
+from hcomposer.search.pg import driver_url, schema_lock
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -41,8 +42,24 @@ __all__ = [
 ]
 
 # A proxy trial trains for seconds to minutes; a minute of silence means the worker is gone.
+# HCOMPOSER_HEARTBEAT="INTERVAL,GRACE" (seconds) overrides both, e.g. for a quick test.
 HEARTBEAT_INTERVAL = 15
 GRACE_PERIOD = 60
+
+
+def _heartbeat() -> tuple[int, int]:
+    spec = os.environ.get("HCOMPOSER_HEARTBEAT", "")
+    try:
+        interval, grace = (int(x) for x in spec.split(","))
+    except ValueError:
+        return HEARTBEAT_INTERVAL, GRACE_PERIOD
+    return max(1, interval), max(2, grace)
+
+
+def _host() -> str:
+    """This worker's host as owner records name it; HCOMPOSER_HOST overrides the hostname
+    (machines or containers that share one)."""
+    return os.environ.get("HCOMPOSER_HOST") or socket.gethostname()
 
 
 def storage_url(spec: str | None, out_dir: str | Path) -> str:
@@ -93,7 +110,7 @@ def check_storage(spec: str | None, out_dir: str | Path, *, must_exist: bool = F
     try:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(spec)
+        engine = sqlalchemy.create_engine(driver_url(spec))
         with engine.connect():
             pass
         engine.dispose()
@@ -112,6 +129,7 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    url = driver_url(url)
     kwargs: dict[str, Any] = {}
     sqlite = _sqlite_path(url)
     if sqlite is not None:
@@ -119,14 +137,14 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         kwargs["connect_args"] = {"timeout": 120}
         if not reader:
             _use_wal(sqlite)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), schema_lock(url, skip=reader):
         # The heartbeat is marked experimental; it is what finds workers lost on other hosts.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs=kwargs,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
+            heartbeat_interval=_heartbeat()[0],
+            grace_period=_heartbeat()[1],
             skip_table_creation=reader,
         )
     if sqlite is not None:
@@ -173,12 +191,12 @@ def _process_start(pid: int) -> str | None:
 def owner_record() -> dict[str, Any]:
     """Who runs a trial: stored as the trial's ``owner`` user attribute."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+    return {"host": _host(), "pid": pid, "start": _process_start(pid)}
 
 
 def owner_alive(owner: dict[str, Any] | None) -> bool | None:
     """True/False for an owner on this host, None when this host cannot tell."""
-    if not owner or owner.get("host") != socket.gethostname():
+    if not owner or owner.get("host") != _host():
         return None
     pid = int(owner.get("pid", -1))
     if pid <= 0:

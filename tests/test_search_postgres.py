@@ -1,0 +1,184 @@
+"""Searches on a real PostgreSQL server: a throwaway cluster started by this module.
+
+- two ``hcomposer search`` processes with two workers each on one study train exactly
+  ``--trials`` trials, each pattern once, and both create the schema without a race;
+- a worker on "another host" (``HCOMPOSER_HOST``) SIGKILLed mid-trial: its trial is found
+  by the heartbeat in the other process, failed, and run again;
+- both processes SIGKILLed: the same command resumes and ends with exactly ``--trials``.
+
+Skipped, with one line, only where no PostgreSQL server binaries are installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from hcomposer.search import load_trials
+from pgcluster import PgCluster, find_bin
+
+pytestmark = pytest.mark.postgres
+
+TRIALS = 6
+
+
+@pytest.fixture(scope="session")
+def pg():
+    bindir = find_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    cluster = PgCluster(bindir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _search(url, out, workers, delay, **env):
+    # The proxy (with its delay) is part of the search's identity: keep it equal to share
+    # one study.
+    cmd = [
+        sys.executable,
+        "-m",
+        "hcomposer.cli",
+        "search",
+        "--proxy",
+        f"synthetic:{delay}",
+        "--primitives",
+        "AF",
+        "--layers",
+        "4",
+        "--trials",
+        str(TRIALS),
+        "--sampler",
+        "tpe",
+        "--n-startup",
+        "3",
+        "--shape",
+        "tiny",
+        "--workers",
+        str(workers),
+        "--storage",
+        url,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    full_env = {**os.environ, **env}
+    return subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True
+    )
+
+
+def _read(out):
+    try:
+        return load_trials(out)
+    except Exception:  # the folder or the study is still being created
+        return []
+
+
+def _wait(procs, timeout=300):
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        errs.append(err)
+    return [p.returncode for p in procs], errs
+
+
+def _check_exact(trials):
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    assert len(done) == TRIALS
+    assert len({t["pattern"] for t in done}) == TRIALS  # nothing trained twice
+    assert not [t for t in trials if t["state"] in ("RUNNING", "WAITING")]
+    return done
+
+
+def test_two_processes_two_workers_each(pg, tmp_path):
+    url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
+    procs = [_search(url, tmp_path / f"p{i}", 2, 0.5) for i in range(2)]
+    codes, errs = _wait(procs)
+    assert codes == [0, 0], errs
+    done = _check_exact(load_trials(tmp_path / "p0"))
+    assert load_trials(tmp_path / "p1") == load_trials(tmp_path / "p0")  # one study
+    assert len({t["owner"]["pid"] for t in done}) >= 2
+
+
+def test_worker_killed_mid_trial_is_recovered_by_heartbeat(pg, tmp_path):
+    url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
+    # A 1 s heartbeat with 8 s of grace; each process claims its own host, so the other
+    # one cannot see the dead pid and only the heartbeat can tell.
+    beat = "1,8"
+    a = _search(url, tmp_path / "a", 1, 4.0, HCOMPOSER_HOST="host-a", HCOMPOSER_HEARTBEAT=beat)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            mine = [
+                t
+                for t in _read(tmp_path / "a")
+                if t["state"] == "RUNNING" and (t["owner"] or {}).get("pid") == a.pid
+            ]
+            if mine and mine[0]["pattern"]:
+                break
+            assert a.poll() is None, a.stderr.read()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("process a never started a trial")
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait(timeout=30)
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+    killed = next(t for t in load_trials(tmp_path / "a") if t["number"] == mine[0]["number"])
+    assert killed["state"] == "RUNNING"
+    b = _search(url, tmp_path / "b", 2, 4.0, HCOMPOSER_HOST="host-b", HCOMPOSER_HEARTBEAT=beat)
+    codes, errs = _wait([b])
+    assert codes == [0], errs
+    trials = load_trials(tmp_path / "b")
+    _check_exact(trials)
+    dead = next(t for t in trials if t["number"] == mine[0]["number"])
+    assert dead["state"] == "FAIL" and "no heartbeat" in dead["failure"]
+    retry = [t for t in trials if t["retry_of"] == dead["number"]]
+    assert len(retry) == 1 and retry[0]["pattern"] == dead["pattern"]
+    assert retry[0]["state"] in ("COMPLETE", "CACHED")
+    assert retry[0]["owner"]["host"] == "host-b"
+
+
+def test_resume_after_both_processes_die(pg, tmp_path):
+    url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
+    procs = [_search(url, tmp_path / f"p{i}", 2, 5.0) for i in range(2)]
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            trials = _read(tmp_path / "p0")
+            done = [t for t in trials if t["state"] == "COMPLETE"]
+            running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
+            if done and running:
+                break
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the search never got going")
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    before = load_trials(tmp_path / "p0")
+    killed = [t for t in before if t["state"] == "RUNNING"]
+    assert killed
+    kept = {t["number"]: t for t in before if t["state"] == "COMPLETE"}
+    assert len(kept) < TRIALS
+
+    codes, errs = _wait([_search(url, tmp_path / "p0", 2, 5.0)])
+    assert codes == [0], errs
+    after = load_trials(tmp_path / "p0")
+    _check_exact(after)
+    for n, t in kept.items():  # completed trials are untouched
+        assert after[n]["state"] == "COMPLETE" and after[n]["finished"] == t["finished"]
+    for k in killed:
+        assert after[k["number"]]["state"] == "FAIL"
