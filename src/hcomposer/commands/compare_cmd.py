@@ -16,6 +16,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json, plots")
     p.add_argument("--labels", default=None, help="comma-separated names, one per DIR")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="re-measure efficiency of all runs in turn in this process (paired ratios)",
+    )
+    p.add_argument("--max-len", type=int, default=None, help="--interleaved: longest context")
 
 
 def run(args) -> int:
@@ -30,7 +36,13 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} is a file; choose a folder")
-    result = compare_runs(args.dirs, out, labels)
+    eff = None
+    if args.interleaved:
+        from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
+
+        cfg = EfficiencyConfig(max_len=args.max_len)
+        eff = measure_runs_interleaved(args.dirs, labels or [Path(d).name for d in args.dirs], cfg)
+    result = compare_runs(args.dirs, out, labels, efficiency=eff)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
         return 0
