@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hcomposer import build_model
+from hcomposer.errors import UserError
 from hcomposer.evaluation import efficiency
 from hcomposer.evaluation.efficiency import EfficiencyConfig, compare_efficiency
 from hcomposer.evaluation.interleave import measure_interleaved, round_order, spread
@@ -125,3 +126,21 @@ def test_compare_efficiency_ratios_are_paired_per_round(monkeypatch):
     for r in res["ratios"]["hyb"].values():
         assert r["median"] == r["min"] == r["max"] == 2.0
     assert torch.isfinite(torch.tensor(res["models"]["hyb"]["inference"][0]["decode_tokens_per_s"]))
+
+
+def test_suite_contexts_and_decode_roofline():
+    model = build_model("AFSF", shape="tiny", seed=0)
+    cfg = EfficiencyConfig(contexts=[48, 16], repeats=1, decode_steps=2, train_batch=1,
+                           train_optimizer="none", device="cpu", bandwidth_probe_mib=8)  # fmt: skip
+    res = efficiency.run_efficiency(model, train_len=16, config=cfg)
+    assert [p["context"] for p in res["inference"]] == [16, 48]
+    weights = sum(p.numel() * 4 for p in model.parameters())  # the tied head counted once
+    assert model.lm_head.weight is model.embed.weight
+    for p in res["inference"]:
+        assert p["decode_bytes_per_step"] == weights + p["kv_bytes"] + p["state_bytes"]
+        roof = p["read_bandwidth_Bps"] / p["decode_bytes_per_step"]
+        assert p["decode_roofline_tokens_per_s"] == pytest.approx(roof)
+        assert p["decode_roofline_fraction"] == pytest.approx(p["decode_tokens_per_s"] / roof)
+    assert "of" in efficiency.efficiency_markdown(res)
+    with pytest.raises(UserError):
+        EfficiencyConfig(contexts=[1])

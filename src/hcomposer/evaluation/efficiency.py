@@ -16,6 +16,10 @@ and KV / state bytes from the accounting.
   (a lower bound: 0 once an earlier step was larger) is reported and labelled.
 - KV bytes (grow with L) and state bytes (fixed per sequence) come from
   ``count_costs`` at the model's dtype and are reported per measurement.
+- decode roofline at L: a step must read every weight and the whole cache once, so
+  tokens/s <= batch x read bandwidth / (weight bytes + KV bytes at L + state bytes); the read
+  bandwidth is the fastest of three sums over a ``bandwidth_probe_mib`` fp32 tensor, timed
+  just before the decode measurement. The fraction reached is reported beside it.
 
 Lengths double from ``min_len`` to ``max_len``; a length that runs out of memory
 or over ``max_seconds`` is recorded with its reason and the sweep stops there.
@@ -62,6 +66,11 @@ class EfficiencyConfig:
     batch: int = 1
     min_len: int = 128
     max_len: int | None = None  # None: 4x the training length
+    # Explicit context lengths (e.g. (1024, 4096, 8192, 16384)); None: double min_len..max_len.
+    contexts: tuple[int, ...] | None = None
+    # Decode roofline: time a sum over a tensor of this many MiB (fp32) before each decode
+    # measurement; 0 turns it off.
+    bandwidth_probe_mib: int = 256
     decode_steps: int = 16
     train_batch: int = 4
     train_len: int | None = None  # None: the training length
@@ -78,6 +87,12 @@ class EfficiencyConfig:
             raise UserError("efficiency: batch, min_len, decode_steps and repeats must be positive")
         if self.train_optimizer not in ("adamw", "none"):
             raise UserError("efficiency: train_optimizer must be 'adamw' or 'none'")
+        if self.contexts is not None:
+            object.__setattr__(self, "contexts", tuple(int(c) for c in self.contexts))
+            if not self.contexts or min(self.contexts) < 2:
+                raise UserError("efficiency: contexts must be lengths >= 2")
+        if self.bandwidth_probe_mib < 0:
+            raise UserError("efficiency: bandwidth_probe_mib must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,9 +240,11 @@ def _inference_point(model, L: int, cfg: EfficiencyConfig, device) -> dict[str, 
         return time.perf_counter() - t0
 
     decode()
+    bandwidth = _read_bandwidth(cfg.bandwidth_probe_mib, device)
     with _PeakMemory(device) as mem_d:
         t_decode = statistics.median(decode() for _ in range(cfg.repeats))
     return {
+        "read_bandwidth_Bps": bandwidth,
         "context": L,
         "prefill_s": t_prefill,
         "prefill_tokens_per_s": cfg.batch * L / t_prefill,
@@ -250,12 +267,8 @@ def run_efficiency(
     dtype = next(model.parameters()).dtype
     dtype_bytes = torch.finfo(dtype).bits // 8
     model = model.to(device).eval()
-    max_len = cfg.max_len or 4 * train_len
-    lengths = []
-    n = cfg.min_len
-    while n <= max_len:
-        lengths.append(n)
-        n *= 2
+    lengths = _lengths(cfg, train_len)
+    weight_bytes = _weight_bytes(model)
     torch.manual_seed(cfg.seed)
     train = _train_throughput(model, cfg, cfg.train_len or train_len, device)
     # KV bytes per token and state bytes per sequence do not depend on the length.
@@ -274,6 +287,13 @@ def run_efficiency(
             break
         p["kv_bytes"] = costs.kv_bytes_per_token * L * cfg.batch
         p["state_bytes"] = costs.state_bytes * cfg.batch
+        if p.get("read_bandwidth_Bps"):
+            # One decode step of the batch reads every weight once and every cache once.
+            step_bytes = weight_bytes + p["kv_bytes"] + p["state_bytes"]
+            roof = cfg.batch * p["read_bandwidth_Bps"] / step_bytes
+            p["decode_bytes_per_step"] = step_bytes
+            p["decode_roofline_tokens_per_s"] = roof
+            p["decode_roofline_fraction"] = p["decode_tokens_per_s"] / roof
         points.append(p)
         if progress is not None:
             progress()
@@ -322,14 +342,16 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
         f"peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} B/token, "
         f"state {res['state_bytes_per_sequence']} B/sequence.",
         "",
-        "| context | prefill tok/s | decode tok/s | prefill peak MiB | decode peak MiB "
-        "| KV MiB | state MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| context | prefill tok/s | decode tok/s | decode roofline | prefill peak MiB "
+        "| decode peak MiB | KV MiB | state MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in res["inference"]:
+        frac = p.get("decode_roofline_fraction")
+        roof = "-" if frac is None else f"{frac:.0%} of {p['decode_roofline_tokens_per_s']:,.0f}"
         lines.append(
             f"| {p['context']} | {p['prefill_tokens_per_s']:,.0f} | "
-            f"{p['decode_tokens_per_s']:,.1f} | {_mib(p['prefill_peak_bytes'])} | "
+            f"{p['decode_tokens_per_s']:,.1f} | {roof} | {_mib(p['prefill_peak_bytes'])} | "
             f"{_mib(p['decode_peak_bytes'])} | {_mib(p['kv_bytes'])} | {_mib(p['state_bytes'])} |"
         )
     if res.get("stopped"):
@@ -367,6 +389,30 @@ def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> Non
     plt.close(fig)
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of the parameters, each tensor once (a tied embedding and head count once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def _read_bandwidth(mib: int, device: torch.device) -> float | None:
+    """Bytes/s of the fastest of 3 sums over an fp32 tensor of ``mib`` MiB (None if mib is 0)."""
+    if not mib:
+        return None
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
 def _clock(device: torch.device):
     """(timer, sync) for interleaved timing: CPU seconds on CPU, synchronised wall time on CUDA."""
     if device.type == "cuda":
@@ -375,6 +421,8 @@ def _clock(device: torch.device):
 
 
 def _lengths(cfg: EfficiencyConfig, train_len: int) -> list[int]:
+    if cfg.contexts:
+        return sorted(set(cfg.contexts))
     max_len = cfg.max_len or 4 * train_len
     out, n = [], cfg.min_len
     while n <= max_len:
