@@ -115,6 +115,12 @@ def test_pipeline_resumes_after_kill_and_reports(tmp_path: Path):
     report = (out / "report.md").read_text()
     scale = state["stages"]["scale"]
     assert scale["composite"] in report and scale["baseline"] in report
+    # Efficiency of both models timed together: paired ratios with their spread.
+    assert "Efficiency, paired" in report and "decode@64" in report
+    paired = json.loads((out / "compare/compare.json").read_text())["efficiency_interleaved"]
+    assert (
+        paired["reference"] == "baseline" and paired["ratios"]["composite"]["decode@64"]["n"] == 1
+    )
     assert len(scale["composite"]) == 8 and set(scale["baseline"]) == {"A", "F"}
     for png in (
         "trials.png",

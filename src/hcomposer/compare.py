@@ -152,8 +152,13 @@ def compare_runs(
     out_dir: str | Path,
     labels: list[str] | None = None,
     title: str = "Comparison",
+    efficiency: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``compare.md``, ``compare.json`` and plots into ``out_dir``; return the data."""
+    """Write ``compare.md``, ``compare.json`` and plots into ``out_dir``; return the data.
+
+    ``efficiency``: a ``compare_efficiency`` result keyed by these labels (the runs measured
+    interleaved); its speeds replace the ones each run's evaluation measured on its own.
+    """
     from hcomposer.report import markdown_table, plot_loss_curves, plot_pattern_strips
 
     if not run_dirs:
@@ -162,6 +167,10 @@ def compare_runs(
     if len(set(labels)) != len(labels):
         labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
     runs = [collect_run(d, lab) for d, lab in zip(run_dirs, labels)]
+    for r in runs:
+        if efficiency is not None and r["label"] in efficiency["models"]:
+            own = r["eval"].get("efficiency") or {}
+            r["eval"]["efficiency"] = {**own, **efficiency["models"][r["label"]]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs)
@@ -187,10 +196,15 @@ def compare_runs(
     ]
     extra = _eval_plots(runs, out)
     lines += extra
+    if efficiency is not None:
+        from hcomposer.evaluation.efficiency import interleaved_markdown
+
+        lines += ["## Efficiency, paired", "", interleaved_markdown(efficiency), ""]
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     data = {
         "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in runs],
         "rows": [{"metric": n, "values": v, "ratios": q} for n, v, q in rows],
+        "efficiency_interleaved": efficiency,
     }
     atomic_write_json(out / "compare.json", data)
     return {"table_header": header, "table": table, **data, "markdown": str(out / "compare.md")}

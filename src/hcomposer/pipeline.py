@@ -290,8 +290,16 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         ("baseline", sc["baseline"]),
     ]
     plot_pattern_strips(strips, out / "patterns.png", title="Top trials, aggregate, scaled")
-    cmp = compare_runs([out / "train" / "baseline", out / "train" / "composite"],
-                       out / "compare", labels=["baseline", "composite"],
+    roles = ["baseline", "composite"]
+    runs = [out / "train" / role for role in roles]
+    eff = None
+    if "efficiency" in recipe.eval_suites:
+        # Both models timed in turn in this process, so outside load cannot favour one.
+        from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
+
+        opts = recipe.eval_options.get("efficiency", {})
+        eff = measure_runs_interleaved(runs, roles, EfficiencyConfig(**opts))
+    cmp = compare_runs(runs, out / "compare", labels=roles, efficiency=eff,
                        title="Composite against the Llama-style baseline")  # fmt: skip
     top = [[t["number"], t["pattern"], t["score"]] for t in done[:10]]
     lines = [

@@ -17,6 +17,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json, plots")
     p.add_argument("--labels", default=None, help="comma-separated names, one per DIR")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="re-measure efficiency of all runs in turn in this process (paired ratios)",
+    )
+    p.add_argument("--max-len", type=int, default=None, help="--interleaved: longest context")
 
 
 def run(args) -> int:
@@ -28,8 +34,18 @@ def run(args) -> int:
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.dirs):
         raise UserError(f"--labels has {len(labels)} names for {len(args.dirs)} folders")
+    if args.max_len is not None and not args.interleaved:
+        raise UserError("--max-len only applies with --interleaved")
+    if args.max_len is not None and args.max_len < 2:
+        raise UserError(f"--max-len must be at least 2 tokens (got {args.max_len})")
     out = check_output_dir(args.out, "--out")
-    result = compare_runs(args.dirs, out, labels)
+    eff = None
+    if args.interleaved:
+        from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
+
+        cfg = EfficiencyConfig(max_len=args.max_len)
+        eff = measure_runs_interleaved(args.dirs, labels or [Path(d).name for d in args.dirs], cfg)
+    result = compare_runs(args.dirs, out, labels, efficiency=eff)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
         return 0

@@ -16,10 +16,21 @@ and KV / state bytes from the accounting.
   (a lower bound: 0 once an earlier step was larger) is reported and labelled.
 - KV bytes (grow with L) and state bytes (fixed per sequence) come from
   ``count_costs`` at the model's dtype and are reported per measurement.
+- decode roofline at L: a step must read every weight and the whole cache once, so
+  tokens/s <= batch x read bandwidth / (weight bytes + KV bytes at L + state bytes); the read
+  bandwidth is the fastest of three sums over a ``bandwidth_probe_mib`` fp32 tensor, timed
+  just before the decode measurement. The fraction reached is reported beside it.
 
 Lengths double from ``min_len`` to ``max_len``; a length that runs out of memory
 or over ``max_seconds`` is recorded with its reason and the sweep stops there.
 Each timing is the median of ``repeats`` runs after one warm-up.
+
+Comparisons (``compare_efficiency``, used by ``hcomposer compare --interleaved`` and the
+pipeline's report) measure the models of a comparison in one process, interleaved: each
+round times one training step, one prefill and ``decode_steps`` decode steps of every model
+in turn (see ``evaluation/interleave.py``), on the process's CPU time on CPU (wall time with
+synchronisation on CUDA). Medians and [min, max] come with every figure, and each ratio to the
+first model is the median of per-round ratios, so load from other processes cancels out of it.
 """
 
 from __future__ import annotations
@@ -37,8 +48,17 @@ import torch
 import torch.nn.functional as F
 
 from hcomposer.errors import UserError
+from hcomposer.evaluation.interleave import measure_interleaved
 
-__all__ = ["EfficiencyConfig", "run_efficiency", "plot_efficiency", "efficiency_markdown"]
+__all__ = [
+    "EfficiencyConfig",
+    "run_efficiency",
+    "compare_efficiency",
+    "measure_runs_interleaved",
+    "interleaved_markdown",
+    "plot_efficiency",
+    "efficiency_markdown",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +66,11 @@ class EfficiencyConfig:
     batch: int = 1
     min_len: int = 128
     max_len: int | None = None  # None: 4x the training length
+    # Explicit context lengths (e.g. (1024, 4096, 8192, 16384)); None: double min_len..max_len.
+    contexts: tuple[int, ...] | None = None
+    # Decode roofline: time a sum over a tensor of this many MiB (fp32) before each decode
+    # measurement; 0 turns it off.
+    bandwidth_probe_mib: int = 256
     decode_steps: int = 16
     train_batch: int = 4
     train_len: int | None = None  # None: the training length
@@ -62,6 +87,12 @@ class EfficiencyConfig:
             raise UserError("efficiency: batch, min_len, decode_steps and repeats must be positive")
         if self.train_optimizer not in ("adamw", "none"):
             raise UserError("efficiency: train_optimizer must be 'adamw' or 'none'")
+        if self.contexts is not None:
+            object.__setattr__(self, "contexts", tuple(int(c) for c in self.contexts))
+            if not self.contexts or min(self.contexts) < 2:
+                raise UserError("efficiency: contexts must be lengths >= 2")
+        if self.bandwidth_probe_mib < 0:
+            raise UserError("efficiency: bandwidth_probe_mib must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,9 +240,11 @@ def _inference_point(model, L: int, cfg: EfficiencyConfig, device) -> dict[str, 
         return time.perf_counter() - t0
 
     decode()
+    bandwidth = _read_bandwidth(cfg.bandwidth_probe_mib, device)
     with _PeakMemory(device) as mem_d:
         t_decode = statistics.median(decode() for _ in range(cfg.repeats))
     return {
+        "read_bandwidth_Bps": bandwidth,
         "context": L,
         "prefill_s": t_prefill,
         "prefill_tokens_per_s": cfg.batch * L / t_prefill,
@@ -234,12 +267,8 @@ def run_efficiency(
     dtype = next(model.parameters()).dtype
     dtype_bytes = torch.finfo(dtype).bits // 8
     model = model.to(device).eval()
-    max_len = cfg.max_len or 4 * train_len
-    lengths = []
-    n = cfg.min_len
-    while n <= max_len:
-        lengths.append(n)
-        n *= 2
+    lengths = _lengths(cfg, train_len)
+    weight_bytes = _weight_bytes(model)
     torch.manual_seed(cfg.seed)
     train = _train_throughput(model, cfg, cfg.train_len or train_len, device)
     # KV bytes per token and state bytes per sequence do not depend on the length.
@@ -258,6 +287,13 @@ def run_efficiency(
             break
         p["kv_bytes"] = costs.kv_bytes_per_token * L * cfg.batch
         p["state_bytes"] = costs.state_bytes * cfg.batch
+        if p.get("read_bandwidth_Bps"):
+            # One decode step of the batch reads every weight once and every cache once.
+            step_bytes = weight_bytes + p["kv_bytes"] + p["state_bytes"]
+            roof = cfg.batch * p["read_bandwidth_Bps"] / step_bytes
+            p["decode_bytes_per_step"] = step_bytes
+            p["decode_roofline_tokens_per_s"] = roof
+            p["decode_roofline_fraction"] = p["decode_tokens_per_s"] / roof
         points.append(p)
         if progress is not None:
             progress()
@@ -306,14 +342,16 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
         f"peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} B/token, "
         f"state {res['state_bytes_per_sequence']} B/sequence.",
         "",
-        "| context | prefill tok/s | decode tok/s | prefill peak MiB | decode peak MiB "
-        "| KV MiB | state MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| context | prefill tok/s | decode tok/s | decode roofline | prefill peak MiB "
+        "| decode peak MiB | KV MiB | state MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in res["inference"]:
+        frac = p.get("decode_roofline_fraction")
+        roof = "-" if frac is None else f"{frac:.0%} of {p['decode_roofline_tokens_per_s']:,.0f}"
         lines.append(
             f"| {p['context']} | {p['prefill_tokens_per_s']:,.0f} | "
-            f"{p['decode_tokens_per_s']:,.1f} | {_mib(p['prefill_peak_bytes'])} | "
+            f"{p['decode_tokens_per_s']:,.1f} | {roof} | {_mib(p['prefill_peak_bytes'])} | "
             f"{_mib(p['decode_peak_bytes'])} | {_mib(p['kv_bytes'])} | {_mib(p['state_bytes'])} |"
         )
     if res.get("stopped"):
@@ -349,3 +387,199 @@ def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> Non
     fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the parameters, each tensor once (a tied embedding and head count once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def _read_bandwidth(mib: int, device: torch.device) -> float | None:
+    """Bytes/s of the fastest of 3 sums over an fp32 tensor of ``mib`` MiB (None if mib is 0)."""
+    if not mib:
+        return None
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def _clock(device: torch.device):
+    """(timer, sync) for interleaved timing: CPU seconds on CPU, synchronised wall time on CUDA."""
+    if device.type == "cuda":
+        return time.perf_counter, lambda: torch.cuda.synchronize(device)
+    return time.process_time, None
+
+
+def _lengths(cfg: EfficiencyConfig, train_len: int) -> list[int]:
+    if cfg.contexts:
+        return sorted(set(cfg.contexts))
+    max_len = cfg.max_len or 4 * train_len
+    out, n = [], cfg.min_len
+    while n <= max_len:
+        out.append(n)
+        n *= 2
+    return out
+
+
+@torch.no_grad()
+def _context_fns(model, L: int, cfg: EfficiencyConfig, device, rounds: int):
+    """(prefill, decode) closures at context L; decode continues one cache, round after round."""
+    g = torch.Generator().manual_seed(cfg.seed + L)
+    V = model.arch.shape.vocab_size
+    prompt = torch.randint(0, V, (cfg.batch, L), generator=g).to(device)
+    nxt = torch.randint(0, V, (cfg.batch, 1), generator=g).to(device)
+
+    def prefill():
+        with torch.no_grad():
+            model(prompt, cache=model.init_cache(cfg.batch, L + 1))
+
+    cache = model.init_cache(cfg.batch, L + cfg.decode_steps * rounds + 1)
+    model(prompt, cache=cache)
+
+    def decode():
+        with torch.no_grad():
+            for _ in range(cfg.decode_steps):
+                model(nxt, cache=cache)
+
+    return prefill, decode
+
+
+def compare_efficiency(
+    models: dict[str, Any], *, train_len: int, config: EfficiencyConfig | None = None
+) -> dict[str, Any]:
+    """Training, prefill and decode speed of several models measured interleaved (see above).
+
+    Returns ``{"models": {label: run_efficiency-like dict}, "ratios": {label: {metric: spread}},
+    "clock", "config"}``; ratios are speeds relative to the first label (> 1: faster).
+    """
+    from hcomposer.accounting import count_costs
+
+    if not models:
+        raise UserError("compare_efficiency: no models")
+    cfg = config or EfficiencyConfig()
+    device = _device(cfg.device)
+    timer, sync = _clock(device)
+    labels = list(models)
+    ref = labels[0]
+    rounds = cfg.repeats + 1  # one warm-up round
+    out: dict[str, Any] = {"models": {}, "ratios": {lab: {} for lab in labels[1:]}}
+    costs = {lab: count_costs(m.arch, seq_len=train_len, dtype_bytes=_dtype_bytes(m))
+             for lab, m in models.items()}  # fmt: skip
+    models = {lab: m.to(device).eval() for lab, m in models.items()}
+    tl = cfg.train_len or train_len
+
+    def record(metric: str, res, work: float) -> dict[str, Any]:
+        speeds = {lab: res.summary(lab).map(lambda t: work / t) for lab in labels}
+        for lab in labels[1:]:
+            out["ratios"][lab][metric] = res.ratio(ref, lab).to_dict()
+        return speeds
+
+    torch.manual_seed(cfg.seed)
+    steps = {lab: _train_step(m, cfg, tl, device) for lab, m in models.items()}
+    res = measure_interleaved(steps, repeats=cfg.repeats, timer=timer, sync=sync)
+    train = record("train", res, cfg.train_batch * tl)
+    for lab in labels:
+        out["models"][lab] = {
+            "train": {"batch": cfg.train_batch, "seq_len": tl, "tokens_per_s": train[lab].median,
+                      "tokens_per_s_spread": train[lab].to_dict()},
+            "inference": [],
+            "kv_bytes_per_token": costs[lab].kv_bytes_per_token,
+            "state_bytes_per_sequence": costs[lab].state_bytes,
+        }  # fmt: skip
+    stopped = None
+    for L in _lengths(cfg, train_len):
+        t0 = time.perf_counter()
+        fns = {lab: _context_fns(m, L, cfg, device, rounds) for lab, m in models.items()}
+        pre = measure_interleaved({lab: f[0] for lab, f in fns.items()}, repeats=cfg.repeats,
+                                  timer=timer, sync=sync)  # fmt: skip
+        prefill = record(f"prefill@{L}", pre, cfg.batch * L)
+        dec = measure_interleaved({lab: f[1] for lab, f in fns.items()}, repeats=cfg.repeats,
+                                  timer=timer, sync=sync)  # fmt: skip
+        decode = record(f"decode@{L}", dec, cfg.batch * cfg.decode_steps)
+        for lab in labels:
+            out["models"][lab]["inference"].append({
+                "context": L,
+                "prefill_tokens_per_s": prefill[lab].median,
+                "decode_tokens_per_s": decode[lab].median,
+                "prefill_tokens_per_s_spread": prefill[lab].to_dict(),
+                "decode_tokens_per_s_spread": decode[lab].to_dict(),
+                "kv_bytes": costs[lab].kv_bytes_per_token * L * cfg.batch,
+                "state_bytes": costs[lab].state_bytes * cfg.batch,
+            })  # fmt: skip
+        if time.perf_counter() - t0 > cfg.max_seconds:
+            stopped = f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
+            break
+    clock = "cpu process time" if device.type != "cuda" else "wall time, synchronised"
+    out.update(config=cfg.to_dict(), device=str(device), clock=clock, stopped=stopped,
+               threads=torch.get_num_threads(), reference=ref)  # fmt: skip
+    return out
+
+
+def _dtype_bytes(model) -> int:
+    return torch.finfo(next(model.parameters()).dtype).bits // 8
+
+
+def _train_step(model, cfg: EfficiencyConfig, train_len: int, device):
+    """One training step (forward, backward, optimizer) on a copy of ``model``, as a closure."""
+    m = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4) if cfg.train_optimizer == "adamw" else None
+    g = torch.Generator().manual_seed(cfg.seed)
+    V = m.arch.shape.vocab_size
+    x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
+
+    def step():
+        loss = F.cross_entropy(m(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+        m.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+
+    return step
+
+
+def measure_runs_interleaved(
+    run_dirs: list[str | Path], labels: list[str], config: EfficiencyConfig | None = None
+) -> dict[str, Any]:
+    """``compare_efficiency`` of the latest checkpoints of several run folders."""
+    from hcomposer.train import load_run
+
+    models, train_len = {}, 0
+    for d, lab in zip(run_dirs, labels, strict=True):
+        model, arch, _tok, info = load_run(d)
+        cfg = info.get("config") or {}
+        seq = (cfg.get("train", cfg) or {}).get("seq_len") or arch.shape.max_seq_len
+        train_len = max(train_len, int(seq))
+        models[lab] = model
+    return compare_efficiency(models, train_len=train_len, config=config)
+
+
+def _spread_text(d: dict[str, Any], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}, {fmt.format(d['max'])}]"
+
+
+def interleaved_markdown(res: dict[str, Any]) -> str:
+    """The paired speed ratios of ``compare_efficiency`` as a Markdown table."""
+    labels = list(res["ratios"])
+    metrics = list(next(iter(res["ratios"].values()), {}))
+    lines = [
+        f"Measured interleaved in one process ({res['clock']}, {res['threads']} threads, "
+        f"{res['config']['repeats']} rounds): speed relative to **{res['reference']}**, "
+        "median [min, max] of per-round ratios.",
+        "",
+        "| metric | " + " | ".join(f"{lab} / {res['reference']}" for lab in labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for m in metrics:
+        cells = " | ".join(_spread_text(res["ratios"][lab][m]) for lab in labels)
+        lines.append(f"| {m} | {cells} |")
+    return "\n".join(lines)

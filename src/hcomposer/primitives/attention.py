@@ -6,6 +6,7 @@ plain transformer pattern exports to ``LlamaForCausalLM`` weight for weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.decoding import fast_decoding
 from hcomposer.shapes import Shape
 
-__all__ = ["Attention", "SlidingWindowAttention", "KVCache", "RollingKVCache", "apply_rope"]
+__all__ = [
+    "Attention",
+    "SlidingWindowAttention",
+    "KVCache",
+    "RollingKVCache",
+    "apply_rope",
+    "decode_attention",
+]
 
 
 def _split_heads(total: int, fraction: float, what: str) -> int:
@@ -25,14 +34,19 @@ def _split_heads(total: int, fraction: float, what: str) -> int:
     return n
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """theta^(-2i/head_dim) for i < head_dim/2, fp32: the rotation speed of each pair."""
+    return 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
+
+
 def rope_angles(
-    positions: torch.Tensor, head_dim: int, theta: float
+    positions: torch.Tensor, head_dim: int, theta: float, inv_freq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [T, head_dim] for integer positions [T] (computed in fp32)."""
-    inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    )
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta, positions.device)
     ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
@@ -46,9 +60,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for one query per sequence, every key visible.
+
+    q [B, H, 1, hd]; k, v [B, Hkv, L, hd] with H a multiple of Hkv (query head h reads KV head
+    h // (H / Hkv), as SDPA's GQA). For one query this is two matrix-vector products per head
+    with a softmax between them; SDPA's CPU kernel does it far slower. Both products reduce
+    along contiguous memory when k and v are KVCache views (positions contiguous): the form
+    PyTorch's CPU kernels run near memory speed in bf16 (about 4x the [L, hd] layout's speed
+    for the scores, 25x for the values at 16K). The scale is applied to q and the scores are
+    rounded to q's dtype before the fp32 softmax (as an eager bf16 attention does; SDPA keeps
+    them in fp32), so bf16 results differ from SDPA's by bf16 rounding; fp32 ones agree.
+    """
+    B, H, _, hd = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    g = H // Hkv
+    q = q * (1.0 / math.sqrt(hd))
+    # One mv per query head (a batched matmul takes a slow bf16 path on CPU); for B x H
+    # small, as in decoding, the loop costs a few microseconds per head.
+    s = torch.stack([torch.mv(k[b, h // g], q[b, h, 0]) for b in range(B) for h in range(H)])
+    s = s.view(B, Hkv, g, L)
+    work = torch.promote_types(q.dtype, torch.float32)
+    p = torch.softmax(s, dim=-1, dtype=work).to(v.dtype)
+    # [B, Hkv, hd, g]: v^T times the weights, reducing along positions.
+    o = torch.matmul(v.transpose(-1, -2), p.transpose(-1, -2))
+    return o.transpose(-1, -2).reshape(B, H, 1, hd)
+
+
 @dataclass
 class KVCache:
-    """Global attention cache: keys (already rotated) and values for every position."""
+    """Global attention cache: keys (already rotated) and values for every position.
+
+    ``k`` and ``v`` are [B, Hkv, max_len, hd] views of storage laid out [B, Hkv, hd, max_len]
+    (positions contiguous) when made under ``fast_decoding()``: see ``decode_attention`` for
+    why. Any layout gives the same results; the HF wrapper may replace them with plain ones.
+    """
 
     k: torch.Tensor  # [B, Hkv, max_len, hd]
     v: torch.Tensor
@@ -91,8 +137,17 @@ class _AttentionBase(Primitive):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         pos = torch.arange(start, start + T, device=x.device)
-        cos, sin = rope_angles(pos, self.head_dim, self.theta)
+        cos, sin = rope_angles(pos, self.head_dim, self.theta, self._inv_freq(x.device))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _inv_freq(self, device) -> torch.Tensor:
+        # Kept as a plain attribute, not a buffer: it must stay fp32 when the model is cast,
+        # and stay out of state dicts and checkpoints.
+        inv = getattr(self, "_inv_freq_cache", None)
+        if inv is None or inv.device != device:
+            inv = rope_inv_freq(self.head_dim, self.theta, device)
+            self._inv_freq_cache = inv
+        return inv
 
     def _attend(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
         """SDPA of q [B,H,Tq,hd] over k, v [B,Hkv,Tk,hd] with absolute positions."""
@@ -110,14 +165,20 @@ class _AttentionBase(Primitive):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
-    def _empty_kv(self, batch_size: int, slots: int, device, dtype):
-        """Zeroed key and value buffers [B, Hkv, slots, hd] (a cache's storage)."""
-        shape = (batch_size, self.n_kv_heads, slots, self.head_dim)
+    def _empty_kv(self, batch_size: int, slots: int, device, dtype, *, by_position=False):
+        """Zeroed key and value buffers [B, Hkv, slots, hd] (a cache's storage).
+
+        With ``by_position`` they are transposed views of [B, Hkv, hd, slots] storage.
+        """
         dtype = dtype or self.q_proj.weight.dtype
-        return (
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
-        )
+        B, H, hd = batch_size, self.n_kv_heads, self.head_dim
+
+        def buf():
+            if by_position:
+                return torch.zeros(B, H, hd, slots, device=device, dtype=dtype).transpose(-1, -2)
+            return torch.zeros(B, H, slots, hd, device=device, dtype=dtype)
+
+        return buf(), buf()
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = y.shape
@@ -138,7 +199,11 @@ class Attention(_AttentionBase):
     token = "A"
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> KVCache:
-        return KVCache(*self._empty_kv(batch_size, max_len, device, dtype))
+        device = torch.device(device) if device is not None else self.q_proj.weight.device
+        # The position-contiguous layout serves the CPU decode path; elsewhere SDPA's
+        # kernels want head_dim contiguous.
+        by_position = fast_decoding() and device.type == "cpu"
+        return KVCache(*self._empty_kv(batch_size, max_len, device, dtype, by_position=by_position))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = x.shape[1]
@@ -155,6 +220,8 @@ class Attention(_AttentionBase):
         cache.pos = end
         k_all = cache.k[:, :, :end].to(q.dtype)
         v_all = cache.v[:, :, :end].to(q.dtype)
+        if T == 1 and fast_decoding() and q.device.type == "cpu":
+            return self._finish(decode_attention(q, k_all, v_all))
         k_pos = torch.arange(0, end, device=x.device)
         return self._finish(self._attend(q, k_all, v_all, q_pos, k_pos))
 

@@ -1,0 +1,184 @@
+"""Long-context decoding against the memory roofline: reference paths vs fast paths, one process.
+
+A decoded token reads every weight and the whole cache once, so its time is at least
+
+    (bf16 weights + KV bytes at context L + recurrent state) / read bandwidth,
+
+with the read bandwidth measured in this process as the sum of a large fp32 tensor
+(``--bw-mib``). For each pattern, context and implementation (``reference``: the general paths
+under ``reference_decoding()``, what hcomposer ran before; ``fast``: the single-token paths)
+this records decode tokens/s, the roofline tokens/s, their ratio (the roofline fraction) and the
+hybrid / baseline speed ratio.
+
+Everything is measured interleaved (``hcomposer.evaluation.interleave``): each round runs the
+bandwidth probe and ``--steps`` decode steps of every model, in alternating order, on the CPU
+time clock; fractions and ratios are computed per round (same round, same load) and reported
+as median [min-max] over ``--rounds`` rounds.
+
+The caches are filled directly (random keys and values, random SSM state, position set to L)
+instead of by a prefill: a decode step's cost does not depend on the cache's contents, and a
+bf16 prefill of 16K tokens takes minutes on a small CPU. That cached decoding computes the
+full forward's outputs is what ``tests/test_model.py`` and ``tests/test_decode_fast.py`` check.
+
+    nice -n 10 python benchmarks/bench_decode.py --contexts 1024,4096,8192,16384 --out r.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from hcomposer.accounting import count_costs
+from hcomposer.evaluation.interleave import measure_interleaved, spread
+from hcomposer.io import atomic_write_text
+from hcomposer.model import build_model
+from hcomposer.primitives.attention import KVCache
+from hcomposer.primitives.decoding import reference_decoding
+from hcomposer.primitives.mamba2 import Mamba2Cache
+
+IMPLS = ("reference", "fast")
+TOKEN = torch.tensor([[7]])
+
+
+def _fill(obj, L: int, g: torch.Generator) -> None:
+    """Random cache contents as if L tokens had been seen (sizes and layouts kept)."""
+    if isinstance(obj, list):
+        for o in obj:
+            _fill(o, L, g)
+    elif isinstance(obj, KVCache):
+        for t in (obj.k, obj.v):
+            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+        obj.pos = L
+    elif isinstance(obj, Mamba2Cache):
+        obj.conv_state.copy_(torch.randn(obj.conv_state.shape, generator=g))
+        obj.ssm_state.copy_(0.1 * torch.randn(obj.ssm_state.shape, generator=g))
+        obj.pos = L
+    elif obj is not None:
+        raise TypeError(f"bench_decode: no filler for {type(obj).__name__}")
+
+
+def _weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    dtype = torch.bfloat16
+    probe = torch.ones(args.bw_mib * 2**20 // 4, dtype=torch.float32)
+    results = {"contexts": {}, "threads": args.threads, "shape": args.shape}
+    for L in contexts:
+        fns, info = {"bandwidth": lambda: probe.sum()}, {}
+        budget = L + args.steps * (args.rounds + 2) + 1
+        for pattern in args.patterns:
+            model = build_model(pattern, shape=args.shape, seed=0, dtype=dtype).eval()
+            costs = count_costs(model.arch, dtype_bytes=2)
+            nbytes = _weight_bytes(model) + costs.kv_bytes_per_token * L + costs.state_bytes
+            kv = costs.kv_bytes_per_token * L
+            info[pattern] = dict(bytes=nbytes, weights=_weight_bytes(model), kv=kv,
+                                 state=costs.state_bytes)  # fmt: skip
+            for impl in IMPLS:
+                with reference_decoding(impl == "reference"):
+                    cache = model.init_cache(1, budget)
+                _fill(cache.layers, L, torch.Generator().manual_seed(L))
+                cache.pos = L
+
+                def step(m=model, c=cache, ref=(impl == "reference"), tok=TOKEN):
+                    with torch.no_grad(), reference_decoding(ref):
+                        for _ in range(args.steps):
+                            m(tok, cache=c)
+
+                fns[f"{pattern}/{impl}"] = step
+        t0 = time.perf_counter()
+        res = measure_interleaved(fns, repeats=args.rounds, warmup=1)
+        bw = [probe.numel() * 4 / t for t in res.times["bandwidth"]]
+        point = {"bandwidth_GBps": spread([b / 1e9 for b in bw]).to_dict(), "models": {},
+                 "wall_s": time.perf_counter() - t0}  # fmt: skip
+        for pattern in args.patterns:
+            for impl in IMPLS:
+                key = f"{pattern}/{impl}"
+                tps = [args.steps / t for t in res.times[key]]
+                roof = [b / info[pattern]["bytes"] for b in bw]
+                point["models"][key] = {
+                    **info[pattern],
+                    "tokens_per_s": spread(tps).to_dict(),
+                    "roofline_tokens_per_s": spread(roof).to_dict(),
+                    "fraction": spread([t / r for t, r in zip(tps, roof)]).to_dict(),
+                }
+        base, hyb = args.patterns[0], args.patterns[-1]
+        for impl in IMPLS:
+            # time(base) / time(hybrid) per round = the hybrid's speed-up, paired.
+            point[f"hybrid_over_baseline/{impl}"] = res.ratio(
+                f"{base}/{impl}", f"{hyb}/{impl}"
+            ).to_dict()
+        for pattern in args.patterns:
+            point[f"fast_over_reference/{pattern}"] = res.ratio(
+                f"{pattern}/reference", f"{pattern}/fast"
+            ).to_dict()
+        results["contexts"][str(L)] = point
+        print(_markdown_context(L, point, args.patterns), flush=True)
+    return results
+
+
+def _s(d: dict, fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}–{fmt.format(d['max'])}]"
+
+
+def _markdown_context(L: int, p: dict, patterns) -> str:
+    lines = [
+        f"Context {L}: read bandwidth {_s(p['bandwidth_GBps'])} GB/s",
+        "",
+        "| model | impl | MB read/token | tok/s | roofline tok/s | fraction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, m in p["models"].items():
+        pattern, impl = key.rsplit("/", 1)
+        lines.append(
+            f"| `{pattern}` | {impl} | {m['bytes'] / 1e6:.1f} | {_s(m['tokens_per_s'])} | "
+            f"{_s(m['roofline_tokens_per_s'])} | {_s(m['fraction'], '{:.0%}')} |"
+        )
+    lines.append("")
+    for impl in IMPLS:
+        lines.append(
+            f"- hybrid / baseline ({impl}): {_s(p[f'hybrid_over_baseline/{impl}'], '{:.2f}')}"
+        )
+    for pattern in patterns:
+        lines.append(
+            f"- fast / reference `{pattern}`: {_s(p[f'fast_over_reference/{pattern}'], '{:.2f}')}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="10m")
+    ap.add_argument("--patterns", nargs="+", default=["(AF)*6", "(AFSFSF)*2"],
+                    help="the first is the baseline, the last the hybrid")  # fmt: skip
+    ap.add_argument("--contexts", default="1024,4096,8192,16384")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps per model per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bw-mib", type=int, default=256, help="size of the bandwidth probe")
+    ap.add_argument("--out", default=None, help="write the Markdown tables here")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    res = run(args)
+    md = "\n".join(_markdown_context(int(L), p, args.patterns) for L, p in res["contexts"].items())
+    if args.out:
+        atomic_write_text(args.out, md)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
