@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "export": "export_cmd",
     "run": "run_cmd",
     "bench-search": "bench_search_cmd",
+    "scaling": "scaling_cmd",
 }
 
 
