@@ -167,8 +167,12 @@ def test_ladder_rule_and_flops_arithmetic(text_file):
     assert all(
         depth["AF", d] == depth["AAFFFF", d] == 2 * cfg.ladder.blocks(d) for d in (8, 16, 32)
     )
-    with pytest.raises(UserError, match="multiple of the head dimension"):
-        shape_for(20, lad, 320, 128)
+    # Below the head dimension: one head as wide as the model.
+    tiny = shape_for(4, lad, 320, 128)
+    assert (tiny.n_heads, tiny.head_dim, tiny.n_kv_heads, tiny.ffn_dim) == (1, 4, 1, 16)
+    for bad in (20, 3, 0):
+        with pytest.raises(UserError, match="multiple of the head dimension"):
+            shape_for(bad, lad, 320, 128)
 
 
 def test_sweep_resumes_and_skips_finished_runs(text_file, tmp_path):

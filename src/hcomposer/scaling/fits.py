@@ -160,12 +160,12 @@ def fit_budget(
     except ValueError as e:
         return BudgetFit(budget, n, None, math.nan, math.nan, math.nan, False, str(e))
     if not p.has_minimum:
-        note = "loss is not convex in ln N here (no minimum): the sizes miss the optimum"
+        note = "no minimum: the sizes miss the optimum"
         return BudgetFit(budget, n, p, math.nan, math.nan, math.nan, False, note)
     xs = p.vertex_x
     ln_d = np.polyfit(x, np.log(np.asarray(tokens, float)), 1)
     inside = bool(x.min() <= xs <= x.max())
-    note = "" if inside else "optimum outside the sizes trained (extrapolated)"
+    note = "" if inside else "optimum outside the sizes (extrapolated)"
     return BudgetFit(
         budget, n, p, math.exp(xs), math.exp(np.polyval(ln_d, xs)), p.vertex_y, inside, note
     )

@@ -2,7 +2,8 @@
 
 A size is a width ``d_model``; everything else follows from it by one rule (``Ladder``):
 
-- heads at a fixed head dimension: ``n_heads = d_model / head_dim``; grouped-query attention
+- heads at a fixed head dimension: ``n_heads = d_model / head_dim`` (an even width below the
+  head dimension gets one head that wide, for the tiniest CPU rungs); grouped-query attention
   with up to ``kv_group`` query heads per key/value head (the largest of kv_group, ..., 1 that
   divides the head count; Llama 3.2 uses 4);
 - ``ffn_dim = 8/3 d_model`` rounded to a multiple of ``ffn_multiple`` (SwiGLU keeps the
@@ -80,12 +81,16 @@ class Ladder:
 
 def shape_for(d_model: int, ladder: Ladder, vocab_size: int, seq_len: int) -> Shape:
     """The shape of the ladder's rung of width ``d_model``."""
-    if not isinstance(d_model, int) or d_model < ladder.head_dim or d_model % ladder.head_dim:
+    small = isinstance(d_model, int) and 2 <= d_model < ladder.head_dim and d_model % 2 == 0
+    if not small and (
+        not isinstance(d_model, int) or d_model < ladder.head_dim or d_model % ladder.head_dim
+    ):
         raise UserError(
             f"size {d_model!r}: a width must be a positive multiple of the head dimension "
-            f"{ladder.head_dim}"
+            f"{ladder.head_dim} (or an even width below it: one head that wide)"
         )
-    heads = d_model // ladder.head_dim
+    head_dim = d_model if small else ladder.head_dim
+    heads = d_model // head_dim
     group = next(g for g in range(ladder.kv_group, 0, -1) if heads % g == 0)
     ffn = max(
         ladder.ffn_multiple, round(8 * d_model / 3 / ladder.ffn_multiple) * ladder.ffn_multiple
@@ -97,7 +102,7 @@ def shape_for(d_model: int, ladder: Ladder, vocab_size: int, seq_len: int) -> Sh
         d_model=d_model,
         n_heads=heads,
         n_kv_heads=heads // group,
-        head_dim=ladder.head_dim,
+        head_dim=head_dim,
         ffn_dim=ffn,
         expert_ffn_dim=max(1, ffn // 2),
         vocab_size=vocab_size,
