@@ -31,7 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--strategy", choices=["stack", "stretch"], default=None)
     p.add_argument("--data", default=None, help="training text (default: the recipe's)")
     p.add_argument("--tokenizer", default=None, help="byte, bpe:N or tokenizer.json")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (min: lr / 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=None, help="training length")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda ...")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap draws (default 1000)")
@@ -93,12 +95,21 @@ def config_from_args(args):
         ("tokenizer", "tokenizer"),
         ("lr", "lr"),
         ("seed", "seed"),
+        ("batch_size", "batch_size"),
+        ("seq_len", "seq_len"),
         ("device", "device"),
     ):
         if getattr(args, flag) is not None:
             train[field] = getattr(args, flag)
     if "lr" in train:
         train["min_lr"] = train["lr"] / 10
+    if "batch_size" in train or "seq_len" in train:
+        # The base config's token count is a placeholder (one batch): each run sets its own.
+        bs, sl = (
+            train.get("batch_size", cfg.train.batch_size),
+            train.get("seq_len", cfg.train.seq_len),
+        )
+        train["tokens"] = bs * sl
     if train:
         changes["train"] = cfg.train.replace(**train)
     if args.bootstrap is not None:
