@@ -133,6 +133,14 @@ def test_frontier_recovers_a_known_exponent():
     assert abs(n.slope - 0.5) < 0.05
     assert n.boot_low < 0.5 < n.boot_high and n.ols_low < 0.5 < n.ols_high
     assert n.boot_draws + noisy.boot_failed == 400
+    # A budget whose vertex lies outside its sizes stays out of the frontier.
+    shifted = [
+        dict(r, loss=r["loss"] + (math.log(r["params"]) if r["budget"] == 1e18 else 0))
+        for r in _runs(0.5, 0.0)
+    ]
+    three = fit_frontier(shifted, bootstrap=0)
+    assert [b.inside for b in three.budgets] == [True, True, True, False]
+    assert three.n_exponent.n == 3 and three.n_exponent.slope == pytest.approx(0.5, abs=1e-9)
     # A single budget cannot give a frontier.
     one = fit_frontier([r for r in _runs(0.5, 0.0) if r["budget"] == 1e15], bootstrap=10)
     assert one.n_exponent is None and "at least two" in one.note

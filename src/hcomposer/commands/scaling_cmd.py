@@ -199,7 +199,7 @@ def _results_table(results: dict, out: str) -> None:
                 str(b["n_runs"]),
                 human(b["n_opt"]) if ok else "-",
                 human(b["d_opt"]) if ok else "-",
-                f"{b['d_opt'] / b['n_opt']:.1f}" if ok else "-",
+                human(b["d_opt"] / b["n_opt"]) if ok else "-",
                 f"{b['loss_opt']:.4f}" if ok else "-",
                 b["note"],
             )

@@ -7,9 +7,10 @@ Hoffmann et al. 2022). Its vertex ``x* = -b / 2a`` is the budget's compute-optim
 from the same runs: ``ln D`` is (almost exactly) linear in ``ln N`` at one budget, so a line
 through the budget's runs is evaluated at ``x*``.
 
-Across budgets, ``ln N* = a ln C + b`` (ordinary least squares) gives the exponent of
-``N* ∝ C^a``; the same for ``D*`` and, on the loss, both ``L* = s log10 C + k`` (the slope of
-the frontier in nats per decade of compute) and ``ln L* = e ln C + k`` (its log-log exponent).
+Across the budgets whose minimum lies inside the sizes trained, ``ln N* = a ln C + b``
+(ordinary least squares) gives the exponent of ``N* ∝ C^a``; the same for ``D*`` and, on the
+loss, both ``L* = s log10 C + k`` (the slope of the frontier in nats per decade of compute)
+and ``ln L* = e ln C + k`` (its log-log exponent).
 
 Two intervals are reported for every slope:
 
@@ -19,7 +20,8 @@ Two intervals are reported for every slope:
 - ``bootstrap``: percentile 95% interval over resampled runs. Each draw resamples, within
   every budget, that budget's runs with replacement, refits every parabola and the frontier;
   draws in which a budget has fewer than three distinct sizes or no minimum are discarded and
-  counted. It carries the noise of the individual runs into the slope.
+  counted (a draw's vertex may leave the sizes: that is part of the uncertainty). It carries
+  the noise of the individual runs into the slope.
 """
 
 from __future__ import annotations
@@ -160,12 +162,12 @@ def fit_budget(
     except ValueError as e:
         return BudgetFit(budget, n, None, math.nan, math.nan, math.nan, False, str(e))
     if not p.has_minimum:
-        note = "no minimum: the sizes miss the optimum"
+        note = "no minimum"
         return BudgetFit(budget, n, p, math.nan, math.nan, math.nan, False, note)
     xs = p.vertex_x
     ln_d = np.polyfit(x, np.log(np.asarray(tokens, float)), 1)
     inside = bool(x.min() <= xs <= x.max())
-    note = "" if inside else "optimum outside the sizes (extrapolated)"
+    note = "" if inside else "vertex outside the sizes"
     return BudgetFit(
         budget, n, p, math.exp(xs), math.exp(np.polyval(ln_d, xs)), p.vertex_y, inside, note
     )
@@ -229,9 +231,14 @@ def fit_frontier(runs: Sequence[dict], *, bootstrap: int = 1000, seed: int = 0) 
         ]
 
     fits = fit_all(by_budget)
-    good = [f for f in fits if f.ok]
+    # Only optima bracketed by the sizes trained: a vertex outside them is an extrapolation of
+    # a parabola that was never meant to hold there.
+    good = [f for f in fits if f.ok and f.inside]
     if len(good) < 2:
-        note = f"{len(good)} budget(s) with a minimum: a frontier needs at least two"
+        note = (
+            f"{len(good)} budget(s) with a minimum inside the sizes trained: a frontier needs "
+            "at least two"
+        )
         return Frontier(fits, None, None, None, None, note=note)
     lnc = np.log([f.budget for f in good])
     n_exp = fit_power_law(lnc, np.log([f.n_opt for f in good]))
@@ -247,7 +254,7 @@ def fit_frontier(runs: Sequence[dict], *, bootstrap: int = 1000, seed: int = 0) 
         }
         bf = fit_all(sample)
         # The same budgets as the point estimate, so every draw estimates the same slope.
-        chosen = [b for b, f in zip(bf, fits) if f.ok]
+        chosen = [b for b, f in zip(bf, fits) if f.ok and f.inside]
         if not all(b.ok for b in chosen):
             failed += 1
             continue

@@ -91,7 +91,7 @@ def plot_frontier(results: dict, path: str | Path) -> Path:
     fig, (ax_n, ax_l) = plt.subplots(1, 2, figsize=(10.5, 4))
     for i, (block, res) in enumerate(results["patterns"].items()):
         c = _COLORS[i % len(_COLORS)]
-        good = [f for f in res["budgets"] if f["ok"]]
+        good = [f for f in res["budgets"] if f["ok"] and f["inside"]]
         if not good:
             continue
         cs = np.array([f["budget"] for f in good])
