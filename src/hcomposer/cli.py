@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "run": "run_cmd",
     "bench-search": "bench_search_cmd",
     "proxy-rank": "proxy_rank_cmd",
+    "scaling": "scaling_cmd",
 }
 
 
