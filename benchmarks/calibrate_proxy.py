@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     if key in state["cells"]:
                         continue
                     res = run_cell(cell)
+                    # merge with cells other processes wrote meanwhile
+                    state = _load(out)
                     state["cells"][key] = res
                     atomic_write_text(out, json.dumps(state, indent=1))
                     tail = [f"{s}:{a:.2f}" for s, a in res["curve"]]

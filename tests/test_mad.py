@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from hcomposer.data.baselines import task_levels
 from hcomposer.data.mad import (
     IGNORE,
     MAD_TASKS,
@@ -236,3 +237,32 @@ def test_configs_round_trip_and_reject_bad_input():
         MQARConfig(seq_len=16, num_kv_pairs=8)
     with pytest.raises(UserError, match="unknown MAD task field"):
         MADTaskConfig.from_dict({"task": "compression", "bogus": 1})
+
+
+# Reference levels of every task at its default difficulty (recorded in docs/proxies.md):
+# (context-free accuracy, "most frequent answer so far" accuracy). A score at or below
+# them shows no ability at the task.
+LEVELS = {
+    "in_context_recall": (0.125, 0.16),
+    "fuzzy_in_context_recall": (0.13, 0.20),
+    "noisy_in_context_recall": (0.125, 0.17),
+    "selective_copying": (0.074, 0.27),
+    "compression": (0.067, None),
+    "memorization": (1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("task", MAD_TASKS)
+def test_chance_and_context_averaging_levels(task):
+    d = generate_task(default_task_config(task, num_test_examples=1024), 0)
+    levels = task_levels(d)
+    free, frequent = LEVELS[task]
+    assert levels["context_free"] == pytest.approx(free, abs=0.03)
+    if frequent is None:
+        assert levels["frequent_answer"] is None
+    else:
+        assert levels["frequent_answer"] == pytest.approx(frequent, abs=0.03)
+    if task.endswith("recall"):
+        # values drawn without replacement: pooling the context is hardly above chance
+        # (with replacement it reached about 0.33)
+        assert levels["frequent_answer"] < levels["context_free"] + 0.1

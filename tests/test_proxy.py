@@ -263,3 +263,49 @@ def test_text_proxy_on_a_local_file(tmp_path, monkeypatch):
     assert r.score == -loss == again.score
     # 32 steps on a repetitive text: well below the uniform byte loss ln(256) = 5.55
     assert loss < 4.0 and r.tokens == 4096 and not r.failures
+
+
+# Known answers at the calibrated defaults (issue 9), `proxy` shape, seeds 0-2: what the
+# calibration measured (docs/proxies.md), asserted with margins. About 2 CPU-minutes.
+@pytest.fixture(scope="module")
+def default_runs():
+    cfg = ProxyConfig()
+    out = {}
+    for pattern, proxy, seeds in (
+        ("AFAFAF", "mad:recall,copy", (0, 1, 2)),
+        ("FFFFFF", "mad:recall,copy,memorize", (0, 1, 2)),
+        ("AAAAAA", "mad:memorize", (0,)),
+    ):
+        arch = Architecture.parse(pattern, "proxy")
+        for seed in seeds:
+            r = evaluate_proxy(arch, proxy, seed=seed, config=cfg)
+            for task, t in r.tasks.items():
+                out.setdefault((pattern, task), []).append(t["accuracy"])
+    return out
+
+
+@pytest.mark.slow
+def test_known_answer_defaults_recall_and_copy(default_runs):
+    chance = 1 / 8
+    mlp_recall = default_runs[("FFFFFF", "in_context_recall")]
+    attn_recall = default_runs[("AFAFAF", "in_context_recall")]
+    # an MLP-only pattern cannot see the context: chance (+ 0.1 at most)
+    assert max(mlp_recall) <= chance + 0.1
+    # attention uses the context on every seed, though its induction circuit has not formed
+    # at this budget (docs/proxies.md): a plateau near 0.21, clearly above the MLP
+    assert min(a - m for a, m in zip(attn_recall, mlp_recall)) > 0.04
+    copy_gap = [
+        a - m
+        for a, m in zip(
+            default_runs[("AFAFAF", "selective_copying")],
+            default_runs[("FFFFFF", "selective_copying")],
+        )
+    ]
+    assert min(copy_gap) >= 0.3
+
+
+@pytest.mark.slow
+def test_known_answer_defaults_memorization(default_runs):
+    mlp = default_runs[("FFFFFF", "memorization")][0]
+    attn = default_runs[("AAAAAA", "memorization")][0]
+    assert mlp >= attn + 0.2

@@ -137,21 +137,23 @@ def _n_special(task: str) -> int:
 
 
 def default_task_config(task: str, **changes: Any) -> MADTaskConfig:
-    """The CPU-sized default difficulty of one task (MAD's baselines, shortened).
+    """The CPU-sized default difficulty of one task (MAD's tasks, shortened).
 
-    MAD's baselines use 128-256 tokens and 12,800 examples for 200 epochs on a GPU;
-    the defaults keep MAD's vocabularies and the structure of each task but shorten
-    the sequences so that a full six-task evaluation fits in minutes on two CPU cores.
+    MAD's baselines use 128-256 tokens and 12,800 examples for 200 epochs on a GPU; the
+    defaults keep MAD's six tasks and their vocabularies (16 tokens; 16 more as noise) but
+    use sequences of 32 tokens, and memorisation a 1,024-token vocabulary (511 keys) so that
+    it is not solved by every pattern within the first steps. Chosen by the calibration in
+    ``benchmarks/calibrate_proxy.py`` (``docs/proxies.md``).
     """
     base = {
-        "in_context_recall": dict(vocab_size=16, seq_len=64),
-        "fuzzy_in_context_recall": dict(vocab_size=16, seq_len=64, k_motif_size=3, v_motif_size=3),
+        "in_context_recall": dict(vocab_size=16, seq_len=32),
+        "fuzzy_in_context_recall": dict(vocab_size=16, seq_len=32, k_motif_size=3, v_motif_size=3),
         "noisy_in_context_recall": dict(
-            vocab_size=32, seq_len=64, noise_vocab_size=16, frac_noise=0.2
+            vocab_size=32, seq_len=32, noise_vocab_size=16, frac_noise=0.2
         ),
-        "selective_copying": dict(vocab_size=16, seq_len=64, num_tokens_to_copy=8),
+        "selective_copying": dict(vocab_size=16, seq_len=32, num_tokens_to_copy=8),
         "compression": dict(vocab_size=16, seq_len=32),
-        "memorization": dict(vocab_size=256, seq_len=32, num_train_examples=256),
+        "memorization": dict(vocab_size=1024, seq_len=32, num_train_examples=256),
     }
     if task not in base:
         raise UserError(f"unknown MAD task {task!r}; valid: {', '.join(MAD_TASKS)}")

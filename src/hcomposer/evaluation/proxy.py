@@ -34,6 +34,7 @@ from hcomposer.evaluation.proxy_train import RunResult, count_params, train_and_
 
 __all__ = [
     "PROXIES",
+    "QUICKSTART_PROXY",
     "ProxyConfig",
     "ProxyPruned",
     "ProxyResult",
@@ -47,6 +48,8 @@ __all__ = [
 Report = Callable[[int, float], bool]
 
 PROXIES = ("mad", "mqar", "text")
+# The quickstart's three-task subset: what separates attention, Mamba and MLP.
+QUICKSTART_PROXY = "mad:in_context_recall,selective_copying,memorization"
 _DTYPES = ("bf16", "fp32")
 
 # Short aliases accepted in "mad:TASK" (the full names work too).
@@ -73,6 +76,7 @@ class ProxyConfig:
     Every ``check_every`` steps (0: never) the validation accuracy is measured; a run that
     reaches ``solved_accuracy`` stops there (early stopping), and with
     ``stop_when_perfect`` the rest of that task's grid is skipped (no point can do better).
+    ``task_steps`` caps one task's steps below ``steps`` (task name -> steps).
     ``patience`` > 0 also stops a run after that many checks without a gain of
     ``min_delta`` (off by default: recall plateaus at chance for hundreds of steps before
     the induction circuit forms, and a patience rule stops it too early). ``dtype`` is
@@ -83,19 +87,22 @@ class ProxyConfig:
     The text proxy trains for ``text_tokens`` tokens at ``text_lr``.
     """
 
-    steps: int = 120
+    # Calibrated defaults (docs/proxies.md, benchmarks/calibrate_proxy.py): at most 100
+    # steps per run, checked every 50, stopped once solved; memorisation 25 steps.
+    steps: int = 100
     batch_size: int = 32
-    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    lrs: tuple[float, ...] = (1e-3,)
     weight_decays: tuple[float, ...] = (0.0,)
     warmup_steps: int = 10
     grad_clip: float = 1.0
     eval_batch_size: int = 256
-    dtype: str = "bf16"
+    dtype: str = "fp32"
     threads: int = 1
     seed: int = 0
     stop_when_perfect: bool = True
-    check_every: int = 0
-    solved_accuracy: float = 1.0
+    task_steps: tuple[tuple[str, int], ...] = (("memorization", 25),)
+    check_every: int = 50
+    solved_accuracy: float = 0.99
     patience: int = 0
     min_delta: float = 0.01
     mad_tasks: tuple[MADTaskConfig, ...] = field(default_factory=_default_mad)
@@ -133,6 +140,14 @@ class ProxyConfig:
             raise UserError("proxy config: threads must be >= 0 (0: leave torch's setting)")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise UserError("proxy config: warmup_steps and grad_clip must be >= 0")
+        pairs = self.task_steps.items() if isinstance(self.task_steps, dict) else self.task_steps
+        object.__setattr__(self, "task_steps", tuple((str(k), int(v)) for k, v in pairs))
+        bad = sorted(k for k, _ in self.task_steps if k not in MAD_TASKS)
+        if bad or any(v < 1 for _, v in self.task_steps):
+            raise UserError(
+                f"proxy config: task_steps takes MAD task names ({', '.join(MAD_TASKS)}) "
+                f"and step counts >= 1; got {self.task_steps}"
+            )
         if self.check_every < 0 or self.patience < 0 or self.min_delta < 0:
             raise UserError("proxy config: check_every, patience and min_delta must be >= 0")
         if not 0.0 < self.solved_accuracy <= 1.0:
@@ -141,10 +156,15 @@ class ProxyConfig:
     def replace(self, **changes: Any) -> ProxyConfig:
         return dataclasses.replace(self, **changes)
 
+    def steps_for(self, task: str) -> int:
+        """Training steps of one task: ``steps``, capped by ``task_steps``."""
+        return min(self.steps, dict(self.task_steps).get(task, self.steps))
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lrs"] = list(self.lrs)
         d["weight_decays"] = list(self.weight_decays)
+        d["task_steps"] = dict(self.task_steps)
         d["mad_tasks"] = [t.to_dict() for t in self.mad_tasks]
         d["mqar_tasks"] = [t.to_dict() for t in self.mqar_tasks]
         return d
@@ -335,7 +355,7 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) ->
     results: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     tokens = 0
-    total_steps = len(tasks) * len(grid) * config.steps
+    total_steps = len(grid) * sum(config.steps_for(name) for name, _ in tasks)
     with _progress(progress) as p:
         handle = p.add_task(proxy, total=total_steps, rate="") if p is not None else None
         started = time.perf_counter()
@@ -358,7 +378,7 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) ->
                     task_data,
                     lr=lr,
                     weight_decay=wd,
-                    steps=config.steps,
+                    steps=config.steps_for(name),
                     batch_size=config.batch_size,
                     warmup_steps=config.warmup_steps,
                     grad_clip=config.grad_clip,
@@ -377,7 +397,7 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) ->
                     1.0, config.solved_accuracy
                 ):
                     if p is not None:
-                        p.update(handle, advance=config.steps * (len(grid) - j - 1))
+                        p.update(handle, advance=config.steps_for(name) * (len(grid) - j - 1))
                     break
             results[name] = _best(runs, count_params(arch, task_data))
             if report is not None:
