@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from hcomposer.data.baselines import task_levels
 from hcomposer.data.mad import (
     IGNORE,
     MAD_TASKS,
@@ -19,7 +20,7 @@ from hcomposer.errors import UserError
 
 
 def _small(task: str, **kw) -> MADTaskConfig:
-    return default_task_config(task, num_train_examples=64, num_test_examples=32, **kw)
+    return default_task_config(task, **{"num_train_examples": 64, "num_test_examples": 32, **kw})
 
 
 @pytest.mark.parametrize("task", MAD_TASKS)
@@ -118,20 +119,68 @@ def test_selective_copying_reference():
         assert (y[at : at + 6] == content).all() and (x[at + 1 :] == blank).all()
 
 
-def test_compression_reconstructs_the_input():
+def test_compression_reconstructs_the_input_and_never_scores_its_token():
     d = generate_task(_small("compression"), 0)
-    np.testing.assert_array_equal(d.train_inputs, d.train_targets)
+    np.testing.assert_array_equal(d.train_inputs[:, :-1], d.train_targets[:, :-1])
     assert d.pooled and (d.train_inputs[:, -1] == 15).all()
+    # The compression token is the same everywhere: scoring it would be a free point.
+    assert (d.train_targets[:, -1] == IGNORE).all() and (d.test_targets[:, -1] == IGNORE).all()
 
 
-def test_memorization_uses_one_map_for_train_and_test():
-    d = generate_task(_small("memorization"), 0)
+def test_memorization_uses_one_one_to_one_map_for_train_and_test():
+    d = generate_task(_small("memorization", num_train_examples=256), 0)
     mapping: dict[int, int] = {}
     for x, y in ((d.train_inputs, d.train_targets), (d.test_inputs, d.test_targets)):
-        keys, vals = x[:, 0::2].ravel(), y[:, 1::2].ravel()
+        # scored at the key itself: a channel mixer alone can answer
+        assert (y[:, 1::2] == IGNORE).all()
+        keys, vals = x[:, 0::2].ravel(), y[:, 0::2].ravel()
         for k, v in zip(keys.tolist(), vals.tolist()):
             assert mapping.setdefault(k, v) == v
-    assert len(mapping) > 50  # most of the 127 keys occur
+    assert len(mapping) == 127  # every key occurs in 256 x 16 draws
+    # one to one (MAD): 127 keys, 127 distinct values
+    assert len(set(mapping.values())) == len(mapping)
+
+
+def _pairs(x: np.ndarray, n_keys: int, n_values: int) -> list[tuple[tuple, tuple]]:
+    """The (key, value) runs of one recall sequence, in order (noise runs dropped)."""
+    segs = _segments(x, n_keys, n_values)
+    return [
+        (tuple(a[1]), tuple(b[1])) for a, b in zip(segs, segs[1:]) if a[0] == "k" and b[0] == "v"
+    ]
+
+
+@pytest.mark.parametrize("task", ["in_context_recall", "noisy_in_context_recall"])
+def test_recall_values_are_drawn_without_replacement(task):
+    # Distinct keys of a sequence get distinct values, so "the most frequent value so
+    # far" is not a shortcut (with replacement it scored about 0.33 against 0.125).
+    cfg = _small(task)
+    free = cfg.vocab_size - cfg.noise_vocab_size
+    d = generate_task(cfg, 0)
+    for x in d.train_inputs:
+        # the last pair may be cut: leave it out
+        kv = dict(_pairs(x, free // 2, free - free // 2)[:-1])
+        assert len(set(kv.values())) == len(kv)
+
+
+def test_fuzzy_recall_keys_as_mad_defines_them():
+    cfg = _small("fuzzy_in_context_recall", num_train_examples=512)
+    d = generate_task(cfg, 0)
+    lengths, per_seq = [], []
+    for x in d.train_inputs:
+        pairs = _pairs(x, 8, 8)[1:-1]  # the first and last runs may be cut
+        keys = {k for k, _ in pairs}
+        per_seq.append(frozenset(keys))
+        for k in keys:
+            assert len(set(k)) == len(k)  # no token repeated within a key
+            lengths.append(len(k))
+        # one to one within the sequence
+        kv = dict(pairs)
+        assert len(set(kv.values())) == len(kv)
+    share = np.bincount(lengths, minlength=4)[1:] / len(lengths)
+    # key lengths uniform over 1..3 (length-weighted drawing gave 88% of length 3)
+    assert np.all(np.abs(share - 1 / 3) < 0.06), share
+    # keys drawn per sequence: hardly two sequences share their key set
+    assert len(set(per_seq)) > 0.95 * len(per_seq)
 
 
 def test_mqar_reference():
@@ -153,6 +202,25 @@ def test_mqar_reference():
     np.testing.assert_array_equal(d.test_inputs, again.test_inputs)
 
 
+def test_mqar_fillers_never_form_a_key():
+    # With fillers drawn from the whole vocabulary a filler often repeated a context
+    # key followed by a random token: a fake pair that shadows the query.
+    cfg = MQARConfig(vocab_size=128, seq_len=128, num_kv_pairs=16, num_train_examples=256)
+    d = generate_mqar(cfg, 0)
+    for x in d.train_inputs:
+        keys = x[0:32:2]
+        for k in keys:
+            # once in the context, once as its query, nowhere else
+            assert int((x == k).sum()) == 2
+
+
+def test_validation_split_is_separate_and_deterministic():
+    for d in (generate_task(_small("in_context_recall"), 5), generate_mqar(MQARConfig(), 5)):
+        assert d.val_inputs is not None and d.val_inputs.shape[0] == 256
+        assert not np.array_equal(d.val_inputs[:32], d.test_inputs[:32])
+        assert not np.array_equal(d.val_inputs[:32], d.train_inputs[:32])
+
+
 def test_configs_round_trip_and_reject_bad_input():
     for task in MAD_TASKS:
         cfg = default_task_config(task)
@@ -169,3 +237,32 @@ def test_configs_round_trip_and_reject_bad_input():
         MQARConfig(seq_len=16, num_kv_pairs=8)
     with pytest.raises(UserError, match="unknown MAD task field"):
         MADTaskConfig.from_dict({"task": "compression", "bogus": 1})
+
+
+# Reference levels of every task at its default difficulty (recorded in docs/proxies.md):
+# (context-free accuracy, "most frequent answer so far" accuracy). A score at or below
+# them shows no ability at the task.
+LEVELS = {
+    "in_context_recall": (0.125, 0.16),
+    "fuzzy_in_context_recall": (0.13, 0.20),
+    "noisy_in_context_recall": (0.125, 0.17),
+    "selective_copying": (0.074, 0.27),
+    "compression": (0.067, None),
+    "memorization": (1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("task", MAD_TASKS)
+def test_chance_and_context_averaging_levels(task):
+    d = generate_task(default_task_config(task, num_test_examples=1024), 0)
+    levels = task_levels(d)
+    free, frequent = LEVELS[task]
+    assert levels["context_free"] == pytest.approx(free, abs=0.03)
+    if frequent is None:
+        assert levels["frequent_answer"] is None
+    else:
+        assert levels["frequent_answer"] == pytest.approx(frequent, abs=0.03)
+    if task.endswith("recall"):
+        # values drawn without replacement: pooling the context is hardly above chance
+        # (with replacement it reached about 0.33)
+        assert levels["frequent_answer"] < levels["context_free"] + 0.1

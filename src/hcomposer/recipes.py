@@ -20,8 +20,9 @@ def quickstart() -> SearchConfig:
     The MAD proxy trains on one thread per evaluation, so two workers use both cores of
     a small machine. To keep the whole ``hcomposer run`` near ten minutes, each trial
     scores three of MAD's six tasks (recall, selective copying, memorisation: what
-    separates attention, Mamba and MLP) at one learning rate: about a quarter of a full
-    MAD evaluation. ``hcomposer search --proxy mad`` without a recipe uses all six.
+    separates attention, Mamba and MLP) with the proxy's calibrated defaults (one
+    learning rate, early stop; ``docs/proxies.md``): about 30 CPU-seconds a trial.
+    ``hcomposer search --proxy mad`` without a recipe uses all six.
     """
     return SearchConfig(
         primitives=("A", "F", "S"),
@@ -32,7 +33,6 @@ def quickstart() -> SearchConfig:
         workers=2,
         strategy="one-shot",
         proxy="mad:in_context_recall,selective_copying,memorization",
-        proxy_config={"lrs": [3e-3]},
         shape="proxy",
         objective=("score",),
         seed=0,

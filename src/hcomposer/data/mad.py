@@ -11,7 +11,7 @@ Six token tasks, each probing one capability a sequence mixer or channel mixer m
 - ``compression``: encode a random sequence into the last position's hidden state; a
   small decoder must rebuild every token from that one vector.
 - ``memorization``: one fixed key->value map for the whole task, learnt into the
-  weights; the sequence gives a key and an insert token, the value is predicted.
+  weights; each key is followed by an insert token and its value is predicted at the key.
 
 Every example is ``inputs[T]`` and ``targets[T]`` where ``targets[t]`` is the token the
 model must output at position ``t`` (``-100`` where nothing is scored). All examples
@@ -61,7 +61,9 @@ class MADTaskConfig:
     The knobs are MAD's: ``vocab_size``, ``seq_len``, ``num_train_examples``,
     ``frac_noise``/``noise_vocab_size`` (noisy recall), ``k_motif_size``/``v_motif_size``
     (fuzzy recall), ``num_tokens_to_copy`` (selective copying). Fields a task does not
-    use are ignored by it. ``num_test_examples`` sizes the held-out set.
+    use are ignored by it. ``num_val_examples`` sizes the validation set (the learning
+    rate is chosen and early stopping decided on it) and ``num_test_examples`` the
+    held-out test set (the reported score).
     """
 
     task: str
@@ -69,6 +71,7 @@ class MADTaskConfig:
     seq_len: int = 64
     num_train_examples: int = 4096
     num_test_examples: int = 256
+    num_val_examples: int = 256
     frac_noise: float = 0.0
     noise_vocab_size: int = 0
     k_motif_size: int = 1
@@ -99,7 +102,13 @@ def _check_task(c: MADTaskConfig) -> None:
 
     if c.task not in MAD_TASKS:
         raise UserError(f"unknown MAD task {c.task!r}; valid: {', '.join(MAD_TASKS)}")
-    for name in ("vocab_size", "seq_len", "num_train_examples", "num_test_examples"):
+    for name in (
+        "vocab_size",
+        "seq_len",
+        "num_train_examples",
+        "num_test_examples",
+        "num_val_examples",
+    ):
         if getattr(c, name) < 1:
             bad(f"{name} must be at least 1")
     if not 0.0 <= c.frac_noise < 1.0:
@@ -113,8 +122,11 @@ def _check_task(c: MADTaskConfig) -> None:
         bad(f"vocab_size={c.vocab_size} leaves no room for keys/values or content tokens")
     if c.task == "selective_copying" and c.seq_len <= 2 * c.num_tokens_to_copy + 1:
         bad(f"seq_len={c.seq_len} must exceed 2 * num_tokens_to_copy + 1")
-    if c.task == "fuzzy_in_context_recall" and c.seq_len < 2 * (c.k_motif_size + c.v_motif_size):
-        bad("seq_len must hold at least two key-value pairs")
+    if c.task == "fuzzy_in_context_recall":
+        if c.seq_len < 2 * (c.k_motif_size + c.v_motif_size):
+            bad("seq_len must hold at least two key-value pairs")
+        if free // 2 < c.k_motif_size or free - free // 2 < c.v_motif_size:
+            bad("a key or value motif needs that many distinct key or value tokens")
     if c.seq_len < 2:
         bad("seq_len must be at least 2")
 
@@ -125,21 +137,23 @@ def _n_special(task: str) -> int:
 
 
 def default_task_config(task: str, **changes: Any) -> MADTaskConfig:
-    """The CPU-sized default difficulty of one task (MAD's baselines, shortened).
+    """The CPU-sized default difficulty of one task (MAD's tasks, shortened).
 
-    MAD's baselines use 128-256 tokens and 12,800 examples for 200 epochs on a GPU;
-    the defaults keep MAD's vocabularies and the structure of each task but shorten
-    the sequences so that a full six-task evaluation fits in minutes on two CPU cores.
+    MAD's baselines use 128-256 tokens and 12,800 examples for 200 epochs on a GPU; the
+    defaults keep MAD's six tasks and their vocabularies (16 tokens; 16 more as noise) but
+    use sequences of 32 tokens, and memorisation a 1,024-token vocabulary (511 keys) so that
+    it is not solved by every pattern within the first steps. Chosen by the calibration in
+    ``benchmarks/calibrate_proxy.py`` (``docs/proxies.md``).
     """
     base = {
-        "in_context_recall": dict(vocab_size=16, seq_len=64),
-        "fuzzy_in_context_recall": dict(vocab_size=16, seq_len=64, k_motif_size=3, v_motif_size=3),
+        "in_context_recall": dict(vocab_size=16, seq_len=32),
+        "fuzzy_in_context_recall": dict(vocab_size=16, seq_len=32, k_motif_size=3, v_motif_size=3),
         "noisy_in_context_recall": dict(
-            vocab_size=32, seq_len=64, noise_vocab_size=16, frac_noise=0.2
+            vocab_size=32, seq_len=32, noise_vocab_size=16, frac_noise=0.2
         ),
-        "selective_copying": dict(vocab_size=16, seq_len=64, num_tokens_to_copy=8),
+        "selective_copying": dict(vocab_size=16, seq_len=32, num_tokens_to_copy=8),
         "compression": dict(vocab_size=16, seq_len=32),
-        "memorization": dict(vocab_size=256, seq_len=32, num_train_examples=256),
+        "memorization": dict(vocab_size=1024, seq_len=32, num_train_examples=256),
     }
     if task not in base:
         raise UserError(f"unknown MAD task {task!r}; valid: {', '.join(MAD_TASKS)}")
@@ -160,6 +174,15 @@ class MADData:
     test_targets: np.ndarray
     # compression scores a decoder output per position, not next-token logits
     pooled: bool = False
+    # validation split (model selection and early stopping); None: use the test split
+    val_inputs: np.ndarray | None = None
+    val_targets: np.ndarray | None = None
+
+    def val_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The validation examples, or the test examples when there are none."""
+        if self.val_inputs is None or self.val_targets is None:
+            return self.test_inputs, self.test_targets
+        return self.val_inputs, self.val_targets
 
 
 def generate_task(config: MADTaskConfig, seed: int) -> MADData:
@@ -172,7 +195,17 @@ def generate_task(config: MADTaskConfig, seed: int) -> MADData:
         extra["kv_map"] = _memorization_map(config, rng)
     tr_x, tr_y = gen(config, rng, config.num_train_examples, **extra)
     te_x, te_y = gen(config, rng, config.num_test_examples, **extra)
-    return MADData(config, tr_x, tr_y, te_x, te_y, pooled=config.task == "compression")
+    va_x, va_y = gen(config, rng, config.num_val_examples, **extra)
+    return MADData(
+        config,
+        tr_x,
+        tr_y,
+        te_x,
+        te_y,
+        pooled=config.task == "compression",
+        val_inputs=va_x,
+        val_targets=va_y,
+    )
 
 
 def _kv_sequences(
@@ -192,22 +225,22 @@ def _kv_sequences(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sequences of key-value pairs with a map drawn per sequence (recall tasks).
 
-    Each sequence has a pool of distinct keys (motifs of 1..k_motif key tokens), each
-    mapped to a value (1..v_motif value tokens). Pairs are drawn from the pool and laid
-    end to end; a pair becomes noise (random noise tokens, same length) at rate
-    ``frac_noise``. The value tokens of a pair whose key already appeared earlier in
-    the sequence are the targets.
+    Each sequence draws its own pool of distinct keys (motifs of 1..k_motif distinct key
+    tokens, the length uniform over 1..k_motif) and maps them one to one onto distinct
+    values (motifs of 1..v_motif distinct value tokens): no two keys of a sequence share
+    a value, so guessing the most frequent value seen so far is no better than chance.
+    Pairs are drawn from the pool and laid end to end; a pair becomes noise (random noise
+    tokens, same length) at rate ``frac_noise``. The value tokens of a pair whose key
+    already appeared earlier in the sequence are the targets.
     """
-    # Motif codes: lengths 1..k, code c in block l encodes l base-n digits.
-    k_counts = [n_key_tokens**ell for ell in range(1, k_motif + 1)]
-    n_key_codes = int(sum(k_counts))
+    n_key_codes = _n_motifs(n_key_tokens, k_motif)
+    n_value_codes = _n_motifs(n_value_tokens, v_motif)
     if pool_size is None:
         pool_size = n_key_codes
-    pool_size = min(pool_size, n_key_codes)
-    pool = _distinct_codes(rng, n, pool_size, n_key_codes)  # [n, U]
-    key_tok, key_len = _decode_motifs(pool, n_key_tokens, k_motif)  # [n,U,k], [n,U]
-    v_len = rng.integers(1, v_motif + 1, size=(n, pool_size))
-    val_tok = rng.integers(0, n_value_tokens, size=(n, pool_size, v_motif)) + value_offset
+    pool_size = min(pool_size, n_key_codes, n_value_codes)
+    key_tok, key_len = _distinct_motifs(rng, n, pool_size, n_key_tokens, k_motif)
+    val_tok, v_len = _distinct_motifs(rng, n, pool_size, n_value_tokens, v_motif)
+    val_tok = val_tok + value_offset
 
     min_pair = 2
     n_pairs = seq_len // min_pair + 1
@@ -258,29 +291,45 @@ def _shift(seq: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
 
 
-def _distinct_codes(rng: np.random.Generator, n: int, k: int, space: int) -> np.ndarray:
-    """``k`` distinct integers in ``[0, space)`` per row, as an array ``[n, k]``."""
-    if space <= 4096:
-        # A random permutation per row (argsort of uniform noise), first k kept.
-        return np.argsort(rng.random((n, space)), axis=1)[:, :k]
-    out = rng.integers(0, space, size=(n, k))
-    for _ in range(100):
-        srt = np.sort(out, axis=1)
-        dup_rows = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
-        if not dup_rows.any():
-            return out
-        out[dup_rows] = rng.integers(0, space, size=(int(dup_rows.sum()), k))
-    raise RuntimeError("could not draw distinct key motifs; enlarge the key vocabulary")
+def _n_motifs(n_tokens: int, max_len: int) -> int:
+    """How many motifs of 1..max_len distinct tokens out of ``n_tokens`` exist."""
+    total, count = 0, 1
+    for ell in range(1, min(max_len, n_tokens) + 1):
+        count *= n_tokens - ell + 1
+        total += count
+    return total
 
 
-def _decode_motifs(codes: np.ndarray, base: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Motif codes -> tokens ``[..., max_len]`` (left-aligned) and lengths."""
-    counts = np.array([base**ell for ell in range(1, max_len + 1)])
-    bounds = np.cumsum(counts)
-    length = np.searchsorted(bounds, codes, side="right") + 1
-    within = codes - np.concatenate([[0], bounds])[length - 1]
-    digits = np.stack([(within // base**i) % base for i in range(max_len)], axis=-1)
-    return digits.astype(np.int64), length
+def _distinct_motifs(
+    rng: np.random.Generator, n: int, k: int, n_tokens: int, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` distinct motifs per row: tokens ``[n, k, max_len]`` (left-aligned) and lengths.
+
+    A motif's length is uniform over ``1..max_len`` and its tokens are distinct (the
+    first tokens of a random permutation of ``0..n_tokens-1``); rows holding a repeated
+    motif are drawn again.
+    """
+    if max_len == 1:
+        # One-token motifs: the first k of a random permutation per row.
+        toks = np.argsort(rng.random((n, n_tokens)), axis=1)[:, :k, None]
+        return toks.astype(np.int64), np.ones((n, k), dtype=np.int64)
+    toks = np.zeros((n, k, max_len), dtype=np.int64)
+    length = np.zeros((n, k), dtype=np.int64)
+    todo = np.arange(n)
+    for _ in range(1000):
+        m = len(todo)
+        length[todo] = rng.integers(1, max_len + 1, size=(m, k))
+        toks[todo] = np.argsort(rng.random((m, k, n_tokens)), axis=2)[..., :max_len]
+        # A motif's identity: its tokens up to its length, as one integer.
+        j = np.arange(max_len)
+        digits = np.where(j < length[todo][..., None], toks[todo] + 1, 0)
+        code = (digits * (n_tokens + 1) ** j).sum(axis=2)
+        srt = np.sort(code, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+        todo = todo[dup]
+        if not len(todo):
+            return toks, length
+    raise RuntimeError("could not draw distinct motifs; enlarge the vocabulary")
 
 
 def _in_context_recall(c: MADTaskConfig, rng, n, **_):
@@ -302,8 +351,10 @@ def _in_context_recall(c: MADTaskConfig, rng, n, **_):
 def _fuzzy_in_context_recall(c: MADTaskConfig, rng, n, **_):
     free = c.vocab_size - c.noise_vocab_size
     keys, values = free // 2, free - free // 2
-    # A pool of keys per sequence so that keys repeat: one key per ~2 pairs' room.
-    pool = max(2, c.seq_len // (2 * (c.k_motif_size + c.v_motif_size)))
+    # Keys drawn per sequence, as many as there is room for about two pairs each
+    # (a mean pair is (k + 1) / 2 + (v + 1) / 2 tokens long): most keys come back.
+    mean_pair = (c.k_motif_size + c.v_motif_size + 2) / 2
+    pool = max(2, int(c.seq_len / mean_pair) // 2)
     return _kv_sequences(
         rng,
         n,
@@ -342,6 +393,8 @@ def _compression(c: MADTaskConfig, rng, n, **_):
     x = rng.integers(0, c.vocab_size - 1 - c.noise_vocab_size, size=(n, c.seq_len))
     x[:, -1] = comp
     y = x.copy()
+    # The compression token is the same in every sequence: not scored (a free point).
+    y[:, -1] = IGNORE
     if c.frac_noise > 0:
         hit = rng.random((n, c.seq_len)) < c.frac_noise
         hit[:, -1] = False
@@ -359,7 +412,8 @@ def _compression(c: MADTaskConfig, rng, n, **_):
 def _memorization_map(c: MADTaskConfig, rng) -> np.ndarray:
     free = c.vocab_size - 1 - c.noise_vocab_size
     keys = free // 2
-    return rng.integers(keys, free, size=keys)  # key id -> value id
+    # One to one (MAD): key i -> a distinct value id; needs at least as many values.
+    return rng.permutation(np.arange(keys, free))[:keys]  # key id -> value id
 
 
 def _memorization(c: MADTaskConfig, rng, n, *, kv_map: np.ndarray):
@@ -369,8 +423,10 @@ def _memorization(c: MADTaskConfig, rng, n, *, kv_map: np.ndarray):
     x = np.full((n, c.seq_len), insert, dtype=np.int64)
     y = np.full((n, c.seq_len), IGNORE, dtype=np.int64)
     x[:, 0 : 2 * pairs : 2] = k
-    # At the insert token after a key the model outputs that key's value.
-    y[:, 1 : 2 * pairs : 2] = kv_map[k]
+    # At each key the model outputs that key's value (the insert token after it
+    # separates the pairs). Scored at the key itself, so the answer needs no token
+    # mixing at all: a channel mixer that memorised the map can give it.
+    y[:, 0 : 2 * pairs : 2] = kv_map[k]
     if c.frac_noise > 0:
         free = c.vocab_size - 1 - c.noise_vocab_size
         hit = rng.random((n, pairs)) < c.frac_noise

@@ -4,7 +4,8 @@ A sequence opens with ``num_kv_pairs`` key-value pairs (distinct keys, distinct
 values), then the keys come back as queries at random places in the rest of the
 sequence; at each query the model must output that key's value. The distance from
 the context to a query follows a power law (short gaps more likely), as in natural
-text; positions that are not queries hold random tokens. Harder than MAD's recall
+text; positions that are not queries hold random tokens, never one of the sequence's
+keys (a filler key would form a fake pair that shadows the real one). Harder than MAD's recall
 because every key is seen once and the queries come many tokens later.
 
 Examples are ``inputs[N, T]`` and ``targets[N, T]`` (``-100`` where nothing is
@@ -39,6 +40,7 @@ class MQARConfig:
     num_kv_pairs: int = 8
     num_train_examples: int = 4096
     num_test_examples: int = 256
+    num_val_examples: int = 256
     power_a: float = 0.01
     name: str = ""
 
@@ -54,7 +56,10 @@ class MQARConfig:
                 f"MQAR: num_kv_pairs={self.num_kv_pairs} must be in 1..{self.vocab_size // 2 - 2} "
                 f"for vocab_size={self.vocab_size}"
             )
-        if self.power_a <= 0 or self.num_train_examples < 1 or self.num_test_examples < 1:
+        if (
+            self.power_a <= 0
+            or min(self.num_train_examples, self.num_test_examples, self.num_val_examples) < 1
+        ):
             raise UserError("MQAR: power_a and example counts must be positive")
         if not self.name:
             object.__setattr__(self, "name", f"mqar_T{self.seq_len}_kv{self.num_kv_pairs}")
@@ -94,11 +99,16 @@ def _mqar_split(c: MQARConfig, rng: np.random.Generator, n: int) -> tuple[np.nda
     # (Gumbel top-k: the k largest log p + Gumbel noise).
     g = np.log(p)[None, :] - np.log(-np.log(rng.random((n, space))))
     slots = np.argsort(-g, axis=1)[:, :D]
-    seq = rng.integers(0, V, size=(n, T + 1))
+    # Fillers never form a key: they are drawn from every token except this sequence's
+    # keys, so no filler can shadow a query with a fake key-value pair.
+    allowed = np.ones((n, V), dtype=bool)
+    rows = np.arange(n)[:, None]
+    allowed[rows, keys] = False
+    others = np.argsort(~allowed, axis=1, kind="stable")[:, : V - D]  # allowed ids first
+    seq = np.take_along_axis(others, rng.integers(0, V - D, size=(n, T + 1)), axis=1)
     seq[:, 0:context:2] = keys
     seq[:, 1:context:2] = values
     lab = np.full((n, T + 1), IGNORE, dtype=np.int64)
-    rows = np.arange(n)[:, None]
     qpos = context + 2 * slots
     seq[rows, qpos] = keys
     # After the one-token shift the query's own position outputs the value; the
@@ -112,4 +122,5 @@ def generate_mqar(config: MQARConfig, seed: int) -> MADData:
     rng = np.random.default_rng([seed, 7, config.seq_len, config.num_kv_pairs])
     tr = _mqar_split(config, rng, config.num_train_examples)
     te = _mqar_split(config, rng, config.num_test_examples)
-    return MADData(config, tr[0], tr[1], te[0], te[1])
+    va = _mqar_split(config, rng, config.num_val_examples)
+    return MADData(config, tr[0], tr[1], te[0], te[1], val_inputs=va[0], val_targets=va[1])

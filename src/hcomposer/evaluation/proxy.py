@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,22 @@ from hcomposer.evaluation.proxy_train import RunResult, count_params, train_and_
 
 __all__ = [
     "PROXIES",
+    "QUICKSTART_PROXY",
     "ProxyConfig",
+    "ProxyPruned",
     "ProxyResult",
+    "Report",
+    "early_stop",
     "evaluate_proxy",
     "parse_proxy",
 ]
 
+# ``report(step, value) -> bool``: the proxy's intermediate values (see evaluate_proxy).
+Report = Callable[[int, float], bool]
+
 PROXIES = ("mad", "mqar", "text")
+# The quickstart's three-task subset: what separates attention, Mamba and MLP.
+QUICKSTART_PROXY = "mad:in_context_recall,selective_copying,memorization"
 _DTYPES = ("bf16", "fp32")
 
 # Short aliases accepted in "mad:TASK" (the full names work too).
@@ -62,27 +72,40 @@ def _default_mad() -> tuple[MADTaskConfig, ...]:
 class ProxyConfig:
     """How a proxy trains and scores. Frozen; round-trips to JSON.
 
-    ``lrs`` x ``weight_decays`` is the grid (best held-out accuracy kept per task);
-    ``stop_when_perfect`` skips the rest of a task's grid once a point reaches
-    accuracy 1.0, which no other point can beat. ``dtype`` is ``bf16`` (autocast)
-    or ``fp32``. ``threads`` is torch's intra-op thread count during the evaluation
-    (0 leaves it alone): one thread per evaluation, and parallel evaluations as
+    ``lrs`` x ``weight_decays`` is the grid: per task the point with the best accuracy on
+    the validation split is chosen and its accuracy on the separate test split reported.
+    Every ``check_every`` steps (0: never) the validation accuracy is measured; a run that
+    reaches ``solved_accuracy`` stops there (early stopping), and with
+    ``stop_when_perfect`` the rest of that task's grid is skipped (no point can do better).
+    ``task_steps`` caps one task's steps below ``steps`` (task name -> steps).
+    ``patience`` > 0 also stops a run after that many checks without a gain of
+    ``min_delta`` (off by default: recall plateaus at chance for hundreds of steps before
+    the induction circuit forms, and a patience rule stops it too early). ``dtype`` is
+    ``bf16`` (autocast) or ``fp32``. ``threads`` is torch's intra-op thread count during
+    the evaluation (0 leaves it alone): one thread per evaluation, and parallel evaluations as
     separate workers, because on a shared 2-core machine two threads per process
     ran many times slower than one (OpenMP threads waiting on each other).
     The text proxy trains for ``text_tokens`` tokens at ``text_lr``.
     """
 
-    steps: int = 120
+    # Calibrated defaults (docs/proxies.md, benchmarks/calibrate_proxy.py): at most 100
+    # steps per run, checked every 50, stopped once solved; memorisation 25 steps.
+    steps: int = 100
     batch_size: int = 32
-    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    lrs: tuple[float, ...] = (1e-3,)
     weight_decays: tuple[float, ...] = (0.0,)
     warmup_steps: int = 10
     grad_clip: float = 1.0
     eval_batch_size: int = 256
-    dtype: str = "bf16"
+    dtype: str = "fp32"
     threads: int = 1
     seed: int = 0
     stop_when_perfect: bool = True
+    task_steps: tuple[tuple[str, int], ...] = (("memorization", 25),)
+    check_every: int = 50
+    solved_accuracy: float = 0.99
+    patience: int = 0
+    min_delta: float = 0.01
     mad_tasks: tuple[MADTaskConfig, ...] = field(default_factory=_default_mad)
     mqar_tasks: tuple[MQARConfig, ...] = DEFAULT_MQAR
     text_tokens: int = 262_144
@@ -120,14 +143,31 @@ class ProxyConfig:
             raise UserError("proxy config: threads must be >= 0 (0: leave torch's setting)")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise UserError("proxy config: warmup_steps and grad_clip must be >= 0")
+        pairs = self.task_steps.items() if isinstance(self.task_steps, dict) else self.task_steps
+        object.__setattr__(self, "task_steps", tuple((str(k), int(v)) for k, v in pairs))
+        bad = sorted(k for k, _ in self.task_steps if k not in MAD_TASKS)
+        if bad or any(v < 1 for _, v in self.task_steps):
+            raise UserError(
+                f"proxy config: task_steps takes MAD task names ({', '.join(MAD_TASKS)}) "
+                f"and step counts >= 1; got {self.task_steps}"
+            )
+        if self.check_every < 0 or self.patience < 0 or self.min_delta < 0:
+            raise UserError("proxy config: check_every, patience and min_delta must be >= 0")
+        if not 0.0 < self.solved_accuracy <= 1.0:
+            raise UserError("proxy config: solved_accuracy must be in (0, 1]")
 
     def replace(self, **changes: Any) -> ProxyConfig:
         return dataclasses.replace(self, **changes)
+
+    def steps_for(self, task: str) -> int:
+        """Training steps of one task: ``steps``, capped by ``task_steps``."""
+        return min(self.steps, dict(self.task_steps).get(task, self.steps))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lrs"] = list(self.lrs)
         d["weight_decays"] = list(self.weight_decays)
+        d["task_steps"] = dict(self.task_steps)
         d["mad_tasks"] = [t.to_dict() for t in self.mad_tasks]
         d["mqar_tasks"] = [t.to_dict() for t in self.mqar_tasks]
         return d
@@ -156,6 +196,19 @@ class ProxyConfig:
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> ProxyConfig:
         return load_config(cls, text_or_path, "proxy config")
+
+
+class ProxyPruned(Exception):
+    """Raised by :func:`evaluate_proxy` when its ``report`` callback asks to stop.
+
+    ``step`` and ``value`` are the last intermediate value reported. A pruned evaluation
+    has no score: callers store it as pruned (e.g. ``optuna.TrialPruned``), never as one.
+    """
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"pruned at step {step} (intermediate value {value:.4f})")
+        self.step = step
+        self.value = value
 
 
 @dataclass
@@ -257,12 +310,19 @@ def evaluate_proxy(
     data: str | Path | None = None,
     config: ProxyConfig | None = None,
     progress: bool = False,
+    report: Report | None = None,
 ) -> ProxyResult:
     """Score ``arch`` with a proxy (see the module docstring).
 
     ``seed`` decides the generated data, the initial weights and the batch order
     (it overrides ``config.seed``); ``data`` is the text proxy's corpus (None: the
     embedded one); ``progress`` shows a rich progress bar on stderr.
+
+    ``report(step, value) -> bool`` is the hook for pruners (MAD and MQAR proxies):
+    after the k-th task finishes it is called with ``step=k`` and ``value`` = the mean
+    reported accuracy of the first k tasks (the tasks run in a fixed order, so values at
+    the same step are comparable across architectures; at the last step it equals the
+    score). When it returns True the evaluation stops and raises :class:`ProxyPruned`.
     """
     if isinstance(arch, str):
         arch = Architecture.parse(arch, shape="proxy")
@@ -274,12 +334,12 @@ def evaluate_proxy(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _evaluate(arch, proxy, kind, names, seed, data, config, progress)
+        return _evaluate(arch, proxy, kind, names, seed, data, config, progress, report)
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(arch, proxy, kind, names, seed, data, config, progress) -> ProxyResult:
+def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) -> ProxyResult:
     if kind == "text":
         from hcomposer.evaluation.proxy_text import evaluate_text
 
@@ -291,7 +351,7 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress) -> ProxyRe
     results: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     tokens = 0
-    total_steps = len(tasks) * len(grid) * config.steps
+    total_steps = len(grid) * sum(config.steps_for(name) for name, _ in tasks)
     with _progress(progress) as p:
         handle = p.add_task(proxy, total=total_steps, rate="") if p is not None else None
         started = time.perf_counter()
@@ -314,7 +374,7 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress) -> ProxyRe
                     task_data,
                     lr=lr,
                     weight_decay=wd,
-                    steps=config.steps,
+                    steps=config.steps_for(name),
                     batch_size=config.batch_size,
                     warmup_steps=config.warmup_steps,
                     grad_clip=config.grad_clip,
@@ -322,16 +382,24 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress) -> ProxyRe
                     seed=_run_seed(seed, i),
                     eval_batch_size=config.eval_batch_size,
                     on_step=on_step,
+                    check_every=config.check_every,
+                    on_check=early_stop(config),
                 )
                 runs.append(run)
                 tokens += run.tokens
                 if run.failure:
                     failures.append(f"{name}: {run.failure}")
-                if config.stop_when_perfect and run.accuracy >= 1.0:
+                if config.stop_when_perfect and _selection_accuracy(run) >= min(
+                    1.0, config.solved_accuracy
+                ):
                     if p is not None:
-                        p.update(handle, advance=config.steps * (len(grid) - j - 1))
+                        p.update(handle, advance=config.steps_for(name) * (len(grid) - j - 1))
                     break
             results[name] = _best(runs, count_params(arch, task_data))
+            if report is not None:
+                value = sum(r["accuracy"] for r in results.values()) / len(results)
+                if report(len(results), value):
+                    raise ProxyPruned(len(results), value)
     wall = time.perf_counter() - t0
     score = sum(r["accuracy"] for r in results.values()) / len(results)
     return ProxyResult(
@@ -355,15 +423,41 @@ def _run_seed(seed: int, task_index: int) -> int:
     return seed * 1000 + task_index
 
 
+def early_stop(config: ProxyConfig) -> Callable[[int, float], bool]:
+    """The ``on_check`` rule of one training run: stop once the validation accuracy
+    reaches ``solved_accuracy``, or (``patience`` > 0) after ``patience`` checks in a row
+    without a gain of ``min_delta`` over the best so far."""
+    best = [-1.0]
+    stale = [0]
+
+    def check(step: int, accuracy: float) -> bool:
+        if accuracy >= config.solved_accuracy:
+            return True
+        if accuracy >= best[0] + config.min_delta:
+            best[0], stale[0] = accuracy, 0
+        else:
+            stale[0] += 1
+        return config.patience > 0 and stale[0] >= config.patience
+
+    return check
+
+
+def _selection_accuracy(run: RunResult) -> float:
+    return run.val_accuracy if math.isfinite(run.val_accuracy) else run.accuracy
+
+
 def _best(runs: list[RunResult], params: int) -> dict[str, Any]:
-    # Highest held-out accuracy; ties go to the lower loss (a failed run has loss
-    # nan and accuracy 0, so it never wins against a finished one).
+    # The grid point with the highest validation accuracy (the test split is never used
+    # to choose); ties go to the lower test loss (a failed run has loss nan and accuracy
+    # 0, so it never wins against a finished one). Its test accuracy is reported.
     def key(r: RunResult):
-        return (r.accuracy, -(r.loss if math.isfinite(r.loss) else math.inf))
+        return (_selection_accuracy(r), -(r.loss if math.isfinite(r.loss) else math.inf))
 
     best = max(runs, key=key)
     return {
         "accuracy": best.accuracy,
+        "val_accuracy": _selection_accuracy(best),
+        "steps": best.steps_done,
         "loss": best.loss,
         "lr": best.lr,
         "weight_decay": best.weight_decay,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,18 @@ class RunResult:
     tokens: int
     seconds: float
     failure: str | None = None
+    # accuracy on the validation split (what selection uses; nan when not measured)
+    val_accuracy: float = float("nan")
+    # (step, validation accuracy) at every check during training
+    curve: list[tuple[int, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "accuracy": self.accuracy,
+            "val_accuracy": _finite_or_none(self.val_accuracy),
+            "curve": [[s, round(a, 4)] for s, a in self.curve],
             "loss": _finite_or_none(self.loss),
             "steps": self.steps_done,
             "tokens": self.tokens,
@@ -198,11 +204,18 @@ def train_and_score(
     seed: int,
     eval_batch_size: int = 256,
     on_step: Callable[[int, int], None] | None = None,
+    check_every: int = 0,
+    on_check: Callable[[int, float], bool] | None = None,
 ) -> RunResult:
     """Train a fresh model on ``data`` for ``steps`` AdamW steps, then score it.
 
     ``on_step(steps, tokens)`` is called after every step (for progress bars); a run
-    stopped by a non-finite loss reports its remaining steps at once.
+    stopped by a non-finite loss reports its remaining steps at once. Every
+    ``check_every`` steps (0: never) the validation accuracy is measured, recorded in
+    the result's ``curve`` and passed to ``on_check(step, accuracy)``; when that returns
+    True training stops there (early stopping) and the run is scored as it stands.
+    The result's ``accuracy`` and ``loss`` are on the test split, ``val_accuracy`` on
+    the validation split (the test split when the data has none).
     """
     t0 = time.perf_counter()
     model, head = build_task_model(arch, data, seed)
@@ -221,6 +234,8 @@ def train_and_score(
     tokens = 0
     failure = None
     done = 0
+    x_va, y_va = (torch.from_numpy(a) for a in data.val_split())
+    curve: list[tuple[int, float]] = []
     for step in range(steps):
         if cursor + bs > n:  # next epoch, new order
             order = torch.randperm(n, generator=gen)
@@ -244,12 +259,22 @@ def train_and_score(
         done = step + 1
         if on_step is not None:
             on_step(1, int(idx.numel() * x_tr.shape[1]))
+        if check_every and done % check_every == 0 and done < steps:
+            acc_va, _ = evaluate_split(model, head, x_va, y_va, eval_batch_size, dtype)
+            curve.append((done, acc_va))
+            if on_check is not None and on_check(done, acc_va):
+                if on_step is not None:
+                    on_step(steps - done, 0)
+                break
     if failure is not None:
         if on_step is not None:
             on_step(steps - done, 0)
         return RunResult(
             lr, weight_decay, 0.0, float("nan"), done, tokens, time.perf_counter() - t0, failure
         )
+    val_acc, _ = evaluate_split(model, head, x_va, y_va, eval_batch_size, dtype)
+    if check_every and (not curve or curve[-1][0] != done):
+        curve.append((done, val_acc))
     acc, loss_v = evaluate_split(
         model,
         head,
@@ -269,7 +294,17 @@ def train_and_score(
             time.perf_counter() - t0,
             f"non-finite held-out loss (lr={lr:g}, wd={weight_decay:g})",
         )
-    return RunResult(lr, weight_decay, acc, loss_v, done, tokens, time.perf_counter() - t0)
+    return RunResult(
+        lr,
+        weight_decay,
+        acc,
+        loss_v,
+        done,
+        tokens,
+        time.perf_counter() - t0,
+        val_accuracy=val_acc,
+        curve=curve,
+    )
 
 
 def count_params(arch: Architecture, data: MADData) -> int:
