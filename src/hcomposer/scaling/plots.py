@@ -1,8 +1,8 @@
 """IsoFLOP plots from a sweep's results (plain dicts, so they can be redrawn from results.json).
 
 - ``isoflop.png``: one panel per pattern; final loss against parameters (log axis), one
-  colour per budget, the fitted parabola in ln N and its minimum (a star; hollow when the
-  minimum lies outside the sizes trained).
+  colour per budget, the fitted parabola in ln N and its minimum (a star; none when the
+  parabola has no minimum or it lies outside the sizes trained).
 - ``frontier.png``: the optima against compute: N* (log-log) with each pattern's fitted
   power law, and the loss at the optimum against compute with its fitted line.
 """
@@ -43,6 +43,8 @@ def _save(fig, path: Path) -> Path:
 def plot_isoflop(results: dict, path: str | Path) -> Path:
     """Loss against parameters per budget, with the fitted parabolas and their minima."""
     plt = _plt()
+    from matplotlib.ticker import NullFormatter
+
     patterns = list(results["patterns"])
     fig, axes = plt.subplots(
         1, len(patterns), figsize=(5.2 * len(patterns), 4), squeeze=False, sharey=True
@@ -66,17 +68,18 @@ def plot_isoflop(results: dict, path: str | Path) -> Path:
                 p = fit["parabola"]
                 x = np.linspace(math.log(n.min()) - 0.15, math.log(n.max()) + 0.15, 60)
                 ax.plot(np.exp(x), p["a"] * x**2 + p["b"] * x + p["c"], color=color[b], lw=1)
-            if fit and fit["ok"]:
+            if fit and fit["ok"] and fit["inside"]:
                 ax.scatter(
                     [fit["n_opt"]],
                     [fit["loss_opt"]],
                     marker="*",
                     s=140,
-                    facecolor=color[b] if fit["inside"] else "none",
+                    facecolor=color[b],
                     edgecolor="black",
                     zorder=3,
                 )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("parameters N")
         ax.set_title(f"{block}: IsoFLOP curves")
         ax.grid(alpha=0.3)
