@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy, name, pattern, seed = key.split("|")
         tasks = ", ".join(f"{k} {a} ({s})" for k, (a, s) in row["tasks"].items())
         print(
-            f"| {proxy} | {name} | {pattern} | {seed} | {row['cpu_s']} | {row['score']} "
-            f"| {tasks} |"
+            f"| {proxy} | {name} | {pattern} | {seed} | {row['cpu_s']} | {row['score']} | {tasks} |"
         )
     return 0
 
