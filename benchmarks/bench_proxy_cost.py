@@ -39,7 +39,7 @@ def _config(name: str) -> ProxyConfig:
             "noisy_in_context_recall": dict(seq_len=64),
             "selective_copying": dict(seq_len=64),
             "compression": dict(seq_len=32),
-            "memorization": dict(seq_len=32, num_train_examples=256),
+            "memorization": dict(vocab_size=256, seq_len=32, num_train_examples=256),
         }
         tasks = tuple(default_task_config(t, **old[t]) for t in MAD_TASKS)
         return ProxyConfig(**PREVIOUS, mad_tasks=tasks)
