@@ -39,7 +39,7 @@ def _config(name: str) -> ProxyConfig:
             "noisy_in_context_recall": dict(seq_len=64),
             "selective_copying": dict(seq_len=64),
             "compression": dict(seq_len=32),
-            "memorization": dict(seq_len=32, num_train_examples=256),
+            "memorization": dict(vocab_size=256, seq_len=32, num_train_examples=256),
         }
         tasks = tuple(default_task_config(t, **old[t]) for t in MAD_TASKS)
         return ProxyConfig(**PREVIOUS, mad_tasks=tasks)
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy, name, pattern, seed = key.split("|")
         tasks = ", ".join(f"{k} {a} ({s})" for k, (a, s) in row["tasks"].items())
         print(
-            f"| {proxy} | {name} | {pattern} | {seed} | {row['cpu_s']} | {row['score']} "
-            f"| {tasks} |"
+            f"| {proxy} | {name} | {pattern} | {seed} | {row['cpu_s']} | {row['score']} | {tasks} |"
         )
     return 0
 

@@ -89,11 +89,19 @@ def plot(paths: list[Path], out: Path) -> None:
 
     cells = []
     for p in paths:
-        for key, res in _load(p)["cells"].items():
+        stored = _load(p)["cells"]
+        if isinstance(stored, list):  # curve records: {task, pattern, lr, label, curve}
+            cells += [(c, {"curve": [pt[:2] for pt in c["curve"]]}) for c in stored]
+            continue
+        for key, res in stored.items():
             cells.append((json.loads(key), res))
     tasks = sorted({c["task"] for c, _ in cells})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks) :]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         groups: dict[str, list] = {}
         for c, r in cells:
             if c["task"] != task:

@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
         "--lrs", default=None, help="learning-rate grid, comma-separated, e.g. 1e-3,4e-3"
     )
     p.add_argument("--wds", default=None, help="weight-decay grid, comma-separated, e.g. 0,0.1")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default fp32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     p.add_argument("--config", default=None, help="a ProxyConfig JSON file; flags override it")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
