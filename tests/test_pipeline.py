@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hcomposer.errors import UserError
-from hcomposer.pipeline import RunRecipe, matched_baseline, run_pipeline
+from hcomposer.experiments.pipeline import RunRecipe, matched_baseline, run_pipeline
 from hcomposer.search import SearchConfig, load_trials
 
 SMOKE = RunRecipe(
@@ -54,7 +54,7 @@ SMOKE = RunRecipe(
 
 _SCRIPT = """
 import sys, json
-from hcomposer.pipeline import RunRecipe, run_pipeline
+from hcomposer.experiments.pipeline import RunRecipe, run_pipeline
 recipe = RunRecipe.from_dict(json.loads(sys.argv[2]))
 run_pipeline(recipe, sys.argv[1], progress=False)
 """
@@ -152,7 +152,7 @@ def test_compare_cli(tmp_path: Path, capsys):
     """compare on two tiny trained runs: ratios against the first, report files."""
     from hcomposer.architecture import Architecture
     from hcomposer.cli import main
-    from hcomposer.train import TrainConfig, train
+    from hcomposer.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         tokens=1024, batch_size=4, seq_len=32, eval_every=4, eval_tokens=256, log_every=2, warmup=1

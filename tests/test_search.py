@@ -284,7 +284,7 @@ def test_config_validation():
 
 def test_proxy_config_reaches_the_evaluator(monkeypatch):
     """A search's proxy_config is handed to evaluate_proxy as a ProxyConfig."""
-    from hcomposer.evaluation import proxy as proxy_mod
+    from hcomposer.search import objectives
     from hcomposer.search.objectives import resolve_objective
     from hcomposer.search.space import SearchConfig
 
@@ -294,7 +294,7 @@ def test_proxy_config_reaches_the_evaluator(monkeypatch):
         seen["config"] = config
         return {"score": 0.5}
 
-    monkeypatch.setattr(proxy_mod, "evaluate_proxy", fake)
+    monkeypatch.setattr(objectives, "evaluate_proxy", fake)
     cfg = SearchConfig(layers=2, trials=1, proxy="mad:recall", proxy_config={"steps": 7})
     objective = resolve_objective(cfg.proxy, None, cfg.proxy_config)
     from hcomposer.architecture import Architecture

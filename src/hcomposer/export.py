@@ -34,7 +34,9 @@ import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.hf import HComposerConfig, HComposerForCausalLM
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+from hcomposer.training.trainer import load_run
 
 __all__ = [
     "export_model",
@@ -293,8 +295,6 @@ def _llama_model(model, arch: Architecture, special: dict):
 
 
 def _hcomposer_model(model, arch: Architecture, special: dict):
-    from hcomposer.hf import HComposerConfig, HComposerForCausalLM
-
     config = HComposerConfig(architecture=arch.to_dict(), bos_token_id=None, **special)
     config.architectures = ["HComposerForCausalLM"]
     config.auto_map = {
@@ -317,7 +317,5 @@ def export_run(
 ) -> dict[str, Any]:
     """Export a training run folder's latest checkpoint (``hcomposer export DIR --out HF``)."""
     _check_target(Path(out_dir))
-    from hcomposer.train import load_run
-
     model, arch, tokenizer, _info = load_run(run_dir)
     return export_model(model, arch, tokenizer, out_dir, dtype=dtype, kind=kind, argv=argv)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hcomposer.version import __version__
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
@@ -24,7 +26,6 @@ __all__ = [
     "sha256_file",
     "git_revision",
     "run_metadata",
-    "record_run",
 ]
 
 
@@ -111,8 +112,6 @@ def git_revision() -> str | None:
 
 def run_metadata(argv: list[str] | None = None) -> dict[str, Any]:
     """Version, git revision, command line, host and library versions."""
-    from hcomposer import __version__
-
     meta: dict[str, Any] = {
         "hcomposer_version": __version__,
         "git_revision": git_revision(),
@@ -129,8 +128,3 @@ def run_metadata(argv: list[str] | None = None) -> dict[str, Any]:
     except ImportError:
         pass
     return meta
-
-
-def record_run(out_dir: str | Path, config: dict, argv: list[str] | None = None) -> None:
-    """Write ``run.json`` (resolved config + metadata) into a run folder, atomically."""
-    atomic_write_json(Path(out_dir) / "run.json", {"config": config, **run_metadata(argv)})

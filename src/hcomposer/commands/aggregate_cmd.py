@@ -7,6 +7,10 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.io import read_jsonl
+from hcomposer.runs import SearchDir
+from hcomposer.scaling.aggregate import aggregate_details
+from hcomposer.search import load_trials
 
 HELP = "Aggregate the top trials of a search into one pattern (k-means + per-position vote)."
 
@@ -33,8 +37,6 @@ def read_trials(directory: str | Path) -> tuple[list[dict], str]:
     The search engine's ``load_trials`` (its Optuna storage) comes first; a plain
     ``trials.jsonl`` (one ``{"pattern", "score", "state"}`` per line) is the fallback.
     """
-    from hcomposer.io import read_jsonl
-
     path = Path(directory)
     if not path.exists():
         raise UserError(f"search folder {str(path)!r} does not exist")
@@ -44,18 +46,13 @@ def read_trials(directory: str | Path) -> tuple[list[dict], str]:
         raise UserError(f"{str(path)!r} is not a search folder (a folder or a trials.jsonl)")
     engine_error = None
     try:
-        from hcomposer.search.engine import load_trials
-    except ImportError:
-        load_trials = None
-    if load_trials is not None:
-        try:
-            trials = load_trials(path)
-        except UserError as e:
-            engine_error = e
-        else:
-            if trials:
-                return list(trials), "study"
-    jsonl = path / "trials.jsonl"
+        trials = load_trials(path)
+    except UserError as e:
+        engine_error = e
+    else:
+        if trials:
+            return list(trials), "study"
+    jsonl = SearchDir(path).trials
     if jsonl.is_file():
         return list(read_jsonl(jsonl)), str(jsonl)
     if engine_error is not None:
@@ -67,8 +64,6 @@ def read_trials(directory: str | Path) -> tuple[list[dict], str]:
 
 
 def run(args) -> int:
-    from hcomposer.search.aggregate import aggregate_details
-
     trials, source = read_trials(args.dir)
     result = aggregate_details(trials, method=args.method, c=args.c, k=args.k)
     out = {**result.to_dict(), "source": source}

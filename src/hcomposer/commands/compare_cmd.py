@@ -7,6 +7,8 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.reporting.compare import compare_runs
+from hcomposer.runs import RunDir
 
 HELP = "Compare trained run folders (the first is the reference) into a Markdown report."
 
@@ -19,11 +21,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from hcomposer.compare import compare_runs
-
     for d in args.dirs:
-        if not (Path(d) / "architecture.json").is_file():
-            raise UserError(f"{d!r} is not a training run folder (no architecture.json)")
+        RunDir(d).require_run()
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.dirs):
         raise UserError(f"--labels has {len(labels)} names for {len(args.dirs)} folders")
@@ -32,7 +31,8 @@ def run(args) -> int:
         raise UserError(f"--out {args.out!r} is a file; choose a folder")
     result = compare_runs(args.dirs, out, labels)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
+        skip = ("table", "sections")
+        print(json.dumps({k: v for k, v in result.items() if k not in skip}, default=str))
         return 0
     _print_table(result["table_header"], result["table"])
     console().print(f"report: {result['markdown']}")

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.evaluation.suite import parse_suite, run_suite
+from hcomposer.runs import RunDir
 
 HELP = "Evaluate a run folder: --suite loss,mad,mqar,niah,efficiency,lm-eval:TASKS."
 
@@ -42,8 +44,6 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 def run(args) -> int:
-    from hcomposer.evaluation.suite import parse_suite, run_suite
-
     parts = parse_suite(args.suite)  # unknown names fail before the run is loaded
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -70,6 +70,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
-        print(f"results: {run_dir / 'eval' / 'results.md'}", file=sys.stderr)
-        print((run_dir / "eval" / "results.md").read_text())
+        report = RunDir(run_dir).eval_markdown
+        print(f"results: {report}", file=sys.stderr)
+        print(report.read_text())
     return 0

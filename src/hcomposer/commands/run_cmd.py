@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.experiments.pipeline import get_run_recipe, run_pipeline
 from hcomposer.format import console
+from hcomposer.search import SearchConfig
+from hcomposer.training.trainer import TrainConfig
 
 HELP = (
     "Run the whole pipeline: search -> aggregate -> scale -> train composite and baseline "
@@ -26,10 +29,6 @@ def add_arguments(p) -> None:
 
 
 def _recipe(args):
-    from hcomposer.pipeline import get_run_recipe
-    from hcomposer.search import SearchConfig
-    from hcomposer.train import TrainConfig
-
     recipe = get_run_recipe(args.recipe)
     search = dict(recipe.search)
     train = dict(recipe.train)
@@ -52,8 +51,6 @@ def _recipe(args):
 
 
 def run(args) -> int:
-    from hcomposer.pipeline import run_pipeline
-
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
     con = console()

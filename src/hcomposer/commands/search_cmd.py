@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.format import console, parse_count
+from hcomposer.recipes import get_recipe
+from hcomposer.search.loop import run_search
+from hcomposer.search.space import SearchConfig
 
 HELP = "Search the order and ratio of primitives (Bayesian optimisation by default); resumable."
 
@@ -91,10 +95,6 @@ _FIELDS = {
 
 def build_config(args: argparse.Namespace):
     """The SearchConfig of a command line: a recipe (or the defaults) plus the flags."""
-    from hcomposer.format import parse_count
-    from hcomposer.recipes import get_recipe
-    from hcomposer.search.space import SearchConfig
-
     base = get_recipe(args.recipe) if args.recipe else SearchConfig()
     changes = {}
     for attr, name in _FIELDS.items():
@@ -113,8 +113,6 @@ def build_config(args: argparse.Namespace):
 
 def _table(result) -> None:
     from rich.table import Table
-
-    from hcomposer.format import console
 
     con = console()
     done = sorted(
@@ -147,8 +145,6 @@ def _table(result) -> None:
 
 
 def run(args) -> int:
-    from hcomposer.search.engine import run_search
-
     config = build_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"search-{config.sampler}-{config.seed}"
     result = run_search(config, out, argv=args.argv, progress=not args.no_progress)

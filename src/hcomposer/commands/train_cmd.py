@@ -6,8 +6,11 @@ import json
 import os
 from pathlib import Path
 
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.runs import RunDir
+from hcomposer.training.trainer import TrainConfig, train
 
 HELP = "Train an architecture on text (the embedded corpus by default) into a run folder."
 
@@ -55,12 +58,10 @@ def add_arguments(p) -> None:
 
 
 def _architecture(spec: str, shape: str | None):
-    from hcomposer.architecture import Architecture
-
     path = Path(spec)
-    if path.is_dir() and (path / "architecture.json").is_file():
+    if path.is_dir() and RunDir(path).is_run():
         # A folder holding an architecture (a run, an export, a scale result).
-        path = path / "architecture.json"
+        path = RunDir(path).architecture
     if path.suffix == ".json" or path.is_file():
         arch = Architecture.from_json(path)
         return arch.with_shape(shape) if shape else arch
@@ -68,8 +69,6 @@ def _architecture(spec: str, shape: str | None):
 
 
 def run(args) -> int:
-    from hcomposer.train import TrainConfig, train
-
     arch = _architecture(args.arch, args.shape)
     config = TrainConfig(
         tokens=parse_count(args.tokens, "--tokens"),

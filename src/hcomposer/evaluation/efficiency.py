@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
+from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.training.step import make_optimizer, train_step
 
 __all__ = ["EfficiencyConfig", "run_efficiency", "plot_efficiency", "efficiency_markdown"]
 
@@ -159,17 +161,16 @@ def _is_oom(e: BaseException) -> bool:
 
 def _train_throughput(model, cfg: EfficiencyConfig, train_len: int, device) -> dict[str, Any]:
     m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4) if cfg.train_optimizer == "adamw" else None
+    opt = None
+    if cfg.train_optimizer == "adamw":
+        opt = make_optimizer(m, lr=1e-4, weight_decay=0.0, device=device)
     g = torch.Generator().manual_seed(cfg.seed)
     V = m.arch.shape.vocab_size
     x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
 
     def step():
-        loss = F.cross_entropy(m(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
-        m.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt is not None:
-            opt.step()
+        # The trainer's step at the model's own dtype (no autocast); "none": gradients only.
+        train_step(m.loss, [(x[:, :-1], x[:, 1:])], opt, device=device, dtype="fp32")
 
     with _PeakMemory(device) as mem:
         t = _timed(step, device, cfg.repeats)
@@ -226,8 +227,6 @@ def run_efficiency(
     model, *, train_len: int, config: EfficiencyConfig | None = None, progress=None
 ) -> dict[str, Any]:
     """The efficiency sweep for ``model``; returns a JSON-ready dict (see module docstring)."""
-    from hcomposer.accounting import count_costs
-
     cfg = config or EfficiencyConfig()
     device = _device(cfg.device)
     arch = model.arch
@@ -323,12 +322,7 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
 
 def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     """Prefill and decode tokens/s, and cache bytes, against context (one line per label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hcomposer.evaluation.niah import _save_png
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for label, res in results.items():
@@ -347,5 +341,4 @@ def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> Non
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
+    save_png(fig, path)

@@ -16,8 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcomposer.accounting import count_costs
+from hcomposer.architecture import Architecture
+from hcomposer.data import get_tokenizer
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, read_json, record_run
+from hcomposer.evaluation.suite import run_suite
+from hcomposer.io import atomic_write_json, atomic_write_text, read_json
+from hcomposer.recipes import RECIPES
+from hcomposer.reporting.compare import compare_runs, comparison_markdown
+from hcomposer.reporting.report import (
+    markdown_table,
+    plot_pareto,
+    plot_pattern_strips,
+    plot_trials,
+)
+from hcomposer.runs import PipelineDir
+from hcomposer.scaling.aggregate import aggregate_details
+from hcomposer.scaling.extrapolate import extrapolate
+from hcomposer.search import SearchConfig, load_trials, run_search
+from hcomposer.shapes import resolve_shape
+from hcomposer.training.trainer import TrainConfig, resolve_arch, train
 
 __all__ = ["RunRecipe", "RUN_RECIPES", "get_run_recipe", "run_pipeline", "matched_baseline"]
 
@@ -51,8 +69,6 @@ class RunRecipe:
 
 
 def _quickstart() -> RunRecipe:
-    from hcomposer.recipes import RECIPES
-
     search = RECIPES["quickstart"]().to_dict()
     return RunRecipe(
         name="quickstart",
@@ -76,8 +92,6 @@ def _quickstart() -> RunRecipe:
 
 
 def _paper() -> RunRecipe:
-    from hcomposer.recipes import RECIPES
-
     search = RECIPES["paper"]().to_dict()
     return RunRecipe(
         name="paper",
@@ -116,9 +130,6 @@ def get_run_recipe(name: str) -> RunRecipe:
 
 def matched_baseline(params: int, shape) -> tuple[str, int]:
     """The Llama-style ``(AF)*n`` at ``shape`` whose parameter count is closest to ``params``."""
-    from hcomposer.accounting import count_costs
-    from hcomposer.architecture import Architecture
-
     best: tuple[int, str, int] | None = None
     n = 1
     while True:
@@ -137,7 +148,8 @@ class _State:
     """pipeline.json: the recipe and what each finished stage produced."""
 
     def __init__(self, out: Path, recipe: RunRecipe, argv: list[str] | None):
-        self.path = out / "pipeline.json"
+        self.dir = PipelineDir(out)
+        self.path = self.dir.state
         self.out = out
         if self.path.exists():
             data = read_json(self.path)
@@ -154,7 +166,7 @@ class _State:
                 )
             self.data = {"recipe": recipe.to_dict(), "stages": {}}
             out.mkdir(parents=True, exist_ok=True)
-            record_run(out, recipe.to_dict(), argv)
+            self.dir.record(recipe.to_dict(), argv)
             self.save()
 
     def done(self, stage: str) -> dict | None:
@@ -170,10 +182,8 @@ class _State:
 
 
 def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
-    from hcomposer.search import SearchConfig, run_search
-
     config = SearchConfig.from_dict(recipe.search)
-    result = run_search(config, state.out / "search", progress=progress)
+    result = run_search(config, state.dir.search.root, progress=progress)
     keep = ("number", "pattern", "score")
     best = result.best
     if isinstance(best, dict):
@@ -184,23 +194,13 @@ def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
 
 
 def _stage_aggregate(state: _State, recipe: RunRecipe) -> dict:
-    from hcomposer.search import load_trials
-    from hcomposer.search.aggregate import aggregate_details
-
-    trials = load_trials(state.out / "search")
+    trials = load_trials(state.dir.search.root)
     agg = aggregate_details(trials, method=recipe.aggregate_method, c=recipe.aggregate_c)
-    atomic_write_json(state.out / "aggregate.json", agg.to_dict())
+    atomic_write_json(state.dir.aggregate, agg.to_dict())
     return state.finish("aggregate", {"pattern": agg.pattern, "method": agg.method})
 
 
 def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
-    from hcomposer.accounting import count_costs
-    from hcomposer.architecture import Architecture
-    from hcomposer.data import get_tokenizer
-    from hcomposer.search.extrapolate import extrapolate
-    from hcomposer.shapes import resolve_shape
-    from hcomposer.train import TrainConfig, resolve_arch
-
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
     pattern = extrapolate(searched, layers, recipe.scale_strategy)
@@ -213,8 +213,8 @@ def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
     params = count_costs(composite).params_total
     base_pattern, base_params = matched_baseline(params, shape)
     baseline = Architecture(pattern=base_pattern, shape=shape)
-    atomic_write_json(state.out / "composite.json", composite.to_dict())
-    atomic_write_json(state.out / "baseline.json", baseline.to_dict())
+    atomic_write_json(state.dir.architecture("composite"), composite.to_dict())
+    atomic_write_json(state.dir.architecture("baseline"), baseline.to_dict())
     return state.finish(
         "scale",
         {
@@ -229,27 +229,21 @@ def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
 
 
 def _stage_train(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
-    from hcomposer.architecture import Architecture
-    from hcomposer.train import TrainConfig, train
-
-    arch = Architecture.from_json(state.out / f"{role}.json")
+    arch = Architecture.from_json(state.dir.architecture(role))
     config = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
-    run_dir = state.out / "train" / role
-    result = train(arch, config, run_dir, resume=True, progress=progress, argv=argv)
+    run_dir = state.dir.train(role)
+    result = train(arch, config, run_dir.root, resume=True, progress=progress, argv=argv)
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} ended with status {result.status!r} "
-            f"({result.message}); see {run_dir}/status.json"
+            f"({result.message}); see {run_dir.status_json}"
         )
     return state.finish(f"train_{role}", {**result.to_dict(), "pattern": arch.pattern})
 
 
 def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
-    from hcomposer.evaluation.suite import run_suite
-
-    run_dir = state.out / "train" / role
-    res = run_suite(run_dir, ",".join(recipe.eval_suites), options=recipe.eval_options,
-                    argv=argv, progress=progress)  # fmt: skip
+    res = run_suite(state.dir.train(role).root, ",".join(recipe.eval_suites),
+                    options=recipe.eval_options, argv=argv, progress=progress)  # fmt: skip
     parts = res.get("parts", {})
     brief = {
         "loss": (parts.get("loss") or {}).get("loss"),
@@ -259,23 +253,19 @@ def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: boo
 
 
 def _stage_report(state: _State, recipe: RunRecipe) -> dict:
-    from hcomposer.compare import compare_runs
-    from hcomposer.report import markdown_table, plot_pareto, plot_pattern_strips, plot_trials
-    from hcomposer.search import load_trials
-
-    out = state.out
+    folder = state.dir
     st = state.data["stages"]
-    trials = load_trials(out / "search")
+    trials = load_trials(folder.search.root)
     done = sorted(
         (t for t in trials if t.get("state") == "COMPLETE" and t.get("score") is not None),
         key=lambda t: -t["score"],
     )
-    plot_trials(trials, out / "trials.png", title=f"Search ({recipe.search.get('sampler')})")
+    plot_trials(trials, folder.plot("trials"), title=f"Search ({recipe.search.get('sampler')})")
     pareto = None
     if len(recipe.search.get("objective", ["score"])) > 1:
         cost = recipe.search["objective"][1]
         pts = [dict(t, cost=(t.get("values") or [None, None])[1]) for t in done]
-        pareto = plot_pareto(pts, out / "pareto.png", cost_label=cost)
+        pareto = plot_pareto(pts, folder.plot("pareto"), cost_label=cost)
     sc = st["scale"]
     strips = [(f"#{t['number']} {t['score']:.3f}", t["pattern"]) for t in done[:6]]
     strips += [
@@ -283,9 +273,9 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         ("composite", sc["composite"]),
         ("baseline", sc["baseline"]),
     ]
-    plot_pattern_strips(strips, out / "patterns.png", title="Top trials, aggregate, scaled")
-    cmp = compare_runs([out / "train" / "baseline", out / "train" / "composite"],
-                       out / "compare", labels=["baseline", "composite"],
+    plot_pattern_strips(strips, folder.plot("patterns"), title="Top trials, aggregate, scaled")
+    cmp = compare_runs([folder.train("baseline").root, folder.train("composite").root],
+                       folder.compare, labels=["baseline", "composite"],
                        title="Composite against the Llama-style baseline")  # fmt: skip
     top = [[t["number"], t["pattern"], t["score"]] for t in done[:10]]
     lines = [
@@ -312,21 +302,17 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         "",
         "## Search",
         "",
-        "![trials](trials.png)",
+        f"![trials]({folder.plot('trials').name})",
         "",
         markdown_table(["trial", "pattern", "score"], top),
         "",
     ]
     if pareto is not None:
-        lines += ["![Pareto front](pareto.png)", ""]
-    lines += ["## Patterns", "", "![patterns](patterns.png)", ""]
-    body = (out / "compare" / "compare.md").read_text()
-    body = body.replace("](", "](compare/").replace("# Composite", "## Composite", 1)
-    lines += [body]
-    from hcomposer.io import atomic_write_text
-
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-    return state.finish("report", {"report": str(out / "report.md"),
+        lines += [f"![Pareto front]({folder.plot('pareto').name})", ""]
+    lines += ["## Patterns", "", f"![patterns]({folder.plot('patterns').name})", ""]
+    lines += [comparison_markdown(cmp["sections"], images=f"{folder.compare.name}/", level=2)]
+    atomic_write_text(folder.report, "\n".join(lines) + "\n")
+    return state.finish("report", {"report": str(folder.report),
                                    "table_header": cmp["table_header"],
                                    "table": cmp["table"]})  # fmt: skip
 

@@ -42,6 +42,9 @@ from typing import Any
 
 from hcomposer.errors import UserError
 from hcomposer.pattern import format_pattern, parse_pattern
+from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.reporting.report import markdown_table
+from hcomposer.search.samplers import make_sampler
 
 __all__ = [
     "FORMAT",
@@ -277,8 +280,6 @@ def replay(
     """Run ``sampler`` until ``budget`` distinct patterns are evaluated (table lookups)."""
     import optuna
 
-    from hcomposer.search.samplers import make_sampler
-
     _quiet_optuna()
     study = optuna.create_study(
         direction="maximize", sampler=make_sampler(sampler, seed, 1, n_startup=n_startup)
@@ -399,7 +400,6 @@ def markdown_report(
     table: Table, summary: dict[str, dict[str, Any]], budget: int, command: str
 ) -> str:
     """The sampler comparison as Markdown (the table lives next to the regret plot)."""
-    from hcomposer.report import markdown_table
 
     ranked = table.ranked
     checkpoints = list(next(iter(summary.values()))["mean_regret"]) if summary else []
@@ -460,7 +460,6 @@ def markdown_report(
 
 def _structure_lines(table: Table) -> list[str]:
     """The table's own structure: extremes, score by primitive count and by position."""
-    from hcomposer.report import markdown_table
 
     d = describe_table(table)
     out = [
@@ -497,9 +496,7 @@ def plot_regret(
     """Median best-so-far regret (interquartile band) and the share of seeds at top-3."""
     import numpy as np
 
-    from hcomposer.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(1, budget + 1)
     for name, reps in results.items():
@@ -520,4 +517,4 @@ def plot_regret(
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)

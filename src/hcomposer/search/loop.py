@@ -26,6 +26,7 @@ trials with smaller numbers are trained or may still be.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing as mp
 import os
@@ -42,9 +43,11 @@ from optuna.distributions import CategoricalDistribution
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
+from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_json, record_run
+from hcomposer.io import atomic_write_json, atomic_write_text, read_json
+from hcomposer.runs import SearchDir
 from hcomposer.search import results as R
 from hcomposer.search.live import LiveView
 from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
@@ -116,11 +119,12 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     Raises UserError (and writes nothing) for an unreachable storage, an unknown proxy,
     or a folder that holds a search with another configuration.
     """
-    out = Path(out_dir)
+    folder = SearchDir(out_dir)
+    out = folder.root
     check_proxy(config.proxy)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder")
-    existing = out / "search.json"
+    existing = folder.config
     resuming = existing.is_file()
     if resuming:
         try:
@@ -135,8 +139,10 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
                 f"({_identity_diff(old, config.identity())}); re-run with the same options to "
                 "resume it, or pick a new --out"
             )
-    elif (out / "study.db").exists():
-        raise UserError(f"{str(out)!r} holds a study.db without search.json; pick a new --out")
+    elif folder.study_db.exists():
+        raise UserError(
+            f"{str(out)!r} holds a {folder.study_db.name} without {existing.name}; pick a new --out"
+        )
     check_storage(config.storage, out)
     out.mkdir(parents=True, exist_ok=True)
     # Create the storage's tables before search.json exists: readers (load_trials, other
@@ -144,7 +150,7 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     open_storage(storage_url(config.storage, out))
     if not resuming:
         atomic_write_json(existing, {"config": config.to_dict()})
-    record_run(out, config.to_dict(), argv)
+    folder.record(config.to_dict(), argv)
     return resuming
 
 
@@ -201,8 +207,6 @@ class _Costs:
 
     def __call__(self, arch: Architecture) -> dict[str, Any]:
         if arch.pattern not in self._cache:
-            from hcomposer.accounting import count_costs
-
             c = count_costs(arch)
             self._cache[arch.pattern] = {
                 "params_total": c.params_total,
@@ -528,12 +532,10 @@ def _progress_from_storage(config: SearchConfig, url: str) -> tuple[int, str | N
 
 def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]) -> SearchResult:
     """Read the whole search back, write ``trials.jsonl`` and ``summary.json``."""
-    import json
-
     url = storage_url(config.storage, out_dir)
     per_stage = R.load_stage_trials(config, open_storage(url))
     trials = [r for recs in per_stage for r in recs]
-    atomic_write_text(out_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in trials))
+    atomic_write_text(SearchDir(out_dir).trials, "".join(json.dumps(r) + "\n" for r in trials))
     plans = plan_stages(config)
     stages = []
     best_pattern = None
@@ -561,7 +563,7 @@ def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]
     result = SearchResult(str(out_dir), config, trials, final, stages, wall, notes)
     summary = result.to_dict()
     summary.pop("trials")
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(SearchDir(out_dir).summary_json, summary)
     return result
 
 

@@ -24,7 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
 from hcomposer.io import read_json
+from hcomposer.runs import SearchDir
 from hcomposer.search.space import OBJECTIVES, SearchConfig, plan_stages
+from hcomposer.search.storage import open_storage, storage_url
 
 __all__ = [
     "study_base",
@@ -50,9 +52,9 @@ def study_name(config: SearchConfig, stage: int) -> str:
 
 
 def read_config(out_dir: str | Path) -> SearchConfig:
-    path = Path(out_dir) / "search.json"
+    path = SearchDir(out_dir).config
     if not path.is_file():
-        raise UserError(f"{str(out_dir)!r} is not a search folder (no search.json)")
+        raise UserError(f"{str(out_dir)!r} is not a search folder (no {path.name})")
     return SearchConfig.from_dict(read_json(path)["config"])
 
 
@@ -134,11 +136,9 @@ def load_trials(out_dir: str | Path, stage: int | str | None = "last") -> list[d
     ``stage="last"`` (default) gives the final stage that has started (for one-shot
     searches, all trials); ``None`` every stage; an int that stage (0-based).
     """
-    from hcomposer.search.storage import open_storage, storage_url
-
     config = read_config(out_dir)
     url = storage_url(config.storage, out_dir)
-    if config.storage is None and not (Path(out_dir) / "study.db").is_file():
+    if config.storage is None and not SearchDir(out_dir).study_db.is_file():
         return []
     stages = load_stage_trials(config, open_storage(url, reader=True))
     if not stages:

@@ -27,6 +27,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
+from hcomposer.runs import SearchDir
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -47,7 +48,7 @@ GRACE_PERIOD = 60
 def storage_url(spec: str | None, out_dir: str | Path) -> str:
     """The storage a run uses; ``None`` is the SQLite file in the run folder."""
     if spec is None:
-        return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
+        return f"sqlite:///{SearchDir(out_dir).study_db.resolve()}"
     return spec
 
 

@@ -1,8 +1,7 @@
 """The trainer: AdamW, warmup-cosine / WSD, bf16 autocast, accumulation, DDP, exact resume.
 
-A run folder holds ``run.json`` (resolved config + version, git revision, command),
-``architecture.json``, ``tokenizer/``, ``metrics.jsonl``, ``checkpoint/`` (see
-``hcomposer.checkpoint``), ``status.json`` and, when done, ``summary.json``.
+The run folder's files are listed in ``hcomposer.runs``; the step, the evaluation loop and
+the parameter groups are ``hcomposer.training.step``'s, shared with the proxies.
 
 Choices (documented in docs/data_and_training.md):
 
@@ -17,30 +16,17 @@ Choices (documented in docs/data_and_training.md):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hcomposer.architecture import Architecture
-from hcomposer.checkpoint import (
-    check_out_dir,
-    find_checkpoint,
-    load_checkpoint,
-    read_state,
-    read_status,
-    save_checkpoint,
-    truncate_metrics,
-    write_status,
-)
 from hcomposer.data import (
     Tokenizer,
     get_tokenizer,
@@ -49,11 +35,29 @@ from hcomposer.data import (
     resolve_source,
 )
 from hcomposer.errors import UserError
-from hcomposer.io import append_jsonl, atomic_write_json, read_json, record_run
-from hcomposer.model import HybridLM, build_model
-from hcomposer.schedule import SCHEDULES, lr_at
+from hcomposer.format import progress_bar
+from hcomposer.model import build_model, lm_loss
+from hcomposer.runs import RunDir
+from hcomposer.training.checkpoint import (
+    check_out_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from hcomposer.training.distributed import Distributed
+from hcomposer.training.schedule import SCHEDULES, lr_at
+from hcomposer.training.step import evaluate, make_optimizer, set_lr, train_step
 
-__all__ = ["TrainConfig", "TrainResult", "train", "load_run", "vocab_for", "resolve_arch"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "train",
+    "load_run",
+    "vocab_for",
+    "resolve_arch",
+]
 
 # Fields that may change when a run is resumed (they do not change the numbers).
 _RESUMABLE_CHANGES = {
@@ -183,90 +187,7 @@ def resolve_arch(arch: Architecture, tokenizer: Tokenizer, seq_len: int) -> Arch
     return arch.with_shape(shape.replace(**changes)) if changes else arch
 
 
-def _device(spec: str, local_rank: int) -> torch.device:
-    if spec != "auto":
-        return torch.device(spec)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _param_groups(model: HybridLM, weight_decay: float) -> list[dict[str, Any]]:
-    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embed_ids else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-class _Dist:
-    """torchrun's environment: rank, world size, and the collectives the trainer needs."""
-
-    def __init__(self, device_spec: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = _device(device_spec, self.local_rank)
-        self.enabled = self.world > 1
-        self.owns_group = False
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend=backend)
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-            value /= self.world
-        return value
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def _evaluate(model: HybridLM, dataset, config: TrainConfig, device, micro: int) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in dataset.eval_batches(micro, config.seq_len, config.eval_tokens):
-        x, y = x.to(device), y.to(device)
-        with _autocast(device, config.dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        total += float(loss)
-        count += y.numel()
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def _progress(enabled: bool):
-    from hcomposer.format import progress_bar
-
     return progress_bar(enabled, field="info")
 
 
@@ -286,7 +207,7 @@ def train(
     kill would, leaving status ``running`` for a later ``resume=True``.
     """
     out = Path(out_dir)
-    dist = _Dist(config.device)
+    dist = Distributed(config.device)
     try:
         return _train(arch, config, out, dist, resume, progress, stop_at, argv)
     finally:
@@ -294,11 +215,75 @@ def train(
 
 
 def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainResult:
+    # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
+    trainer = Trainer(arch, config, out, dist=dist, resume=resume, argv=argv)
+    done = trainer.setup()
+    if done is not None:
+        return done
+    total = config.total_steps
+    start_step = trainer.start_step
+    end = total if stop_at is None else min(total, stop_at)
+    t_start = t_log = time.perf_counter()
+    last_loss = last_val = None
+    since_log = 0
+    step = start_step
+    status, message = "running", ""
+    with _progress(progress and dist.main) as bar:
+        task = bar.add_task("train", total=total, completed=start_step, info="")
+        while step < end:
+            lr = trainer.lr(step)
+            step_loss, grad_norm = trainer.step(step)
+            if grad_norm is None:
+                status, message = "diverged", f"diverged at step {step + 1}"
+                step += 1
+                break
+            step += 1
+            since_log += 1
+            last_loss = step_loss
+            record = None
+            if step % config.log_every == 0 or step == end:
+                now = time.perf_counter()
+                tps = since_log * config.tokens_per_step / max(now - t_log, 1e-9)
+                t_log, since_log = now, 0
+                record = {
+                    "step": step,
+                    "tokens": step * config.tokens_per_step,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tps,
+                }
+                bar.update(task, info=f"loss {step_loss:.4f}  {tps:,.0f} tok/s")
+            if (config.eval_every and step % config.eval_every == 0) or step == total:
+                if dist.main:
+                    last_val = trainer.evaluate()
+                record = record or {
+                    "step": step,
+                    "tokens": step * config.tokens_per_step,
+                    "loss": step_loss,
+                    "lr": lr,
+                }
+                record["val_loss"] = last_val
+            if record is not None and dist.main:
+                trainer.run_dir.append_metrics(record)
+            bar.update(task, completed=step)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
+                trainer.checkpoint(step)
+    wall = time.perf_counter() - t_start
+    tps = (step - start_step) * config.tokens_per_step / max(wall, 1e-9)
+    return trainer.finish(
+        status, step, message, loss=last_loss, val_loss=last_val, wall_seconds=wall,
+        tokens_per_second=tps,
+    )  # fmt: skip
+
+
+def _check_inputs(arch, config, out, dist, resume):
+    """``(has_run, tokenizer, arch, checkpoint, micro-batch, dataset)`` of a run about to start."""
     # Every check that can fail on bad input runs before anything is written.
     has_run = check_out_dir(out, arch, config.to_dict(), resume, _RESUMABLE_CHANGES)
     if has_run:
-        tokenizer = load_tokenizer(out / "tokenizer")
-        arch = Architecture.from_json(out / "architecture.json")
+        tokenizer = load_tokenizer(RunDir(out).tokenizer)
+        arch = RunDir(out).read_architecture()
     else:
         tokenizer = get_tokenizer(config.tokenizer, source=config.data)
         arch = resolve_arch(arch, tokenizer, config.seq_len)
@@ -322,186 +307,189 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
     if not dist.main:
         dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
     for split in ("train", "val"):
-        dataset._check_len(dataset.split(split), split, config.seq_len)
+        dataset.check_len(dataset.split(split), split, config.seq_len)
     if has_run:
-        started_on = read_json(out / "run.json")["config"].get("dataset", {}).get("sha256")
+        started_on = RunDir(out).read_run()["config"].get("dataset", {}).get("sha256")
         if started_on is not None and started_on != dataset.manifest["sha256"]:
             raise UserError(
                 f"--resume: the data of the run in {str(out)!r} changed since it started "
                 "(token shard checksums differ); restore the data or start a new run"
             )
-
     device = dist.device
     if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
-    model = build_model(arch, device=device, seed=config.seed)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay),
-        lr=config.lr,
-        betas=config.betas,
-        fused=device.type == "cuda",
-    )
-    start_step = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        start_step = int(state["step"])
-    else:
-        torch.manual_seed(config.seed + dist.rank)
-    total = config.total_steps
-    params_total = sum(p.numel() for p in model.parameters())
-    if start_step >= total and (out / "summary.json").is_file():
-        # Nothing left to do: report the finished run, change nothing.
-        done = read_json(out / "summary.json")
-        done["out_dir"] = out
-        done.pop("val_ppl", None)
-        return TrainResult(**done)
+    return has_run, tokenizer, arch, ckpt, micro, dataset
 
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not has_run:
-            # run.json last: a folder with run.json always has the tokenizer and architecture.
-            tokenizer.save(out / "tokenizer")
-            atomic_write_json(out / "architecture.json", arch.to_dict())
-            dataset_info = {**dataset.manifest, "path": str(dataset.path)}
-            run_config = {
-                "architecture": arch.to_dict(),
-                "train": config.to_dict(),
-                "dataset": dataset_info,
-            }
-            record_run(out, run_config, argv)
-        truncate_metrics(out / "metrics.jsonl", start_step)
-        write_status(out, "running", start_step, f"training from step {start_step}")
-    dist.barrier()
 
-    net: torch.nn.Module = model
-    if config.compile:
-        net = torch.compile(model)
-    if dist.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
+class Trainer:
+    """One training run: :meth:`setup`, then :meth:`step` / :meth:`evaluate` /
+    :meth:`checkpoint` in a loop, then :meth:`finish` (``train`` drives it).
+
+    The constructor checks everything (``_check_inputs``) before anything is written;
+    :meth:`setup` builds the model and optimiser, restores the checkpoint and
+    writes the run folder's first files.
+    """
+
+    def __init__(
+        self,
+        arch: Architecture,
+        config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        dist: Distributed,
+        resume: bool = False,
+        argv: list[str] | None = None,
+    ):
+        self.config, self.dist, self.argv = config, dist, argv
+        self.run_dir = RunDir(out_dir)
+        self.device = dist.device
+        checked = _check_inputs(arch, config, self.run_dir.root, dist, resume)
+        self.has_run, self.tokenizer, self.arch, self.ckpt, self.micro, self.dataset = checked
+
+    def setup(self) -> TrainResult | None:
+        """Build the model and optimiser, restore the checkpoint, write the run's first files.
+
+        Returns the stored result when the run had already finished (nothing is changed).
+        """
+        config, dist, run = self.config, self.dist, self.run_dir
+        device = self.device
+        model = self.model = build_model(self.arch, device=device, seed=config.seed)
+        self.optimizer = make_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
+            device=device,
+        )  # fmt: skip
+        self.start_step = 0
+        if self.ckpt is not None:
+            state = load_checkpoint(self.ckpt, model, self.optimizer)
+            self.start_step = int(state["step"])
+        else:
+            torch.manual_seed(config.seed + dist.rank)
+        self.params_total = sum(p.numel() for p in model.parameters())
+        done = run.read_summary() if self.start_step >= config.total_steps else None
+        if done is not None:
+            # Nothing left to do: report the finished run, change nothing.
+            done["out_dir"] = run.root
+            done.pop("val_ppl", None)
+            return TrainResult(**done)
+        if dist.main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            if not self.has_run:
+                # run.json last: a folder with run.json always has the tokenizer and architecture.
+                self.tokenizer.save(run.tokenizer)
+                run.write_architecture(self.arch)
+                dataset_info = {**self.dataset.manifest, "path": str(self.dataset.path)}
+                run.record(
+                    {
+                        "architecture": self.arch.to_dict(),
+                        "train": config.to_dict(),
+                        "dataset": dataset_info,
+                    },
+                    self.argv,
+                )
+            run.truncate_metrics(self.start_step)
+            run.write_status("running", self.start_step, f"training from step {self.start_step}")
+        dist.barrier()
+        net: torch.nn.Module = model
+        if config.compile:
+            net = torch.compile(model)
+        if dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.net = net
+        model.train()
+        per_rank = self.micro * config.grad_accum
+        self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        return None
+
+    def lr(self, step: int) -> float:
+        config = self.config
+        return lr_at(
+            step,
+            total_steps=config.total_steps,
+            lr=config.lr,
+            min_lr=config.min_lr,
+            warmup=config.warmup,
+            schedule=config.schedule,
+            decay_fraction=config.decay_fraction,
         )
-    model.train()
 
-    def checkpoint(step: int) -> None:
+    def step(self, step: int) -> tuple[float, float | None]:
+        """Optimiser step ``step`` (0-based) on batch ``step``: ``(loss, grad_norm)``;
+        ``grad_norm`` is None when the loss was not finite (nothing was updated)."""
+        config, micro = self.config, self.micro
+        set_lr(self.optimizer, self.lr(step))
+        x_all, y_all = self.dataset.batch_at(
+            "train", step, config.batch_size, config.seq_len, seed=config.seed
+        )
+        x_all, y_all = x_all[self.rows].to(self.device), y_all[self.rows].to(self.device)
+        batches = [
+            (x_all[k * micro : (k + 1) * micro], y_all[k * micro : (k + 1) * micro])
+            for k in range(config.grad_accum)
+        ]
+        net = self.net
+        return train_step(
+            # Through ``net`` (compiled and/or DDP-wrapped), with HybridLM.loss's loss.
+            lambda x, y: lm_loss(net(x), y),
+            batches,
+            self.optimizer,
+            device=self.device,
+            dtype=config.dtype,
+            grad_clip=config.grad_clip,
+            no_sync=net.no_sync if self.dist.enabled else None,
+            reduce=self.dist.mean,
+        )
+
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first ``eval_tokens`` tokens of the validation split."""
+        config, model = self.config, self.model
+        batches = self.dataset.eval_batches(self.micro, config.seq_len, config.eval_tokens)
+        result = evaluate(
+            lambda x, y: (model(x), y), batches, device=self.device, dtype=config.dtype,
+            modules=[model],
+        )  # fmt: skip
+        return result.loss if result.count else 0.0
+
+    def checkpoint(self, step: int) -> None:
+        config, dist = self.config, self.dist
         if dist.main:
             save_checkpoint(
-                out,
-                model,
-                optimizer,
+                self.run_dir.root,
+                self.model,
+                self.optimizer,
                 {
                     "step": step,
                     "tokens": step * config.tokens_per_step,
                     "data": {"seed": config.seed, "next_batch": step},
-                    "total_steps": total,
+                    "total_steps": config.total_steps,
                 },
             )
         dist.barrier()
 
-    rows = slice(dist.rank * micro * config.grad_accum, (dist.rank + 1) * micro * config.grad_accum)
-    end = total if stop_at is None else min(total, stop_at)
-    t_start = t_log = time.perf_counter()
-    last_loss = last_val = None
-    since_log = 0
-    step = start_step
-    status, message = "running", ""
-    with _progress(progress and dist.main) as bar:
-        task = bar.add_task("train", total=total, completed=start_step, info="")
-        while step < end:
-            lr = lr_at(
-                step,
-                total_steps=total,
-                lr=config.lr,
-                min_lr=config.min_lr,
-                warmup=config.warmup,
-                schedule=config.schedule,
-                decay_fraction=config.decay_fraction,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x_all, y_all = dataset.batch_at(
-                "train", step, config.batch_size, config.seq_len, seed=config.seed
-            )
-            x_all, y_all = x_all[rows].to(device), y_all[rows].to(device)
-            loss_sum = torch.zeros((), device=device)
-            for k in range(config.grad_accum):
-                x, y = x_all[k * micro : (k + 1) * micro], y_all[k * micro : (k + 1) * micro]
-                sync = k == config.grad_accum - 1 or not dist.enabled
-                ctx = contextlib.nullcontext() if sync else net.no_sync()
-                with ctx:
-                    with _autocast(device, config.dtype):
-                        logits = net(x)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / config.grad_accum).backward()
-                loss_sum += loss.detach()
-            step_loss = float(dist.mean(loss_sum / config.grad_accum))
-            if not math.isfinite(step_loss):
-                status, message = "diverged", f"diverged at step {step + 1}"
-                step += 1
-                break
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            since_log += 1
-            last_loss = step_loss
-            record = None
-            if step % config.log_every == 0 or step == end:
-                now = time.perf_counter()
-                tps = since_log * config.tokens_per_step / max(now - t_log, 1e-9)
-                t_log, since_log = now, 0
-                record = {
-                    "step": step,
-                    "tokens": step * config.tokens_per_step,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": tps,
-                }
-                bar.update(task, info=f"loss {step_loss:.4f}  {tps:,.0f} tok/s")
-            if (config.eval_every and step % config.eval_every == 0) or step == total:
-                if dist.main:
-                    last_val = _evaluate(model, dataset, config, device, micro)
-                record = record or {
-                    "step": step,
-                    "tokens": step * config.tokens_per_step,
-                    "loss": step_loss,
-                    "lr": lr,
-                }
-                record["val_loss"] = last_val
-            if record is not None and dist.main:
-                append_jsonl(out / "metrics.jsonl", record)
-            bar.update(task, completed=step)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
-                checkpoint(step)
-    wall = time.perf_counter() - t_start
-    tps = (step - start_step) * config.tokens_per_step / max(wall, 1e-9)
-    if status == "diverged":
+    def finish(self, status: str, step: int, message: str, **result: Any) -> TrainResult:
+        """Write status.json and summary.json (the last checkpoint is written unless diverged)."""
+        config, dist, run = self.config, self.dist, self.run_dir
+        if status != "diverged":
+            self.checkpoint(step)
+            if step >= config.total_steps:
+                status, message = "completed", f"completed {step} steps"
+            else:
+                message = f"stopped at step {step} of {config.total_steps}; resume to continue"
         if dist.main:
-            write_status(out, "diverged", step, message)
-    else:
-        checkpoint(step)
-        if step >= total:
-            status, message = "completed", f"completed {step} steps"
-        else:
-            message = f"stopped at step {step} of {total}; resume to continue"
+            run.write_status(status, step, message)
+        out = TrainResult(
+            out_dir=run.root,
+            status=status,
+            step=step,
+            tokens=step * config.tokens_per_step,
+            params_total=self.params_total,
+            message=message,
+            **result,
+        )
         if dist.main:
-            write_status(out, status, step, message)
-    result = TrainResult(
-        out_dir=out,
-        status=status,
-        step=step,
-        tokens=step * config.tokens_per_step,
-        loss=last_loss,
-        val_loss=last_val,
-        wall_seconds=wall,
-        tokens_per_second=tps,
-        params_total=params_total,
-        message=message,
-    )
-    if dist.main:
-        atomic_write_json(out / "summary.json", result.to_dict())
-    dist.barrier()
-    return result
+            run.write_summary(out.to_dict())
+        dist.barrier()
+        return out
 
 
 def load_run(run_dir: str | Path, *, device: Any = None):
@@ -509,24 +497,21 @@ def load_run(run_dir: str | Path, *, device: Any = None):
 
     ``info`` holds the config, the checkpoint's step and tokens, status and summary.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "architecture.json").is_file():
-        raise UserError(f"{str(run_dir)!r} is not an hcomposer run folder (no architecture.json)")
-    ckpt = find_checkpoint(run_dir)
+    run = RunDir(run_dir)
+    run.require_run()
+    ckpt = find_checkpoint(run.root)
     if ckpt is None:
-        raise UserError(f"run folder {str(run_dir)!r} holds no checkpoint yet")
-    arch = Architecture.from_json(run_dir / "architecture.json")
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+        raise UserError(f"run folder {str(run.root)!r} holds no checkpoint yet")
+    arch = run.read_architecture()
+    tokenizer = load_tokenizer(run.tokenizer)
     model = build_model(arch, device=device or "cpu")
     state = load_checkpoint(ckpt, model, restore_rng=False)
     model.eval()
     info = {
         "step": state["step"],
         "tokens": state["tokens"],
-        "config": read_json(run_dir / "run.json").get("config", {}),
-        "status": read_status(run_dir),
-        "summary": read_json(run_dir / "summary.json")
-        if (run_dir / "summary.json").is_file()
-        else None,
+        "config": run.read_run().get("config", {}),
+        "status": run.read_status(),
+        "summary": run.read_summary(),
     }
     return model, arch, tokenizer, info
