@@ -31,7 +31,6 @@ import math
 import multiprocessing as mp
 import os
 import time
-import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,40 +39,34 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution
-from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import FrozenTrial, TrialState
 
-from hcomposer.accounting import count_costs
-from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
 from hcomposer.runs import SearchDir
 from hcomposer.search import results as R
+from hcomposer.search.budget import POLL, count_trials
 from hcomposer.search.live import LiveView
-from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
+from hcomposer.search.objectives import Objective, check_proxy, resolve_objective
+from hcomposer.search.optuna_compat import heartbeat
 from hcomposer.search.samplers import default_n_startup, make_sampler
 from hcomposer.search.space import (
     SearchConfig,
     Stage,
-    constraint_values,
-    describe_violation,
     param_name,
     plan_stages,
     split_pattern,
-    stage_pattern,
 )
 from hcomposer.search.storage import (
     check_storage,
     open_storage,
-    owner_record,
     reap_dead_trials,
     storage_url,
 )
+from hcomposer.search.trial import TrialSteps
 
 __all__ = ["SearchResult", "run_search", "prepare_run_folder", "load_trials"]
 
 load_trials = R.load_trials
-_POLL = 0.5
 
 
 @dataclass
@@ -192,37 +185,7 @@ def _fixed_parts(config: SearchConfig, stage: Stage, previous_best: str | None) 
 
 def _stage_best(study: optuna.Study, config: SearchConfig) -> str | None:
     records = [R.trial_record(t, 0, config.objective) for t in study.get_trials(deepcopy=False)]
-    if len(config.objective) > 1:
-        front = R.pareto_front(records, config.objective)
-        return front[0]["pattern"] if front else None
-    best = R.best_of(records)
-    return best["pattern"] if best else None
-
-
-class _Costs:
-    """Costs at the search shape, once per pattern per process (meta device, no memory)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, dict[str, Any]] = {}
-
-    def __call__(self, arch: Architecture) -> dict[str, Any]:
-        if arch.pattern not in self._cache:
-            c = count_costs(arch)
-            self._cache[arch.pattern] = {
-                "params_total": c.params_total,
-                "params_active": c.params_active,
-                "params_non_embedding": c.params_non_embedding,
-                "flops_per_token": c.flops_per_token,
-                "kv_bytes_per_token": c.kv_bytes_per_token,
-                "state_bytes": c.state_bytes,
-                "seq_len": c.seq_len,
-            }
-        return self._cache[arch.pattern]
-
-
-def _token_counts(arch: Architecture) -> dict[str, int]:
-    # A group [A|S] counts toward both A and S.
-    return dict(Counter(tok for sub in arch.layers for tok in sub))
+    return R.stage_best(records, config.objective)[1]
 
 
 class _Worker:
@@ -235,7 +198,7 @@ class _Worker:
         self.objective = objective
         self.view = view
         self.parent_pid = parent_pid
-        self.costs = _Costs()
+        self.steps = TrialSteps(config, objective)
         self.notes: list[str] = []
         self.done_before = 0  # trained trials of the finished stages
 
@@ -246,7 +209,7 @@ class _Worker:
             study = _open_study(self.storage, self.config, stage)
             self._run_stage(study, stage)
             best = _stage_best(study, self.config)
-            self.done_before += _count(study.get_trials(deepcopy=False))["evaluated"]
+            self.done_before += count_trials(study.get_trials(deepcopy=False))["evaluated"]
             if best is None:
                 raise UserError(
                     f"stage {stage.index + 1} has no completed feasible trial; loosen the "
@@ -265,7 +228,7 @@ class _Worker:
         best = R.best_of(records)
         note = f"stage {stage.index + 1}" if self.config.strategy != "one-shot" else ""
         self.view.update(
-            self.done_before + _count(trials)["evaluated"],
+            self.done_before + count_trials(trials)["evaluated"],
             best["pattern"] if best else None,
             best["score"] if best else None,
             note,
@@ -282,7 +245,7 @@ class _Worker:
         while True:
             reap_dead_trials(study)
             trials = study.get_trials(deepcopy=False)
-            c = _count(trials)
+            c = count_trials(trials)
             if c["evaluated"] >= stage.trials:
                 return
             if c["cheap"] >= cap:
@@ -295,14 +258,14 @@ class _Worker:
                 self._note(f"stage {stage.index + 1}: every pattern of the space is known")
                 return
             if c["waiting"] == 0 and c["evaluated"] + c["running"] >= stage.trials:
-                time.sleep(_POLL)  # the rest of the budget is in flight in other workers
+                time.sleep(POLL)  # the rest of the budget is in flight in other workers
                 continue
             if self._orphaned():
                 raise SystemExit(1)  # the parent was killed: stop between trials
             trial = study.ask(space)
             # The heartbeat covers the whole trial, so a remote worker's death is noticed.
-            with get_heartbeat_thread(trial._trial_id, study._storage):
-                self._handle(study, stage, trial)
+            with heartbeat(study, trial):
+                self.steps.run(study, stage, trial)
             self._show(study, stage)
 
     def _note(self, text: str) -> None:
@@ -310,194 +273,6 @@ class _Worker:
             self.notes.append(text)
             if self.view is not None:
                 self.view.message(text)
-
-    def _handle(self, study: optuna.Study, stage: Stage, trial: optuna.Trial) -> None:
-        cfg = self.config
-        trial.set_user_attr("owner", owner_record())
-        pattern = stage_pattern(stage, trial.params)
-        arch = Architecture(pattern=pattern, shape=cfg.shape)
-        trial.set_user_attr("pattern", arch.pattern)
-        trial.set_user_attr("seed", cfg.seed)
-        trial.set_user_attr("proxy", cfg.proxy)
-        try:
-            costs = self.costs(arch)
-        except Exception as e:  # a pattern the model builder rejects is a failed trial
-            self._fail(
-                study, trial, "evaluation", f"cost accounting failed: {type(e).__name__}: {e}"
-            )
-            return
-        trial.set_user_attr("cost", costs)
-        cons = constraint_values(cfg, costs, _token_counts(arch))
-        for name, value in cons.items():
-            trial.set_constraint(name, value)
-        if any(v > 0 for v in cons.values()):
-            reason = describe_violation(cons, cfg, costs, _token_counts(arch))
-            trial.set_user_attr("role", "infeasible")
-            trial.set_user_attr("failure", reason)
-            study.tell(trial, self._values(-math.inf, None, costs, infeasible=True))
-            return
-        while True:
-            known = _known(study, arch.pattern, trial.number)
-            if known is not _PENDING and (known is None or known.state != TrialState.RUNNING):
-                break
-            # Another worker trains (or may train) this very pattern: wait for its result.
-            reap_dead_trials(study)
-            time.sleep(_POLL / 5 if known is _PENDING else _POLL)
-        if known is not None and known.state == TrialState.COMPLETE:
-            trial.set_user_attr("role", "cached")
-            trial.set_user_attr("cached_from", known.number)
-            for key in ("scores", "wall_seconds", "proxy_result"):
-                if key in known.user_attrs:
-                    trial.set_user_attr(key, known.user_attrs[key])
-            study.tell(trial, list(known.values))
-            return
-        if known is not None and "retry_of" not in trial.user_attrs:
-            trial.set_user_attr("role", "failed-before")
-            why = known.user_attrs.get("failure", "failed")
-            self._fail(
-                study, trial, "failed-before", f"failed before in trial {known.number}: {why}"
-            )
-            return
-        if _budget_used(study, trial.number) >= stage.trials:
-            self._fail(study, trial, "surplus", "surplus: the budget was filled by other workers")
-            return
-        trial.set_user_attr("role", "evaluation")
-        trial.set_user_attr("architecture", arch.to_dict())
-        self._evaluate(study, trial, arch, costs)
-
-    def _values(self, score: float, tps: float | None, costs: dict, infeasible=False) -> list:
-        values = []
-        for name in self.config.objective:
-            if name == "score":
-                values.append(score)
-            elif name == "kv":
-                values.append(float(costs["kv_bytes_per_token"]))
-            elif name == "flops":
-                values.append(float(costs["flops_per_token"]))
-            elif name == "throughput":
-                values.append(-math.inf if infeasible or tps is None else float(tps))
-        return values
-
-    def _fail(self, study, trial, role: str, reason: str) -> None:
-        trial.set_user_attr("role", role)
-        trial.set_user_attr("failure", reason[:500])
-        study.tell(trial, state=TrialState.FAIL)
-
-    def _evaluate(self, study, trial, arch: Architecture, costs: dict) -> None:
-        t0 = time.perf_counter()
-        try:
-            result = self.objective(arch, proxy=self.config.proxy, seed=self.config.seed)
-            outcome = normalise_result(result)
-        except UserError as e:
-            self._fail(study, trial, "evaluation", f"{e}")
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(
-                dict(trial.params),
-                user_attrs={"retry_of": trial.number, "retry_reason": "interrupted"},
-            )
-            raise
-        except Exception as e:
-            tb = traceback.format_exc(limit=6)
-            trial.set_user_attr("traceback", tb[-4000:])
-            self._fail(study, trial, "evaluation", f"{type(e).__name__}: {e}")
-            return
-        wall = time.perf_counter() - t0
-        trial.set_user_attr("wall_seconds", round(wall, 4))
-        if outcome.details:
-            trial.set_user_attr("proxy_result", _jsonable(outcome.details))
-        if not math.isfinite(outcome.score):
-            self._fail(study, trial, "evaluation", f"score is {outcome.score} (diverged?)")
-            return
-        values = self._values(outcome.score, outcome.tokens_per_second, costs)
-        scores = dict(zip(self.config.objective, values))
-        if outcome.tokens_per_second is not None:
-            scores["tokens_per_second"] = outcome.tokens_per_second
-        trial.set_user_attr("scores", scores)
-        study.tell(trial, values)
-
-
-def _jsonable(obj: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _count(trials: list[FrozenTrial]) -> dict[str, int]:
-    c = Counter()
-    patterns = set()
-    for t in trials:
-        role = t.user_attrs.get("role")
-        if t.state == TrialState.COMPLETE and role == "evaluation":
-            c["evaluated"] += 1
-        elif t.state == TrialState.COMPLETE or role in ("failed-before",):
-            c["cheap"] += 1
-        if t.state == TrialState.RUNNING:
-            c["running"] += 1
-        elif t.state == TrialState.WAITING:
-            c["waiting"] += 1
-        known_roles = ("evaluation", "infeasible", "cached", "failed-before")
-        if t.state.is_finished() and role in known_roles and "pattern" in t.user_attrs:
-            patterns.add(t.user_attrs["pattern"])
-    c["known_patterns"] = len(patterns)
-    return c
-
-
-_PENDING = object()
-
-
-def _known(study: optuna.Study, pattern: str, number: int) -> Any:
-    """What the log says about ``pattern``, from the other trials of this stage.
-
-    The earliest completed training of it; else a lower-numbered trial in flight on it, or
-    one not yet classified (``_PENDING``: its worker is still drawing or checking it, wait
-    to avoid training the same pattern twice); else a real failure on it; else None.
-    """
-    running = failed = None
-    pending = False
-    for t in study.get_trials(deepcopy=False):
-        if t.number == number:
-            continue
-        role = t.user_attrs.get("role")
-        if t.state == TrialState.RUNNING and t.number < number and role is None:
-            if "pattern" not in t.user_attrs or t.user_attrs["pattern"] == pattern:
-                pending = True
-            continue
-        if t.user_attrs.get("pattern") != pattern or role != "evaluation":
-            continue
-        if t.state == TrialState.COMPLETE:
-            return t
-        if t.state == TrialState.RUNNING and t.number < number:
-            running = t
-        # A trial killed in flight is run again elsewhere; only real failures count.
-        elif t.state == TrialState.FAIL and t.user_attrs.get("failure") and failed is None:
-            failed = None if _was_retried(study, t.number) else t
-    if running is not None:
-        return running
-    return _PENDING if pending else failed
-
-
-def _was_retried(study: optuna.Study, number: int) -> bool:
-    return any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False))
-
-
-def _budget_used(study: optuna.Study, number: int) -> int:
-    """Trials numbered below ``number`` that are trained, or in flight and may be."""
-    used = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.number >= number:
-            continue
-        role = t.user_attrs.get("role")
-        if (
-            t.state == TrialState.COMPLETE
-            and role == "evaluation"
-            or t.state == TrialState.RUNNING
-            and role in (None, "evaluation")
-        ):
-            used += 1
-    return used
 
 
 def _quiet_optuna() -> None:
@@ -542,14 +317,7 @@ def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]
     for plan, recs in zip(plans, per_stage):
         stage = _fixed_parts(config, plan, best_pattern)
         states = Counter(r["state"] for r in recs)
-        if len(config.objective) > 1:
-            front = R.pareto_front(recs, config.objective)
-            best = front
-            best_pattern = front[0]["pattern"] if front else None
-        else:
-            b = R.best_of(recs)
-            best = b
-            best_pattern = b["pattern"] if b else None
+        best, best_pattern = R.stage_best(recs, config.objective)
         stages.append({**stage.to_dict(), "states": dict(states), "best": best})
     for plan, recs in zip(plans, per_stage):
         n_done = sum(r["state"] == "COMPLETE" for r in recs)

@@ -38,6 +38,7 @@ __all__ = [
     "load_stage_trials",
     "best_of",
     "pareto_front",
+    "stage_best",
 ]
 
 
@@ -158,6 +159,16 @@ def best_of(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not done:
         return None
     return min(done, key=lambda r: (-r["score"], r["number"]))
+
+
+def stage_best(records: list[dict[str, Any]], objectives: tuple[str, ...]) -> tuple[Any, Any]:
+    """``(result, pattern)`` of a stage: the Pareto front (several objectives) or the best
+    trial, and the pattern the next stage builds on (None when nothing completed)."""
+    if len(objectives) > 1:
+        front = pareto_front(records, objectives)
+        return front, front[0]["pattern"] if front else None
+    best = best_of(records)
+    return best, best["pattern"] if best else None
 
 
 def pareto_front(records: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict]:
