@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 
 from hcomposer.errors import UserError
-from hcomposer.experiments.pipeline import RunRecipe, matched_baseline, run_pipeline
+from hcomposer.evaluation.efficiency import EfficiencyConfig
+from hcomposer.evaluation.niah import NIAHConfig
+from hcomposer.experiments.pipeline import matched_baseline, run_pipeline
+from hcomposer.recipes import EvalConfig, Recipe
 from hcomposer.search import SearchConfig, load_trials
+from hcomposer.training import TrainConfig
 
-SMOKE = RunRecipe(
+SMOKE = Recipe(
     name="smoke",
     search=SearchConfig(
         primitives=("A", "F", "S"),
@@ -25,11 +29,11 @@ SMOKE = RunRecipe(
         sampler="random",
         proxy="synthetic",
         shape="tiny",
-    ).to_dict(),
+    ),
     target_shape="tiny",
     target_layers=8,
     scale_strategy="stack",
-    train=dict(
+    train=TrainConfig(
         tokens=4096,
         batch_size=4,
         seq_len=64,
@@ -39,23 +43,20 @@ SMOKE = RunRecipe(
         log_every=2,
         warmup=2,
     ),
-    eval_suites=("loss", "niah", "efficiency"),
-    eval_options={
-        "niah": {"lengths": [192], "depths": [0.0, 1.0], "trials": 1},
-        "efficiency": {
-            "min_len": 32,
-            "max_len": 64,
-            "repeats": 1,
-            "decode_steps": 2,
-            "train_batch": 1,
-        },
-    },
+    eval=EvalConfig(
+        suites=("loss", "niah", "efficiency"),
+        niah=NIAHConfig(lengths=(192,), depths=(0.0, 1.0), trials=1),
+        efficiency=EfficiencyConfig(
+            min_len=32, max_len=64, repeats=1, decode_steps=2, train_batch=1
+        ),
+    ),
 )
 
 _SCRIPT = """
 import sys, json
-from hcomposer.experiments.pipeline import RunRecipe, run_pipeline
-recipe = RunRecipe.from_dict(json.loads(sys.argv[2]))
+from hcomposer.experiments.pipeline import run_pipeline
+from hcomposer.recipes import Recipe
+recipe = Recipe.from_dict(json.loads(sys.argv[2]))
 run_pipeline(recipe, sys.argv[1], progress=False)
 """
 

@@ -167,13 +167,21 @@ def test_two_objectives_report_the_pareto_front(tmp_path):
 
 
 def test_config_round_trip_and_recipes():
-    from hcomposer.recipes import RECIPES
+    from hcomposer.recipes import RECIPES, Recipe
 
     for make in RECIPES.values():
-        config = make()
+        recipe = make()
+        config = recipe.search
         assert SearchConfig.from_dict(json.loads(config.to_json())) == config
-    assert RECIPES["quickstart"]().primitives == ("A", "F", "S")
-    paper = RECIPES["paper"]()
+        assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    assert RECIPES["quickstart"]().search.primitives == ("A", "F", "S")
+    # A pipeline.json written before the recipes were typed (only the changed train fields,
+    # no eval options) reads back as the same recipe, so such a run still resumes.
+    before = dict(RECIPES["quickstart"]().to_dict(), eval_options={})
+    before["train"] = dict(tokens=600_000, batch_size=16, seq_len=256, lr=3e-3, warmup=30,
+                           eval_every=50, eval_tokens=65_536, checkpoint_every=50)  # fmt: skip
+    assert Recipe.from_dict(before) == RECIPES["quickstart"]()
+    paper = RECIPES["paper"]().search
     assert (paper.layers, paper.primitives, paper.sampler) == (16, ("A", "F"), "gp")
     groups = SearchConfig(primitives="A,F,[A|S]")
     assert groups.primitives == ("A", "F", "[A|S]")

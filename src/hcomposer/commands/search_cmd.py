@@ -95,7 +95,7 @@ _FIELDS = {
 
 def build_config(args: argparse.Namespace):
     """The SearchConfig of a command line: a recipe (or the defaults) plus the flags."""
-    base = get_recipe(args.recipe) if args.recipe else SearchConfig()
+    base = get_recipe(args.recipe).search if args.recipe else SearchConfig()
     changes = {}
     for attr, name in _FIELDS.items():
         value = getattr(args, attr)

@@ -241,7 +241,7 @@ def _configs(options: dict[str, Any]) -> dict[str, Any]:
             "niah": NIAHConfig(**options.get("niah", {})),
             "mqar": MQARCurveConfig(**options.get("mqar", {})),
             "efficiency": EfficiencyConfig(**options.get("efficiency", {})),
-            "mad": ProxyConfig(**options.get("mad", {})),
+            "mad": ProxyConfig.from_dict(options.get("mad", {})),
         }
     except TypeError as e:
         raise UserError(f"bad evaluation option: {e}") from None

@@ -9,10 +9,8 @@ resume itself (the search from its study, training from its last checkpoint).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from hcomposer.data import get_tokenizer
 from hcomposer.errors import UserError
 from hcomposer.evaluation.suite import run_suite
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
-from hcomposer.recipes import RECIPES
+from hcomposer.recipes import Recipe
 from hcomposer.reporting.compare import compare_runs, comparison_markdown
 from hcomposer.reporting.report import (
     markdown_table,
@@ -33,99 +31,11 @@ from hcomposer.reporting.report import (
 from hcomposer.runs import PipelineDir
 from hcomposer.scaling.aggregate import aggregate_details
 from hcomposer.scaling.extrapolate import extrapolate
-from hcomposer.search import SearchConfig, load_trials, run_search
+from hcomposer.search import load_trials, run_search
 from hcomposer.shapes import resolve_shape
-from hcomposer.training.trainer import TrainConfig, resolve_arch, train
+from hcomposer.training.trainer import resolve_arch, train
 
-__all__ = ["RunRecipe", "RUN_RECIPES", "get_run_recipe", "run_pipeline", "matched_baseline"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunRecipe:
-    """Everything ``hcomposer run`` does, as plain data (stored in the run folder)."""
-
-    name: str
-    search: dict[str, Any]  # SearchConfig fields (see hcomposer.search)
-    aggregate_method: str = "n0"
-    aggregate_c: int = 1
-    scale_strategy: str = "stack"
-    target_shape: str = "10m"
-    target_layers: int = 0  # 0: the target shape's reference depth
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
-    eval_suites: tuple[str, ...] = ("loss", "niah", "efficiency")
-    eval_options: dict[str, Any] = field(default_factory=dict)  # run_suite options
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["eval_suites"] = list(self.eval_suites)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunRecipe:
-        d = dict(d)
-        d["eval_suites"] = tuple(d.get("eval_suites", ()))
-        return cls(**d)
-
-
-def _quickstart() -> RunRecipe:
-    search = RECIPES["quickstart"]().to_dict()
-    return RunRecipe(
-        name="quickstart",
-        search=search,
-        aggregate_method="n0",
-        scale_strategy="stack",
-        target_shape="10m",
-        target_layers=12,
-        train=dict(
-            tokens=600_000,
-            batch_size=16,
-            seq_len=256,
-            lr=3e-3,
-            warmup=30,
-            eval_every=50,
-            eval_tokens=65_536,
-            checkpoint_every=50,
-        ),
-        eval_suites=("loss", "niah", "efficiency"),
-    )
-
-
-def _paper() -> RunRecipe:
-    search = RECIPES["paper"]().to_dict()
-    return RunRecipe(
-        name="paper",
-        search=search,
-        aggregate_method="n0",
-        scale_strategy="stretch",
-        target_shape="llama-3.2-1b",
-        target_layers=32,
-        train=dict(
-            tokens=20_000_000_000,
-            batch_size=256,
-            seq_len=2048,
-            lr=3e-4,
-            warmup=2000,
-            eval_every=1000,
-            checkpoint_every=1000,
-        ),
-        eval_suites=(
-            "loss",
-            "niah",
-            "mqar",
-            "efficiency",
-            "lm-eval:arc_easy,arc_challenge,hellaswag,winogrande,piqa,sciq",
-        ),
-    )
-
-
-RUN_RECIPES: dict[str, Callable[[], RunRecipe]] = {"quickstart": _quickstart, "paper": _paper}
-
-
-def get_run_recipe(name: str) -> RunRecipe:
-    if name not in RUN_RECIPES:
-        raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(RUN_RECIPES)}")
-    return RUN_RECIPES[name]()
+__all__ = ["run_pipeline", "matched_baseline"]
 
 
 def matched_baseline(params: int, shape) -> tuple[str, int]:
@@ -147,13 +57,17 @@ def matched_baseline(params: int, shape) -> tuple[str, int]:
 class _State:
     """pipeline.json: the recipe and what each finished stage produced."""
 
-    def __init__(self, out: Path, recipe: RunRecipe, argv: list[str] | None):
+    def __init__(self, out: Path, recipe: Recipe, argv: list[str] | None):
         self.dir = PipelineDir(out)
         self.path = self.dir.state
         self.out = out
         if self.path.exists():
             data = read_json(self.path)
-            if data.get("recipe") != recipe.to_dict():
+            try:
+                same = Recipe.from_dict(data["recipe"]) == recipe
+            except (KeyError, TypeError, ValueError, UserError):
+                same = False
+            if not same:
                 raise UserError(
                     f"{out} holds a run of another configuration (recipe "
                     f"{data.get('recipe', {}).get('name')!r}); choose a new --out or delete it"
@@ -181,9 +95,8 @@ class _State:
         atomic_write_json(self.path, self.data)
 
 
-def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
-    config = SearchConfig.from_dict(recipe.search)
-    result = run_search(config, state.dir.search.root, progress=progress)
+def _stage_search(state: _State, recipe: Recipe, progress: bool) -> dict:
+    result = run_search(recipe.search, state.dir.search.root, progress=progress)
     keep = ("number", "pattern", "score")
     best = result.best
     if isinstance(best, dict):
@@ -193,20 +106,20 @@ def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
     return state.finish("search", {"best": best, "n_trials": len(result.trials)})
 
 
-def _stage_aggregate(state: _State, recipe: RunRecipe) -> dict:
+def _stage_aggregate(state: _State, recipe: Recipe) -> dict:
     trials = load_trials(state.dir.search.root)
     agg = aggregate_details(trials, method=recipe.aggregate_method, c=recipe.aggregate_c)
     atomic_write_json(state.dir.aggregate, agg.to_dict())
     return state.finish("aggregate", {"pattern": agg.pattern, "method": agg.method})
 
 
-def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
+def _stage_scale(state: _State, recipe: Recipe, searched: str) -> dict:
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
     pattern = extrapolate(searched, layers, recipe.scale_strategy)
     # Match the baseline on the model that is trained: its vocabulary comes from the
     # tokenizer (byte-level: 320 ids), not from the preset's 32K, which would dominate.
-    tcfg = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
+    tcfg = recipe.train
     tokenizer = get_tokenizer(tcfg.tokenizer, source=tcfg.data)
     composite = resolve_arch(Architecture(pattern=pattern, shape=shape), tokenizer, tcfg.seq_len)
     shape = composite.shape
@@ -228,11 +141,10 @@ def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
     )
 
 
-def _stage_train(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
+def _stage_train(state: _State, recipe: Recipe, role: str, argv, progress: bool) -> dict:
     arch = Architecture.from_json(state.dir.architecture(role))
-    config = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
     run_dir = state.dir.train(role)
-    result = train(arch, config, run_dir.root, resume=True, progress=progress, argv=argv)
+    result = train(arch, recipe.train, run_dir.root, resume=True, progress=progress, argv=argv)
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} ended with status {result.status!r} "
@@ -241,9 +153,9 @@ def _stage_train(state: _State, recipe: RunRecipe, role: str, argv, progress: bo
     return state.finish(f"train_{role}", {**result.to_dict(), "pattern": arch.pattern})
 
 
-def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
-    res = run_suite(state.dir.train(role).root, ",".join(recipe.eval_suites),
-                    options=recipe.eval_options, argv=argv, progress=progress)  # fmt: skip
+def _stage_eval(state: _State, recipe: Recipe, role: str, argv, progress: bool) -> dict:
+    res = run_suite(state.dir.train(role).root, ",".join(recipe.eval.suites),
+                    options=recipe.eval.options(), argv=argv, progress=progress)  # fmt: skip
     parts = res.get("parts", {})
     brief = {
         "loss": (parts.get("loss") or {}).get("loss"),
@@ -252,7 +164,7 @@ def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: boo
     return state.finish(f"eval_{role}", brief)
 
 
-def _stage_report(state: _State, recipe: RunRecipe) -> dict:
+def _stage_report(state: _State, recipe: Recipe) -> dict:
     folder = state.dir
     st = state.data["stages"]
     trials = load_trials(folder.search.root)
@@ -260,10 +172,10 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         (t for t in trials if t.get("state") == "COMPLETE" and t.get("score") is not None),
         key=lambda t: -t["score"],
     )
-    plot_trials(trials, folder.plot("trials"), title=f"Search ({recipe.search.get('sampler')})")
+    plot_trials(trials, folder.plot("trials"), title=f"Search ({recipe.search.sampler})")
     pareto = None
-    if len(recipe.search.get("objective", ["score"])) > 1:
-        cost = recipe.search["objective"][1]
+    if len(recipe.search.objective) > 1:
+        cost = recipe.search.objective[1]
         pts = [dict(t, cost=(t.get("values") or [None, None])[1]) for t in done]
         pareto = plot_pareto(pts, folder.plot("pareto"), cost_label=cost)
     sc = st["scale"]
@@ -318,7 +230,7 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
 
 
 def run_pipeline(
-    recipe: RunRecipe,
+    recipe: Recipe,
     out_dir: str | Path,
     *,
     argv: list[str] | None = None,
