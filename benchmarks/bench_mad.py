@@ -16,7 +16,7 @@ import sys
 import time
 
 from hcomposer.architecture import Architecture
-from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from hcomposer.architecture import Architecture
-from hcomposer.evaluation.proxy import QUICKSTART_PROXY, ProxyConfig, evaluate_proxy
 from hcomposer.io import atomic_write_text
+from hcomposer.proxies.proxy import QUICKSTART_PROXY, ProxyConfig, evaluate_proxy
 
 # The defaults before the calibration (issue 9), on today's generators.
 PREVIOUS = dict(steps=120, lrs=(1e-3, 3e-3), dtype="bf16", warmup_steps=10, check_every=0)

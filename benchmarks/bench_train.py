@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of hybrids against the ``(AF)*n`` baseline, in one process.
 
-Each step is what ``hcomposer.train`` does: autocast forward (bf16) or plain fp32, fp32 cross
+Each step is what ``hcomposer.training`` does: autocast forward (bf16) or plain fp32, fp32 cross
 entropy, backward, gradient clipping, AdamW step. The patterns are measured in turns
 (round-robin, ``--rounds`` times) so that load from other processes spreads over all of them;
 the median step time of each is reported, with its ratio to the baseline's.
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from hcomposer.architecture import Architecture
 from hcomposer.data import ByteTokenizer, prepare_dataset
 from hcomposer.model import build_model
-from hcomposer.train import _autocast, _param_groups, resolve_arch
+from hcomposer.training import resolve_arch
+from hcomposer.training.step import autocast, param_groups
 
 PATTERNS = [
     "(AF)*12",
@@ -38,7 +39,7 @@ PATTERNS = [
 def _stepper(pattern: str, shape: str, dtype: str, batch: int, seq_len: int, dataset):
     arch = resolve_arch(Architecture.parse(pattern, shape=shape), ByteTokenizer(), seq_len)
     model = build_model(arch, seed=0)
-    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     device = torch.device("cpu")
     step = [0]
 
@@ -46,7 +47,7 @@ def _stepper(pattern: str, shape: str, dtype: str, batch: int, seq_len: int, dat
         x, y = dataset.batch_at("train", step[0], batch, seq_len)
         step[0] += 1
         t0 = time.perf_counter()
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()

@@ -83,8 +83,8 @@ def _read_logs(work: Path, key: str) -> dict[tuple[str, int], dict]:
 
 
 def _assemble(args, config, patterns, seeds, done, out: Path, argv: list[str]) -> None:
+    from hcomposer.experiments.tabular import Table
     from hcomposer.io import atomic_write_json, git_revision
-    from hcomposer.search.tabular import Table
 
     per_seed = {p: {str(s): done[(p, s)]["score"] for s in seeds} for p in patterns}
     tasks: dict[str, dict] = {}
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hcomposer.architecture import Architecture
-    from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
     from hcomposer.io import append_jsonl
+    from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,9 +25,9 @@ import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.data.mad import default_task_config, generate_task
-from hcomposer.evaluation.proxy import ProxyConfig
-from hcomposer.evaluation.proxy_train import train_and_score
 from hcomposer.io import atomic_write_text
+from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.task import train_and_score
 
 
 def _cell_key(cell: dict) -> str:

@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32")
     args = p.parse_args(argv)
 
-    from hcomposer.evaluation.proxy import ProxyConfig
-    from hcomposer.evaluation.rank_correlation import run_proxy_rank
+    from hcomposer.experiments.rank_correlation import run_proxy_rank
+    from hcomposer.proxies.proxy import ProxyConfig
     from hcomposer.shapes import resolve_shape
-    from hcomposer.train import TrainConfig
+    from hcomposer.training.trainer import TrainConfig
 
     pool = [s for s in args.patterns.split(";") if s] if args.patterns else POOL
     shape = resolve_shape(args.shape)

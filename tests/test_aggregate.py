@@ -11,7 +11,7 @@ import pytest
 from hcomposer.cli import main
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl
-from hcomposer.search.aggregate import aggregate, aggregate_details, kmeans_1d
+from hcomposer.scaling.aggregate import aggregate, aggregate_details, kmeans_1d
 
 
 def _trials(rows):
@@ -194,7 +194,7 @@ def test_cli_bad_input(tmp_path, capsys):
 
 
 def test_cli_reads_a_real_search_folder(tmp_path, capsys):
-    from hcomposer.search.engine import load_trials
+    from hcomposer.search.loop import load_trials
 
     out = tmp_path / "search"
     argv = [

@@ -33,7 +33,7 @@ def world(tmp_path_factory) -> Path:
 def build_world(root: Path) -> Path:
     from hcomposer.architecture import Architecture
     from hcomposer.search import SearchConfig, run_search
-    from hcomposer.train import TrainConfig, train
+    from hcomposer.training.trainer import TrainConfig, train
 
     old_cache = os.environ.get("HCOMPOSER_CACHE")
     os.environ["HCOMPOSER_CACHE"] = str(root / "cache")

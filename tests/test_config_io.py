@@ -13,8 +13,9 @@ from hcomposer.architecture import Architecture
 from hcomposer.cli import main
 from hcomposer.config_io import FORMAT_VERSION, check_fields, load_config, migrate, stamp
 from hcomposer.errors import UserError
-from hcomposer.evaluation.proxy import ProxyConfig
-from hcomposer.io import atomic_write_json, record_run
+from hcomposer.io import atomic_write_json
+from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.runs import record_run
 from hcomposer.shapes import Shape, resolve_shape
 
 

@@ -11,7 +11,7 @@ import pytest
 from hcomposer.architecture import Architecture
 from hcomposer.data import embedded_corpus_text
 from hcomposer.io import read_json, read_jsonl
-from hcomposer.train import TrainConfig, train
+from hcomposer.training.trainer import TrainConfig, train
 
 
 @pytest.mark.slow

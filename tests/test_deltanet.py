@@ -13,12 +13,12 @@ from hcomposer.architecture import Architecture
 from hcomposer.cli import main
 from hcomposer.data.mad import default_task_config
 from hcomposer.errors import PatternError, ShapeError
-from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
 from hcomposer.model import build_model
 from hcomposer.pattern import parse_pattern, to_megatron
 from hcomposer.primitives.delta_rule import chunked_flops, gated_delta_rule_reference
 from hcomposer.primitives.deltanet import A_INIT_RANGE, DeltaNetCache, GatedDeltaNet
 from hcomposer.primitives.mamba2 import DT_RANGE
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 from hcomposer.search.space import SearchConfig, parse_choices
 from hcomposer.shapes import PRESETS, get_shape
 

@@ -14,8 +14,8 @@ from hcomposer.data import ByteTokenizer
 from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import EfficiencyConfig, run_efficiency
 from hcomposer.evaluation.niah import NIAHConfig, _build_prompt, run_niah
-from hcomposer.evaluation.rank_correlation import rank_correlation, select_across_range
 from hcomposer.evaluation.suite import load_eval_results, parse_suite, run_suite
+from hcomposer.experiments.rank_correlation import rank_correlation, select_across_range
 from hcomposer.model import build_model
 
 ByteTok = ByteTokenizer

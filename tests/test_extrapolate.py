@@ -13,7 +13,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.cli import main
 from hcomposer.errors import UserError
 from hcomposer.pattern import parse_pattern
-from hcomposer.search.extrapolate import runs, scale_to_params, stack, stretch
+from hcomposer.scaling.extrapolate import runs, scale_to_params, stack, stretch
 
 
 def test_known_answers():
@@ -113,7 +113,7 @@ def test_scale_to_params_is_the_closest_depth(strategy):
     arch = scale_to_params("AAFFFF", target, "tiny", strategy)
     assert arch.shape.name == "tiny"
     got = count_costs(arch).params_total
-    from hcomposer.search.extrapolate import extrapolate
+    from hcomposer.scaling.extrapolate import extrapolate
 
     # Independent check: count every depth around the answer with count_costs.
     gaps = {}

@@ -10,15 +10,15 @@ import stat
 import pytest
 import torch
 
-import hcomposer.checkpoint as checkpoint_module
+import hcomposer.training.checkpoint as checkpoint_module
 from hcomposer.architecture import Architecture
-from hcomposer.checkpoint import find_checkpoint, read_state
 from hcomposer.data import embedded_corpus_text
 from hcomposer.io import current_umask, read_jsonl
 from hcomposer.model import build_model
 from hcomposer.search import SearchConfig, load_trials, run_search
 from hcomposer.search.objectives import synthetic_score
-from hcomposer.train import TrainConfig, load_run, train
+from hcomposer.training.checkpoint import find_checkpoint, read_state
+from hcomposer.training.trainer import TrainConfig, load_run, train
 
 POISONED = "AAA"
 

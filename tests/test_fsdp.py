@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from hcomposer.architecture import Architecture
-from hcomposer.checkpoint import find_checkpoint, read_state
 from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
 from hcomposer.io import read_json, read_jsonl
-from hcomposer.train import TrainConfig, load_run, train
+from hcomposer.training.checkpoint import find_checkpoint, read_state
+from hcomposer.training.trainer import TrainConfig, load_run, train
 
 PATTERN = "SEAF"  # Mamba-2, MoE (a buffer FSDP does not sync by itself), attention, MLP
 ARGS = ["--shape", "tiny", "--tokens", "768", "--batch-size", "4", "--seq-len", "32"]
@@ -51,7 +51,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_exports(tmp_path):
         textwrap.dedent(
             f"""
             from hcomposer.architecture import Architecture
-            from hcomposer.train import TrainConfig, train
+            from hcomposer.training.trainer import TrainConfig, train
             config = TrainConfig(tokens=768, batch_size=4, seq_len=32, grad_accum=2,
                                  dtype="fp32", log_every=1, eval_every=3, eval_tokens=128,
                                  checkpoint_every=3, data={str(data)!r}, lr=1e-3,

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
-from hcomposer.evaluation.proxy import ProxyConfig
 from hcomposer.pattern import format_pattern, parse_pattern
+from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.search.space import SearchConfig
 from hcomposer.shapes import Shape, resolve_shape
-from hcomposer.train import TrainConfig
+from hcomposer.training.trainer import TrainConfig
 
 SECONDS = 2.0
 SETTINGS = settings(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,3 +201,52 @@ def test_no_python_loop_over_tokens_many_tokens_fast():
     with torch.no_grad():
         m(x)
     assert time.perf_counter() - t0 < 1.0
+
+
+def _balance_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        m = _moe(0).train()
+        m(_balance_input(rank))
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(m.expert_bias.tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _balance_input(rank: int) -> torch.Tensor:
+    d = get_shape("tiny").d_model
+    # Rank 0's tokens favour other experts than rank 1's: local and global loads disagree.
+    x = torch.randn(2, 16, d, generator=torch.Generator().manual_seed(rank + 1))
+    return x + (3.0 if rank == 0 else -3.0) * _moe(0).router.weight[0]
+
+
+@pytest.mark.slow
+def test_ddp_balancing_bias_moves_by_the_global_load(tmp_path):
+    """Two gloo processes, one MoE each, different tokens: both biases equal the update from
+    the summed load (what one process seeing all tokens would do), not each rank's own."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_balance_rank, args=(r, 2, str(tmp_path / "init"), str(tmp_path)))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    got = [torch.tensor(json.loads((tmp_path / f"{r}.json").read_text())) for r in range(2)]
+    loads = []
+    for r in range(2):
+        m = _moe(0).train()
+        m(_balance_input(r))
+        loads.append(m.last_load.float())
+    rate = _moe(0).bias_rate
+    total = loads[0] + loads[1]
+    want = rate * torch.sign(total.mean() - total)
+    local = [rate * torch.sign(load.mean() - load) for load in loads]
+    assert not all(torch.equal(want, lo) for lo in local), "the inputs do not tell the two apart"
+    for g in got:
+        torch.testing.assert_close(g, want)

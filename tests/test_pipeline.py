@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 
 from hcomposer.errors import UserError
-from hcomposer.pipeline import RunRecipe, matched_baseline, run_pipeline
+from hcomposer.evaluation.efficiency import EfficiencyConfig
+from hcomposer.evaluation.niah import NIAHConfig
+from hcomposer.experiments.pipeline import matched_baseline, run_pipeline
+from hcomposer.recipes import EvalConfig, Recipe
 from hcomposer.search import SearchConfig, load_trials
+from hcomposer.training import TrainConfig
 
-SMOKE = RunRecipe(
+SMOKE = Recipe(
     name="smoke",
     search=SearchConfig(
         primitives=("A", "F", "S"),
@@ -25,11 +29,11 @@ SMOKE = RunRecipe(
         sampler="random",
         proxy="synthetic",
         shape="tiny",
-    ).to_dict(),
+    ),
     target_shape="tiny",
     target_layers=8,
     scale_strategy="stack",
-    train=dict(
+    train=TrainConfig(
         tokens=4096,
         batch_size=4,
         seq_len=64,
@@ -39,23 +43,20 @@ SMOKE = RunRecipe(
         log_every=2,
         warmup=2,
     ),
-    eval_suites=("loss", "niah", "efficiency"),
-    eval_options={
-        "niah": {"lengths": [192], "depths": [0.0, 1.0], "trials": 1},
-        "efficiency": {
-            "min_len": 32,
-            "max_len": 64,
-            "repeats": 1,
-            "decode_steps": 2,
-            "train_batch": 1,
-        },
-    },
+    eval=EvalConfig(
+        suites=("loss", "niah", "efficiency"),
+        niah=NIAHConfig(lengths=(192,), depths=(0.0, 1.0), trials=1),
+        efficiency=EfficiencyConfig(
+            min_len=32, max_len=64, repeats=1, decode_steps=2, train_batch=1
+        ),
+    ),
 )
 
 _SCRIPT = """
 import sys, json
-from hcomposer.pipeline import RunRecipe, run_pipeline
-recipe = RunRecipe.from_dict(json.loads(sys.argv[2]))
+from hcomposer.experiments.pipeline import run_pipeline
+from hcomposer.recipes import Recipe
+recipe = Recipe.from_dict(json.loads(sys.argv[2]))
 run_pipeline(recipe, sys.argv[1], progress=False)
 """
 
@@ -158,7 +159,7 @@ def test_compare_cli(tmp_path: Path, capsys):
     """compare on two tiny trained runs: ratios against the first, report files."""
     from hcomposer.architecture import Architecture
     from hcomposer.cli import main
-    from hcomposer.train import TrainConfig, train
+    from hcomposer.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         tokens=1024, batch_size=4, seq_len=32, eval_every=4, eval_tokens=256, log_every=2, warmup=1

@@ -12,9 +12,9 @@ from hcomposer.architecture import Architecture
 from hcomposer.cli import main
 from hcomposer.data.mad import default_task_config
 from hcomposer.errors import UserError
-from hcomposer.evaluation import proxy as proxy_mod
-from hcomposer.evaluation import proxy_train
-from hcomposer.evaluation.proxy import (
+from hcomposer.proxies import proxy as proxy_mod
+from hcomposer.proxies import task as proxy_train
+from hcomposer.proxies.proxy import (
     ProxyConfig,
     ProxyPruned,
     early_stop,
@@ -97,8 +97,8 @@ def test_all_tasks_run_and_same_seed_same_score():
 def test_nan_model_scores_zero_with_a_recorded_failure(monkeypatch):
     real = proxy_train.build_task_model
 
-    def poisoned(arch, data, seed):
-        model, head = real(arch, data, seed)
+    def poisoned(arch, data, seed, device="cpu"):
+        model, head = real(arch, data, seed, device)
         with torch.no_grad():
             model.embed.weight[0, 0] = float("nan")
         return model, head

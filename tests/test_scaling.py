@@ -28,7 +28,7 @@ from hcomposer.scaling import (
     run_sweep,
     shape_for,
 )
-from hcomposer.train import TrainConfig, train
+from hcomposer.training.trainer import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)

@@ -167,13 +167,21 @@ def test_two_objectives_report_the_pareto_front(tmp_path):
 
 
 def test_config_round_trip_and_recipes():
-    from hcomposer.recipes import RECIPES
+    from hcomposer.recipes import RECIPES, Recipe
 
     for make in RECIPES.values():
-        config = make()
+        recipe = make()
+        config = recipe.search
         assert SearchConfig.from_dict(json.loads(config.to_json())) == config
-    assert RECIPES["quickstart"]().primitives == ("A", "F", "S")
-    paper = RECIPES["paper"]()
+        assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    assert RECIPES["quickstart"]().search.primitives == ("A", "F", "S")
+    # A pipeline.json written before the recipes were typed (only the changed train fields,
+    # no eval options) reads back as the same recipe, so such a run still resumes.
+    before = dict(RECIPES["quickstart"]().to_dict(), eval_options={})
+    before["train"] = dict(tokens=600_000, batch_size=16, seq_len=256, lr=3e-3, warmup=30,
+                           eval_every=50, eval_tokens=65_536, checkpoint_every=50)  # fmt: skip
+    assert Recipe.from_dict(before) == RECIPES["quickstart"]()
+    paper = RECIPES["paper"]().search
     assert (paper.layers, paper.primitives, paper.sampler) == (16, ("A", "F"), "gp")
     groups = SearchConfig(primitives="A,F,[A|S]")
     assert groups.primitives == ("A", "F", "[A|S]")
@@ -284,7 +292,7 @@ def test_config_validation():
 
 def test_proxy_config_reaches_the_evaluator(monkeypatch):
     """A search's proxy_config is handed to evaluate_proxy as a ProxyConfig."""
-    from hcomposer.evaluation import proxy as proxy_mod
+    from hcomposer.search import objectives
     from hcomposer.search.objectives import resolve_objective
     from hcomposer.search.space import SearchConfig
 
@@ -294,7 +302,7 @@ def test_proxy_config_reaches_the_evaluator(monkeypatch):
         seen["config"] = config
         return {"score": 0.5}
 
-    monkeypatch.setattr(proxy_mod, "evaluate_proxy", fake)
+    monkeypatch.setattr(objectives, "evaluate_proxy", fake)
     cfg = SearchConfig(layers=2, trials=1, proxy="mad:recall", proxy_config={"steps": 7})
     objective = resolve_objective(cfg.proxy, None, cfg.proxy_config)
     from hcomposer.architecture import Architecture

@@ -9,7 +9,7 @@ import pytest
 
 from hcomposer.cli import main
 from hcomposer.errors import UserError
-from hcomposer.search.tabular import (
+from hcomposer.experiments.tabular import (
     Table,
     load_table,
     replay,
@@ -162,7 +162,7 @@ def test_command_bad_input(extra, tmp_path, capsys):
 
 
 def test_describe_table_known_answers():
-    from hcomposer.search.tabular import describe_table
+    from hcomposer.experiments.tabular import describe_table
 
     scores = {"AA": 4.0, "AF": 3.0, "FA": 1.0, "FF": 0.0}
     per_seed = {
@@ -182,7 +182,7 @@ def test_describe_table_known_answers():
 
 
 def test_workers_give_the_same_replays():
-    from hcomposer.search.tabular import bench
+    from hcomposer.experiments.tabular import bench
 
     table = synthetic_table("AF", 4, seed=2)
     one = bench(table, ["random", "evolution"], [0, 1, 2], 10)

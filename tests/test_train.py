@@ -13,8 +13,9 @@ from hcomposer.cli import main
 from hcomposer.data import ByteTokenizer, embedded_corpus_text, prepare_dataset
 from hcomposer.errors import UserError
 from hcomposer.io import read_json, read_jsonl
-from hcomposer.schedule import lr_at
-from hcomposer.train import TrainConfig, _evaluate, load_run, train
+from hcomposer.training import TrainConfig, load_run, train
+from hcomposer.training.schedule import lr_at
+from hcomposer.training.step import evaluate
 
 torch.set_num_threads(1)
 
@@ -128,7 +129,9 @@ def test_bf16_default_trains_and_load_run_reproduces_val_loss(tmp_path, text_fil
     run = read_json(tmp_path / "run" / "run.json")
     assert run["config"]["train"] == cfg.to_dict() and run["hcomposer_version"]
     ds = prepare_dataset(cfg.data, tok)
-    assert _evaluate(model, ds, cfg, torch.device("cpu"), 4) == pytest.approx(res.val_loss)
+    batches = ds.eval_batches(4, cfg.seq_len, cfg.eval_tokens)
+    val = evaluate(lambda x, y: (model(x), y), batches, device=torch.device("cpu"), dtype=cfg.dtype)
+    assert val.loss == pytest.approx(res.val_loss)
     # A kill between the two renames of a checkpoint save leaves only .checkpoint.old.
     (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / ".checkpoint.old")
     again, *_ = load_run(tmp_path / "run")

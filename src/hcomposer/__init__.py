@@ -4,8 +4,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.errors import PatternError, ShapeError, UserError
 from hcomposer.pattern import canonical, format_pattern, from_megatron, parse_pattern, to_megatron
 from hcomposer.shapes import PRESETS, Shape, get_shape, resolve_shape
-
-__version__ = "0.1.0"
+from hcomposer.version import __version__
 
 __all__ = [
     "Architecture",

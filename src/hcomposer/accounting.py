@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from hcomposer.architecture import Architecture
+from hcomposer.model import build_model
 
 __all__ = ["Costs", "count_costs", "estimate_memory"]
 
@@ -46,8 +47,6 @@ def _unique_params(module) -> int:
 
 def count_costs(arch: Architecture, seq_len: int | None = None, dtype_bytes: int = 2) -> Costs:
     """All costs of ``arch`` at ``seq_len`` (default: the shape's max_seq_len)."""
-    from hcomposer.model import build_model
-
     s = arch.shape
     seq_len = seq_len or s.max_seq_len
     model = build_model(arch, device="meta")

@@ -13,10 +13,10 @@ import importlib.util
 import os
 import sys
 
-from hcomposer import __version__
 from hcomposer.errors import UserError
 from hcomposer.guards import check_args
 from hcomposer.threads import apply_thread_policy
+from hcomposer.version import __version__
 
 __all__ = ["main", "COMMANDS"]
 
@@ -46,19 +46,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _available() -> dict[str, str]:
-    found = {}
-    for name, module in COMMANDS.items():
-        if importlib.util.find_spec(f"hcomposer.commands.{module}") is not None:
-            found[name] = module
-    return found
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="hcomposer", description="Discover hybrid language-model architectures.")
     parser.add_argument("--version", action="version", version=f"hcomposer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, module in _available().items():
+    for name, module in COMMANDS.items():
         if only is not None and name != only:
             # Register cheaply so --help lists every command without importing torch.
             sub.add_parser(name, help=f"(see hcomposer {name} --help)")

@@ -35,10 +35,13 @@ import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.evaluation.suite import eval_markdown, load_eval_results
 from hcomposer.export_native import bamba_model, is_bamba_pattern
 from hcomposer.export_remote import write_remote_code
+from hcomposer.hf import HComposerConfig, HComposerForCausalLM
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
 from hcomposer.model_card import model_card
+from hcomposer.training.trainer import load_run
 
 __all__ = [
     "KINDS",
@@ -317,8 +320,6 @@ def _llama_model(model, arch: Architecture, special: dict):
 
 
 def _hcomposer_model(model, arch: Architecture, special: dict):
-    from hcomposer.hf import HComposerConfig, HComposerForCausalLM
-
     config = HComposerConfig(architecture=arch.to_dict(), bos_token_id=None, **special)
     config.architectures = ["HComposerForCausalLM"]
     config.auto_map = {
@@ -341,9 +342,6 @@ def export_run(
 ) -> dict[str, Any]:
     """Export a training run folder's latest checkpoint (``hcomposer export DIR --out HF``)."""
     _check_target(Path(out_dir))
-    from hcomposer.evaluation.suite import eval_markdown, load_eval_results
-    from hcomposer.train import load_run
-
     model, arch, tokenizer, info = load_run(run_dir)
     resolve_kind(arch, kind)
     results = load_eval_results(run_dir)

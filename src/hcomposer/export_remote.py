@@ -21,6 +21,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from hcomposer.io import atomic_write_text
 from hcomposer.primitives import PRIMITIVES
 
 __all__ = [
@@ -130,7 +131,6 @@ def remote_code_files() -> dict[str, str]:
 
 def write_remote_code(out: Path) -> list[str]:
     """Write the remote-code files into ``out``; returns their names."""
-    from hcomposer.io import atomic_write_text
 
     files = remote_code_files()
     for name, text in files.items():

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hcomposer.version import __version__
+
 # The config format version of the files hcomposer writes (see hcomposer.config_io).
 CONFIG_FORMAT_VERSION = 1
 
@@ -29,7 +31,6 @@ __all__ = [
     "current_umask",
     "git_revision",
     "run_metadata",
-    "record_run",
 ]
 
 
@@ -134,8 +135,6 @@ def git_revision() -> str | None:
 
 def run_metadata(argv: list[str] | None = None) -> dict[str, Any]:
     """Version, git revision, command line, host and library versions."""
-    from hcomposer import __version__
-
     meta: dict[str, Any] = {
         "hcomposer_version": __version__,
         "git_revision": git_revision(),
@@ -152,9 +151,3 @@ def run_metadata(argv: list[str] | None = None) -> dict[str, Any]:
     except ImportError:
         pass
     return meta
-
-
-def record_run(out_dir: str | Path, config: dict, argv: list[str] | None = None) -> None:
-    """Write ``run.json`` (resolved config + metadata) into a run folder, atomically."""
-    doc = {"format_version": CONFIG_FORMAT_VERSION, "config": config, **run_metadata(argv)}
-    atomic_write_json(Path(out_dir) / "run.json", doc)

@@ -15,7 +15,7 @@ primitives then apply their own special initialisation (Mamba-2's A, dt, D).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from hcomposer.architecture import Architecture
 from hcomposer.primitives import Primitive, RMSNorm, build_sublayer
 
-__all__ = ["HybridLM", "ModelCache", "build_model"]
+__all__ = ["HybridLM", "ModelCache", "build_model", "init_module", "lm_loss"]
 
 
 @dataclass
@@ -35,8 +35,6 @@ class ModelCache:
     layers: list[Any]
     max_len: int
     pos: int = 0
-    batch_size: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 class Block(nn.Module):
@@ -73,18 +71,10 @@ class HybridLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """The initialisation described in the module docstring."""
-        std = self.arch.shape.init_std
-        out_std = std / math.sqrt(max(1, self.arch.n_sublayers))
+        # Two passes (plain layers, then the primitives' own parameters): the order in which
+        # the seeded generator is drawn, which fixes every seeded model's weights.
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                s = out_std if getattr(m, "is_residual_output", False) else std
-                nn.init.normal_(m.weight, 0.0, s)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+            init_module(m, self.arch, special=False)
         for m in self.modules():
             if isinstance(m, Primitive):
                 m.reset_special_parameters()
@@ -99,7 +89,7 @@ class HybridLM(nn.Module):
             blk.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype)
             for blk in self.layers
         ]
-        return ModelCache(layers=caches, max_len=max_len, batch_size=batch_size)
+        return ModelCache(layers=caches, max_len=max_len)
 
     def hidden_states(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, d_model]."""
@@ -123,12 +113,7 @@ class HybridLM(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
         """Mean next-token cross-entropy (targets already shifted), computed in fp32."""
-        logits = self(tokens)
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=ignore_index,
-        )
+        return lm_loss(self(tokens), targets, ignore_index)
 
     @torch.no_grad()
     def generate(
@@ -168,6 +153,40 @@ def _sample(logits, temperature, top_k, generator) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, arch: Architecture, *, special: bool = True) -> None:
+    """Initialise one module's own parameters with the scheme of the module docstring.
+
+    Linear weights ~ N(0, init_std), residual outputs scaled by 1/sqrt(sublayers); embeddings
+    ~ N(0, init_std); norms 1; with ``special``, a primitive's own parameters as it defines them.
+    """
+    std = arch.shape.init_std
+    if isinstance(module, nn.Linear):
+        residual = getattr(module, "is_residual_output", False)
+        nn.init.normal_(
+            module.weight, 0.0, std / math.sqrt(max(1, arch.n_sublayers)) if residual else std
+        )
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, 0.0, std)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    if special and isinstance(module, Primitive):
+        module.reset_special_parameters()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The language-model loss: mean cross-entropy in fp32 over targets not ``ignore_index``.
+
+    ``HybridLM.loss`` is this on the model's logits; the trainer calls it on the logits of the
+    compiled or DDP-wrapped model.
+    """
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+    )
 
 
 def build_model(

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.io import read_jsonl
+from hcomposer.runs import SearchDir
+from hcomposer.scaling.aggregate import aggregate_details
+from hcomposer.search import load_trials
 
 HELP = "Aggregate the top trials of a search into one pattern (k-means + per-position vote)."
 
@@ -38,8 +42,6 @@ def read_trials(directory: str | Path, storage: str | None = None) -> tuple[list
     The search engine's ``load_trials`` (its Optuna storage) comes first; a plain
     ``trials.jsonl`` (one ``{"pattern", "score", "state"}`` per line) is the fallback.
     """
-    from hcomposer.io import read_jsonl
-
     path = Path(directory)
     if not path.exists():
         raise UserError(f"search folder {str(path)!r} does not exist")
@@ -49,20 +51,15 @@ def read_trials(directory: str | Path, storage: str | None = None) -> tuple[list
         raise UserError(f"{str(path)!r} is not a search folder (a folder or a trials.jsonl)")
     engine_error = None
     try:
-        from hcomposer.search.engine import load_trials
-    except ImportError:
-        load_trials = None
-    if load_trials is not None:
-        try:
-            trials = load_trials(path, storage=storage)
-        except UserError as e:
-            if storage is not None:
-                raise  # the user named the storage: its error is the answer
-            engine_error = e
-        else:
-            if trials:
-                return list(trials), "study"
-    jsonl = path / "trials.jsonl"
+        trials = load_trials(path, storage=storage)
+    except UserError as e:
+        if storage is not None:
+            raise  # the user named the storage: its error is the answer
+        engine_error = e
+    else:
+        if trials:
+            return list(trials), "study"
+    jsonl = SearchDir(path).trials
     if jsonl.is_file():
         return list(read_jsonl(jsonl)), str(jsonl)
     if engine_error is not None:
@@ -74,8 +71,6 @@ def read_trials(directory: str | Path, storage: str | None = None) -> tuple[list
 
 
 def run(args) -> int:
-    from hcomposer.search.aggregate import aggregate_details
-
     trials, source = read_trials(args.dir, storage=args.storage)
     result = aggregate_details(trials, method=args.method, c=args.c, k=args.k)
     out = {**result.to_dict(), "source": source}

@@ -8,8 +8,17 @@ import time
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.experiments.tabular import (
+    bench,
+    load_table,
+    markdown_report,
+    plot_regret,
+    summarise,
+)
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
+from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+from hcomposer.search.samplers import SAMPLERS, default_n_startup
 
 HELP = "Compare search samplers on a precomputed table of scores (no training)."
 
@@ -46,8 +55,6 @@ def add_arguments(p) -> None:
 
 
 def _check(args) -> list[str]:
-    from hcomposer.search.samplers import SAMPLERS
-
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1 (got {args.seeds})")
     if args.workers < 1:
@@ -70,10 +77,6 @@ def _check(args) -> list[str]:
 
 def run(args) -> int:
     from rich.progress import Progress
-
-    from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
-    from hcomposer.search.samplers import default_n_startup
-    from hcomposer.search.tabular import bench, load_table, markdown_report, plot_regret, summarise
 
     names = _check(args)
     table = load_table(args.table)

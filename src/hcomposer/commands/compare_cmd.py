@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
+from hcomposer.reporting.compare import compare_runs
+from hcomposer.runs import RunDir
 
 HELP = "Compare trained run folders (the first is the reference) into a Markdown report."
 
@@ -26,11 +29,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from hcomposer.compare import compare_runs
-
     for d in args.dirs:
-        if not (Path(d) / "architecture.json").is_file():
-            raise UserError(f"{d!r} is not a training run folder (no architecture.json)")
+        RunDir(d).require_run()
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.dirs):
         raise UserError(f"--labels has {len(labels)} names for {len(args.dirs)} folders")
@@ -41,13 +41,12 @@ def run(args) -> int:
     out = check_output_dir(args.out, "--out")
     eff = None
     if args.interleaved:
-        from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
-
         cfg = EfficiencyConfig(max_len=args.max_len)
         eff = measure_runs_interleaved(args.dirs, labels or [Path(d).name for d in args.dirs], cfg)
     result = compare_runs(args.dirs, out, labels, efficiency=eff)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
+        skip = ("table", "sections")
+        print(json.dumps({k: v for k, v in result.items() if k not in skip}, default=str))
         return 0
     _print_table(result["table_header"], result["table"])
     console().print(f"report: {result['markdown']}")

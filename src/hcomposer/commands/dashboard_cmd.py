@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hcomposer.search.dashboard import serve
+
 HELP = "Serve a search's study with optuna-dashboard (live, read-only)."
 
 
@@ -15,7 +17,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from hcomposer.search.dashboard import serve
 
     try:
         serve(args.folder, args.storage, args.host, args.port)

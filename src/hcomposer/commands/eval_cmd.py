@@ -6,8 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+from hcomposer.accounting import estimate_memory
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.evaluation.suite import parse_suite, run_suite
 from hcomposer.guards import check_memory, check_output_dir
+from hcomposer.runs import RunDir
 
 HELP = "Evaluate a run folder: --suite loss,mad,mqar,niah,efficiency,lm-eval:TASKS."
 
@@ -47,8 +51,6 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> None:
     """Refuse context lengths the machine cannot hold, before the run is loaded."""
-    from hcomposer.accounting import estimate_memory
-    from hcomposer.architecture import Architecture
 
     names = {name for name, _ in parts}
     asked = [("--niah-lengths", n) for n in options["niah"].get("lengths") or () if "niah" in names]
@@ -63,8 +65,6 @@ def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> 
 
 
 def run(args) -> int:
-    from hcomposer.evaluation.suite import parse_suite, run_suite
-
     parts = parse_suite(args.suite)  # unknown names fail before the run is loaded
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -93,6 +93,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
-        print(f"results: {run_dir / 'eval' / 'results.md'}", file=sys.stderr)
-        print((run_dir / "eval" / "results.md").read_text())
+        report = RunDir(run_dir).eval_markdown
+        print(f"results: {report}", file=sys.stderr)
+        print(report.read_text())
     return 0

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.format import console, human, parse_count
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
+from hcomposer.training.step import resolve_device
 
 HELP = "Score a pattern with a proxy: MAD tasks, MQAR or text loss at a token budget."
 
@@ -30,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--wds", default=None, help="weight-decay grid, comma-separated, e.g. 0,0.1")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default fp32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda[:N]"
+    )
     p.add_argument("--config", default=None, help="a ProxyConfig JSON file; flags override it")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -47,9 +54,6 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _config(args):
-    from hcomposer.evaluation.proxy import ProxyConfig
-    from hcomposer.format import parse_count
-
     config = ProxyConfig.from_json(args.config) if args.config else ProxyConfig()
     changes = {}
     if args.steps is not None:
@@ -70,23 +74,21 @@ def _config(args):
 
 
 def _architecture(pattern: str, shape: str):
-    from hcomposer.architecture import Architecture
-
     if pattern.strip().startswith("{") or pattern.endswith(".json"):
         return Architecture.from_json(pattern)
     return Architecture.parse(pattern, shape=shape)
 
 
 def run(args) -> int:
-    from hcomposer.evaluation.proxy import evaluate_proxy, parse_proxy
-
     # Everything a user can get wrong is checked before any training starts.
     parse_proxy(args.proxy)
     arch = _architecture(args.pattern, args.shape)
     config = _config(args)
+    device = resolve_device(args.device)
     result = evaluate_proxy(
-        arch, args.proxy, seed=args.seed, data=args.data, config=config, progress=True
-    )
+        arch, args.proxy, seed=args.seed, data=args.data, config=config, progress=True,
+        device=device,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -96,8 +98,6 @@ def run(args) -> int:
 
 def _table(result, arch) -> None:
     from rich.table import Table
-
-    from hcomposer.format import console, human
 
     table = Table(title=f"{result.proxy} proxy: {arch.pattern} @ {arch.shape.name}")
     for col in ("task", "accuracy", "loss", "best lr", "wd", "runs"):

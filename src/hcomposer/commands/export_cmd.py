@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+from hcomposer.export import export_run
+from hcomposer.guards import check_output_dir
+
 HELP = "Export a run folder as a Hugging Face model folder (native Llama or Bamba where it fits)."
 
 
@@ -22,9 +25,6 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import torch
-
-    from hcomposer.export import export_run
-    from hcomposer.guards import check_output_dir
 
     check_output_dir(args.out, "--out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -6,8 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.experiments.rank_correlation import run_proxy_rank
 from hcomposer.format import console
+from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.training.trainer import TrainConfig
 
 HELP = "Proxy-to-scale rank correlation on text: proxy scores vs validation loss, resumable."
 
@@ -100,10 +104,6 @@ def _seeds(text: str | None, flag: str, default: tuple[int, ...]) -> tuple[int, 
 
 
 def run(args) -> int:
-    from hcomposer.architecture import Architecture
-    from hcomposer.evaluation.proxy import ProxyConfig
-    from hcomposer.evaluation.rank_correlation import run_proxy_rank
-    from hcomposer.train import TrainConfig
 
     if args.recipe not in RECIPES:
         raise UserError(f"--recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")

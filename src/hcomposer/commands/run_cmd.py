@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.experiments.pipeline import run_pipeline
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
+from hcomposer.recipes import get_recipe
 
 HELP = (
     "Run the whole pipeline: search -> aggregate -> scale -> train composite and baseline "
@@ -27,13 +28,8 @@ def add_arguments(p) -> None:
 
 
 def _recipe(args):
-    from hcomposer.pipeline import get_run_recipe
-    from hcomposer.search import SearchConfig
-    from hcomposer.train import TrainConfig
-
-    recipe = get_run_recipe(args.recipe)
-    search = dict(recipe.search)
-    train = dict(recipe.train)
+    recipe = get_recipe(args.recipe)
+    search, train = {}, {}
     changes = {}
     if args.trials is not None:
         if args.trials < 1:
@@ -46,15 +42,15 @@ def _recipe(args):
     if args.seed is not None:
         search["seed"] = args.seed
         changes["seed"] = args.seed
-    # Validate both configs now, before the run folder is touched.
-    SearchConfig.from_dict(search)
-    TrainConfig.from_dict({"seed": changes.get("seed", recipe.seed), **train})
-    return dataclasses.replace(recipe, search=search, train=train, **changes)
+    if "seed" in changes:
+        train["seed"] = changes["seed"]
+    # Both configs are validated here, before the run folder is touched.
+    return recipe.replace(
+        search=recipe.search.replace(**search), train=recipe.train.replace(**train), **changes
+    )
 
 
 def run(args) -> int:
-    from hcomposer.pipeline import run_pipeline
-
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
     check_output_dir(out, "--out")

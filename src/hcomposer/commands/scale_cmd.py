@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+from hcomposer.accounting import count_costs
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_cap
+from hcomposer.pattern import canonical
+from hcomposer.scaling.extrapolate import extrapolate, runs, scale_to_params
+from hcomposer.shapes import resolve_shape
 
 HELP = "Extrapolate a pattern to N sublayers or N parameters by stacking or stretching."
 
@@ -41,12 +46,6 @@ def _layers_arg(text: str) -> int:
 
 
 def run(args) -> int:
-    from hcomposer.accounting import count_costs
-    from hcomposer.architecture import Architecture
-    from hcomposer.pattern import canonical
-    from hcomposer.search.extrapolate import extrapolate, runs, scale_to_params
-    from hcomposer.shapes import resolve_shape
-
     if (args.layers is None) == (args.params is None):
         raise UserError("give exactly one of --layers N or --params N")
     block = canonical(args.pattern)

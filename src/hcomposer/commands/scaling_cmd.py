@@ -6,6 +6,7 @@ import json
 
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.scaling import get_recipe, plan_sweep, run_sweep
 
 HELP = "IsoFLOP sweeps: train each pattern at several sizes per FLOP budget, fit the frontier."
 
@@ -69,7 +70,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def config_from_args(args):
     """The sweep config: the recipe with the flags' overrides (UserError on bad values)."""
-    from hcomposer.scaling import get_recipe
 
     cfg = get_recipe(args.recipe)
     changes: dict = {"patterns": tuple(args.patterns)}
@@ -121,7 +121,6 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from hcomposer.scaling import plan_sweep, run_sweep
 
     cfg = config_from_args(args)
     if args.dry_run:

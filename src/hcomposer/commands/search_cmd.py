@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.format import console, parse_count
 from hcomposer.guards import check_output_dir
+from hcomposer.recipes import get_recipe
+from hcomposer.search.executors import make_executor
+from hcomposer.search.loop import run_search
+from hcomposer.search.space import SearchConfig
 
 HELP = "Search the order and ratio of primitives (Bayesian optimisation by default); resumable."
 
@@ -104,11 +109,7 @@ _FIELDS = {
 
 def build_config(args: argparse.Namespace):
     """The SearchConfig of a command line: a recipe (or the defaults) plus the flags."""
-    from hcomposer.format import parse_count
-    from hcomposer.recipes import get_recipe
-    from hcomposer.search.space import SearchConfig
-
-    base = get_recipe(args.recipe) if args.recipe else SearchConfig()
+    base = get_recipe(args.recipe).search if args.recipe else SearchConfig()
     changes = {}
     for attr, name in _FIELDS.items():
         value = getattr(args, attr)
@@ -126,8 +127,6 @@ def build_config(args: argparse.Namespace):
 
 def _table(result) -> None:
     from rich.table import Table
-
-    from hcomposer.format import console
 
     con = console()
     done = sorted(
@@ -160,9 +159,6 @@ def _table(result) -> None:
 
 
 def run(args) -> int:
-    from hcomposer.search.engine import run_search
-    from hcomposer.search.executors import make_executor
-
     config = build_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"search-{config.sampler}-{config.seed}"
     check_output_dir(out, "--out")

@@ -6,9 +6,13 @@ import json
 import os
 from pathlib import Path
 
+from hcomposer.accounting import estimate_memory
+from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_memory, check_output_dir
+from hcomposer.runs import RunDir
+from hcomposer.training.trainer import TrainConfig, train
 
 HELP = "Train an architecture on text (the embedded corpus by default) into a run folder."
 
@@ -60,13 +64,11 @@ def add_arguments(p) -> None:
 
 
 def _architecture(spec: str, shape: str | None):
-    from hcomposer.architecture import Architecture
-
     path = Path(spec)
     try:
-        if path.is_dir() and (path / "architecture.json").is_file():
+        if path.is_dir() and RunDir(path).is_run():
             # A folder holding an architecture (a run, an export, a scale result).
-            path = path / "architecture.json"
+            path = RunDir(path).architecture
         is_file = path.suffix == ".json" or path.is_file()
     except (OSError, ValueError):  # a name too long for a path, or a NUL: a pattern
         is_file = False
@@ -77,9 +79,6 @@ def _architecture(spec: str, shape: str | None):
 
 
 def run(args) -> int:
-    from hcomposer.accounting import estimate_memory
-    from hcomposer.train import TrainConfig, train
-
     check_output_dir(args.out, "--out")
     arch = _architecture(args.arch, args.shape)
     config = TrainConfig(

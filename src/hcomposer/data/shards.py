@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hcomposer.data.sources import resolve_source
-from hcomposer.data.tokenizers import Tokenizer, _cache_root
+from hcomposer.data.tokenizers import Tokenizer, cache_root
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, read_json, sha256_file
 
@@ -58,7 +58,7 @@ class TokenDataset:
             raise ValueError(f"split must be one of {_SPLITS}, got {name!r}")
         return self.train if name == "train" else self.val
 
-    def _check_len(self, data: np.ndarray, split: str, seq_len: int) -> None:
+    def check_len(self, data: np.ndarray, split: str, seq_len: int) -> None:
         if len(data) < seq_len + 2:
             raise UserError(
                 f"the {split} split has {len(data)} tokens, too few for seq_len={seq_len}; "
@@ -71,7 +71,7 @@ class TokenDataset:
         """Batch number ``step``: ``batch_size`` random windows drawn from a generator seeded by
         (seed, step, split) alone, so any step can be recomputed (exact resume, DDP slicing)."""
         data = self.split(split)
-        self._check_len(data, split, seq_len)
+        self.check_len(data, split, seq_len)
         rng = np.random.default_rng([seed, step, _SPLITS.index(split)])
         starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
         idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
@@ -99,7 +99,7 @@ class TokenDataset:
         """Consecutive non-overlapping windows from the start of ``split``, up to ``max_tokens``
         target tokens (at least one window): the same tokens at every evaluation."""
         data = self.split(split)
-        self._check_len(data, split, seq_len)
+        self.check_len(data, split, seq_len)
         n_windows = max(1, min((len(data) - 1) // seq_len, max_tokens // seq_len))
         for first in range(0, n_windows, batch_size):
             rows = range(first, min(first + batch_size, n_windows))
@@ -268,7 +268,7 @@ def prepare_dataset(
     key = hashlib.sha256(
         repr((src.kind, src.spec, tokenizer.identity, request["split"])).encode()
     ).hexdigest()[:16]
-    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     folder = root / "tokens" / f"{src.kind}-{key}"
     if (folder / "manifest.json").is_file():
         try:

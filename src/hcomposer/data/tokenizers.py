@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
 
@@ -167,14 +168,12 @@ def train_bpe(vocab_size: int, texts: Iterable[str]) -> HFTokenizer:
     return HFTokenizer(tok, f"bpe:{vocab_size}")
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     env = os.environ.get("HCOMPOSER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "hcomposer"
 
 
 def _bpe(spec: str, source: str | None, cache_dir: Path | None) -> HFTokenizer:
-    from hcomposer.data.sources import resolve_source
-
     try:
         n = int(spec.split(":", 1)[1])
     except ValueError:
@@ -191,7 +190,7 @@ def _bpe(spec: str, source: str | None, cache_dir: Path | None) -> HFTokenizer:
     src = resolve_source(source)
     # A trained BPE is cached by (vocab size, corpus identity): training is the slow part.
     key = hashlib.sha256(f"bpe/1|{n}|{src.identity()}".encode()).hexdigest()[:16]
-    folder = Path(cache_dir or _cache_root()) / "tokenizers" / f"bpe{n}-{key}"
+    folder = Path(cache_dir or cache_root()) / "tokenizers" / f"bpe{n}-{key}"
     if (folder / "tokenizer.json").is_file():
         tok = HFTokenizer.from_file(folder / "tokenizer.json", name=f"bpe:{n}")
         return tok

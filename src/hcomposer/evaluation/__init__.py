@@ -1,11 +1,1 @@
-"""Evaluation: cheap proxies for search (MAD, MQAR, text loss)."""
-
-from hcomposer.evaluation.proxy import (
-    PROXIES,
-    ProxyConfig,
-    ProxyResult,
-    evaluate_proxy,
-    parse_proxy,
-)
-
-__all__ = ["PROXIES", "ProxyConfig", "ProxyResult", "evaluate_proxy", "parse_proxy"]
+"""Evaluation of trained runs: the suite (loss, lm-eval, NIAH, MQAR curve, efficiency)."""

@@ -47,8 +47,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
 from hcomposer.evaluation.interleave import measure_interleaved
+from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.training.step import make_optimizer, train_step
+from hcomposer.training.trainer import load_run
 
 __all__ = [
     "EfficiencyConfig",
@@ -190,17 +194,16 @@ def _is_oom(e: BaseException) -> bool:
 
 def _train_throughput(model, cfg: EfficiencyConfig, train_len: int, device) -> dict[str, Any]:
     m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4) if cfg.train_optimizer == "adamw" else None
+    opt = None
+    if cfg.train_optimizer == "adamw":
+        opt = make_optimizer(m, lr=1e-4, weight_decay=0.0, device=device)
     g = torch.Generator().manual_seed(cfg.seed)
     V = m.arch.shape.vocab_size
     x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
 
     def step():
-        loss = F.cross_entropy(m(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
-        m.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt is not None:
-            opt.step()
+        # The trainer's step at the model's own dtype (no autocast); "none": gradients only.
+        train_step(m.loss, [(x[:, :-1], x[:, 1:])], opt, device=device, dtype="fp32")
 
     with _PeakMemory(device) as mem:
         t = _timed(step, device, cfg.repeats)
@@ -259,8 +262,6 @@ def run_efficiency(
     model, *, train_len: int, config: EfficiencyConfig | None = None, progress=None
 ) -> dict[str, Any]:
     """The efficiency sweep for ``model``; returns a JSON-ready dict (see module docstring)."""
-    from hcomposer.accounting import count_costs
-
     cfg = config or EfficiencyConfig()
     device = _device(cfg.device)
     arch = model.arch
@@ -361,12 +362,7 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
 
 def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     """Prefill and decode tokens/s, and cache bytes, against context (one line per label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hcomposer.evaluation.niah import _save_png
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for label, res in results.items():
@@ -385,8 +381,7 @@ def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> Non
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _weight_bytes(model) -> int:
@@ -462,8 +457,6 @@ def compare_efficiency(
     Returns ``{"models": {label: run_efficiency-like dict}, "ratios": {label: {metric: spread}},
     "clock", "config"}``; ratios are speeds relative to the first label (> 1: faster).
     """
-    from hcomposer.accounting import count_costs
-
     if not models:
         raise UserError("compare_efficiency: no models")
     cfg = config or EfficiencyConfig()
@@ -551,8 +544,6 @@ def measure_runs_interleaved(
     run_dirs: list[str | Path], labels: list[str], config: EfficiencyConfig | None = None
 ) -> dict[str, Any]:
     """``compare_efficiency`` of the latest checkpoints of several run folders."""
-    from hcomposer.train import load_run
-
     models, train_len = {}, 0
     for d, lab in zip(run_dirs, labels, strict=True):
         model, arch, _tok, info = load_run(d)

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from hcomposer.architecture import Architecture
+from hcomposer.data.mqar import MQARConfig
 from hcomposer.errors import UserError
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.reporting.plots import pyplot, save_png
 
 __all__ = ["MQARCurveConfig", "run_mqar_curve", "plot_mqar_curve", "mqar_markdown"]
 
@@ -54,8 +57,6 @@ class MQARCurveConfig:
 
 
 def _tasks(cfg: MQARCurveConfig):
-    from hcomposer.data.mqar import MQARConfig
-
     out = []
     for n in sorted(cfg.lengths):
         kv = max(1, min(n // cfg.kv_ratio, cfg.vocab_size // 2 - 2))
@@ -73,8 +74,6 @@ def run_mqar_curve(
     arch: Architecture, config: MQARCurveConfig | None = None, *, progress: bool = False
 ) -> dict[str, Any]:
     """Train a fresh copy of ``arch`` per length on MQAR; accuracy and loss per length."""
-    from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
-
     config = config or MQARCurveConfig()
     if config.shape is not None:
         arch = arch.with_shape(config.shape)
@@ -116,12 +115,7 @@ def mqar_markdown(res: dict[str, Any]) -> str:
 
 def plot_mqar_curve(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     """One line per label (e.g. pattern): accuracy against sequence length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hcomposer.evaluation.niah import _save_png
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, res in results.items():
@@ -135,5 +129,4 @@ def plot_mqar_curve(results: dict[str, dict[str, Any]], path: str | Path) -> Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
+    save_png(fig, path)

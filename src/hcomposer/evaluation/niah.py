@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
+from hcomposer.reporting.plots import pyplot, save_png
 
 __all__ = ["NIAHConfig", "run_niah", "niah_lengths", "plot_niah", "niah_markdown", "CITIES"]
 
@@ -132,8 +134,6 @@ def run_niah(
     """Accuracy per (length, depth); returns a JSON-ready dict with every trial."""
     config = config or NIAHConfig()
     if haystack_text is None:
-        from hcomposer.data import embedded_corpus_text
-
         haystack_text = embedded_corpus_text()
     wanted, lengths = niah_lengths(tokenizer, config, train_len)
     corpus = np.asarray(tokenizer.encode(haystack_text), dtype=np.int64)
@@ -202,10 +202,7 @@ def niah_markdown(res: dict[str, Any]) -> str:
 
 def plot_niah(res: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Heatmap PNG: depth (rows) x length (columns), colour = exact-digit accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths, depths = res["lengths"], res["depths"]
     grid = np.array([[res["accuracy"][str(L)][f"{d:g}"] for L in lengths] for d in depths])
@@ -224,15 +221,4 @@ def plot_niah(res: dict[str, Any], path: str | Path, title: str = "") -> None:
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title or "needle in a haystack")
     fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
-
-
-def _save_png(fig, path: str | Path) -> None:
-    import io
-
-    from hcomposer.io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)

@@ -29,8 +29,27 @@ from typing import Any
 import torch
 
 from hcomposer.config_io import read_run_file
+from hcomposer.data import prepare_dataset
 from hcomposer.errors import UserError
+from hcomposer.evaluation.efficiency import (
+    EfficiencyConfig,
+    efficiency_markdown,
+    plot_efficiency,
+    run_efficiency,
+)
+from hcomposer.evaluation.lm_eval_adapter import check_tasks, run_lm_eval
+from hcomposer.evaluation.mqar_curve import (
+    MQARCurveConfig,
+    mqar_markdown,
+    plot_mqar_curve,
+    run_mqar_curve,
+)
+from hcomposer.evaluation.niah import NIAHConfig, niah_lengths, niah_markdown, plot_niah, run_niah
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.runs import RunDir
+from hcomposer.training.step import evaluate
+from hcomposer.training.trainer import load_run
 
 __all__ = ["PARTS", "parse_suite", "run_suite", "load_eval_results", "eval_markdown"]
 
@@ -91,8 +110,6 @@ def validation_loss(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Mean next-token loss and perplexity on the validation split of the run's data."""
-    from hcomposer.data import prepare_dataset
-
     cfg = _train_config(info)
     source = data if data is not None else cfg.get("data")
     seq_len = int(cfg.get("seq_len") or model.arch.shape.max_seq_len)
@@ -101,17 +118,13 @@ def validation_loss(
         source, tokenizer, val_fraction=float(cfg.get("val_fraction", 0.02)),
         seed=int(cfg.get("seed", 0)),
     )  # fmt: skip
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for x, y in ds.eval_batches(batch_size, seq_len, max_tokens):
-        logits = model(x.to(device)).float()
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), y.to(device).flatten(), reduction="sum"
-            )
-        )
-        count += y.numel()
-    loss = total / max(count, 1)
+    # The training core's evaluation loop, at the model's own dtype (no autocast).
+    val = evaluate(
+        lambda x, y: (model(x), y), ds.eval_batches(batch_size, seq_len, max_tokens),
+        device=next(model.parameters()).device, dtype="fp32", modules=[model],
+    )  # fmt: skip
+    count = val.count
+    loss = val.loss if count else 0.0
     return {
         "data": source if source is not None else "embedded corpus",
         "split": "val",
@@ -144,28 +157,22 @@ def run_suite(
     """
     parts = parse_suite(suite) if isinstance(suite, str) else suite
     options = options or {}
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.root
     if loaded is None:
-        from hcomposer.train import load_run
-
         model, arch, tokenizer, info = load_run(run_dir, device=device)
     else:
         model, arch, tokenizer, info = loaded
     configs = _configs(options)
     tm_tasks = dict(parts).get("lm-eval")
     if tm_tasks:
-        from hcomposer.evaluation.lm_eval_adapter import check_tasks
-
         check_tasks(tm_tasks, include_path)
     if data is not None and not Path(data).exists() and ":" not in data:
         raise UserError(f"--data {data!r} does not exist (a file, folder, or hf:NAME)")
 
     train_len = _train_len(info, arch)
     if "niah" in dict(parts):
-        from hcomposer.evaluation.niah import niah_lengths
-
         niah_lengths(tokenizer, configs["niah"], train_len)
-    eval_dir = run_dir / "eval"
     results = load_eval_results(run_dir) or {}
     results.update(
         {
@@ -186,38 +193,29 @@ def run_suite(
         if name == "loss":
             stored["loss"] = validation_loss(model, tokenizer, info, data)
         elif name == "mad":
-            from hcomposer.evaluation.proxy import evaluate_proxy
-
             stored["mad"] = evaluate_proxy(
-                arch.with_shape("proxy"), "mad", config=configs["mad"], progress=progress
-            ).to_dict()
+                arch.with_shape("proxy"), "mad", config=configs["mad"], progress=progress,
+                device=device,
+            ).to_dict()  # fmt: skip
         elif name == "mqar":
-            from hcomposer.evaluation.mqar_curve import plot_mqar_curve, run_mqar_curve
-
             stored["mqar"] = run_mqar_curve(arch, configs["mqar"], progress=progress)
-            plots.append(("mqar.png", lambda p: plot_mqar_curve({arch.pattern: stored["mqar"]}, p)))
+            plots.append(("mqar", lambda p: plot_mqar_curve({arch.pattern: stored["mqar"]}, p)))
         elif name == "niah":
-            from hcomposer.evaluation.niah import plot_niah, run_niah
-
             stored["niah"] = run_niah(model, tokenizer, train_len=train_len,
                                       haystack_text=options.get("haystack_text"),
                                       config=configs["niah"])  # fmt: skip
-            plots.append(("niah.png", lambda p: plot_niah(stored["niah"], p, arch.pattern)))
+            plots.append(("niah", lambda p: plot_niah(stored["niah"], p, arch.pattern)))
         elif name == "efficiency":
-            from hcomposer.evaluation.efficiency import plot_efficiency, run_efficiency
-
             stored["efficiency"] = run_efficiency(
                 model, train_len=train_len, config=configs["efficiency"]
             )
             plots.append(
                 (
-                    "efficiency.png",
+                    "efficiency",
                     lambda p: plot_efficiency({arch.pattern: stored["efficiency"]}, p),
                 )
             )
         elif name == "lm-eval":
-            from hcomposer.evaluation.lm_eval_adapter import run_lm_eval
-
             lm = options.get("lm_eval", {})
             res = run_lm_eval(model, tokenizer, tasks, include_path=include_path, limit=limit,
                               num_fewshot=lm.get("num_fewshot"),
@@ -230,26 +228,21 @@ def run_suite(
         timings[name] = time.perf_counter() - t0
         _say(progress, f"eval {name} done in {timings[name]:.1f}s")
     results["meta"] = run_metadata(argv)
-    atomic_write_json(eval_dir / "results.json", results)
-    for fname, draw in plots:
-        draw(eval_dir / fname)
-    atomic_write_text(eval_dir / "results.md", eval_markdown(results))
+    atomic_write_json(run.eval_results, results)
+    for name, draw in plots:
+        draw(run.eval_plot(name))
+    atomic_write_text(run.eval_markdown, eval_markdown(results))
     return results
 
 
 def _configs(options: dict[str, Any]) -> dict[str, Any]:
     """Part configs from options, built up front so a bad option fails before any work."""
-    from hcomposer.evaluation.efficiency import EfficiencyConfig
-    from hcomposer.evaluation.mqar_curve import MQARCurveConfig
-    from hcomposer.evaluation.niah import NIAHConfig
-    from hcomposer.evaluation.proxy import ProxyConfig
-
     try:
         return {
             "niah": NIAHConfig(**options.get("niah", {})),
             "mqar": MQARCurveConfig(**options.get("mqar", {})),
             "efficiency": EfficiencyConfig(**options.get("efficiency", {})),
-            "mad": ProxyConfig(**options.get("mad", {})),
+            "mad": ProxyConfig.from_dict(options.get("mad", {})),
         }
     except TypeError as e:
         raise UserError(f"bad evaluation option: {e}") from None
@@ -264,8 +257,8 @@ def _say(enabled: bool, text: str) -> None:
 
 def load_eval_results(run_dir: str | Path) -> dict[str, Any]:
     """The stored results of ``hcomposer eval`` for a run folder (or its ``eval/``); {} if none."""
-    p = Path(run_dir)
-    for cand in (p / "eval" / "results.json", p / "results.json"):
+    run = RunDir(run_dir)
+    for cand in (run.eval_results, run.root / run.eval_results.name):
         if cand.is_file():
             return read_run_file(
                 cand.parent, cand.name,
@@ -276,10 +269,6 @@ def load_eval_results(run_dir: str | Path) -> dict[str, Any]:
 
 def eval_markdown(results: dict[str, Any]) -> str:
     """The whole results.md: one section per part."""
-    from hcomposer.evaluation.efficiency import efficiency_markdown
-    from hcomposer.evaluation.mqar_curve import mqar_markdown
-    from hcomposer.evaluation.niah import niah_markdown
-
     parts = results.get("parts", {})
     out = [
         f"# Evaluation of `{results.get('pattern')}` ({results.get('shape')})",

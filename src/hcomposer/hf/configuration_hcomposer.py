@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from hcomposer.pattern import parse_pattern
+
 __all__ = ["HComposerConfig"]
 
 
@@ -33,8 +35,6 @@ class HComposerConfig(PretrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         if self.architecture is not None:
             shape = self.architecture["shape"]
-            from hcomposer.pattern import parse_pattern
-
             self.vocab_size = int(shape["vocab_size"])
             self.hidden_size = int(shape["d_model"])
             self.num_attention_heads = int(shape["n_heads"])

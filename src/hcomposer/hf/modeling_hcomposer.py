@@ -18,7 +18,6 @@ primitives have no padding mask; batch prompts of equal length instead).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,8 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hcomposer.architecture import Architecture
 from hcomposer.hf.configuration_hcomposer import HComposerConfig
-from hcomposer.model import HybridLM, ModelCache
-from hcomposer.primitives import Primitive, RMSNorm
+from hcomposer.model import HybridLM, ModelCache, init_module, lm_loss
 from hcomposer.primitives.attention import KVCache
 
 __all__ = ["HComposerCache", "HComposerForCausalLM", "HComposerPreTrainedModel"]
@@ -79,28 +77,12 @@ class HComposerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Same scheme as HybridLM.reset_parameters; parameters already loaded from a
-        # checkpoint carry _is_hf_initialized and are left alone.
+        # HybridLM's scheme; parameters already loaded from a checkpoint carry
+        # _is_hf_initialized and are left alone.
         params = list(module.parameters(recurse=False))
         if params and all(getattr(p, "_is_hf_initialized", False) for p in params):
             return
-        arch = Architecture.from_dict(self.config.architecture)
-        std = arch.shape.init_std
-        if isinstance(module, nn.Linear):
-            s = (
-                std / math.sqrt(max(1, arch.n_sublayers))
-                if getattr(module, "is_residual_output", False)
-                else std
-            )
-            nn.init.normal_(module.weight, 0.0, s)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        if isinstance(module, Primitive):
-            module.reset_special_parameters()
+        init_module(module, Architecture.from_dict(self.config.architecture))
 
 
 class HComposerForCausalLM(HComposerPreTrainedModel, GenerationMixin):
@@ -183,11 +165,7 @@ class HComposerForCausalLM(HComposerPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # Hugging Face convention: labels are the inputs, shifted here.
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+            loss = lm_loss(logits[:, :-1], labels[:, 1:])
         if return_dict is False:
             out = (logits, cache)
             return (loss, *out) if loss is not None else out

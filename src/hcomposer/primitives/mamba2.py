@@ -156,9 +156,6 @@ class Mamba2(Primitive):
         self.dt_bias = nn.Parameter(torch.empty(heads))
         self.A_log = nn.Parameter(torch.empty(heads))
         self.D = nn.Parameter(torch.empty(heads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            # Mamba-2 exempts these from weight decay; a trainer may read the flag.
-            p._no_weight_decay = True
         self.norm = GatedRMSNorm(self.inner_dim, self.inner_dim // self.n_groups, shape.norm_eps)
         if project:
             self.out_proj = nn.Linear(self.inner_dim, d, bias=False)

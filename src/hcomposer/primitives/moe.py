@@ -38,6 +38,7 @@ life (reset with ``reset_load``).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -183,6 +184,11 @@ class MixtureOfExperts(Primitive):
         self.last_load.copy_(load)
         self.load_total.add_(load)
         if self.training and self.balance == "bias" and self.bias_rate > 0:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # Under DDP every rank moves the bias by the global load, so the ranks agree
+                # (and DDP's broadcast of rank 0's buffers changes nothing).
+                load = load.clone()
+                dist.all_reduce(load)
             # DeepSeek-V3: b_e += rate * sign(mean load - load_e).
             err = load.float().mean() - load.float()
             self.expert_bias.add_(self.bias_rate * err.sign())

@@ -12,7 +12,7 @@ A size is a width ``d_model``; everything else follows from it by one rule (``La
   reference (Llama-style) model has ``2 * blocks`` sublayers at this width, a fixed
   width-to-depth ratio as in Chinchilla's and Llama's ladders;
 - the pattern: the searched block is extrapolated to exactly those ``2 * blocks`` sublayers by
-  ``hcomposer.search.extrapolate`` (``stack`` by default: Composer stacks short searched
+  ``hcomposer.scaling.extrapolate`` (``stack`` by default: Composer stacks short searched
   blocks such as ``AAFFFF`` and stretches long ones). So ``AF`` gives ``(AF)*blocks``, and a
   composite has the baseline's depth at every width and differs only in which primitive sits
   where -- the comparison Composer makes.
@@ -42,7 +42,7 @@ from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.pattern import canonical
-from hcomposer.search.extrapolate import STRATEGIES, extrapolate
+from hcomposer.scaling.extrapolate import STRATEGIES, extrapolate
 from hcomposer.shapes import Shape, get_shape
 
 __all__ = ["Ladder", "PlannedRun", "shape_for", "pattern_block", "plan_runs", "run_key"]

@@ -9,40 +9,21 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 
-from hcomposer.io import atomic_write_bytes
+from hcomposer.reporting.plots import pyplot, save_png
 
 __all__ = ["plot_isoflop", "plot_frontier"]
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    # The same PNG settings as hcomposer.report's plots.
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    _plt().close(fig)
-    return path
-
-
 def plot_isoflop(results: dict, path: str | Path) -> Path:
     """Loss against parameters per budget, with the fitted parabolas and their minima."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     patterns = list(results["patterns"])
@@ -85,12 +66,12 @@ def plot_isoflop(results: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss (nats/token)")
     axes[0][-1].legend(fontsize=8, loc="upper right")
-    return _save(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def plot_frontier(results: dict, path: str | Path) -> Path:
     """N* and L* against compute, with the fitted frontier of every pattern."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax_n, ax_l) = plt.subplots(1, 2, figsize=(10.5, 4))
     for i, (block, res) in enumerate(results["patterns"].items()):
         c = _COLORS[i % len(_COLORS)]
@@ -127,4 +108,4 @@ def plot_frontier(results: dict, path: str | Path) -> Path:
     ax_n.set_yscale("log")
     ax_n.set_title("compute-optimal size")
     ax_l.set_title("compute-optimal loss")
-    return _save(fig, Path(path))
+    return save_png(fig, Path(path))

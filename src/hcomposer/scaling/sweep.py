@@ -26,7 +26,8 @@ from hcomposer.format import progress_bar
 from hcomposer.io import atomic_write_json, read_json, run_metadata
 from hcomposer.scaling.fits import fit_frontier
 from hcomposer.scaling.ladder import Ladder, PlannedRun, pattern_block, plan_runs
-from hcomposer.train import TrainConfig, train, vocab_for
+from hcomposer.scaling.plots import plot_frontier, plot_isoflop
+from hcomposer.training.trainer import TrainConfig, train, vocab_for
 
 __all__ = ["SweepConfig", "RECIPES", "get_recipe", "plan_sweep", "run_sweep", "collect"]
 
@@ -252,7 +253,6 @@ def run_sweep(
     ``on_run(run, what)`` is told ``"skipped"``, ``"resumed"``, ``"trained"`` or (with
     ``fit_only``, which trains nothing and fits the finished runs) ``"missing"`` per run.
     """
-    from hcomposer.scaling.plots import plot_frontier, plot_isoflop
 
     out = Path(out_dir)
     # Every check that can fail on bad input runs before anything is written.

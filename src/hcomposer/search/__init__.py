@@ -4,7 +4,7 @@
 reads one back; ``make_sampler`` gives the samplers to other tools (bench-search).
 """
 
-from hcomposer.search.engine import SearchResult, load_trials, run_search
+from hcomposer.search.loop import SearchResult, load_trials, run_search
 from hcomposer.search.samplers import SAMPLERS, make_sampler
 from hcomposer.search.space import OBJECTIVES, STRATEGIES, SearchConfig
 

@@ -1,7 +1,7 @@
 """A live view of a study in the browser: ``optuna-dashboard`` over the search's storage.
 
 Every trial carries what a reader needs as user attributes (see
-:mod:`hcomposer.search.engine`): ``pattern``, ``role`` (what the trial became),
+:mod:`hcomposer.search.loop`): ``pattern``, ``role`` (what the trial became),
 ``task_scores`` (per proxy task), ``scores`` (the objective values by name), ``cost``
 (parameters, FLOPs/token, KV bytes/token, state bytes), ``wall_seconds``, ``owner`` and,
 when it did not train, ``failure``. The dashboard reads the storage only; a search can run

@@ -1,7 +1,7 @@
 """Where a trial's evaluation runs: in the worker itself (``local``) or as a Ray task (``ray``).
 
 The search loop (ask, claim, tell) always runs in the workers of
-:mod:`hcomposer.search.engine` and talks to the Optuna storage; an executor only decides
+:mod:`hcomposer.search.loop` and talks to the Optuna storage; an executor only decides
 where ``objective(arch, proxy=..., seed=...)`` is computed. So results and the trial log
 are the same whichever executor ran them, and a search started with one can be resumed
 with the other (the executor is not part of the search's identity).

@@ -22,6 +22,7 @@ from typing import Any
 
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
 
 __all__ = [
     "Objective",
@@ -32,6 +33,7 @@ __all__ = [
     "is_synthetic",
     "resolve_objective",
     "normalise_result",
+    "check_proxy",
 ]
 
 Objective = Callable[..., Any]
@@ -75,13 +77,11 @@ def is_synthetic(proxy: str) -> bool:
 def proxy_objective(
     arch: Architecture, proxy: str = "mad", *, seed: int = 0, config: dict | None = None
 ) -> Any:
-    """The real evaluator: ``hcomposer.evaluation.proxy.evaluate_proxy``.
+    """The real evaluator: ``hcomposer.proxies.proxy.evaluate_proxy``.
 
     ``config`` holds ``ProxyConfig`` fields that differ from the defaults (steps, tasks,
     learning-rate grid), as stored in the search's ``proxy_config``.
     """
-    from hcomposer.evaluation.proxy import ProxyConfig, evaluate_proxy
-
     cfg = ProxyConfig.from_dict(config) if config else None
     return evaluate_proxy(arch, proxy, seed=seed, config=cfg)
 
@@ -165,12 +165,4 @@ def check_proxy(proxy: str) -> None:
     if is_synthetic(proxy):
         resolve_objective(proxy, None)
         return
-    try:
-        from hcomposer.evaluation import proxy as proxy_mod
-    except ImportError:
-        raise UserError(
-            f"--proxy {proxy!r}: the proxy evaluator (hcomposer.evaluation.proxy) is not installed"
-        ) from None
-    checker = getattr(proxy_mod, "parse_proxy", None) or getattr(proxy_mod, "check_proxy", None)
-    if checker is not None:
-        checker(proxy)
+    parse_proxy(proxy)

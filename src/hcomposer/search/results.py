@@ -24,7 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.config_io import DamagedFolder, read_run_file
 from hcomposer.errors import UserError
+from hcomposer.runs import SearchDir
 from hcomposer.search.space import OBJECTIVES, SearchConfig, plan_stages
+from hcomposer.search.storage import check_storage, open_storage, storage_url
 
 __all__ = [
     "study_base",
@@ -36,6 +38,7 @@ __all__ = [
     "load_stage_trials",
     "best_of",
     "pareto_front",
+    "stage_best",
 ]
 
 
@@ -50,10 +53,10 @@ def study_name(config: SearchConfig, stage: int) -> str:
 
 
 def read_config(out_dir: str | Path) -> SearchConfig:
-    path = Path(out_dir) / "search.json"
+    path = SearchDir(out_dir).config
     if not path.is_file():
-        raise UserError(f"{str(out_dir)!r} is not a search folder (no search.json)")
-    stored = read_run_file(out_dir, "search.json", kind="search", keys=("config",), versioned=True)
+        raise UserError(f"{str(out_dir)!r} is not a search folder (no {path.name})")
+    stored = read_run_file(out_dir, path.name, kind="search", keys=("config",), versioned=True)
     try:
         return SearchConfig.from_dict(stored["config"])
     except UserError as e:
@@ -147,10 +150,8 @@ def load_trials(
     search.json names another storage) is read only from ``storage``, a URL the caller
     got from the user: a folder never decides what gets opened or created outside it.
     """
-    from hcomposer.search.storage import check_storage, open_storage, storage_url
-
     config = read_config(out_dir)
-    own = Path(out_dir) / "study.db"
+    own = SearchDir(out_dir).study_db
     if storage is None:
         if config.storage is not None and config.storage != storage_url(None, out_dir):
             raise UserError(
@@ -190,6 +191,16 @@ def best_of(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not done:
         return None
     return min(done, key=lambda r: (-r["score"], r["number"]))
+
+
+def stage_best(records: list[dict[str, Any]], objectives: tuple[str, ...]) -> tuple[Any, Any]:
+    """``(result, pattern)`` of a stage: the Pareto front (several objectives) or the best
+    trial, and the pattern the next stage builds on (None when nothing completed)."""
+    if len(objectives) > 1:
+        front = pareto_front(records, objectives)
+        return front, front[0]["pattern"] if front else None
+    best = best_of(records)
+    return best, best["pattern"] if best else None
 
 
 def pareto_front(records: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict]:

@@ -27,12 +27,12 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.search_space import IntersectionSearchSpace
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
+from hcomposer.search.optuna_compat import LazyRandomState, forget_gp_cache
 
 __all__ = [
     "SAMPLERS",
@@ -134,9 +134,7 @@ class TrialSeededSampler(BaseSampler):
     def _reseed(self, number: int) -> None:
         for i, state in enumerate(self._states):
             state.rng.seed(derive_seed(self._seed, number, i))
-        if hasattr(self.inner, "_gprs_cache_list"):
-            self.inner._gprs_cache_list = None
-            self.inner._constraints_gprs_cache_list = None
+        forget_gp_cache(self.inner)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial):
         return self.inner.infer_relative_search_space(study, trial)
@@ -212,7 +210,7 @@ class RegularizedEvolutionSampler(BaseSampler):
     ) -> dict[str, Any]:
         if not search_space:
             return {}
-        if study._is_multi_objective():
+        if len(study.directions) > 1:
             raise ValueError("RegularizedEvolutionSampler handles one objective; use NSGA-II")
         population = [
             t

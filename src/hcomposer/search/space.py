@@ -21,13 +21,15 @@ possible (earlier stages get the remainder).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from hcomposer.accounting import count_costs
+from hcomposer.architecture import Architecture
 from hcomposer.config_io import check_fields, migrate
 from hcomposer.errors import PatternError, UserError
 from hcomposer.pattern import TOKENS, format_pattern, parse_pattern
+from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.search.samplers import SAMPLERS
 from hcomposer.shapes import Shape, resolve_shape
 
@@ -162,8 +164,6 @@ class SearchConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if self.proxy_config:
-            from hcomposer.evaluation.proxy import ProxyConfig
-
             ProxyConfig.from_dict(self.proxy_config)  # a bad field fails here, before any work
         set_(self, "primitives", parse_choices(self.primitives))
         set_(self, "shape", resolve_shape(self.shape))
@@ -219,8 +219,6 @@ class SearchConfig:
                 raise UserError(
                     f"--min-count {tok}={n} is above --max-count {tok}={self.max_count[tok]}"
                 )
-        from hcomposer.architecture import Architecture
-
         for choice in self.primitives:
             # A group must split the shape's heads evenly; say so now, not in trial 17.
             Architecture(pattern=choice, shape=self.shape)
@@ -238,8 +236,6 @@ class SearchConfig:
         """
         if self.max_params is None and self.max_kv_bytes is None:
             return
-        from hcomposer.accounting import count_costs
-        from hcomposer.architecture import Architecture
 
         costs = [
             count_costs(Architecture(pattern=c * self.layers, shape=self.shape))
@@ -427,8 +423,3 @@ def describe_violation(
                 f"{counts.get(tok, 0)} x {tok} {op} --{kind.replace('_', '-')} {tok}={limit}"
             )
     return "infeasible: " + "; ".join(parts)
-
-
-def space_size(config: SearchConfig) -> int:
-    """Distinct patterns of the one-shot space (for messages)."""
-    return int(math.pow(len(config.primitives), config.layers))

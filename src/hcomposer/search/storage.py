@@ -23,11 +23,12 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.errors import UserError
 from hcomposer.guards import check_output_file
+from hcomposer.runs import SearchDir
+from hcomposer.search.optuna_compat import stale_trial_ids, storage_of, trial_id
 from hcomposer.search.pg import driver_url, schema_lock
 
 __all__ = [
@@ -65,7 +66,7 @@ def _host() -> str:
 def storage_url(spec: str | None, out_dir: str | Path) -> str:
     """The storage a run uses; ``None`` is the SQLite file in the run folder."""
     if spec is None:
-        return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
+        return f"sqlite:///{SearchDir(out_dir).study_db.resolve()}"
     return spec
 
 
@@ -223,9 +224,9 @@ def owner_alive(owner: dict[str, Any] | None) -> bool | None:
 
 
 def _fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
-    storage = study._storage
+    storage = storage_of(study)
     try:
-        changed = storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        changed = storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False  # another worker got there first
     if not changed:
@@ -259,11 +260,9 @@ def reap_dead_trials(study: optuna.Study, *, unowned_after: float = 120.0) -> li
             if _fail_and_retry(study, t, f"worker died in flight ({where})"):
                 reaped.append(t.number)
     # Owners on other machines: the heartbeat (RDB storages only).
-    storage = study._storage
-    if hasattr(storage, "_get_stale_trial_ids") and is_heartbeat_enabled(storage):
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
-            t = storage.get_trial(trial_id)
-            lost = t.state == TrialState.RUNNING
-            if lost and _fail_and_retry(study, t, "worker lost (no heartbeat)"):
-                reaped.append(t.number)
+    for stale in stale_trial_ids(study):
+        t = storage_of(study).get_trial(stale)
+        lost = t.state == TrialState.RUNNING
+        if lost and _fail_and_retry(study, t, "worker lost (no heartbeat)"):
+            reaped.append(t.number)
     return reaped

@@ -1,5 +1,5 @@
-"""Run-folder state: checkpoints (safetensors + JSON, never pickle; atomic; checksummed),
-status, metrics truncation on resume, and the rules for reusing an output folder.
+"""Checkpoints (safetensors + JSON, never pickle; atomic; checksummed) and the rules for
+reusing an output folder.
 
 A checkpoint is the folder ``RUN/checkpoint``:
 
@@ -16,7 +16,6 @@ either the old or the new checkpoint whole (``find_checkpoint`` looks at both).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -32,14 +31,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
-from hcomposer.io import (
-    atomic_write_json,
-    atomic_write_text,
-    current_umask,
-    read_json,
-    read_jsonl,
-    sha256_file,
-)
+from hcomposer.io import atomic_write_json, current_umask, read_json, sha256_file
+from hcomposer.runs import RunDir
 
 __all__ = [
     "save_checkpoint",
@@ -50,9 +43,6 @@ __all__ = [
     "rng_state",
     "read_state",
     "check_out_dir",
-    "read_status",
-    "write_status",
-    "truncate_metrics",
     "set_rng_state",
     "FORMAT",
 ]
@@ -132,7 +122,7 @@ def save_checkpoint_state(
     once), or a function writing ``model.safetensors`` to the path it is given.
     """
     run_dir = Path(run_dir)
-    final = run_dir / "checkpoint"
+    final = RunDir(run_dir).checkpoint
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
     # mkdtemp makes the folder 0700; a run folder follows the user's umask.
     os.chmod(tmp, 0o777 & ~current_umask())
@@ -153,7 +143,7 @@ def save_checkpoint_state(
             "sha256": {name: sha256_file(tmp / name) for name in _FILES},
         }
         atomic_write_json(tmp / "state.json", record)
-        old = run_dir / ".checkpoint.old"
+        old = final.with_name(f".{final.name}.old")
         if final.exists():
             # Only now is the previous .checkpoint.old redundant: ``final`` is whole.
             if old.exists():
@@ -169,10 +159,10 @@ def save_checkpoint_state(
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """``RUN/checkpoint``, or the previous one if a kill fell between the two renames."""
-    run_dir = Path(run_dir)
-    for name in ("checkpoint", ".checkpoint.old"):
-        if (run_dir / name / "state.json").is_file():
-            return run_dir / name
+    final = RunDir(run_dir).checkpoint
+    for folder in (final, final.with_name(f".{final.name}.old")):
+        if (folder / "state.json").is_file():
+            return folder
     return None
 
 
@@ -263,14 +253,15 @@ def check_out_dir(
     entries = [p for p in out.iterdir() if not p.name.startswith(".")]
     if not entries:
         return False
-    run_json = out / "run.json"
+    run = RunDir(out)
+    run_json = run.run_json
     if not run_json.is_file():
         raise UserError(
             f"output folder {str(out)!r} is not empty and holds no hcomposer run; "
             "choose a new or empty folder"
         )
     if not resume:
-        status = read_status(out).get("status", "unknown")
+        status = run.read_status().get("status", "unknown")
         raise UserError(
             f"output folder {str(out)!r} already holds a run (status {status}); pass --resume "
             "to continue it, or choose another --out"
@@ -304,27 +295,3 @@ def check_out_dir(
             f"({', '.join(differ)}); repeat the original options or choose another --out"
         )
     return True
-
-
-def read_status(out: Path) -> dict[str, Any]:
-    try:
-        status = read_json(out / "status.json")
-    except (OSError, ValueError):
-        return {}
-    # status.json is informative only: a damaged one reads as "unknown".
-    return status if isinstance(status, dict) else {}
-
-
-def write_status(out: Path, status: str, step: int, message: str = "") -> None:
-    atomic_write_json(out / "status.json", {"status": status, "step": step, "message": message})
-
-
-def _step_of(record: dict) -> float:
-    step = record.get("step", 0)
-    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to the checkpoint: the steps after it will be run again."""
-    kept = [r for r in read_jsonl(path) if _step_of(r) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.pattern import Sublayer, format_pattern, parse_pattern
@@ -140,8 +141,6 @@ def _per_sublayer_params(layers: Sequence[Sublayer], shape: Shape) -> tuple[int,
     A model's parameter count is that base plus one term per sublayer, so two meta-device
     counts per distinct sublayer (``s`` and ``ss``) give both terms exactly.
     """
-    from hcomposer.accounting import count_costs
-
     per: dict[Sublayer, int] = {}
     base = None
     for s in dict.fromkeys(layers):
@@ -171,8 +170,6 @@ def params_at_depth(
     pattern: str | Sequence[Sublayer], L: int, shape: str | Shape, strategy: str = "stack"
 ) -> int:
     """Total parameters of ``pattern`` extrapolated to ``L`` sublayers at ``shape``."""
-    from hcomposer.accounting import count_costs
-
     arch = Architecture(pattern=extrapolate(pattern, L, strategy), shape=resolve_shape(shape))
     return count_costs(arch).params_total
 
@@ -191,8 +188,6 @@ def scale_to_params(
     distance found; ties go to the shallower model. The result is re-counted with
     ``count_costs`` and checked against the model.
     """
-    from hcomposer.accounting import count_costs
-
     shape = resolve_shape(shape)
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

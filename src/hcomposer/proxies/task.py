@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hcomposer.architecture import Architecture
 from hcomposer.data.mad import IGNORE, MADData
-from hcomposer.model import HybridLM, build_model
+from hcomposer.model import HybridLM, build_model, lm_loss
 from hcomposer.primitives import RMSNorm
+from hcomposer.training.schedule import lr_at
+from hcomposer.training.step import evaluate, make_optimizer, set_lr, train_step
 
 __all__ = [
     "RunResult",
@@ -29,8 +30,7 @@ __all__ = [
     "evaluate_split",
     "build_task_model",
     "count_params",
-    "autocast",
-    "lr_at",
+    "proxy_lr",
 ]
 
 
@@ -104,17 +104,9 @@ class PooledDecoder(nn.Module):
         return self.unembed(self.mlp(x))
 
 
-def autocast(dtype: str):
-    """bf16 autocast on CPU when asked; fp32 otherwise."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
+def proxy_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """The proxies' schedule: the trainer's warmup-cosine, decaying to a tenth of the peak."""
+    return lr_at(step, total_steps=total, lr=peak, min_lr=0.1 * peak, warmup=warmup)
 
 
 def _logits_at_targets(model: HybridLM, head: PooledDecoder | None, x, y):
@@ -130,24 +122,8 @@ def _logits_at_targets(model: HybridLM, head: PooledDecoder | None, x, y):
     return model.lm_head(h[mask]), y[mask]
 
 
-def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
-    # Decay matrices only (embeddings and linear weights); norms and biases not.
-    seen: set[int] = set()
-    decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def build_task_model(
-    arch: Architecture, data: MADData, seed: int
+    arch: Architecture, data: MADData, seed: int, device: torch.device | str = "cpu"
 ) -> tuple[HybridLM, PooledDecoder | None]:
     """A fresh model (and decoder for pooled tasks) sized for the task, seeded,
     without touching the caller's global random state."""
@@ -160,10 +136,10 @@ def build_task_model(
         if data.pooled:
             torch.manual_seed(seed + 1)
             head = PooledDecoder(shape.d_model, vocab, seq_len)
-    return model, head
+    # Built on the CPU from the CPU generator, then moved: the same weights on every device.
+    return model.to(device), (head.to(device) if head is not None else None)
 
 
-@torch.no_grad()
 def evaluate_split(
     model: HybridLM,
     head: PooledDecoder | None,
@@ -173,21 +149,16 @@ def evaluate_split(
     dtype: str,
 ) -> tuple[float, float]:
     """Accuracy and mean cross-entropy over the scored positions of a split."""
-    model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    for i in range(0, x.shape[0], batch_size):
-        with autocast(dtype):
-            logits, labels = _logits_at_targets(
-                model, head, x[i : i + batch_size], y[i : i + batch_size]
-            )
-        logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += int(labels.numel())
-    model.train()
-    if total == 0:
-        return 0.0, float("nan")
-    return correct / total, loss_sum / total
+    device = next(model.parameters()).device
+    batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
+    result = evaluate(
+        lambda xb, yb: _logits_at_targets(model, head, xb, yb),
+        batches,
+        device=device,
+        dtype=dtype,
+        modules=[model] + ([head] if head is not None else []),
+    )
+    return result.accuracy, result.loss
 
 
 def train_and_score(
@@ -206,6 +177,7 @@ def train_and_score(
     on_step: Callable[[int, int], None] | None = None,
     check_every: int = 0,
     on_check: Callable[[int, float], bool] | None = None,
+    device: torch.device | str = "cpu",
 ) -> RunResult:
     """Train a fresh model on ``data`` for ``steps`` AdamW steps, then score it.
 
@@ -218,14 +190,14 @@ def train_and_score(
     the validation split (the test split when the data has none).
     """
     t0 = time.perf_counter()
-    model, head = build_task_model(arch, data, seed)
+    device = torch.device(device)
+    model, head = build_task_model(arch, data, seed, device)
     modules: list[nn.Module] = [model] + ([head] if head is not None else [])
-    opt = torch.optim.AdamW(
-        _param_groups(modules, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8
+    opt = make_optimizer(
+        modules, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), device=device
     )
-    params = [p for g in opt.param_groups for p in g["params"]]
-    x_tr = torch.from_numpy(data.train_inputs)
-    y_tr = torch.from_numpy(data.train_targets)
+    x_tr = torch.from_numpy(data.train_inputs).to(device)
+    y_tr = torch.from_numpy(data.train_targets).to(device)
     n = x_tr.shape[0]
     bs = min(batch_size, n)
     gen = torch.Generator().manual_seed(seed)
@@ -240,21 +212,20 @@ def train_and_score(
         if cursor + bs > n:  # next epoch, new order
             order = torch.randperm(n, generator=gen)
             cursor = 0
-        idx = order[cursor : cursor + bs]
+        idx = order[cursor : cursor + bs].to(device)
         cursor += bs
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup_steps)
-        with autocast(dtype):
-            logits, labels = _logits_at_targets(model, head, x_tr[idx], y_tr[idx])
-        loss = F.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):
+        set_lr(opt, proxy_lr(step, steps, lr, warmup_steps))
+        loss, _ = train_step(
+            lambda x, y: lm_loss(*_logits_at_targets(model, head, x, y)),
+            [(x_tr[idx], y_tr[idx])],
+            opt,
+            device=device,
+            dtype=dtype,
+            grad_clip=grad_clip,
+        )
+        if not math.isfinite(loss):
             failure = f"non-finite training loss at step {step} (lr={lr:g}, wd={weight_decay:g})"
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
         tokens += int(idx.numel() * x_tr.shape[1])
         done = step + 1
         if on_step is not None:

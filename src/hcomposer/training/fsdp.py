@@ -5,14 +5,14 @@ final norm, head; tied weights stay one parameter) another. Parameters, gradient
 state live as ``DTensor`` shards (``Shard(0)``) on their ranks; a block's full weights exist
 only while it runs.
 
-Checkpoints: gathered into the ordinary checkpoint format (``hcomposer.checkpoint``), written
-by rank 0. Each tensor is all-gathered in turn, moved to rank 0's host memory, and the files
-are the same ``model.safetensors`` / ``optimizer.safetensors`` / ``state.json`` a single
+Checkpoints: gathered into the ordinary checkpoint format (``hcomposer.training.checkpoint``),
+written by rank 0. Each tensor is all-gathered in turn, moved to rank 0's host memory, and the
+files are the same ``model.safetensors`` / ``optimizer.safetensors`` / ``state.json`` a single
 process writes, so one format serves resume (with FSDP at any process count, with DDP, or in
-one process), ``hcomposer export`` and ``hcomposer eval``. torch.distributed.checkpoint is
-not used: its metadata file is a pickle, and this project never unpickles. The price: rank 0
-needs host memory for the full weights and optimiser state (16 bytes per parameter in fp32),
-and the save is serial; per-rank shard files would lift that limit.
+one process), ``hcomposer export`` and ``hcomposer eval``. torch.distributed.checkpoint is not
+used: its metadata file is a pickle, and this project never unpickles. The price: rank 0 needs
+host memory for the full weights and optimiser state (16 bytes per parameter in fp32), and the
+save is serial; per-rank shard files would lift that limit.
 
 Loading: every rank builds the full model on the host from the seed (so the initial weights
 equal DDP's and one process's exactly), loads checkpoint weights into it, then shards it;

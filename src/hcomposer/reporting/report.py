@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hcomposer.pattern import parse_pattern
+from hcomposer.reporting.plots import pyplot, save_png
 
 __all__ = [
     "PRIMITIVE_COLORS",
@@ -32,30 +33,9 @@ PRIMITIVE_COLORS = {
 }
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    import io
-
-    from hcomposer.io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    _plt().close(fig)
-    return Path(path)
-
-
 def plot_trials(trials: Sequence[dict], path: str | Path, title: str = "Search") -> Path:
     """Score per trial (completed trials) with the best-so-far line."""
-    plt = _plt()
+    plt = pyplot()
     done = [t for t in trials if t.get("score") is not None and t.get("state") == "COMPLETE"]
     done.sort(key=lambda t: t["number"])
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -72,7 +52,7 @@ def plot_trials(trials: Sequence[dict], path: str | Path, title: str = "Search")
     ax.set_title(title)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -93,7 +73,7 @@ def plot_pareto(
     trials: Sequence[dict], path: str | Path, cost_key: str = "cost", cost_label: str = "cost"
 ) -> Path:
     """Score against cost with the Pareto front highlighted."""
-    plt = _plt()
+    plt = pyplot()
     pts = [
         (t["score"], t[cost_key])
         for t in trials
@@ -114,14 +94,14 @@ def plot_pareto(
     ax.set_xlabel(cost_label)
     ax.set_ylabel("proxy score")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_pattern_strips(
     rows: Sequence[tuple[str, str]], path: str | Path, title: str = "Patterns"
 ) -> Path:
     """One coloured bar per architecture: a cell per sublayer, split for parallel groups."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.patches import Patch, Rectangle
 
     parsed = [(label, parse_pattern(p)) for label, p in rows]
@@ -152,14 +132,14 @@ def plot_pattern_strips(
     )
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_loss_curves(
     runs: dict[str, Sequence[dict]], path: str | Path, title: str = "Training loss"
 ) -> Path:
     """Training loss (and validation loss where logged) against tokens, one colour per run."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for (label, records), color in zip(runs.items(), colors * 4):
@@ -174,7 +154,7 @@ def plot_loss_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -25,11 +25,11 @@ trains a pattern by claiming it under a per-study lock (:mod:`hcomposer.search.c
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing as mp
 import os
 import time
-import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,42 +38,36 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution
-from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import FrozenTrial, TrialState
 
-from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_run_file, stamp
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, record_run
+from hcomposer.io import atomic_write_json, atomic_write_text
+from hcomposer.runs import SearchDir
 from hcomposer.search import results as R
-from hcomposer.search.claims import claim
-from hcomposer.search.dashboard import task_scores
+from hcomposer.search.budget import POLL, count_trials
 from hcomposer.search.executors import Executor, LocalExecutor, run_threads
 from hcomposer.search.live import LiveView
-from hcomposer.search.objectives import Objective, check_proxy, normalise_result, resolve_objective
+from hcomposer.search.objectives import Objective, check_proxy, resolve_objective
+from hcomposer.search.optuna_compat import heartbeat
 from hcomposer.search.samplers import default_n_startup, make_sampler
 from hcomposer.search.space import (
     SearchConfig,
     Stage,
-    constraint_values,
-    describe_violation,
     param_name,
     plan_stages,
     split_pattern,
-    stage_pattern,
 )
 from hcomposer.search.storage import (
     check_storage,
     open_storage,
-    owner_record,
     reap_dead_trials,
     storage_url,
 )
+from hcomposer.search.trial import TrialSteps
 
 __all__ = ["SearchResult", "run_search", "prepare_run_folder", "load_trials"]
 
 load_trials = R.load_trials
-_POLL = 0.5
 
 
 @dataclass
@@ -119,11 +113,12 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     Raises UserError (and writes nothing) for an unreachable storage, an unknown proxy,
     or a folder that holds a search with another configuration.
     """
-    out = Path(out_dir)
+    folder = SearchDir(out_dir)
+    out = folder.root
     check_proxy(config.proxy)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder")
-    existing = out / "search.json"
+    existing = folder.config
     resuming = existing.is_file()
     if resuming:
         try:
@@ -141,8 +136,10 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
                 f"({_identity_diff(old, config.identity())}); re-run with the same options to "
                 "resume it, or pick a new --out"
             )
-    elif (out / "study.db").exists():
-        raise UserError(f"{str(out)!r} holds a study.db without search.json; pick a new --out")
+    elif folder.study_db.exists():
+        raise UserError(
+            f"{str(out)!r} holds a {folder.study_db.name} without {existing.name}; pick a new --out"
+        )
     check_storage(config.storage, out)
     out.mkdir(parents=True, exist_ok=True)
     # Create the storage's tables before search.json exists: readers (load_trials, other
@@ -150,7 +147,7 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     open_storage(storage_url(config.storage, out))
     if not resuming:
         atomic_write_json(existing, stamp({"config": config.to_dict()}))
-    record_run(out, config.to_dict(), argv)
+    folder.record(config.to_dict(), argv)
     return resuming
 
 
@@ -192,39 +189,7 @@ def _fixed_parts(config: SearchConfig, stage: Stage, previous_best: str | None) 
 
 def _stage_best(study: optuna.Study, config: SearchConfig) -> str | None:
     records = [R.trial_record(t, 0, config.objective) for t in study.get_trials(deepcopy=False)]
-    if len(config.objective) > 1:
-        front = R.pareto_front(records, config.objective)
-        return front[0]["pattern"] if front else None
-    best = R.best_of(records)
-    return best["pattern"] if best else None
-
-
-class _Costs:
-    """Costs at the search shape, once per pattern per process (meta device, no memory)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, dict[str, Any]] = {}
-
-    def __call__(self, arch: Architecture) -> dict[str, Any]:
-        if arch.pattern not in self._cache:
-            from hcomposer.accounting import count_costs
-
-            c = count_costs(arch)
-            self._cache[arch.pattern] = {
-                "params_total": c.params_total,
-                "params_active": c.params_active,
-                "params_non_embedding": c.params_non_embedding,
-                "flops_per_token": c.flops_per_token,
-                "kv_bytes_per_token": c.kv_bytes_per_token,
-                "state_bytes": c.state_bytes,
-                "seq_len": c.seq_len,
-            }
-        return self._cache[arch.pattern]
-
-
-def _token_counts(arch: Architecture) -> dict[str, int]:
-    # A group [A|S] counts toward both A and S.
-    return dict(Counter(tok for sub in arch.layers for tok in sub))
+    return R.stage_best(records, config.objective)[1]
 
 
 class _Worker:
@@ -237,7 +202,7 @@ class _Worker:
         self.objective = objective
         self.view = view
         self.parent_pid = parent_pid
-        self.costs = _Costs()
+        self.steps = TrialSteps(config, objective)
         self.notes: list[str] = []
         self.done_before = 0  # trained trials of the finished stages
 
@@ -248,7 +213,7 @@ class _Worker:
             study = _open_study(self.storage, self.config, stage)
             self._run_stage(study, stage)
             best = _stage_best(study, self.config)
-            self.done_before += _count(study.get_trials(deepcopy=False))["evaluated"]
+            self.done_before += count_trials(study.get_trials(deepcopy=False))["evaluated"]
             if best is None:
                 raise UserError(
                     f"stage {stage.index + 1} has no completed feasible trial; loosen the "
@@ -267,7 +232,7 @@ class _Worker:
         best = R.best_of(records)
         note = f"stage {stage.index + 1}" if self.config.strategy != "one-shot" else ""
         self.view.update(
-            self.done_before + _count(trials)["evaluated"],
+            self.done_before + count_trials(trials)["evaluated"],
             best["pattern"] if best else None,
             best["score"] if best else None,
             note,
@@ -284,7 +249,7 @@ class _Worker:
         while True:
             reap_dead_trials(study)
             trials = study.get_trials(deepcopy=False)
-            c = _count(trials)
+            c = count_trials(trials)
             if c["evaluated"] >= stage.trials:
                 return
             if c["cheap"] >= cap:
@@ -297,14 +262,14 @@ class _Worker:
                 self._note(f"stage {stage.index + 1}: every pattern of the space is known")
                 return
             if c["waiting"] == 0 and c["evaluated"] + c["running"] >= stage.trials:
-                time.sleep(_POLL)  # the rest of the budget is in flight in other workers
+                time.sleep(POLL)  # the rest of the budget is in flight in other workers
                 continue
             if self._orphaned():
                 raise SystemExit(1)  # the parent was killed: stop between trials
             trial = study.ask(space)
             # The heartbeat covers the whole trial, so a remote worker's death is noticed.
-            with get_heartbeat_thread(trial._trial_id, study._storage):
-                self._handle(study, stage, trial)
+            with heartbeat(study, trial):
+                self.steps.run(study, stage, trial)
             self._show(study, stage)
 
     def _note(self, text: str) -> None:
@@ -312,141 +277,6 @@ class _Worker:
             self.notes.append(text)
             if self.view is not None:
                 self.view.message(text)
-
-    def _handle(self, study: optuna.Study, stage: Stage, trial: optuna.Trial) -> None:
-        cfg = self.config
-        trial.set_user_attr("owner", owner_record())
-        pattern = stage_pattern(stage, trial.params)
-        arch = Architecture(pattern=pattern, shape=cfg.shape)
-        trial.set_user_attr("pattern", arch.pattern)
-        trial.set_user_attr("seed", cfg.seed)
-        trial.set_user_attr("proxy", cfg.proxy)
-        try:
-            costs = self.costs(arch)
-        except Exception as e:  # a pattern the model builder rejects is a failed trial
-            self._fail(
-                study, trial, "evaluation", f"cost accounting failed: {type(e).__name__}: {e}"
-            )
-            return
-        trial.set_user_attr("cost", costs)
-        cons = constraint_values(cfg, costs, _token_counts(arch))
-        for name, value in cons.items():
-            trial.set_constraint(name, value)
-        if any(v > 0 for v in cons.values()):
-            reason = describe_violation(cons, cfg, costs, _token_counts(arch))
-            trial.set_user_attr("role", "infeasible")
-            trial.set_user_attr("failure", reason)
-            study.tell(trial, self._values(-math.inf, None, costs, infeasible=True))
-            return
-        verdict, known = claim(
-            study,
-            trial,
-            arch.pattern,
-            stage.trials,
-            poll=_POLL,
-            on_wait=lambda: reap_dead_trials(study),
-        )
-        if verdict == "cached":
-            trial.set_user_attr("role", "cached")
-            trial.set_user_attr("cached_from", known.number)
-            for key in ("scores", "task_scores", "wall_seconds", "proxy_result"):
-                if key in known.user_attrs:
-                    trial.set_user_attr(key, known.user_attrs[key])
-            study.tell(trial, list(known.values))
-            return
-        if verdict == "failed":
-            trial.set_user_attr("role", "failed-before")
-            why = known.user_attrs.get("failure", "failed")
-            self._fail(
-                study, trial, "failed-before", f"failed before in trial {known.number}: {why}"
-            )
-            return
-        if verdict == "surplus":
-            self._fail(study, trial, "surplus", "surplus: the budget was filled by other workers")
-            return
-        trial.set_user_attr("architecture", arch.to_dict())
-        self._evaluate(study, trial, arch, costs)
-
-    def _values(self, score: float, tps: float | None, costs: dict, infeasible=False) -> list:
-        values = []
-        for name in self.config.objective:
-            if name == "score":
-                values.append(score)
-            elif name == "kv":
-                values.append(float(costs["kv_bytes_per_token"]))
-            elif name == "flops":
-                values.append(float(costs["flops_per_token"]))
-            elif name == "throughput":
-                values.append(-math.inf if infeasible or tps is None else float(tps))
-        return values
-
-    def _fail(self, study, trial, role: str, reason: str) -> None:
-        trial.set_user_attr("role", role)
-        trial.set_user_attr("failure", reason[:500])
-        study.tell(trial, state=TrialState.FAIL)
-
-    def _evaluate(self, study, trial, arch: Architecture, costs: dict) -> None:
-        t0 = time.perf_counter()
-        try:
-            result = self.objective(arch, proxy=self.config.proxy, seed=self.config.seed)
-            outcome = normalise_result(result)
-        except UserError as e:
-            self._fail(study, trial, "evaluation", f"{e}")
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(
-                dict(trial.params),
-                user_attrs={"retry_of": trial.number, "retry_reason": "interrupted"},
-            )
-            raise
-        except Exception as e:
-            tb = traceback.format_exc(limit=6)
-            trial.set_user_attr("traceback", tb[-4000:])
-            self._fail(study, trial, "evaluation", f"{type(e).__name__}: {e}")
-            return
-        wall = time.perf_counter() - t0
-        trial.set_user_attr("wall_seconds", round(wall, 4))
-        if outcome.details:
-            trial.set_user_attr("proxy_result", _jsonable(outcome.details))
-            if task_scores(outcome.details):
-                trial.set_user_attr("task_scores", _jsonable(task_scores(outcome.details)))
-        if not math.isfinite(outcome.score):
-            self._fail(study, trial, "evaluation", f"score is {outcome.score} (diverged?)")
-            return
-        values = self._values(outcome.score, outcome.tokens_per_second, costs)
-        scores = dict(zip(self.config.objective, values))
-        if outcome.tokens_per_second is not None:
-            scores["tokens_per_second"] = outcome.tokens_per_second
-        trial.set_user_attr("scores", scores)
-        study.tell(trial, values)
-
-
-def _jsonable(obj: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _count(trials: list[FrozenTrial]) -> dict[str, int]:
-    c = Counter()
-    patterns = set()
-    for t in trials:
-        role = t.user_attrs.get("role")
-        if t.state == TrialState.COMPLETE and role == "evaluation":
-            c["evaluated"] += 1
-        elif t.state == TrialState.COMPLETE or role in ("failed-before",):
-            c["cheap"] += 1
-        if t.state == TrialState.RUNNING:
-            c["running"] += 1
-        elif t.state == TrialState.WAITING:
-            c["waiting"] += 1
-        known_roles = ("evaluation", "infeasible", "cached", "failed-before")
-        if t.state.is_finished() and role in known_roles and "pattern" in t.user_attrs:
-            patterns.add(t.user_attrs["pattern"])
-    c["known_patterns"] = len(patterns)
-    return c
 
 
 def _quiet_optuna() -> None:
@@ -481,26 +311,17 @@ def _progress_from_storage(config: SearchConfig, url: str) -> tuple[int, str | N
 
 def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]) -> SearchResult:
     """Read the whole search back, write ``trials.jsonl`` and ``summary.json``."""
-    import json
-
     url = storage_url(config.storage, out_dir)
     per_stage = R.load_stage_trials(config, open_storage(url))
     trials = [r for recs in per_stage for r in recs]
-    atomic_write_text(out_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in trials))
+    atomic_write_text(SearchDir(out_dir).trials, "".join(json.dumps(r) + "\n" for r in trials))
     plans = plan_stages(config)
     stages = []
     best_pattern = None
     for plan, recs in zip(plans, per_stage):
         stage = _fixed_parts(config, plan, best_pattern)
         states = Counter(r["state"] for r in recs)
-        if len(config.objective) > 1:
-            front = R.pareto_front(recs, config.objective)
-            best = front
-            best_pattern = front[0]["pattern"] if front else None
-        else:
-            b = R.best_of(recs)
-            best = b
-            best_pattern = b["pattern"] if b else None
+        best, best_pattern = R.stage_best(recs, config.objective)
         stages.append({**stage.to_dict(), "states": dict(states), "best": best})
     for plan, recs in zip(plans, per_stage):
         n_done = sum(r["state"] == "COMPLETE" for r in recs)
@@ -514,7 +335,7 @@ def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]
     result = SearchResult(str(out_dir), config, trials, final, stages, wall, notes)
     summary = result.to_dict()
     summary.pop("trials")
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(SearchDir(out_dir).summary_json, summary)
     return result
 
 

@@ -45,6 +45,9 @@ import numpy as np
 from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
 from hcomposer.pattern import format_pattern, parse_pattern
+from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.reporting.report import markdown_table
+from hcomposer.search.samplers import make_sampler
 from hcomposer.stats import bootstrap_ci, bootstrap_mean_band, noise_floor, spearman, tied_with_best
 
 __all__ = [
@@ -367,8 +370,6 @@ def replay(
     """
     import optuna
 
-    from hcomposer.search.samplers import make_sampler
-
     _quiet_optuna()
     noisy = len(table.seeds) > 1 if noisy is None else noisy
     tied = table.tied() if tied is None else tied
@@ -511,7 +512,6 @@ def markdown_report(
     table: Table, summary: dict[str, dict[str, Any]], budget: int, command: str
 ) -> str:
     """The sampler comparison as Markdown (the table lives next to the regret plot)."""
-    from hcomposer.report import markdown_table
 
     ranked = table.ranked
     checkpoints = list(next(iter(summary.values()))["mean_regret"]) if summary else []
@@ -591,7 +591,6 @@ def markdown_report(
 
 def _structure_lines(table: Table) -> list[str]:
     """The table's own structure: extremes, score by primitive count and by position."""
-    from hcomposer.report import markdown_table
 
     d = describe_table(table)
     out = [
@@ -637,9 +636,7 @@ def plot_regret(
     results: dict[str, list[Replay]], table: Table, budget: int, path: str | Path
 ) -> Path:
     """Mean simple regret (95% bootstrap band) and the share of replays at the tied set."""
-    from hcomposer.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(1, budget + 1)
     for name, reps in results.items():
@@ -658,4 +655,4 @@ def plot_regret(
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)

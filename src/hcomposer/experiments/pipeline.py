@@ -9,117 +9,39 @@ resume itself (the search from its study, training from its last checkpoint).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcomposer.accounting import count_costs
+from hcomposer.architecture import Architecture
 from hcomposer.config_io import DamagedFolder, read_run_file, stamp
+from hcomposer.data import get_tokenizer
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, record_run
+from hcomposer.evaluation.efficiency import measure_runs_interleaved
+from hcomposer.evaluation.suite import run_suite
+from hcomposer.io import atomic_write_json, atomic_write_text
+from hcomposer.recipes import Recipe
+from hcomposer.reporting.compare import compare_runs, comparison_markdown
+from hcomposer.reporting.report import (
+    markdown_table,
+    plot_pareto,
+    plot_pattern_strips,
+    plot_trials,
+)
+from hcomposer.runs import PipelineDir
+from hcomposer.scaling.aggregate import aggregate_details
+from hcomposer.scaling.extrapolate import extrapolate
+from hcomposer.search import load_trials, run_search
+from hcomposer.shapes import resolve_shape
+from hcomposer.training.trainer import resolve_arch, train
 
-__all__ = ["RunRecipe", "RUN_RECIPES", "get_run_recipe", "run_pipeline", "matched_baseline"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunRecipe:
-    """Everything ``hcomposer run`` does, as plain data (stored in the run folder)."""
-
-    name: str
-    search: dict[str, Any]  # SearchConfig fields (see hcomposer.search)
-    aggregate_method: str = "n0"
-    aggregate_c: int = 1
-    scale_strategy: str = "stack"
-    target_shape: str = "10m"
-    target_layers: int = 0  # 0: the target shape's reference depth
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
-    eval_suites: tuple[str, ...] = ("loss", "niah", "efficiency")
-    eval_options: dict[str, Any] = field(default_factory=dict)  # run_suite options
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["eval_suites"] = list(self.eval_suites)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunRecipe:
-        d = dict(d)
-        d["eval_suites"] = tuple(d.get("eval_suites", ()))
-        return cls(**d)
-
-
-def _quickstart() -> RunRecipe:
-    from hcomposer.recipes import RECIPES
-
-    search = RECIPES["quickstart"]().to_dict()
-    return RunRecipe(
-        name="quickstart",
-        search=search,
-        aggregate_method="n0",
-        scale_strategy="stack",
-        target_shape="10m",
-        target_layers=12,
-        train=dict(
-            tokens=600_000,
-            batch_size=16,
-            seq_len=256,
-            lr=3e-3,
-            warmup=30,
-            eval_every=50,
-            eval_tokens=65_536,
-            checkpoint_every=50,
-        ),
-        eval_suites=("loss", "niah", "efficiency"),
-    )
-
-
-def _paper() -> RunRecipe:
-    from hcomposer.recipes import RECIPES
-
-    search = RECIPES["paper"]().to_dict()
-    return RunRecipe(
-        name="paper",
-        search=search,
-        aggregate_method="n0",
-        scale_strategy="stretch",
-        target_shape="llama-3.2-1b",
-        target_layers=32,
-        train=dict(
-            tokens=20_000_000_000,
-            batch_size=256,
-            seq_len=2048,
-            lr=3e-4,
-            warmup=2000,
-            eval_every=1000,
-            checkpoint_every=1000,
-        ),
-        eval_suites=(
-            "loss",
-            "niah",
-            "mqar",
-            "efficiency",
-            "lm-eval:arc_easy,arc_challenge,hellaswag,winogrande,piqa,sciq",
-        ),
-    )
-
-
-RUN_RECIPES: dict[str, Callable[[], RunRecipe]] = {"quickstart": _quickstart, "paper": _paper}
-
-
-def get_run_recipe(name: str) -> RunRecipe:
-    if name not in RUN_RECIPES:
-        raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(RUN_RECIPES)}")
-    return RUN_RECIPES[name]()
+__all__ = ["run_pipeline", "matched_baseline"]
 
 
 def matched_baseline(params: int, shape) -> tuple[str, int]:
     """The Llama-style ``(AF)*n`` at ``shape`` whose parameter count is closest to ``params``."""
-    from hcomposer.accounting import count_costs
-    from hcomposer.architecture import Architecture
-
     best: tuple[int, str, int] | None = None
     n = 1
     while True:
@@ -137,17 +59,22 @@ def matched_baseline(params: int, shape) -> tuple[str, int]:
 class _State:
     """pipeline.json: the recipe and what each finished stage produced."""
 
-    def __init__(self, out: Path, recipe: RunRecipe, argv: list[str] | None):
-        self.path = out / "pipeline.json"
+    def __init__(self, out: Path, recipe: Recipe, argv: list[str] | None):
+        self.dir = PipelineDir(out)
+        self.path = self.dir.state
         self.out = out
         if self.path.exists():
-            data = read_run_file(out, "pipeline.json", keys=("recipe", "stages"), versioned=True)
+            data = read_run_file(out, self.path.name, keys=("recipe", "stages"), versioned=True)
             if not isinstance(data["stages"], dict):
                 raise DamagedFolder(
                     f"run folder {str(out)!r} is damaged: pipeline.json 'stages' is not an "
                     "object; restore it from a copy, or start again with a new --out"
                 )
-            if data.get("recipe") != recipe.to_dict():
+            try:
+                same = Recipe.from_dict(data["recipe"]) == recipe
+            except (KeyError, TypeError, ValueError, UserError):
+                same = False
+            if not same:
                 raise UserError(
                     f"{out} holds a run of another configuration (recipe "
                     f"{data.get('recipe', {}).get('name')!r}); choose a new --out or delete it"
@@ -160,7 +87,7 @@ class _State:
                 )
             self.data = {"recipe": recipe.to_dict(), "stages": {}}
             out.mkdir(parents=True, exist_ok=True)
-            record_run(out, recipe.to_dict(), argv)
+            self.dir.record(recipe.to_dict(), argv)
             self.save()
 
     def done(self, stage: str) -> dict | None:
@@ -175,11 +102,8 @@ class _State:
         atomic_write_json(self.path, stamp(self.data))
 
 
-def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
-    from hcomposer.search import SearchConfig, run_search
-
-    config = SearchConfig.from_dict(recipe.search)
-    result = run_search(config, state.out / "search", progress=progress)
+def _stage_search(state: _State, recipe: Recipe, progress: bool) -> dict:
+    result = run_search(recipe.search, state.dir.search.root, progress=progress)
     keep = ("number", "pattern", "score")
     best = result.best
     if isinstance(best, dict):
@@ -189,38 +113,28 @@ def _stage_search(state: _State, recipe: RunRecipe, progress: bool) -> dict:
     return state.finish("search", {"best": best, "n_trials": len(result.trials)})
 
 
-def _stage_aggregate(state: _State, recipe: RunRecipe) -> dict:
-    from hcomposer.search import load_trials
-    from hcomposer.search.aggregate import aggregate_details
-
-    trials = load_trials(state.out / "search")
+def _stage_aggregate(state: _State, recipe: Recipe) -> dict:
+    trials = load_trials(state.dir.search.root)
     agg = aggregate_details(trials, method=recipe.aggregate_method, c=recipe.aggregate_c)
-    atomic_write_json(state.out / "aggregate.json", agg.to_dict())
+    atomic_write_json(state.dir.aggregate, agg.to_dict())
     return state.finish("aggregate", {"pattern": agg.pattern, "method": agg.method})
 
 
-def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
-    from hcomposer.accounting import count_costs
-    from hcomposer.architecture import Architecture
-    from hcomposer.data import get_tokenizer
-    from hcomposer.search.extrapolate import extrapolate
-    from hcomposer.shapes import resolve_shape
-    from hcomposer.train import TrainConfig, resolve_arch
-
+def _stage_scale(state: _State, recipe: Recipe, searched: str) -> dict:
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
     pattern = extrapolate(searched, layers, recipe.scale_strategy)
     # Match the baseline on the model that is trained: its vocabulary comes from the
     # tokenizer (byte-level: 320 ids), not from the preset's 32K, which would dominate.
-    tcfg = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
+    tcfg = recipe.train
     tokenizer = get_tokenizer(tcfg.tokenizer, source=tcfg.data)
     composite = resolve_arch(Architecture(pattern=pattern, shape=shape), tokenizer, tcfg.seq_len)
     shape = composite.shape
     params = count_costs(composite).params_total
     base_pattern, base_params = matched_baseline(params, shape)
     baseline = Architecture(pattern=base_pattern, shape=shape)
-    atomic_write_json(state.out / "composite.json", composite.to_dict())
-    atomic_write_json(state.out / "baseline.json", baseline.to_dict())
+    atomic_write_json(state.dir.architecture("composite"), composite.to_dict())
+    atomic_write_json(state.dir.architecture("baseline"), baseline.to_dict())
     return state.finish(
         "scale",
         {
@@ -234,28 +148,21 @@ def _stage_scale(state: _State, recipe: RunRecipe, searched: str) -> dict:
     )
 
 
-def _stage_train(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
-    from hcomposer.architecture import Architecture
-    from hcomposer.train import TrainConfig, train
-
-    arch = Architecture.from_json(state.out / f"{role}.json")
-    config = TrainConfig.from_dict({"seed": recipe.seed, **recipe.train})
-    run_dir = state.out / "train" / role
-    result = train(arch, config, run_dir, resume=True, progress=progress, argv=argv)
+def _stage_train(state: _State, recipe: Recipe, role: str, argv, progress: bool) -> dict:
+    arch = Architecture.from_json(state.dir.architecture(role))
+    run_dir = state.dir.train(role)
+    result = train(arch, recipe.train, run_dir.root, resume=True, progress=progress, argv=argv)
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} ended with status {result.status!r} "
-            f"({result.message}); see {run_dir}/status.json"
+            f"({result.message}); see {run_dir.status_json}"
         )
     return state.finish(f"train_{role}", {**result.to_dict(), "pattern": arch.pattern})
 
 
-def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: bool) -> dict:
-    from hcomposer.evaluation.suite import run_suite
-
-    run_dir = state.out / "train" / role
-    res = run_suite(run_dir, ",".join(recipe.eval_suites), options=recipe.eval_options,
-                    argv=argv, progress=progress)  # fmt: skip
+def _stage_eval(state: _State, recipe: Recipe, role: str, argv, progress: bool) -> dict:
+    res = run_suite(state.dir.train(role).root, ",".join(recipe.eval.suites),
+                    options=recipe.eval.options(), argv=argv, progress=progress)  # fmt: skip
     parts = res.get("parts", {})
     brief = {
         "loss": (parts.get("loss") or {}).get("loss"),
@@ -264,24 +171,20 @@ def _stage_eval(state: _State, recipe: RunRecipe, role: str, argv, progress: boo
     return state.finish(f"eval_{role}", brief)
 
 
-def _stage_report(state: _State, recipe: RunRecipe) -> dict:
-    from hcomposer.compare import compare_runs
-    from hcomposer.report import markdown_table, plot_pareto, plot_pattern_strips, plot_trials
-    from hcomposer.search import load_trials
-
-    out = state.out
+def _stage_report(state: _State, recipe: Recipe) -> dict:
+    folder = state.dir
     st = state.data["stages"]
-    trials = load_trials(out / "search")
+    trials = load_trials(folder.search.root)
     done = sorted(
         (t for t in trials if t.get("state") == "COMPLETE" and t.get("score") is not None),
         key=lambda t: -t["score"],
     )
-    plot_trials(trials, out / "trials.png", title=f"Search ({recipe.search.get('sampler')})")
+    plot_trials(trials, folder.plot("trials"), title=f"Search ({recipe.search.sampler})")
     pareto = None
-    if len(recipe.search.get("objective", ["score"])) > 1:
-        cost = recipe.search["objective"][1]
+    if len(recipe.search.objective) > 1:
+        cost = recipe.search.objective[1]
         pts = [dict(t, cost=(t.get("values") or [None, None])[1]) for t in done]
-        pareto = plot_pareto(pts, out / "pareto.png", cost_label=cost)
+        pareto = plot_pareto(pts, folder.plot("pareto"), cost_label=cost)
     sc = st["scale"]
     strips = [(f"#{t['number']} {t['score']:.3f}", t["pattern"]) for t in done[:6]]
     strips += [
@@ -289,17 +192,14 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         ("composite", sc["composite"]),
         ("baseline", sc["baseline"]),
     ]
-    plot_pattern_strips(strips, out / "patterns.png", title="Top trials, aggregate, scaled")
+    plot_pattern_strips(strips, folder.plot("patterns"), title="Top trials, aggregate, scaled")
     roles = ["baseline", "composite"]
-    runs = [out / "train" / role for role in roles]
+    runs = [folder.train(role).root for role in roles]
     eff = None
-    if "efficiency" in recipe.eval_suites:
+    if "efficiency" in recipe.eval.suites:
         # Both models timed in turn in this process, so outside load cannot favour one.
-        from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
-
-        opts = recipe.eval_options.get("efficiency", {})
-        eff = measure_runs_interleaved(runs, roles, EfficiencyConfig(**opts))
-    cmp = compare_runs(runs, out / "compare", labels=roles, efficiency=eff,
+        eff = measure_runs_interleaved(runs, roles, recipe.eval.efficiency)
+    cmp = compare_runs(runs, folder.compare, labels=roles, efficiency=eff,
                        title="Composite against the Llama-style baseline")  # fmt: skip
     top = [[t["number"], t["pattern"], t["score"]] for t in done[:10]]
     lines = [
@@ -326,27 +226,23 @@ def _stage_report(state: _State, recipe: RunRecipe) -> dict:
         "",
         "## Search",
         "",
-        "![trials](trials.png)",
+        f"![trials]({folder.plot('trials').name})",
         "",
         markdown_table(["trial", "pattern", "score"], top),
         "",
     ]
     if pareto is not None:
-        lines += ["![Pareto front](pareto.png)", ""]
-    lines += ["## Patterns", "", "![patterns](patterns.png)", ""]
-    body = (out / "compare" / "compare.md").read_text()
-    body = body.replace("](", "](compare/").replace("# Composite", "## Composite", 1)
-    lines += [body]
-    from hcomposer.io import atomic_write_text
-
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-    return state.finish("report", {"report": str(out / "report.md"),
+        lines += [f"![Pareto front]({folder.plot('pareto').name})", ""]
+    lines += ["## Patterns", "", f"![patterns]({folder.plot('patterns').name})", ""]
+    lines += [comparison_markdown(cmp["sections"], images=f"{folder.compare.name}/", level=2)]
+    atomic_write_text(folder.report, "\n".join(lines) + "\n")
+    return state.finish("report", {"report": str(folder.report),
                                    "table_header": cmp["table_header"],
                                    "table": cmp["table"]})  # fmt: skip
 
 
 def run_pipeline(
-    recipe: RunRecipe,
+    recipe: Recipe,
     out_dir: str | Path,
     *,
     argv: list[str] | None = None,

@@ -31,7 +31,11 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.scaling.extrapolate import stack
 from hcomposer.stats import seed_std, spearman_ci
+from hcomposer.training.trainer import TrainConfig, train
 
 __all__ = ["select_across_range", "rank_correlation", "run_proxy_rank", "plot_proxy_rank"]
 
@@ -68,12 +72,7 @@ def rank_correlation(proxy_scores: list[float], scale_losses: list[float]) -> di
 
 
 def plot_proxy_rank(points: list[dict[str, Any]], corr: dict[str, float], path, proxy: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hcomposer.evaluation.niah import _save_png
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     xs = [p["proxy_score"] for p in points]
@@ -95,8 +94,7 @@ def plot_proxy_rank(points: list[dict[str, Any]], corr: dict[str, float], path, 
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_png(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _run_name(pattern: str, seed: int) -> str:
@@ -124,10 +122,6 @@ def run_proxy_rank(
     log=print,
 ) -> dict[str, Any]:
     """The recipe in the module docstring; returns the result dict (also written to out_dir)."""
-    from hcomposer.evaluation.proxy import evaluate_proxy
-    from hcomposer.search.extrapolate import stack
-    from hcomposer.train import TrainConfig, train
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_config = train_config or TrainConfig(tokens=500_000, seq_len=128, batch_size=8)

@@ -26,12 +26,16 @@ from typing import Any
 
 import torch
 
+from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.config_io import check_fields, load_config, migrate, stamp
 from hcomposer.data.mad import MAD_TASKS, MADData, MADTaskConfig, default_task_config, generate_task
 from hcomposer.data.mqar import DEFAULT_MQAR, MQARConfig, generate_mqar
 from hcomposer.errors import UserError
-from hcomposer.evaluation.proxy_train import RunResult, count_params, train_and_score
+from hcomposer.format import progress_bar
+from hcomposer.proxies.task import RunResult, count_params, train_and_score
+from hcomposer.proxies.text import evaluate_text
+from hcomposer.training.step import DTYPES, resolve_device
 
 __all__ = [
     "PROXIES",
@@ -51,7 +55,6 @@ Report = Callable[[int, float], bool]
 PROXIES = ("mad", "mqar", "text")
 # The quickstart's three-task subset: what separates attention, Mamba and MLP.
 QUICKSTART_PROXY = "mad:in_context_recall,selective_copying,memorization"
-_DTYPES = ("bf16", "fp32")
 
 # Short aliases accepted in "mad:TASK" (the full names work too).
 TASK_ALIASES = {
@@ -120,8 +123,8 @@ class ProxyConfig:
         object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
         object.__setattr__(self, "mad_tasks", tuple(self.mad_tasks))
         object.__setattr__(self, "mqar_tasks", tuple(self.mqar_tasks))
-        if self.dtype not in _DTYPES:
-            raise UserError(f"proxy dtype {self.dtype!r}; choose one of {list(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"proxy dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         for name in (
             "steps",
             "batch_size",
@@ -296,12 +299,6 @@ def _generate(kind: str, cfg: Any, seed: int) -> MADData:
     return generate_mqar(cfg, seed) if kind == "mqar" else generate_task(cfg, seed)
 
 
-def _progress(enabled: bool):
-    from hcomposer.format import progress_bar
-
-    return progress_bar(enabled, field="rate")
-
-
 def evaluate_proxy(
     arch: Architecture | str,
     proxy: str = "mad",
@@ -311,12 +308,15 @@ def evaluate_proxy(
     config: ProxyConfig | None = None,
     progress: bool = False,
     report: Report | None = None,
+    device: str | torch.device = "auto",
 ) -> ProxyResult:
     """Score ``arch`` with a proxy (see the module docstring).
 
     ``seed`` decides the generated data, the initial weights and the batch order
     (it overrides ``config.seed``); ``data`` is the text proxy's corpus (None: the
-    embedded one); ``progress`` shows a rich progress bar on stderr.
+    embedded one); ``progress`` shows a rich progress bar on stderr. ``device`` is where the
+    models train (``"auto"``: CUDA when available, else CPU), with the trainer's autocast
+    rule for ``config.dtype``.
 
     ``report(step, value) -> bool`` is the hook for pruners (MAD and MQAR proxies):
     after the k-th task finishes it is called with ``step=k`` and ``value`` = the mean
@@ -328,47 +328,49 @@ def evaluate_proxy(
         arch = Architecture.parse(arch, shape="proxy")
     config = (config or ProxyConfig()).replace(seed=seed)
     kind, names = parse_proxy(proxy)
+    device = resolve_device(device)
     if kind != "text" and data is not None:
         raise UserError(f"--data is only used by the text proxy, not by {kind!r}")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _evaluate(arch, proxy, kind, names, seed, data, config, progress, report)
+        return _evaluate(arch, proxy, kind, names, seed, data, config, progress, report, device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) -> ProxyResult:
-    if kind == "text":
-        from hcomposer.evaluation.proxy_text import evaluate_text
-
-        return evaluate_text(arch, proxy, data=data, config=config, progress=progress)
-
+def _evaluate(
+    arch, proxy, kind, names, seed, data, config, progress, report, device
+) -> ProxyResult:
     t0 = time.perf_counter()
+    if kind == "text":
+        score, task, tokens, failures = evaluate_text(
+            arch, data=data, config=config, progress=progress, device=device
+        )
+        return _result(arch, proxy, score, {"text": task}, tokens, failures, config, t0)
+
     tasks = _task_list(kind, names, config)
     grid = [(lr, wd) for lr in config.lrs for wd in config.weight_decays]
     results: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     tokens = 0
     total_steps = len(grid) * sum(config.steps_for(name) for name, _ in tasks)
-    with _progress(progress) as p:
-        handle = p.add_task(proxy, total=total_steps, rate="") if p is not None else None
+    with progress_bar(progress, field="rate") as p:
+        handle = p.add_task(proxy, total=total_steps, rate="")
         started = time.perf_counter()
         seen_tokens = [0]
 
         def on_step(steps: int, n_tok: int) -> None:
             seen_tokens[0] += n_tok
-            if p is not None:
-                rate = seen_tokens[0] / max(1e-9, time.perf_counter() - started)
-                p.update(handle, advance=steps, rate=f"{rate:,.0f} tok/s")
+            rate = seen_tokens[0] / max(1e-9, time.perf_counter() - started)
+            p.update(handle, advance=steps, rate=f"{rate:,.0f} tok/s")
 
         for i, (name, cfg) in enumerate(tasks):
             task_data = _generate(kind, cfg, seed)
             runs: list[RunResult] = []
             for j, (lr, wd) in enumerate(grid):
-                if p is not None:
-                    p.update(handle, description=f"{name} lr={lr:g} wd={wd:g}")
+                p.update(handle, description=f"{name} lr={lr:g} wd={wd:g}")
                 run = train_and_score(
                     arch,
                     task_data,
@@ -384,6 +386,7 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) ->
                     on_step=on_step,
                     check_every=config.check_every,
                     on_check=early_stop(config),
+                    device=device,
                 )
                 runs.append(run)
                 tokens += run.tokens
@@ -392,26 +395,29 @@ def _evaluate(arch, proxy, kind, names, seed, data, config, progress, report) ->
                 if config.stop_when_perfect and _selection_accuracy(run) >= min(
                     1.0, config.solved_accuracy
                 ):
-                    if p is not None:
-                        p.update(handle, advance=config.steps_for(name) * (len(grid) - j - 1))
+                    p.update(handle, advance=config.steps_for(name) * (len(grid) - j - 1))
                     break
             results[name] = _best(runs, count_params(arch, task_data))
             if report is not None:
                 value = sum(r["accuracy"] for r in results.values()) / len(results)
                 if report(len(results), value):
                     raise ProxyPruned(len(results), value)
-    wall = time.perf_counter() - t0
     score = sum(r["accuracy"] for r in results.values()) / len(results)
+    return _result(arch, proxy, score, results, tokens, failures, config, t0)
+
+
+def _result(arch, proxy, score, tasks, tokens, failures, config, t0) -> ProxyResult:
+    wall = time.perf_counter() - t0
     return ProxyResult(
         proxy=proxy,
         pattern=arch.pattern,
         score=score,
-        tasks=results,
-        params_total=_params_total(arch),
+        tasks=tasks,
+        params_total=int(count_costs(arch).params_total),
         wall_seconds=wall,
         tokens_per_second=tokens / max(wall, 1e-9),
         tokens=tokens,
-        seed=seed,
+        seed=config.seed,
         config=config,
         failures=failures,
     )
@@ -464,9 +470,3 @@ def _best(runs: list[RunResult], params: int) -> dict[str, Any]:
         "params": params,
         "grid": [r.to_dict() for r in runs],
     }
-
-
-def _params_total(arch: Architecture) -> int:
-    from hcomposer.accounting import count_costs
-
-    return int(count_costs(arch).params_total)

@@ -10,7 +10,7 @@ the kept candidates:
   prefix that exists is compared). Some kept candidate always agrees: the one whose
   choice won the previous position agrees with every position before it that it was
   compared on, so no fallback is needed (if one were, it would be the ``n0`` vote;
-  the code asserts it never is);
+  the code raises if it ever is);
 - ``best``: the single best candidate, no vote.
 
 Decisions the paper leaves open, made here:
@@ -282,7 +282,9 @@ def aggregate_details(
                 prefix = tuple(chosen[lo:pos])
                 pool = [x for x in kept if x.layers[lo:pos] == prefix]
                 # The winner of the previous position agrees by construction (docstring).
-                assert pool, "nc: no kept candidate agrees with the chosen prefix"
+                if not pool:
+                    # Checked even under ``python -O`` (an assert would vanish there).
+                    raise RuntimeError("nc: no kept candidate agrees with the chosen prefix")
             choice, counts = _vote(pool, pos)
             chosen.append(choice)
             votes.append(

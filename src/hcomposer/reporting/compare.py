@@ -10,30 +10,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hcomposer.accounting import count_costs
 from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_jsonl
+from hcomposer.evaluation.efficiency import interleaved_markdown, plot_efficiency
+from hcomposer.evaluation.mqar_curve import plot_mqar_curve
+from hcomposer.evaluation.niah import plot_niah
+from hcomposer.evaluation.suite import load_eval_results
+from hcomposer.io import atomic_write_json, atomic_write_text
+from hcomposer.reporting.report import markdown_table, plot_loss_curves, plot_pattern_strips
+from hcomposer.runs import RunDir
 
-__all__ = ["collect_run", "compare_runs", "comparison_rows"]
+__all__ = ["collect_run", "compare_runs", "comparison_rows", "comparison_markdown"]
 
 
 def collect_run(run_dir: str | Path, label: str | None = None) -> dict[str, Any]:
     """What a run folder says about itself: architecture, costs, training, evaluation."""
-    from hcomposer.accounting import count_costs
-    from hcomposer.architecture import Architecture
-    from hcomposer.evaluation.suite import load_eval_results
-
-    d = Path(run_dir)
-    if not (d / "architecture.json").is_file():
-        raise UserError(f"{str(d)!r} is not a training run folder (no architecture.json)")
-    arch = Architecture.from_json(d / "architecture.json")
-    run = read_run_file(d, "run.json", versioned=True) if (d / "run.json").is_file() else {}
+    run_dir = RunDir(run_dir)
+    run_dir.require_run()
+    d = run_dir.root
+    arch = run_dir.read_architecture()
+    run = (
+        read_run_file(d, run_dir.run_json.name, versioned=True)
+        if run_dir.run_json.is_file()
+        else {}
+    )
     train = (run.get("config") or {}).get("train") or {}
     seq_len = train.get("seq_len") if isinstance(train, dict) else None
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         seq_len = arch.shape.max_seq_len
     costs = count_costs(arch, seq_len=seq_len)
-    summary = read_run_file(d, "summary.json") if (d / "summary.json").is_file() else {}
+    summary = run_dir.read_summary() or {}
     return {
         "label": label or d.name,
         "dir": str(d),
@@ -41,7 +48,7 @@ def collect_run(run_dir: str | Path, label: str | None = None) -> dict[str, Any]
         "shape": arch.shape.name,
         "costs": costs.to_dict(),
         "summary": summary,
-        "metrics": list(read_jsonl(d / "metrics.jsonl")),
+        "metrics": run_dir.read_metrics(),
         "eval": load_eval_results(d).get("parts", {}),
     }
 
@@ -158,9 +165,9 @@ def compare_runs(
 
     ``efficiency``: a ``compare_efficiency`` result keyed by these labels (the runs measured
     interleaved); its speeds replace the ones each run's evaluation measured on its own.
-    """
-    from hcomposer.report import markdown_table, plot_loss_curves, plot_pattern_strips
 
+    The returned ``sections`` render the same Markdown elsewhere (:func:`comparison_markdown`).
+    """
     if not run_dirs:
         raise UserError("give at least one run folder to compare")
     labels = labels or [Path(d).name for d in run_dirs]
@@ -183,55 +190,69 @@ def compare_runs(
         [(r["label"], r["pattern"]) for r in runs], out / "patterns.png", title="Architectures"
     )
     plot_loss_curves({r["label"]: r["metrics"] for r in runs}, out / "loss.png")
-    lines = [f"# {title}", ""]
-    lines += [f"- **{r['label']}** `{r['pattern']}` ({r['shape']}) — `{r['dir']}`" for r in runs]
-    lines += [
-        "",
-        "![architectures](patterns.png)",
-        "",
-        markdown_table(header, table),
-        "",
-        "![loss curves](loss.png)",
-        "",
+    intro = [f"- **{r['label']}** `{r['pattern']}` ({r['shape']}) — `{r['dir']}`" for r in runs]
+    sections: list[list[Any]] = [
+        ["title", title],
+        ["text", "\n".join(intro)],
+        ["image", "architectures", "patterns.png"],
+        ["text", markdown_table(header, table)],
+        ["image", "loss curves", "loss.png"],
+        *_eval_plots(runs, out),
     ]
-    extra = _eval_plots(runs, out)
-    lines += extra
     if efficiency is not None:
-        from hcomposer.evaluation.efficiency import interleaved_markdown
-
-        lines += ["## Efficiency, paired", "", interleaved_markdown(efficiency), ""]
-    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+        sections += [
+            ["heading", "Efficiency, paired"],
+            ["text", interleaved_markdown(efficiency)],
+        ]
+    markdown = out / "compare.md"
+    atomic_write_text(markdown, comparison_markdown(sections))
     data = {
         "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in runs],
         "rows": [{"metric": n, "values": v, "ratios": q} for n, v, q in rows],
         "efficiency_interleaved": efficiency,
     }
     atomic_write_json(out / "compare.json", data)
-    return {"table_header": header, "table": table, **data, "markdown": str(out / "compare.md")}
+    return {
+        "table_header": header,
+        "table": table,
+        **data,
+        "markdown": str(markdown),
+        "sections": sections,
+    }
 
 
-def _eval_plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
-    """Joint plots of the evaluation parts the runs have (efficiency, MQAR, needles)."""
+def comparison_markdown(sections: list[list[Any]], images: str = "", level: int = 1) -> str:
+    """The comparison as Markdown; ``images`` prefixes every image link (the folder of the
+    plots as seen from where the text goes) and ``level`` is the title's heading level."""
     lines: list[str] = []
+    for kind, *rest in sections:
+        if kind == "title":
+            lines += ["#" * level + " " + rest[0], ""]
+        elif kind == "heading":
+            lines += ["#" * (level + 1) + " " + rest[0], ""]
+        elif kind == "image":
+            lines += [f"![{rest[0]}]({images}{rest[1]})", ""]
+        else:
+            lines += [rest[0], ""]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_plots(runs: list[dict[str, Any]], out: Path) -> list[list[Any]]:
+    """Joint plots of the evaluation parts the runs have (efficiency, MQAR, needles)."""
+    sections: list[list[Any]] = []
     eff = {r["label"]: r["eval"]["efficiency"] for r in runs if "efficiency" in r["eval"]}
     if eff:
-        from hcomposer.evaluation.efficiency import plot_efficiency
-
         plot_efficiency(eff, out / "efficiency.png")
-        lines += ["## Efficiency", "", "![efficiency](efficiency.png)", ""]
+        sections += [["heading", "Efficiency"], ["image", "efficiency", "efficiency.png"]]
     mq = {r["label"]: r["eval"]["mqar"] for r in runs if "mqar" in r["eval"]}
     if mq:
-        from hcomposer.evaluation.mqar_curve import plot_mqar_curve
-
         plot_mqar_curve(mq, out / "mqar.png")
-        lines += ["## MQAR", "", "![mqar](mqar.png)", ""]
+        sections += [["heading", "MQAR"], ["image", "mqar", "mqar.png"]]
     niah_runs = [r for r in runs if "niah" in r["eval"]]
     if niah_runs:
-        from hcomposer.evaluation.niah import plot_niah
-
-        lines += ["## Needle in a haystack", ""]
+        sections += [["heading", "Needle in a haystack"]]
         for i, r in enumerate(niah_runs):
             name = f"niah_{i}.png"
             plot_niah(r["eval"]["niah"], out / name, r["label"])
-            lines += [f"**{r['label']}**", "", f"![needle {r['label']}]({name})", ""]
-    return lines
+            sections += [["text", f"**{r['label']}**"], ["image", f"needle {r['label']}", name]]
+    return sections

@@ -1,0 +1,55 @@
+"""Every use of Optuna's private API, in one place (``tests/test_optuna_compat.py`` checks each).
+
+Optuna has no public way to do these; an upgrade that renames one fails that test loudly
+instead of silently breaking resume, reseeding or dead-worker recovery.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+
+__all__ = [
+    "LazyRandomState",
+    "storage_of",
+    "trial_id",
+    "heartbeat",
+    "stale_trial_ids",
+    "forget_gp_cache",
+]
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage a study reads and writes."""
+    return study._storage
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """A trial's id in its storage (not its number in the study)."""
+    return trial._trial_id
+
+
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:
+    """A thread recording the trial's heartbeat while it runs (RDB storages with a heartbeat)."""
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """Ids of RUNNING trials whose heartbeat stopped; [] when the storage keeps none."""
+    storage = study._storage
+    if not hasattr(storage, "_get_stale_trial_ids") or not is_heartbeat_enabled(storage):
+        return []
+    return list(storage._get_stale_trial_ids(study._study_id))
+
+
+def forget_gp_cache(sampler: Any) -> None:
+    """Drop the GP sampler's warm start of kernel parameters, so that a proposal depends on
+    the trial log only (not on which fits this process ran before)."""
+    if hasattr(sampler, "_gprs_cache_list"):
+        sampler._gprs_cache_list = None
+        sampler._constraints_gprs_cache_list = None

@@ -1,0 +1,26 @@
+"""The one training core: step, schedule, trainer, distributed, checkpoint.
+
+``train(arch, TrainConfig(...), out_dir)`` runs (or resumes) a training run into a run folder
+(``hcomposer.runs.RunDir``); ``hcomposer.training.step`` holds the parameter groups, the autocast
+rule, the train step and the evaluation loop that the proxies and the efficiency suite share.
+"""
+
+from hcomposer.training.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    load_run,
+    resolve_arch,
+    train,
+    vocab_for,
+)
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "train",
+    "load_run",
+    "resolve_arch",
+    "vocab_for",
+]

@@ -1,0 +1,200 @@
+"""One optimiser step and one evaluation loop, with the policies every trainer shares.
+
+The trainer, the synthetic proxies, the text proxy and the efficiency suite all call these, so a
+policy is written once:
+
+- Weight decay applies to matrices only (Linear and conv weights); norms, biases, SSM scalars
+  (A, D, dt) and embeddings (tied or not) are not decayed.
+- Autocast: ``dtype="bf16"`` autocasts to bfloat16 on the model's device type (CPU or CUDA);
+  ``"fp32"`` runs plain fp32. Losses are always computed in fp32.
+- A step whose (averaged, all-reduced) loss is not finite updates nothing and reports the loss;
+  the caller decides to stop. ``grad_clip <= 0`` means no clipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcomposer.errors import UserError
+
+__all__ = [
+    "DTYPES",
+    "param_groups",
+    "make_optimizer",
+    "set_lr",
+    "autocast",
+    "resolve_device",
+    "train_step",
+    "evaluate",
+    "EvalResult",
+]
+
+DTYPES = ("bf16", "fp32")
+
+# A loss function takes a micro-batch (inputs, targets) and returns a scalar loss.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A scoring function returns (logits [K, V], labels [K]) at the positions that count.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def resolve_device(spec: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` (or None): CUDA (this process's local rank) when available, else CPU.
+
+    An unknown device, or CUDA on a machine without it, is a UserError.
+    """
+    if spec is None or spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r}: this machine has no CUDA device; use cpu or auto")
+    return device
+
+
+def param_groups(modules: nn.Module | Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """AdamW groups: decayed matrices and the rest (see the module docstring)."""
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    modules = list(modules)
+    embed_ids = {
+        id(m.weight) for mod in modules for m in mod.modules() if isinstance(m, nn.Embedding)
+    }
+    decay, no_decay, seen = [], [], set()
+    for mod in modules:
+        for p in mod.parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    modules: nn.Module | Iterable[nn.Module],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    device: torch.device | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (the fused kernel on CUDA)."""
+    fused = device is not None and torch.device(device).type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(modules, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused
+    )
+
+
+def autocast(device: torch.device | str, dtype: str):
+    """bf16 autocast on ``device``'s type when ``dtype == "bf16"``; nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(
+    loss_fn: LossFn,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    device: torch.device,
+    dtype: str,
+    grad_clip: float = 0.0,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float | None]:
+    """Forward and backward over the micro-batches, then one optimiser step.
+
+    Gradients are averaged over the micro-batches; under DDP ``no_sync`` skips the gradient
+    all-reduce of all but the last micro-batch and ``reduce`` averages the loss over ranks, so
+    every rank takes the same decision on a non-finite loss. Returns ``(loss, grad_norm)``;
+    ``grad_norm`` is None when the loss is not finite (nothing was updated). With
+    ``optimizer=None`` only the gradients are computed (the efficiency suite's "none").
+    """
+    n = len(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for k, (x, y) in enumerate(micro_batches):
+        ctx = no_sync() if no_sync is not None and k < n - 1 else contextlib.nullcontext()
+        with ctx:
+            with autocast(device, dtype):
+                loss = loss_fn(x, y)
+            (loss / n).backward()
+        loss_sum += loss.detach()
+    mean = loss_sum / n
+    if reduce is not None:
+        mean = reduce(mean)
+    value = float(mean)
+    if optimizer is None:
+        return value, None
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        return value, None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value, float(norm)
+
+
+class EvalResult(NamedTuple):
+    """Mean cross-entropy and accuracy over ``count`` scored targets."""
+
+    loss: float
+    accuracy: float
+    count: int
+
+
+@torch.no_grad()
+def evaluate(
+    score_fn: ScoreFn,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    dtype: str,
+    modules: Iterable[nn.Module] = (),
+) -> EvalResult:
+    """Mean cross-entropy (fp32) and accuracy over every scored target of ``batches``.
+
+    ``score_fn(x, y)`` returns logits and labels at the positions that count. The ``modules``
+    are put in eval mode for the loop and restored afterwards. With no target the loss is nan.
+    """
+    modules = list(modules)
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    loss_sum, correct, total = 0.0, 0, 0
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast(device, dtype):
+                logits, labels = score_fn(x, y)
+            logits = logits.float().reshape(-1, logits.shape[-1])
+            labels = labels.reshape(-1)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += int(labels.numel())
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)
+    if total == 0:
+        return EvalResult(float("nan"), 0.0, 0)
+    return EvalResult(loss_sum / total, correct / total, total)

@@ -1,0 +1,597 @@
+"""The trainer: AdamW, warmup-cosine / WSD, bf16 autocast, accumulation, DDP, exact resume.
+
+The run folder's files are listed in ``hcomposer.runs``; the step, the evaluation loop and
+the parameter groups are ``hcomposer.training.step``'s, shared with the proxies.
+
+Choices (documented in docs/data_and_training.md):
+
+- Weight decay applies to matrices only (Linear and conv weights); norms, biases, SSM
+  scalars (A, D, dt) and the embedding (tied or not) are not decayed.
+- ``batch_size`` is the global number of sequences per optimiser step. It is split over
+  ``world_size`` processes and ``grad_accum`` micro-steps; the rows each process sees are a
+  fixed slice of the same global batch, so the loss does not depend on how it is split.
+- Batch ``k`` is a pure function of (seed, k) and the schedule a pure function of k, so a
+  resumed run reproduces the uninterrupted one exactly (in fp32; bf16 too on the same host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcomposer.architecture import Architecture
+from hcomposer.config_io import check_fields, read_run_file
+from hcomposer.data import (
+    Tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+    prepare_dataset,
+    resolve_source,
+)
+from hcomposer.errors import UserError
+from hcomposer.format import progress_bar
+from hcomposer.model import build_model, lm_loss
+from hcomposer.runs import RUN_JSON, RunDir
+from hcomposer.training.checkpoint import (
+    check_out_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_optimizer_state,
+    read_state,
+    save_checkpoint,
+    save_checkpoint_state,
+)
+from hcomposer.training.distributed import Distributed
+from hcomposer.training.schedule import SCHEDULES, lr_at
+from hcomposer.training.step import evaluate, make_optimizer, set_lr, train_step
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "train",
+    "load_run",
+    "vocab_for",
+    "resolve_arch",
+]
+
+# Fields that may change when a run is resumed (they do not change the numbers).
+_RESUMABLE_CHANGES = {
+    "compile",
+    "log_every",
+    "checkpoint_every",
+    "eval_every",
+    "eval_tokens",
+    "device",
+    "fsdp",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that decides a training run. Frozen, keyword-only, JSON round trip."""
+
+    tokens: int = 1_000_000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    # Below 1: a fraction of the optimiser steps; otherwise a number of steps.
+    warmup: float = 0.05
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    dtype: str = "bf16"
+    compile: bool = False
+    eval_every: int = 200
+    eval_tokens: int = 65536
+    log_every: int = 10
+    checkpoint_every: int = 500
+    seed: int = 0
+    data: str | None = None
+    tokenizer: str = "byte"
+    val_fraction: float = 0.02
+    device: str = "auto"
+    # Shard parameters, gradients and optimiser state over the torchrun processes (FSDP2).
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        positive = ("tokens", "batch_size", "seq_len", "grad_accum", "eval_tokens", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"train config: {name} must be a positive integer")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"train config: schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise UserError(f"train config: dtype {self.dtype!r}; choose bf16 or fp32")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise UserError("train config: need lr > 0 and 0 <= min_lr <= lr")
+        for name in ("warmup", "weight_decay", "grad_clip", "decay_fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"train config: {name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.lr) and math.isfinite(self.min_lr)):
+            raise UserError("train config: lr and min_lr must be finite")
+        if self.batch_size % self.grad_accum:
+            raise UserError(
+                f"train config: batch size {self.batch_size} does not split into "
+                f"{self.grad_accum} accumulation steps"
+            )
+        if self.tokens < self.batch_size * self.seq_len:
+            raise UserError(
+                f"train config: --tokens {self.tokens} is less than one batch "
+                f"({self.batch_size} x {self.seq_len} tokens)"
+            )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.tokens / self.tokens_per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        check_fields(cls, data, "train config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"train config: unknown field(s) {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (also written as summary.json / status.json)."""
+
+    out_dir: Path
+    status: str
+    step: int
+    tokens: int
+    loss: float | None
+    val_loss: float | None
+    wall_seconds: float
+    tokens_per_second: float
+    params_total: int
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["val_ppl"] = math.exp(self.val_loss) if self.val_loss is not None else None
+        return d
+
+
+def vocab_for(tokenizer: Tokenizer) -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of 64 (friendlier matmul sizes)."""
+    return -(-tokenizer.vocab_size // 64) * 64
+
+
+def resolve_arch(arch: Architecture, tokenizer: Tokenizer, seq_len: int) -> Architecture:
+    """Set the shape's vocabulary from the tokenizer when they differ, and make room for seq_len."""
+    shape = arch.shape
+    changes: dict[str, Any] = {}
+    if shape.vocab_size not in (tokenizer.vocab_size, vocab_for(tokenizer)):
+        changes["vocab_size"] = vocab_for(tokenizer)
+    if shape.max_seq_len < seq_len:
+        changes["max_seq_len"] = seq_len
+    return arch.with_shape(shape.replace(**changes)) if changes else arch
+
+
+def _progress(enabled: bool):
+    return progress_bar(enabled, field="info")
+
+
+def train(
+    arch: Architecture,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    argv: list[str] | None = None,
+) -> TrainResult:
+    """Train ``arch`` on ``config.data`` into ``out_dir`` (see the module docstring).
+
+    ``stop_at`` ends the run after that many optimiser steps (a checkpoint is written), as a
+    kill would, leaving status ``running`` for a later ``resume=True``.
+    """
+    out = Path(out_dir)
+    dist = Distributed(config.device)
+    try:
+        return _train(arch, config, out, dist, resume, progress, stop_at, argv)
+    finally:
+        dist.close()
+
+
+def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainResult:
+    # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
+    trainer = Trainer(arch, config, out, dist=dist, resume=resume, argv=argv)
+    done = trainer.setup()
+    if done is not None:
+        return done
+    total = config.total_steps
+    start_step = trainer.start_step
+    end = total if stop_at is None else min(total, stop_at)
+    t_start = t_log = time.perf_counter()
+    last_loss = last_val = None
+    since_log = 0
+    step = start_step
+    status, message = "running", ""
+    with _progress(progress and dist.main) as bar:
+        task = bar.add_task("train", total=total, completed=start_step, info="")
+        while step < end:
+            lr = trainer.lr(step)
+            step_loss, grad_norm = trainer.step(step)
+            if grad_norm is None:
+                status, message = "diverged", f"diverged at step {step + 1}"
+                step += 1
+                break
+            step += 1
+            since_log += 1
+            last_loss = step_loss
+            record = None
+            if step % config.log_every == 0 or step == end:
+                now = time.perf_counter()
+                tps = since_log * config.tokens_per_step / max(now - t_log, 1e-9)
+                t_log, since_log = now, 0
+                record = {
+                    "step": step,
+                    "tokens": step * config.tokens_per_step,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tps,
+                }
+                bar.update(task, info=f"loss {step_loss:.4f}  {tps:,.0f} tok/s")
+            if (config.eval_every and step % config.eval_every == 0) or step == total:
+                # A sharded model's forward needs every rank (each gathers the weights).
+                if dist.main or config.fsdp:
+                    last_val = trainer.evaluate()
+                record = record or {
+                    "step": step,
+                    "tokens": step * config.tokens_per_step,
+                    "loss": step_loss,
+                    "lr": lr,
+                }
+                record["val_loss"] = last_val
+            if record is not None and dist.main:
+                trainer.run_dir.append_metrics(record)
+            bar.update(task, completed=step)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
+                trainer.checkpoint(step)
+    wall = time.perf_counter() - t_start
+    tps = (step - start_step) * config.tokens_per_step / max(wall, 1e-9)
+    return trainer.finish(
+        status, step, message, loss=last_loss, val_loss=last_val, wall_seconds=wall,
+        tokens_per_second=tps,
+    )  # fmt: skip
+
+
+def _check_inputs(arch, config, out, dist, resume):
+    """``(has_run, tokenizer, arch, checkpoint, micro-batch, dataset)`` of a run about to start."""
+    # Every check that can fail on bad input runs before anything is written.
+    has_run = check_out_dir(out, arch, config.to_dict(), resume, _RESUMABLE_CHANGES)
+    if has_run:
+        tokenizer = load_tokenizer(RunDir(out).tokenizer)
+        arch = RunDir(out).read_architecture()
+    else:
+        tokenizer = get_tokenizer(config.tokenizer, source=config.data)
+        arch = resolve_arch(arch, tokenizer, config.seq_len)
+    ckpt = find_checkpoint(out) if has_run else None
+    if ckpt is not None:
+        # A truncated or tampered checkpoint is refused here, before anything is written.
+        read_state(ckpt)
+    if config.fsdp and not dist.enabled:
+        raise UserError(
+            "--fsdp shards the model over torchrun's processes: run it under "
+            "`torchrun --nproc_per_node N` with N >= 2"
+        )
+    micro, rem = divmod(config.batch_size, dist.world * config.grad_accum)
+    if rem or micro == 0:
+        raise UserError(
+            f"batch size {config.batch_size} does not split into {dist.world} process(es) x "
+            f"{config.grad_accum} accumulation steps"
+        )
+    if config.data is None or not (Path(config.data) / "manifest.json").is_file():
+        # Every rank checks the source, so bad input fails everywhere, not only on rank 0.
+        resolve_source(config.data)
+    # Rank 0 tokenises (or finds the shards); the others then open the same shards.
+    t_data = time.time()
+    if dist.main:
+        dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
+    dist.barrier()
+    if not dist.main:
+        dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
+    try:
+        for split in ("train", "val"):
+            dataset.check_len(dataset.split(split), split, config.seq_len)
+    except UserError:
+        # Shards built just now from a source too small to train on: leave nothing behind.
+        manifest = Path(dataset.path) / "manifest.json"
+        fresh = manifest.is_file() and manifest.stat().st_mtime >= t_data - 1
+        if dist.main and fresh and Path(dataset.path) != Path(str(config.data)):
+            shutil.rmtree(dataset.path, ignore_errors=True)
+        raise
+    if has_run:
+        stored = read_run_file(out, "run.json", keys=("config",), versioned=True)["config"]
+        started_on = (
+            (stored.get("dataset") or {}).get("sha256") if isinstance(stored, dict) else None
+        )
+        if started_on is not None and started_on != dataset.manifest["sha256"]:
+            raise UserError(
+                f"--resume: the data of the run in {str(out)!r} changed since it started "
+                "(token shard checksums differ); restore the data or start a new run"
+            )
+    device = dist.device
+    if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
+    return has_run, tokenizer, arch, ckpt, micro, dataset
+
+
+class Trainer:
+    """One training run: :meth:`setup`, then :meth:`step` / :meth:`evaluate` /
+    :meth:`checkpoint` in a loop, then :meth:`finish` (``train`` drives it).
+
+    The constructor checks everything (``_check_inputs``) before anything is written;
+    :meth:`setup` builds the model and optimiser, restores the checkpoint and
+    writes the run folder's first files.
+    """
+
+    def __init__(
+        self,
+        arch: Architecture,
+        config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        dist: Distributed,
+        resume: bool = False,
+        argv: list[str] | None = None,
+    ):
+        self.config, self.dist, self.argv = config, dist, argv
+        self.run_dir = RunDir(out_dir)
+        self.device = dist.device
+        checked = _check_inputs(arch, config, self.run_dir.root, dist, resume)
+        self.has_run, self.tokenizer, self.arch, self.ckpt, self.micro, self.dataset = checked
+
+    def setup(self) -> TrainResult | None:
+        """Build the model and optimiser, restore the checkpoint, write the run's first files.
+
+        Returns the stored result when the run had already finished (nothing is changed).
+        """
+        config, dist, run = self.config, self.dist, self.run_dir
+        device = self.device
+        self.start_step = 0
+        if config.fsdp:
+            # Imported here: torch's FSDP modules cost about a second of start-up CPU time
+            # that runs without --fsdp should not pay.
+            from hcomposer.training import fsdp
+
+            self.fsdp = fsdp
+            # Built whole on the host (the same initial weights as DDP), then sharded onto
+            # the device; the optimiser is created over the shards.
+            model = build_model(self.arch, device="cpu", seed=config.seed)
+            if self.ckpt is not None:
+                self.start_step = int(load_checkpoint(self.ckpt, model)["step"])
+            model = self.model = fsdp.shard_model(model, device)
+            self.optimizer = make_optimizer(
+                model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
+            )
+            if self.ckpt is not None:
+                fsdp.load_optimizer_state(self.optimizer, read_optimizer_state(self.ckpt))
+        else:
+            model = self.model = build_model(self.arch, device=device, seed=config.seed)
+            self.optimizer = make_optimizer(
+                model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
+                device=device,
+            )  # fmt: skip
+            if self.ckpt is not None:
+                state = load_checkpoint(self.ckpt, model, self.optimizer)
+                self.start_step = int(state["step"])
+        if self.ckpt is None:
+            torch.manual_seed(config.seed + dist.rank)
+        self.params_total = sum(p.numel() for p in model.parameters())
+        if self.start_step >= config.total_steps and run.summary_json.is_file():
+            # Nothing left to do: report the finished run, change nothing.
+            done = read_run_file(run.root, run.summary_json.name)
+            fields = {f.name for f in dataclasses.fields(TrainResult)}
+            if not fields - {"message"} <= set(done):
+                raise UserError(
+                    f"run folder {str(run.root)!r} is damaged: summary.json lacks fields; "
+                    "delete summary.json and resume to write it again"
+                )
+            done = {k: v for k, v in done.items() if k in fields}
+            done["out_dir"] = run.root
+            return TrainResult(**done)
+        if dist.main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            if not self.has_run:
+                # run.json last: a folder with run.json always has the tokenizer and architecture.
+                self.tokenizer.save(run.tokenizer)
+                run.write_architecture(self.arch)
+                dataset_info = {**self.dataset.manifest, "path": str(self.dataset.path)}
+                run.record(
+                    {
+                        "architecture": self.arch.to_dict(),
+                        "train": config.to_dict(),
+                        "dataset": dataset_info,
+                    },
+                    self.argv,
+                )
+            run.truncate_metrics(self.start_step)
+            run.write_status("running", self.start_step, f"training from step {self.start_step}")
+        dist.barrier()
+        net: torch.nn.Module = model
+        if config.compile:
+            net = torch.compile(model)
+        if dist.enabled and not config.fsdp:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.net = net
+        model.train()
+        per_rank = self.micro * config.grad_accum
+        self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        return None
+
+    def lr(self, step: int) -> float:
+        config = self.config
+        return lr_at(
+            step,
+            total_steps=config.total_steps,
+            lr=config.lr,
+            min_lr=config.min_lr,
+            warmup=config.warmup,
+            schedule=config.schedule,
+            decay_fraction=config.decay_fraction,
+        )
+
+    def step(self, step: int) -> tuple[float, float | None]:
+        """Optimiser step ``step`` (0-based) on batch ``step``: ``(loss, grad_norm)``;
+        ``grad_norm`` is None when the loss was not finite (nothing was updated)."""
+        config, micro = self.config, self.micro
+        set_lr(self.optimizer, self.lr(step))
+        x_all, y_all = self.dataset.batch_at(
+            "train", step, config.batch_size, config.seq_len, seed=config.seed
+        )
+        x_all, y_all = x_all[self.rows].to(self.device), y_all[self.rows].to(self.device)
+        batches = [
+            (x_all[k * micro : (k + 1) * micro], y_all[k * micro : (k + 1) * micro])
+            for k in range(config.grad_accum)
+        ]
+        net = self.net
+        no_sync = None
+        if config.fsdp:
+            fsdp, model = self.fsdp, self.model
+            no_sync = lambda: fsdp.no_gradient_sync(model)  # noqa: E731
+
+            def loss_fn(x, y):
+                # FSDP does not synchronise buffers: rank 0's go out before every forward.
+                fsdp.sync_buffers(model)
+                return lm_loss(net(x), y)
+        else:
+            if self.dist.enabled:
+                no_sync = net.no_sync
+
+            def loss_fn(x, y):
+                # Through ``net`` (compiled and/or DDP-wrapped), with HybridLM.loss's loss.
+                return lm_loss(net(x), y)
+
+        return train_step(
+            loss_fn,
+            batches,
+            self.optimizer,
+            device=self.device,
+            dtype=config.dtype,
+            grad_clip=config.grad_clip,
+            no_sync=no_sync,
+            reduce=self.dist.mean,
+        )
+
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first ``eval_tokens`` tokens of the validation split."""
+        config, model = self.config, self.model
+        batches = self.dataset.eval_batches(self.micro, config.seq_len, config.eval_tokens)
+        result = evaluate(
+            lambda x, y: (model(x), y), batches, device=self.device, dtype=config.dtype,
+            modules=[model],
+        )  # fmt: skip
+        return result.loss if result.count else 0.0
+
+    def checkpoint(self, step: int) -> None:
+        config, dist = self.config, self.dist
+        record = {
+            "step": step,
+            "tokens": step * config.tokens_per_step,
+            "data": {"seed": config.seed, "next_batch": step},
+            "total_steps": config.total_steps,
+        }
+        if config.fsdp:
+            # Every rank takes part in gathering; rank 0 writes the ordinary format.
+            tensors, optim_state = self.fsdp.full_state(self.model, self.optimizer)
+            if dist.main:
+                save_checkpoint_state(self.run_dir.root, tensors, optim_state, record)
+        elif dist.main:
+            save_checkpoint(self.run_dir.root, self.model, self.optimizer, record)
+        dist.barrier()
+
+    def finish(self, status: str, step: int, message: str, **result: Any) -> TrainResult:
+        """Write status.json and summary.json (the last checkpoint is written unless diverged)."""
+        config, dist, run = self.config, self.dist, self.run_dir
+        if status != "diverged":
+            self.checkpoint(step)
+            if step >= config.total_steps:
+                status, message = "completed", f"completed {step} steps"
+            else:
+                message = f"stopped at step {step} of {config.total_steps}; resume to continue"
+        if dist.main:
+            run.write_status(status, step, message)
+        out = TrainResult(
+            out_dir=run.root,
+            status=status,
+            step=step,
+            tokens=step * config.tokens_per_step,
+            params_total=self.params_total,
+            message=message,
+            **result,
+        )
+        if dist.main:
+            run.write_summary(out.to_dict())
+        dist.barrier()
+        return out
+
+
+def load_run(run_dir: str | Path, *, device: Any = None):
+    """``(model, arch, tokenizer, info)`` from a run folder's latest checkpoint (UserError if none).
+
+    ``info`` holds the config, the checkpoint's step and tokens, status and summary.
+    """
+    run = RunDir(run_dir)
+    run.require_run()
+    ckpt = find_checkpoint(run.root)
+    if ckpt is None:
+        raise UserError(f"run folder {str(run.root)!r} holds no checkpoint yet")
+    arch = run.read_architecture()
+    tokenizer = load_tokenizer(run.tokenizer)
+    model = build_model(arch, device=device or "cpu")
+    state = load_checkpoint(ckpt, model, restore_rng=False)
+    model.eval()
+    info = {
+        "step": state["step"],
+        "tokens": state["tokens"],
+        "config": read_run_file(run.root, RUN_JSON, keys=("config",), versioned=True)["config"],
+        "status": run.read_status(),
+        "summary": (
+            read_run_file(run.root, run.summary_json.name) if run.summary_json.is_file() else None
+        ),
+    }
+    return model, arch, tokenizer, info

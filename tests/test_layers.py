@@ -1,0 +1,169 @@
+"""The package's imports point down the layers, form no cycle and never take a ``_private`` name
+from another module (read from the source with ``ast``; nothing is imported)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "hcomposer"
+
+# Lowest first. A module may import modules of its own layer or of a lower one. The most
+# specific prefix decides a module's layer.
+LAYERS: list[tuple[str, ...]] = [
+    ("version", "errors"),
+    ("io", "format", "pattern", "reporting.plots", "guards", "config_io", "stats", "threads"),
+    ("shapes",),
+    ("architecture",),
+    ("primitives",),
+    ("model",),
+    ("accounting", "hf", "_hf_hook"),
+    ("data",),
+    ("runs",),
+    ("training",),
+    ("proxies", "evaluation", "export", "export_native", "export_remote", "model_card"),
+    ("search", "scaling"),
+    ("reporting", "recipes"),
+    ("experiments",),
+    ("commands", "cli", ""),
+]
+
+
+def _layer(module: str) -> int:
+    name = module.removeprefix("hcomposer").removeprefix(".")
+    best, rank = -1, None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (name == p or name.startswith(p + ".") or p == "") and len(p) > best:
+                best, rank = len(p), i
+    assert rank is not None, module
+    return rank
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]):
+    """(line, imported module, names, top level?) for every import of the package's modules."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(n) for n in tree.body}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "hcomposer":
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                if sub in modules:  # "from hcomposer.search import results"
+                    yield node.lineno, sub, [], id(node) in top
+                else:
+                    yield node.lineno, target, [alias.name], id(node) in top
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "hcomposer":
+                    yield node.lineno, alias.name, [], id(node) in top
+
+
+def _graph():
+    modules = _modules()
+    edges = {}
+    for mod, path in modules.items():
+        edges[mod] = [
+            (line, target, names, top)
+            for line, target, names, top in _imports(mod, path, modules)
+            if target != mod
+        ]
+    return modules, edges
+
+
+def test_imports_point_down():
+    modules, edges = _graph()
+    bad = []
+    for mod, imports in edges.items():
+        for line, target, _, _ in imports:
+            if _layer(target) > _layer(mod):
+                bad.append(f"{modules[mod].relative_to(SRC)}:{line}: {mod} imports {target}")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_private_name_crosses_a_module():
+    modules, edges = _graph()
+    bad = [
+        f"{modules[mod].relative_to(SRC)}:{line}: {name} from {target}"
+        for mod, imports in edges.items()
+        for line, target, names, _ in imports
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    ]
+    assert not bad, "private names imported across modules:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle():
+    modules, edges = _graph()
+    graph = {
+        m: sorted({t if t in modules else t.rpartition(".")[0] for _, t, _, _ in imps})
+        for m, imps in edges.items()
+    }
+    # A package's __init__ re-exporting its modules is not a cycle with them.
+    graph = {m: [t for t in ts if not m.startswith(t + ".")] for m, ts in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str):
+        state[m] = 1
+        stack.append(m)
+        for t in graph.get(m, []):
+            if state.get(t) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(t) :] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+# Lazy imports of the package's own modules, each kept for start-up time (measured; see the
+# comment beside each): the CLI imports only the chosen command, and `hcomposer` itself stays
+# free of torch.
+LAZY_ALLOWED = {"hcomposer", "hcomposer._hf_hook", "hcomposer.training.trainer"}
+
+
+def test_imports_at_top_of_files():
+    modules, edges = _graph()
+    bad = [
+        f"{modules[mod].relative_to(SRC)}:{line}: {target}"
+        for mod, imports in edges.items()
+        if mod not in LAZY_ALLOWED
+        for line, target, _, top in imports
+        if not top
+    ]
+    assert not bad, "imports inside functions:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The rules above catch what they are for (the layers are read, not assumed)."""
+    assert _layer("hcomposer.training.trainer") > _layer("hcomposer.model")
+    assert _layer("hcomposer.reporting.plots") < _layer("hcomposer.evaluation.niah")
+    assert _layer("hcomposer.reporting.compare") > _layer("hcomposer.evaluation.suite")
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from hcomposer.cli import _Parser\n")
+    found = list(_imports("hcomposer.model", path, {}))
+    assert found == [(2, "hcomposer.cli", ["_Parser"], False)]
