@@ -10,7 +10,6 @@ from hcomposer.format import console
 from hcomposer.io import read_jsonl
 from hcomposer.runs import SearchDir
 from hcomposer.scaling.aggregate import aggregate_details
-from hcomposer.search import load_trials
 
 HELP = "Aggregate the top trials of a search into one pattern (k-means + per-position vote)."
 
@@ -37,6 +36,9 @@ def read_trials(directory: str | Path) -> tuple[list[dict], str]:
     The search engine's ``load_trials`` (its Optuna storage) comes first; a plain
     ``trials.jsonl`` (one ``{"pattern", "score", "state"}`` per line) is the fallback.
     """
+    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
+    from hcomposer.search import load_trials
+
     path = Path(directory)
     if not path.exists():
         raise UserError(f"search folder {str(path)!r} does not exist")
