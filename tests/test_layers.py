@@ -140,10 +140,17 @@ def test_no_import_cycle():
             visit(m)
 
 
-# Lazy imports of the package's own modules, each kept for start-up time (measured; see the
-# comment beside each): the CLI imports only the chosen command, and `hcomposer` itself stays
-# free of torch.
-LAZY_ALLOWED = {"hcomposer", "hcomposer._hf_hook", "hcomposer.training.trainer"}
+# Lazy imports of the package's own modules, kept for start-up time (measured; a comment
+# beside each says so): `import hcomposer` stays free of torch and transformers, the trainer
+# imports torch's FSDP modules only under --fsdp (about a second of start-up CPU time), and the
+# commands import torch-heavy modules inside their functions, because `hcomposer --help`
+# imports every command module (0.14 s of CPU, 9.2 s with the imports at the top).
+LAZY_ALLOWED = (
+    "hcomposer",
+    "hcomposer._hf_hook",
+    "hcomposer.training.trainer",
+    "hcomposer.commands.",
+)
 
 
 def test_imports_at_top_of_files():
@@ -151,7 +158,7 @@ def test_imports_at_top_of_files():
     bad = [
         f"{modules[mod].relative_to(SRC)}:{line}: {target}"
         for mod, imports in edges.items()
-        if mod not in LAZY_ALLOWED
+        if mod not in LAZY_ALLOWED and not mod.startswith(LAZY_ALLOWED[-1])
         for line, target, _, top in imports
         if not top
     ]

@@ -8,8 +8,6 @@ import math
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
-from hcomposer.training.step import resolve_device
 
 HELP = "Score a pattern with a proxy: MAD tasks, MQAR or text loss at a token budget."
 
@@ -54,6 +52,9 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _config(args):
+    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
+    from hcomposer.proxies.proxy import ProxyConfig
+
     config = ProxyConfig.from_json(args.config) if args.config else ProxyConfig()
     changes = {}
     if args.steps is not None:
@@ -81,6 +82,10 @@ def _architecture(pattern: str, shape: str):
 
 def run(args) -> int:
     # Everything a user can get wrong is checked before any training starts.
+    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
+    from hcomposer.proxies.proxy import evaluate_proxy, parse_proxy
+    from hcomposer.training.step import resolve_device
+
     parse_proxy(args.proxy)
     arch = _architecture(args.pattern, args.shape)
     config = _config(args)
