@@ -34,6 +34,7 @@ def local_ray():
     for attempt in range(3):
         try:
             ray.init(
+                address="local",  # a fresh instance, even where a cluster is running
                 num_cpus=2,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -116,7 +116,8 @@ class RayExecutor(Executor):
 
         if ray.is_initialized():
             return self
-        kwargs: dict[str, Any] = {"address": self.address, "log_to_driver": True}
+        # No address: a fresh local instance (Ray would otherwise join any local cluster).
+        kwargs: dict[str, Any] = {"address": self.address or "local", "log_to_driver": True}
         if self.address is None:
             kwargs["include_dashboard"] = False
         try:
