@@ -7,6 +7,8 @@ and KV / state bytes from the accounting.
   a fresh cache;
 - decode tokens/s at context length L: ``decode_steps`` single-token steps of the
   whole batch after that prefill, so each step attends to about L tokens;
+- times on the process's CPU clock on CPU with one thread (so that other processes'
+  load is not counted), wall time otherwise (recorded as ``clock``);
 - peak memory of each measurement: on CUDA ``torch.cuda.max_memory_allocated``
   (tensors only, reset before each measurement); on CPU the process's peak
   resident set size (``VmHWM`` from /proc/self/status, reset through
@@ -28,9 +30,9 @@ Each timing is the median of ``repeats`` runs after one warm-up.
 Comparisons (``compare_efficiency``, used by ``hcomposer compare --interleaved`` and the
 pipeline's report) measure the models of a comparison in one process, interleaved: each
 round times one training step, one prefill and ``decode_steps`` decode steps of every model
-in turn (see ``evaluation/interleave.py``), on the process's CPU time on CPU (wall time with
-synchronisation on CUDA). Medians and [min, max] come with every figure, and each ratio to the
-first model is the median of per-round ratios, so load from other processes cancels out of it.
+in turn (see ``evaluation/interleave.py``), on the suite's clock. Medians and [min, max]
+come with every figure, and each ratio to the first model is the median of per-round ratios,
+so load from other processes cancels out of it.
 """
 
 from __future__ import annotations
@@ -176,15 +178,30 @@ def _can_reset_hwm() -> bool:
     return _HWM_OK
 
 
+def _now(device: torch.device) -> float:
+    """The suite's clock: CPU time of this process on CPU with one thread (time spent
+    descheduled by other processes does not count; equal to wall time on an idle core),
+    wall time otherwise."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time()
+    return time.perf_counter()
+
+
+def _clock_name(device: torch.device) -> str:
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return "cpu process time"
+    return "wall time" + (", synchronised" if device.type == "cuda" else "")
+
+
 def _timed(fn, device, repeats: int) -> float:
     fn()  # warm-up (allocator, kernels)
     times = []
     for _ in range(repeats):
         _sync(device)
-        t = time.perf_counter()
+        t = _now(device)
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t)
+        times.append(_now(device) - t)
     return statistics.median(times)
 
 
@@ -236,11 +253,11 @@ def _inference_point(model, L: int, cfg: EfficiencyConfig, device) -> dict[str, 
         cache = model.init_cache(cfg.batch, total)
         model(prompt, cache=cache)
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _now(device)
         for _ in range(cfg.decode_steps):
             model(nxt, cache=cache)
         _sync(device)
-        return time.perf_counter() - t0
+        return _now(device) - t0
 
     decode()
     bandwidth = _read_bandwidth(cfg.bandwidth_probe_mib, device)
@@ -306,6 +323,7 @@ def run_efficiency(
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu(),
         "threads": torch.get_num_threads(),
+        "clock": _clock_name(device),
         "dtype": str(dtype).replace("torch.", ""),
         "memory_method": _PeakMemory(device).method,
         "params_total": costs.params_total,
@@ -336,7 +354,8 @@ def _mib(n: int | None) -> str:
 def efficiency_markdown(res: dict[str, Any]) -> str:
     t = res["train"]
     lines = [
-        f"Device: {res['device_name']} ({res['device']}, {res['threads']} threads), "
+        f"Device: {res['device_name']} ({res['device']}, {res['threads']} threads, clock: "
+        f"{res.get('clock', 'wall time')}), "
         f"dtype {res['dtype']}. Peak memory: {res['memory_method']}.",
         "",
         f"Training: {t['tokens_per_s']:,.0f} tokens/s (batch {t['batch']} x {t['seq_len']}, "
@@ -401,18 +420,17 @@ def _read_bandwidth(mib: int, device: torch.device) -> float | None:
     best = float("inf")
     for _ in range(3):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _now(device)
         x.sum()
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _now(device) - t0)
     return x.numel() * 4 / best
 
 
 def _clock(device: torch.device):
-    """(timer, sync) for interleaved timing: CPU seconds on CPU, synchronised wall time on CUDA."""
-    if device.type == "cuda":
-        return time.perf_counter, lambda: torch.cuda.synchronize(device)
-    return time.process_time, None
+    """(timer, sync) for interleaved timing: the suite's clock, synchronised on CUDA."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return (lambda: _now(device)), sync
 
 
 def _lengths(cfg: EfficiencyConfig, train_len: int) -> list[int]:
@@ -512,7 +530,7 @@ def compare_efficiency(
         if time.perf_counter() - t0 > cfg.max_seconds:
             stopped = f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
             break
-    clock = "cpu process time" if device.type != "cuda" else "wall time, synchronised"
+    clock = _clock_name(device)
     out.update(config=cfg.to_dict(), device=str(device), clock=clock, stopped=stopped,
                threads=torch.get_num_threads(), reference=ref)  # fmt: skip
     return out
