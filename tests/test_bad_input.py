@@ -9,11 +9,13 @@ and every folder must be unchanged.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def build_world(root: Path) -> Path:
         proxy="synthetic", seed=0,
     )  # fmt: skip
     run_search(search, root / "search", progress=False)
+    # Fold the WAL into study.db so the folder can be copied file by file.
+    gc.collect()
+    con = sqlite3.connect(root / "search" / "study.db")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
     if old_cache is None:
         os.environ.pop("HCOMPOSER_CACHE")
     else:
@@ -54,18 +61,21 @@ def build_world(root: Path) -> Path:
     return root
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    out = {}
+def _snapshot(root: Path) -> dict[str, object]:
+    """Every folder and file under ``root``: files by size, modification time and content
+    hash (small files) -- a rewrite with the same bytes still changes the time."""
+    out: dict[str, object] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
         for f in filenames:
             p = os.path.join(dirpath, f)
-            if os.path.islink(p):
-                out[os.path.relpath(p, root)] = "link"
-                continue
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+            st = os.lstat(p)
+            digest = ""
+            if st.st_size < 1 << 16 and not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns, st.st_mode, digest)
     return out
 
 
@@ -642,7 +652,7 @@ def test_bad_input(cid, argv, setups, world, tmp_path, monkeypatch, capsys):
     for s in setups:
         if isinstance(s, str) and s.startswith("@copy:"):
             what = s.split(":", 1)[1]
-            shutil.copytree(world / what, d / what)
+            shutil.copytree(world / what, d / what, ignore=shutil.ignore_patterns("*-wal", "*-shm"))
         else:
             s(d)
     # Storage URLs planted in folders name the case folder, not the machine.

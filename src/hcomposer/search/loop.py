@@ -116,6 +116,7 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     folder = SearchDir(out_dir)
     out = folder.root
     check_proxy(config.proxy)
+    plan_stages(config)  # a budget the space cannot hold is refused before anything is written
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder")
     existing = folder.config

@@ -186,13 +186,6 @@ class SearchConfig:
             raise UserError(
                 f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
             )
-        n_space = len(self.primitives) ** min(self.layers, 64)
-        if self.strategy == "one-shot" and self.trials > n_space:
-            raise UserError(
-                f"--trials {self.trials} is more than the {n_space} patterns of the space "
-                f"({len(self.primitives)} choices at {self.layers} positions); lower --trials "
-                "or widen --primitives/--layers"
-            )
         if self.stage_size is not None and not (1 <= self.stage_size <= self.layers):
             raise UserError(f"--stage-size must be between 1 and --layers ({self.layers})")
         bad = [o for o in self.objective if o not in OBJECTIVES]
