@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hcomposer.architecture import Architecture
+from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
 from hcomposer.io import (
     CONFIG_FORMAT_VERSION,
@@ -50,8 +51,11 @@ def record_run(folder: str | Path, config: dict, argv: list[str] | None = None) 
     return path
 
 
-def _read_optional(path: Path) -> dict[str, Any] | None:
-    return read_json(path) if path.is_file() else None
+def _read_optional(path: Path, versioned: bool = False) -> dict[str, Any] | None:
+    """The file's object, None when absent; a damaged one is a DamagedFolder (a UserError)."""
+    if not path.is_file():
+        return None
+    return read_run_file(path.parent, path.name, versioned=versioned)
 
 
 class RunDir:
@@ -95,7 +99,7 @@ class RunDir:
 
     def read_run(self) -> dict[str, Any]:
         """``run.json`` (``{}`` when absent)."""
-        return _read_optional(self.run_json) or {}
+        return _read_optional(self.run_json, versioned=True) or {}
 
     def read_summary(self) -> dict[str, Any] | None:
         return _read_optional(self.summary_json)
