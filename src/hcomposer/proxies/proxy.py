@@ -170,7 +170,8 @@ class ProxyConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lrs"] = list(self.lrs)
         d["weight_decays"] = list(self.weight_decays)
-        d["task_steps"] = dict(self.task_steps)
+        # [task, steps] pairs: the field's JSON form (a list), which load_config checks.
+        d["task_steps"] = [list(p) for p in self.task_steps]
         d["mad_tasks"] = [t.to_dict() for t in self.mad_tasks]
         d["mqar_tasks"] = [t.to_dict() for t in self.mqar_tasks]
         return d
