@@ -76,9 +76,9 @@ def _search(url, out, workers, delay, **env):
     )
 
 
-def _read(out):
+def _read(out, url):
     try:
-        return load_trials(out)
+        return load_trials(out, storage=url)
     except Exception:  # the folder or the study is still being created
         return []
 
@@ -104,8 +104,9 @@ def test_two_processes_two_workers_each(pg, tmp_path):
     procs = [_search(url, tmp_path / f"p{i}", 2, 0.5) for i in range(2)]
     codes, errs = _wait(procs)
     assert codes == [0, 0], errs
-    done = _check_exact(load_trials(tmp_path / "p0"))
-    assert load_trials(tmp_path / "p1") == load_trials(tmp_path / "p0")  # one study
+    done = _check_exact(load_trials(tmp_path / "p0", storage=url))
+    # The folders name their storage; it is read only when given (one study for both).
+    assert load_trials(tmp_path / "p1", storage=url) == load_trials(tmp_path / "p0", storage=url)
     assert len({t["owner"]["pid"] for t in done}) >= 2
 
 
@@ -120,7 +121,7 @@ def test_worker_killed_mid_trial_is_recovered_by_heartbeat(pg, tmp_path):
         while time.time() < deadline:
             mine = [
                 t
-                for t in _read(tmp_path / "a")
+                for t in _read(tmp_path / "a", url)
                 if t["state"] == "RUNNING" and (t["owner"] or {}).get("pid") == a.pid
             ]
             if mine and mine[0]["pattern"]:
@@ -134,12 +135,13 @@ def test_worker_killed_mid_trial_is_recovered_by_heartbeat(pg, tmp_path):
     finally:
         if a.poll() is None:
             os.killpg(a.pid, signal.SIGKILL)
-    killed = next(t for t in load_trials(tmp_path / "a") if t["number"] == mine[0]["number"])
+    trials_a = load_trials(tmp_path / "a", storage=url)
+    killed = next(t for t in trials_a if t["number"] == mine[0]["number"])
     assert killed["state"] == "RUNNING"
     b = _search(url, tmp_path / "b", 2, 4.0, HCOMPOSER_HOST="host-b", HCOMPOSER_HEARTBEAT=beat)
     codes, errs = _wait([b])
     assert codes == [0], errs
-    trials = load_trials(tmp_path / "b")
+    trials = load_trials(tmp_path / "b", storage=url)
     _check_exact(trials)
     dead = next(t for t in trials if t["number"] == mine[0]["number"])
     assert dead["state"] == "FAIL" and "no heartbeat" in dead["failure"]
@@ -155,7 +157,7 @@ def test_resume_after_both_processes_die(pg, tmp_path):
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            trials = _read(tmp_path / "p0")
+            trials = _read(tmp_path / "p0", url)
             done = [t for t in trials if t["state"] == "COMPLETE"]
             running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
             if done and running:
@@ -168,7 +170,7 @@ def test_resume_after_both_processes_die(pg, tmp_path):
         for p in procs:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
-    before = load_trials(tmp_path / "p0")
+    before = load_trials(tmp_path / "p0", storage=url)
     killed = [t for t in before if t["state"] == "RUNNING"]
     assert killed
     kept = {t["number"]: t for t in before if t["state"] == "COMPLETE"}
@@ -176,7 +178,7 @@ def test_resume_after_both_processes_die(pg, tmp_path):
 
     codes, errs = _wait([_search(url, tmp_path / "p0", 2, 5.0)])
     assert codes == [0], errs
-    after = load_trials(tmp_path / "p0")
+    after = load_trials(tmp_path / "p0", storage=url)
     _check_exact(after)
     for n, t in kept.items():  # completed trials are untouched
         assert after[n]["state"] == "COMPLETE" and after[n]["finished"] == t["finished"]
