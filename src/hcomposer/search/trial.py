@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from hcomposer.accounting import count_costs
@@ -161,7 +162,15 @@ class TrialSteps:
             trial.set_user_attr("traceback", tb[-4000:])
             self._fail(study, trial, "evaluation", f"{type(e).__name__}: {e}")
             return
-        wall = time.perf_counter() - t0
+        try:
+            self._record(study, trial, outcome, costs, time.perf_counter() - t0)
+        except UpdateFinishedTrialError:
+            # Declared dead while it ran (no heartbeat within the grace period, e.g. on an
+            # overloaded machine) and already failed and re-queued by another worker: the
+            # retry owns the pattern now, so this late result is dropped, never told twice.
+            return
+
+    def _record(self, study, trial, outcome, costs: dict, wall: float) -> None:
         trial.set_user_attr("wall_seconds", round(wall, 4))
         if outcome.details:
             trial.set_user_attr("proxy_result", _jsonable(outcome.details))
