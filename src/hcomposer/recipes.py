@@ -140,9 +140,10 @@ def quickstart() -> Recipe:
         objective=("score",),
         seed=0,
     )
-    # fp32: on the 2-core development CPU, bf16 autocast training of the merged package ran
-    # at 60-90 tokens/s against 1,000+ in fp32 (2026-12-01, cause not yet found; see the
-    # closing note of that session). Put back bf16 once it is fast again.
+    # fp32: on a CPU without native bf16 (AVX2 only, no avx512_bf16/AMX) bf16 autocast
+    # training ran at 60-100 tokens/s against 1,000+ in fp32 (measured 2026-12-01, the same
+    # on the previous release's code), while CPUs with avx512_bf16 train faster in bf16.
+    # fp32 is the choice that is never pathological; a GPU user sets bf16.
     train = TrainConfig(
         tokens=600_000,
         dtype="fp32",
