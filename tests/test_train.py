@@ -128,6 +128,7 @@ def test_bf16_default_trains_and_load_run_reproduces_val_loss(tmp_path, text_fil
     assert isinstance(tok, ByteTokenizer) and info["step"] == 4
     run = read_json(tmp_path / "run" / "run.json")
     assert run["config"]["train"] == cfg.to_dict() and run["hcomposer_version"]
+    assert run["config"]["precision"] == "bf16"
     ds = prepare_dataset(cfg.data, tok)
     batches = ds.eval_batches(4, cfg.seq_len, cfg.eval_tokens)
     val = evaluate(lambda x, y: (model(x), y), batches, device=torch.device("cpu"), dtype=cfg.dtype)
@@ -138,6 +139,23 @@ def test_bf16_default_trains_and_load_run_reproduces_val_loss(tmp_path, text_fil
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
     )
+
+
+def test_auto_dtype_resolves_by_native_bf16(monkeypatch):
+    from hcomposer.training import step
+
+    assert TrainConfig().dtype == "auto"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert step.resolve_dtype("auto", "cpu") == want
+        assert step.resolve_dtype("fp32", "cpu") == "fp32"
+        assert step.resolve_dtype("bf16", "cpu") == "bf16"
+        with step.autocast("cpu", "auto"):
+            out = torch.ones(2, 2) @ torch.ones(2, 2)
+        assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(UserError, match="dtype 'fp16'"):
+        TrainConfig(dtype="fp16")
 
 
 def test_divergence_is_recorded_not_raised(tmp_path, text_file):

@@ -140,13 +140,11 @@ def quickstart() -> Recipe:
         objective=("score",),
         seed=0,
     )
-    # fp32: on a CPU without native bf16 (AVX2 only, no avx512_bf16/AMX) bf16 autocast
-    # training ran at 60-100 tokens/s against 1,000+ in fp32 (measured 2026-12-01, the same
-    # on the previous release's code), while CPUs with avx512_bf16 train faster in bf16.
-    # fp32 is the choice that is never pathological; a GPU user sets bf16.
+    # dtype auto (the TrainConfig default): bf16 where the device has native bf16, fp32 on a
+    # CPU without it (AVX2 only: bf16 autocast trained at 60-100 tokens/s against 1,000+ in
+    # fp32, measured 2026-12-01).
     train = TrainConfig(
         tokens=600_000,
-        dtype="fp32",
         batch_size=16,
         seq_len=256,
         lr=3e-3,

@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
         "--lrs", default=None, help="learning-rate grid, comma-separated, e.g. 1e-3,4e-3"
     )
     p.add_argument("--wds", default=None, help="weight-decay grid, comma-separated, e.g. 0,0.1")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default=None, help="default fp32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     p.add_argument(
         "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda[:N]"

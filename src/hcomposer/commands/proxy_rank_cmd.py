@@ -38,7 +38,7 @@ class ProxyRankRecipe:
     seq_len: int = 256
     batch_size: int = 16
     lr: float = 2e-3
-    dtype: str = "bf16"
+    dtype: str = "auto"
 
 
 RECIPES: dict[str, ProxyRankRecipe] = {

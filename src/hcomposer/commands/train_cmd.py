@@ -45,7 +45,10 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument(
+        "--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+        help="auto: bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX), else fp32",
+    )  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-tokens", default="64K")

@@ -5,7 +5,8 @@ policy is written once:
 
 - Weight decay applies to matrices only (Linear and conv weights); norms, biases, SSM scalars
   (A, D, dt) and embeddings (tied or not) are not decayed.
-- Autocast: ``dtype="bf16"`` autocasts to bfloat16 on the model's device type (CPU or CUDA);
+- Autocast: ``dtype="auto"`` is bf16 where the device has native bf16, else fp32;
+  ``dtype="bf16"`` autocasts to bfloat16 on the model's device type (CPU or CUDA);
   ``"fp32"`` runs plain fp32. Losses are always computed in fp32.
 - A step whose (averaged, all-reduced) loss is not finite updates nothing and reports the loss;
   the caller decides to stop. ``grad_clip <= 0`` means no clipping.
@@ -26,6 +27,8 @@ from hcomposer.errors import UserError
 
 __all__ = [
     "DTYPES",
+    "native_bf16",
+    "resolve_dtype",
     "param_groups",
     "make_optimizer",
     "set_lr",
@@ -36,7 +39,29 @@ __all__ = [
     "EvalResult",
 ]
 
-DTYPES = ("bf16", "fp32")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """True where bf16 arithmetic is native and fast: a CUDA device that supports it, or a CPU
+    with AVX512-BF16 or AMX. On a CPU without them (e.g. AVX2 only) bf16 autocast emulates
+    the products and trains several times slower than fp32 (60-100 against 1,000+ tokens/s
+    on a 2-core AVX2 host, benchmarks/RESULTS.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # torch.cpu's probes are private; a torch without them is read as "not native".
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16` holds for ``device``, else ``fp32``."""
+    if dtype == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return dtype
 
 # A loss function takes a micro-batch (inputs, targets) and returns a scalar loss.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,8 +125,9 @@ def make_optimizer(
 
 
 def autocast(device: torch.device | str, dtype: str):
-    """bf16 autocast on ``device``'s type when ``dtype == "bf16"``; nothing for fp32."""
-    if dtype == "bf16":
+    """bf16 autocast on ``device``'s type when ``dtype`` is (or resolves to) ``bf16``;
+    nothing for fp32."""
+    if resolve_dtype(dtype, device) == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

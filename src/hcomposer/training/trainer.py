@@ -51,7 +51,14 @@ from hcomposer.training.checkpoint import (
 )
 from hcomposer.training.distributed import Distributed
 from hcomposer.training.schedule import SCHEDULES, lr_at
-from hcomposer.training.step import evaluate, make_optimizer, set_lr, train_step
+from hcomposer.training.step import (
+    DTYPES,
+    evaluate,
+    make_optimizer,
+    resolve_dtype,
+    set_lr,
+    train_step,
+)
 
 __all__ = [
     "TrainConfig",
@@ -92,7 +99,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     grad_accum: int = 1
-    dtype: str = "bf16"
+    # auto: bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32.
+    dtype: str = "auto"
     compile: bool = False
     eval_every: int = 200
     eval_tokens: int = 65536
@@ -114,8 +122,8 @@ class TrainConfig:
                 raise UserError(f"train config: {name} must be a positive integer")
         if self.schedule not in SCHEDULES:
             raise UserError(f"train config: schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise UserError(f"train config: dtype {self.dtype!r}; choose bf16 or fp32")
+        if self.dtype not in DTYPES:
+            raise UserError(f"train config: dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise UserError("train config: need lr > 0 and 0 <= min_lr <= lr")
         for name in ("warmup", "weight_decay", "grad_clip", "decay_fraction"):
@@ -443,6 +451,7 @@ class Trainer:
                     {
                         "architecture": self.arch.to_dict(),
                         "train": config.to_dict(),
+                        "precision": resolve_dtype(config.dtype, device),
                         "dataset": dataset_info,
                     },
                     self.argv,
