@@ -60,6 +60,11 @@ def add_arguments(p) -> None:
         help="at most N sublayers of TOKEN (repeatable)",
     )
     p.add_argument("--n-startup", type=int, default=None, help="initial random trials of gp/tpe")
+    p.add_argument(
+        "--pruner",
+        default=None,
+        help="stop weak trials after a task: none (default), median, hyperband",
+    )
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
     p.add_argument(
         "--executor",
@@ -97,6 +102,7 @@ _FIELDS = {
     "min_count": "min_count",
     "max_count": "max_count",
     "n_startup": "n_startup",
+    "pruner": "pruner",
     "workers": "workers",
     "storage": "storage",
     "seed": "seed",

@@ -3,10 +3,12 @@
 Before a trial trains its pattern it *claims* it: under a lock that every worker of the
 study takes (one per study, held for a read and one write), it reads the log and
 
-- answers from the log when the pattern is already trained (``cached``),
+- answers from the log when the pattern is already trained (``cached``), or was trained
+  and stopped by the pruner (``pruned``: told PRUNED again, never re-run),
 - waits when another worker holds a live claim on the pattern (``wait``),
 - refuses when the pattern failed before and this trial is not a retry (``failed``),
-- refuses when the trained plus claimed-and-running trials fill the budget (``surplus``),
+- refuses when the trained (scored or pruned) plus claimed-and-running trials fill the
+  budget (``surplus``),
 - otherwise writes ``role = "evaluation"`` on the trial (``train``).
 
 The claim is the ``role`` user attribute, committed before the lock is released, so the
@@ -115,12 +117,15 @@ def decide(
     for t in trials:
         if t.number == number or t.user_attrs.get("role") != "evaluation":
             continue
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING):
+        # A pruned trial trained part-way: it spent a slot of the budget like a scored one.
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
             claimed += 1
         if t.user_attrs.get("pattern") != pattern:
             continue
         if t.state == TrialState.COMPLETE:
             return "cached", t
+        if t.state == TrialState.PRUNED:
+            return "pruned", t
         if t.state == TrialState.RUNNING:
             running = t
         elif t.state == TrialState.FAIL and t.user_attrs.get("failure") and failed is None:
@@ -146,8 +151,8 @@ def claim(
 ) -> tuple[str, FrozenTrial | None]:
     """Claim ``pattern`` for ``trial``; waits while another worker trains it.
 
-    Returns ``("train", None)`` with the claim written, or ``("cached" | "failed" |
-    "surplus", earlier trial or None)``. ``on_wait()`` runs between polls (the caller
+    Returns ``("train", None)`` with the claim written, or ``("cached" | "pruned" |
+    "failed" | "surplus", earlier trial or None)``. ``on_wait()`` runs between polls (the caller
     reaps dead trials there, so a claim held by a dead worker is released).
     """
     is_retry = "retry_of" in trial.user_attrs

@@ -36,6 +36,8 @@ class Executor:
     name = "base"
     #: True: the workers are threads of this process (their evaluations run elsewhere).
     threads = False
+    #: True: the objective can be given the trial's ``report`` hook (``--pruner``).
+    reports = True
 
     def __enter__(self) -> Executor:
         return self
@@ -95,6 +97,9 @@ class RayExecutor(Executor):
 
     name = "ray"
     threads = True
+    # A Ray task runs on another process or node: its per-task values cannot reach the
+    # trial while it runs, so it cannot be pruned.
+    reports = False
 
     def __init__(
         self, address: str | None = None, *, cpus_per_trial: float = 1, gpus_per_trial: float = 0

@@ -11,7 +11,10 @@ Every proposal is an Optuna trial, and what happens to it is recorded on it
   values with ``Trial.set_constraint`` (Optuna's constrained optimisation, so GP uses
   constrained EI and TPE/NSGA-II rank it as infeasible) and is told the worst possible
   score, ``-inf``, with its real costs (``INFEASIBLE``, ``failure`` says why);
-- an objective that raises or returns a non-finite score fails the trial (``FAIL``).
+- an objective that raises or returns a non-finite score fails the trial (``FAIL``);
+- with ``--pruner median|hyperband`` the proxy's per-task values go to Optuna's pruner; a
+  trial it stops is stored as ``PRUNED`` (no score; ``pruned_value`` holds its last
+  intermediate value), counts toward ``--trials`` and is not run again on resume.
 
 Cheap proposals (cached, infeasible, failed-before) are capped at
 ``max(50, 5 x stage trials)`` per stage, so a sampler that has converged, or tight
@@ -49,6 +52,7 @@ from hcomposer.search.executors import Executor, LocalExecutor, run_threads
 from hcomposer.search.live import LiveView
 from hcomposer.search.objectives import Objective, check_proxy, resolve_objective
 from hcomposer.search.optuna_compat import heartbeat
+from hcomposer.search.pruners import make_pruner
 from hcomposer.search.samplers import default_n_startup, make_sampler
 from hcomposer.search.space import (
     SearchConfig,
@@ -165,6 +169,7 @@ def _open_study(storage, config: SearchConfig, stage: Stage) -> optuna.Study:
         storage=storage,
         study_name=name,
         sampler=sampler,
+        pruner=make_pruner(config.pruner),
         directions=config.directions,
         load_if_exists=True,
     )
@@ -305,7 +310,7 @@ def _worker_entry(config_dict, out_dir, url, objective, parent_pid) -> None:
 
 def _progress_from_storage(config: SearchConfig, url: str) -> tuple[int, str | None, float | None]:
     stages = R.load_stage_trials(config, open_storage(url, reader=True))
-    done = sum(1 for recs in stages for r in recs if r["state"] == "COMPLETE")
+    done = sum(1 for recs in stages for r in recs if R.is_trained(r))
     best = R.best_of(stages[-1]) if stages else None
     return done, (best or {}).get("pattern"), (best or {}).get("score")
 
@@ -325,7 +330,7 @@ def summarise(config: SearchConfig, out_dir: Path, wall: float, notes: list[str]
         best, best_pattern = R.stage_best(recs, config.objective)
         stages.append({**stage.to_dict(), "states": dict(states), "best": best})
     for plan, recs in zip(plans, per_stage):
-        n_done = sum(r["state"] == "COMPLETE" for r in recs)
+        n_done = sum(R.is_trained(r) for r in recs)
         if n_done < plan.trials:
             notes.append(
                 f"stage {plan.index + 1}: {n_done} of {plan.trials} trials trained (the sampler "
@@ -359,6 +364,11 @@ def run_search(
     out = Path(out_dir)
     objective = resolve_objective(config.proxy, objective, config.proxy_config)
     executor = executor or LocalExecutor()
+    if config.pruner != "none" and not executor.reports:
+        raise UserError(
+            f"--pruner {config.pruner} needs --executor local: a {executor.name} task cannot "
+            "report its per-task values to the trial while it runs"
+        )
     # Connect first: an unreachable cluster is a UserError before anything is written.
     with executor:
         prepare_run_folder(config, out, argv)

@@ -1,6 +1,8 @@
 """What a trial evaluates: the proxy (default) or an injected callable.
 
-An objective is ``objective(arch, proxy=..., seed=...)`` returning a ``ProxyResult``
+An objective is ``objective(arch, proxy=..., seed=...)`` (and ``report=...`` when the search
+has a pruner: call ``report(step, value)``, stop by raising ``optuna.TrialPruned`` or
+``ProxyPruned`` when it returns True) returning a ``ProxyResult``
 (anything with ``.score``, optionally ``.tokens_per_second`` and ``.to_dict()``), a dict
 with ``"score"``, or a plain float. Higher scores are better.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
+from hcomposer.proxies.proxy import ProxyConfig, Report, evaluate_proxy, parse_proxy
 
 __all__ = [
     "Objective",
@@ -75,7 +77,12 @@ def is_synthetic(proxy: str) -> bool:
 
 
 def proxy_objective(
-    arch: Architecture, proxy: str = "mad", *, seed: int = 0, config: dict | None = None
+    arch: Architecture,
+    proxy: str = "mad",
+    *,
+    seed: int = 0,
+    config: dict | None = None,
+    report: Report | None = None,
 ) -> Any:
     """The real evaluator: ``hcomposer.proxies.proxy.evaluate_proxy``.
 
@@ -83,7 +90,7 @@ def proxy_objective(
     learning-rate grid), as stored in the search's ``proxy_config``.
     """
     cfg = ProxyConfig.from_dict(config) if config else None
-    return evaluate_proxy(arch, proxy, seed=seed, config=cfg)
+    return evaluate_proxy(arch, proxy, seed=seed, config=cfg, report=report)
 
 
 def _unit(*parts: Any) -> float:
@@ -120,8 +127,11 @@ def synthetic_score(pattern: str, seed: int = 0) -> float:
     return round(score + 0.01 * _unit(pattern, seed), 6)
 
 
-def synthetic_objective(arch: Architecture, proxy: str = "synthetic", *, seed: int = 0) -> dict:
-    """The synthetic test objective; ``synthetic:SECONDS`` sleeps that long per trial."""
+def synthetic_objective(
+    arch: Architecture, proxy: str = "synthetic", *, seed: int = 0, report: Report | None = None
+) -> dict:
+    """The synthetic test objective; ``synthetic:SECONDS`` sleeps that long per trial.
+    It has one step, so a pruner never stops it (``report`` is accepted and not called)."""
     _, _, delay = proxy.partition(":")
     t0 = time.perf_counter()
     if delay:

@@ -8,6 +8,9 @@ Trial states in these dicts (``state``):
 - ``INFEASIBLE``: violates a constraint, not trained (``failure`` says which);
 - ``FAIL``: the evaluation raised, the worker died in flight (then a later trial has
   ``retry_of`` = its number), or the trial was surplus to the budget;
+- ``PRUNED``: trained part-way and stopped by the pruner (``--pruner``); no score, its last
+  intermediate value in ``pruned_value`` (counts toward ``--trials``; a pattern proposed
+  again after it is told PRUNED again, role ``pruned-before``, with ``cached_from``);
 - ``RUNNING`` / ``WAITING``: in flight, or enqueued to be run again.
 """
 
@@ -39,6 +42,7 @@ __all__ = [
     "best_of",
     "pareto_front",
     "stage_best",
+    "is_trained",
 ]
 
 
@@ -85,7 +89,8 @@ def trial_record(t: FrozenTrial, stage: int, objectives: tuple[str, ...]) -> dic
     a = t.user_attrs
     state = trial_state(t)
     scored = state in ("COMPLETE", "CACHED")
-    values = list(t.values) if t.values is not None else None
+    # Optuna gives a pruned trial its last intermediate value as a value: not a score here.
+    values = list(t.values) if t.values is not None and state != "PRUNED" else None
     rec: dict[str, Any] = {
         "number": t.number,
         "stage": stage,
@@ -105,6 +110,8 @@ def trial_record(t: FrozenTrial, stage: int, objectives: tuple[str, ...]) -> dic
         "architecture": a.get("architecture"),
         "owner": a.get("owner"),
         "proxy_result": a.get("proxy_result"),
+        "pruned_step": a.get("pruned_step"),
+        "pruned_value": a.get("pruned_value"),
         "started": t.datetime_start.isoformat() if t.datetime_start else None,
         "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
     }
@@ -183,6 +190,13 @@ def load_trials(
     if not isinstance(stage, int) or not 0 <= stage < len(stages):
         raise UserError(f"stage {stage!r} does not exist; the search has {len(stages)} stage(s)")
     return stages[stage]
+
+
+def is_trained(record: dict[str, Any]) -> bool:
+    """Whether a trial record spent the budget: trained and scored, or pruned part-way."""
+    return record["state"] == "COMPLETE" or (
+        record["state"] == "PRUNED" and record.get("cached_from") is None
+    )
 
 
 def best_of(records: list[dict[str, Any]]) -> dict[str, Any] | None:

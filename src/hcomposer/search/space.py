@@ -30,6 +30,7 @@ from hcomposer.config_io import check_fields, migrate
 from hcomposer.errors import PatternError, UserError
 from hcomposer.pattern import TOKENS, format_pattern, parse_pattern
 from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.search.pruners import PRUNERS
 from hcomposer.search.samplers import SAMPLERS
 from hcomposer.shapes import Shape, resolve_shape
 
@@ -160,6 +161,9 @@ class SearchConfig:
     workers: int = 1
     # ProxyConfig fields that differ from the proxy's defaults (e.g. fewer steps or tasks).
     proxy_config: dict[str, Any] = field(default_factory=dict)
+    # Optuna pruner of the proxy's per-task values (hcomposer.search.pruners). A stored
+    # config without the field predates pruning and loads as "none".
+    pruner: str = "none"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -181,6 +185,13 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise UserError(
                 f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}"
+            )
+        if self.pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {self.pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        if self.pruner != "none" and len(self.objective) > 1:
+            raise UserError(
+                f"--pruner {self.pruner}: Optuna prunes single-objective searches only; "
+                "use --pruner none with several objectives"
             )
         if self.strategy not in STRATEGIES:
             raise UserError(
@@ -267,6 +278,8 @@ class SearchConfig:
         """The fields that make two runs the same search (``workers`` is not one)."""
         data = self.to_dict()
         data.pop("workers")
+        if data["pruner"] == "none":
+            data.pop("pruner")  # searches from before pruning keep their study names
         return data
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,8 +3,14 @@ about its pattern, and only then train and score it.
 
 A trial ends in one of these roles (``user_attrs["role"]``): ``infeasible`` (a constraint
 failed; told -inf), ``cached`` (the pattern was trained before; its values are copied),
-``failed-before`` (it failed before), ``surplus`` (other workers filled the budget),
-``evaluation`` (trained and scored here).
+``failed-before`` (it failed before), ``pruned-before`` (it was pruned before; told PRUNED
+again), ``surplus`` (other workers filled the budget), ``evaluation`` (trained here: scored,
+or stopped by the pruner and stored as ``PRUNED`` with ``pruned_step``/``pruned_value``).
+
+With a pruner (``--pruner median|hyperband``) the objective gets a ``report(step, value)``
+hook: each value goes to ``trial.report`` and the hook answers ``trial.should_prune()``;
+the objective stops by raising :class:`~hcomposer.proxies.proxy.ProxyPruned` (or
+``optuna.TrialPruned``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from optuna.trial import TrialState
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.proxies.proxy import ProxyPruned, Report
 from hcomposer.search.budget import POLL
 from hcomposer.search.claims import claim
 from hcomposer.search.dashboard import task_scores
@@ -80,6 +87,15 @@ class TrialSteps:
                 if key in known.user_attrs:
                     trial.set_user_attr(key, known.user_attrs[key])
             study.tell(trial, list(known.values))
+            return
+        if verdict == "pruned":
+            # Pruned before: the pruner's verdict stands (no training, no score).
+            trial.set_user_attr("role", "pruned-before")
+            trial.set_user_attr("cached_from", known.number)
+            for key in ("pruned_step", "pruned_value"):
+                if key in known.user_attrs:
+                    trial.set_user_attr(key, known.user_attrs[key])
+            study.tell(trial, state=TrialState.PRUNED)
             return
         if verdict == "failed":
             trial.set_user_attr("role", "failed-before")
@@ -143,9 +159,19 @@ class TrialSteps:
 
     def _evaluate(self, study, trial, arch: Architecture, costs: dict) -> None:
         t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {}
+        last: dict[str, Any] = {}
+        if self.config.pruner != "none":
+            kwargs["report"] = _reporter(trial, last)
         try:
-            result = self.objective(arch, proxy=self.config.proxy, seed=self.config.seed)
+            result = self.objective(arch, proxy=self.config.proxy, seed=self.config.seed, **kwargs)
             outcome = normalise_result(result)
+        except (ProxyPruned, optuna.TrialPruned) as e:
+            try:
+                self._pruned(study, trial, e, last, time.perf_counter() - t0)
+            except UpdateFinishedTrialError:
+                return  # reaped while it ran: the retry owns the pattern (as below)
+            return
         except UserError as e:
             self._fail(study, trial, "evaluation", f"{e}")
             raise
@@ -185,6 +211,29 @@ class TrialSteps:
             scores["tokens_per_second"] = outcome.tokens_per_second
         trial.set_user_attr("scores", scores)
         study.tell(trial, values)
+
+    def _pruned(self, study, trial, e: Exception, last: dict, wall: float) -> None:
+        # Stored as PRUNED, never as a score: the last intermediate value is a user attr only.
+        trial.set_user_attr("wall_seconds", round(wall, 4))
+        step = getattr(e, "step", last.get("step"))
+        value = getattr(e, "value", last.get("value"))
+        if step is not None:
+            trial.set_user_attr("pruned_step", int(step))
+        if value is not None:
+            trial.set_user_attr("pruned_value", float(value))
+        study.tell(trial, state=TrialState.PRUNED)
+
+
+def _reporter(trial: optuna.Trial, last: dict) -> Report:
+    """The proxy's ``report(step, value) -> bool`` hook for one trial: record the value with
+    Optuna (and in ``last``) and ask the study's pruner whether to stop."""
+
+    def report(step: int, value: float) -> bool:
+        trial.report(float(value), int(step))
+        last.update(step=int(step), value=float(value))
+        return trial.should_prune()
+
+    return report
 
 
 def _jsonable(obj: Any) -> Any:
