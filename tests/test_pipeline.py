@@ -15,9 +15,10 @@ import pytest
 from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import EfficiencyConfig
 from hcomposer.evaluation.niah import NIAHConfig
-from hcomposer.experiments.pipeline import matched_baseline, run_pipeline
+from hcomposer.experiments.pipeline import matched_baseline, rescore, run_pipeline, seed_noise
 from hcomposer.recipes import EvalConfig, Recipe
 from hcomposer.search import SearchConfig, load_trials
+from hcomposer.search.objectives import synthetic_objective, synthetic_score
 from hcomposer.training import TrainConfig
 
 SMOKE = Recipe(
@@ -50,6 +51,9 @@ SMOKE = Recipe(
             min_len=32, max_len=64, repeats=1, decode_steps=2, train_batch=1
         ),
     ),
+    train_seeds=2,
+    rescore_top=3,
+    rescore_seeds=2,
 )
 
 _SCRIPT = """
@@ -131,10 +135,98 @@ def test_pipeline_resumes_after_kill_and_reports(tmp_path: Path):
         "compare/niah_0.png",
     ):
         assert (out / png).stat().st_size > 1000, png
+    _check_seed_noise(out, state)
     # A second call finds everything done and changes nothing.
     before = (out / "report.md").stat().st_mtime_ns
     run_pipeline(SMOKE, out, progress=False)
     assert (out / "report.md").stat().st_mtime_ns == before
+    _check_rescore_resumes(out)
+
+
+def _check_rescore_resumes(out: Path) -> None:
+    """A rerun of the re-scoring keeps every saved evaluation and runs only the missing ones."""
+    data = json.loads((out / "pipeline.json").read_text())
+    for stage in ("rescore", "report"):
+        del data["stages"][stage]
+    (out / "pipeline.json").write_text(json.dumps(data))
+    saved = json.loads((out / "rescore.json").read_text())
+    first, second = list(saved)[:2]
+    saved[first]["1"] = 0.123  # a sentinel: kept, so not evaluated again
+    del saved[second]["2"]  # missing: evaluated again
+    (out / "rescore.json").write_text(json.dumps(saved))
+    state = run_pipeline(SMOKE, out, progress=False)
+    rows = {r["pattern"]: r["scores"] for r in state["stages"]["rescore"]["top"]}
+    assert rows[first]["1"] == 0.123
+    assert rows[second]["2"] == pytest.approx(synthetic_score(second, 2))
+    assert json.loads((out / "rescore.json").read_text())[second]["2"] == rows[second]["2"]
+
+
+def test_seed_noise_by_hand():
+    b, c = [2.0, 2.2, 2.1], [1.9, 2.3]
+    noise = seed_noise(b, c)
+    # s_p^2 = (sum of squares about each mean) / (n_a + n_b - 2) = (0.02 + 0.08) / 3
+    pooled = (0.1 / 3) ** 0.5
+    threshold = 2 * pooled * (1 / 3 + 1 / 2) ** 0.5
+    assert noise["pooled_std"] == pytest.approx(pooled)
+    assert noise["threshold"] == pytest.approx(threshold)
+    assert noise["diff"] == pytest.approx(2.1 - 2.1) and noise["inside_noise"] is True
+    far = seed_noise([2.0, 2.01], [1.5, 1.51])
+    assert far["inside_noise"] is False and far["diff"] == pytest.approx(-0.5)
+    # One seed each: no std, no verdict (never a claim without its noise).
+    one = seed_noise([2.0], [1.5])
+    assert one["baseline_std"] is None and one["inside_noise"] is None
+
+
+def test_rescore_in_worker_processes_gives_the_in_process_scores():
+    cfg = SearchConfig(primitives="AF", layers=3, proxy="synthetic", shape="tiny", workers=2)
+    jobs = [(p, s) for p in ("AFA", "FFA", "AAF") for s in (1, 2)]
+    got = {(p, s): v for p, s, v in rescore(synthetic_objective, cfg, jobs)}
+    assert got == {(p, s): synthetic_score(p, s) for p, s in jobs}
+    alone = cfg.replace(workers=1)
+    assert {(p, s): v for p, s, v in rescore(synthetic_objective, alone, jobs)} == got
+
+
+def _check_seed_noise(out: Path, state: dict) -> None:
+    """Seed runs exist, the noise numbers follow from the per-seed losses, the report says it."""
+    import math
+    import statistics
+
+    losses = {}
+    for role in ("baseline", "composite"):
+        runs = [out / "train" / role, out / "train" / f"{role}-seed1"]
+        for run in runs:
+            assert (run / "metrics.jsonl").is_file() and (run / "eval/results.json").is_file()
+        assert json.loads((runs[1] / "run.json").read_text())["config"]["train"]["seed"] == 1
+        # NIAH and efficiency on seed 0's run only.
+        assert "niah" in json.loads((runs[0] / "eval/results.json").read_text())["parts"]
+        assert "niah" not in json.loads((runs[1] / "eval/results.json").read_text())["parts"]
+        losses[role] = [
+            json.loads((r / "eval/results.json").read_text())["parts"]["loss"]["loss"] for r in runs
+        ]
+    noise = state["stages"]["report"]["noise"]
+    loss = noise["loss"]
+    for role in ("baseline", "composite"):
+        assert loss[role] == pytest.approx(losses[role])
+        assert loss[f"{role}_mean"] == pytest.approx(statistics.fmean(losses[role]))
+        assert loss[f"{role}_std"] == pytest.approx(statistics.stdev(losses[role]))
+    b, c = losses["baseline"], losses["composite"]
+    diff = statistics.fmean(c) - statistics.fmean(b)
+    pooled = math.sqrt((statistics.variance(b) + statistics.variance(c)) / 2)  # n = 2 each
+    threshold = 2 * pooled * math.sqrt(1 / 2 + 1 / 2)
+    assert loss["diff"] == pytest.approx(diff) and loss["threshold"] == pytest.approx(threshold)
+    assert loss["inside_noise"] == (abs(diff) < threshold)
+    report = (out / "report.md").read_text()
+    sentence = "inside the noise." if abs(diff) < threshold else "outside the noise"
+    assert sentence in report and f"{diff:+.4f}" in report
+    # The top 3 patterns re-scored on proxy seeds 1 and 2 (the synthetic proxy: known scores).
+    top = noise["rescore"]
+    assert len(top) == 3
+    for row in top:
+        scores = [synthetic_score(row["pattern"], s) for s in (0, 1, 2)]
+        assert [row["scores"][str(s)] for s in (0, 1, 2)] == pytest.approx(scores)
+        assert row["mean"] == pytest.approx(statistics.fmean(scores))
+        assert row["std"] == pytest.approx(statistics.stdev(scores))
+        assert f"{row['mean']:.4f} ± {row['std']:.4f}" in report
 
 
 def test_pipeline_refuses_other_configuration(tmp_path: Path):

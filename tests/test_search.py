@@ -178,9 +178,17 @@ def test_config_round_trip_and_recipes():
     # A pipeline.json written before the recipes were typed (only the changed train fields,
     # no eval options) reads back as the same recipe, so such a run still resumes.
     before = dict(RECIPES["quickstart"]().to_dict(), eval_options={})
-    before["train"] = dict(tokens=600_000, batch_size=16, seq_len=256, lr=3e-3, warmup=30,
-                           eval_every=50, eval_tokens=65_536, checkpoint_every=50)  # fmt: skip
+    before["train"] = dict(tokens=300_000, batch_size=16, seq_len=256, lr=3e-3, warmup=15,
+                           eval_every=25, eval_tokens=65_536, checkpoint_every=25)  # fmt: skip
     assert Recipe.from_dict(before) == RECIPES["quickstart"]()
+    # One written before the seed-noise fields: one training seed, no re-scoring, as it ran.
+    for key in ("train_seeds", "rescore_top", "rescore_seeds"):
+        before.pop(key)
+    old = Recipe.from_dict(before)
+    assert (old.train_seeds, old.rescore_top) == (1, 0)
+    assert old == RECIPES["quickstart"]().replace(train_seeds=1, rescore_top=0)
+    with pytest.raises(UserError, match="train_seeds"):
+        RECIPES["quickstart"]().replace(train_seeds=0)
     paper = RECIPES["paper"]().search
     assert (paper.layers, paper.primitives, paper.sampler) == (16, ("A", "F"), "gp")
     groups = SearchConfig(primitives="A,F,[A|S]")

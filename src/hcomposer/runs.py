@@ -14,8 +14,10 @@ A training run (``RunDir``)::
 
 A search (``SearchDir``): ``search.json`` (config), ``run.json``, ``study.db`` (the Optuna
 study unless a storage URL was given), ``trials.jsonl`` and ``summary.json``. A pipeline
-(``PipelineDir``): ``pipeline.json`` (stage state), ``search/``, ``train/<role>/``,
-``compare/``, ``report.md`` and the files of its stages. No other module spells these names.
+(``PipelineDir``): ``pipeline.json`` (stage state), ``search/``, ``train/<role>/`` (and
+``train/<role>-seed<k>/``, the extra training seeds), ``rescore.json`` (the search's top
+patterns on extra proxy seeds: ``{pattern: {seed: score}}``), ``compare/``, ``report.md`` and
+the files of its stages. No other module spells these names.
 """
 
 from __future__ import annotations
@@ -166,13 +168,22 @@ class PipelineDir:
     aggregate = property(lambda self: self.root / "aggregate.json")
     compare = property(lambda self: self.root / "compare")
     report = property(lambda self: self.root / "report.md")
+    rescore = property(lambda self: self.root / "rescore.json")
 
     def architecture(self, role: str) -> Path:
         """The architecture chosen for ``role`` ("composite" or "baseline")."""
         return self.root / f"{role}.json"
 
-    def train(self, role: str) -> RunDir:
-        return RunDir(self.root / "train" / role)
+    def train(self, role: str, seed_index: int = 0) -> RunDir:
+        """``role``'s training run; the extra seeds' runs (index >= 1) beside it."""
+        return RunDir(self.root / "train" / (f"{role}-seed{seed_index}" if seed_index else role))
+
+    def read_rescore(self) -> dict[str, dict[str, float]]:
+        """``rescore.json`` (``{}`` when absent): proxy score by pattern, then by seed."""
+        return _read_optional(self.rescore) or {}
+
+    def write_rescore(self, scores: dict[str, dict[str, float]]) -> None:
+        atomic_write_json(self.rescore, scores)
 
     def plot(self, name: str) -> Path:
         return self.root / f"{name}.png"

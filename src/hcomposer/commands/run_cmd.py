@@ -95,5 +95,31 @@ def run(args) -> int:
     for row in rep["table"]:
         t.add_row(*row)
     con.print(t)
+    _print_noise(con, rep.get("noise"))
     con.print(f"report: {rep['report']}")
     return 0
+
+
+def _print_noise(con, noise: dict | None) -> None:
+    """The seed noise of the search scores and of the final comparison (the report's)."""
+    if not noise:
+        return
+    from rich.table import Table
+
+    from hcomposer.experiments.pipeline import noise_sentence
+
+    t = Table(title="seed noise (mean ± std over seeds)")
+    t.add_column("what")
+    t.add_column("per seed", justify="right")
+    t.add_column("mean ± std", justify="right")
+    for r in noise["rescore"]:
+        per = ", ".join(f"{v:.4f}" for v in r["scores"].values())
+        pm = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] is not None else "")
+        t.add_row(f"proxy score {r['pattern']}", per, pm)
+    loss = noise["loss"]
+    for role in ("baseline", "composite"):
+        std = loss[f"{role}_std"]
+        pm = f"{loss[f'{role}_mean']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+        t.add_row(f"{role} val loss", ", ".join(f"{v:.4f}" for v in loss[role]), pm)
+    con.print(t)
+    con.print(noise_sentence(loss), markup=False, highlight=False)
