@@ -3,7 +3,8 @@
 The proxy is replayed from the committed ``af6`` table (64 A/F patterns of 6 sublayers,
 scored on MAD recall then memorisation): a fake objective reports each pattern's recorded
 per-task accuracies through the same ``report(step, value)`` hook as ``evaluate_proxy``
-(after task k, the mean of the first k tasks) and raises ``ProxyPruned`` when told to stop.
+(after task k, the mean of the first k tasks) and raises ``ProxyPruned`` when told to stop
+before the last task.
 Every search runs the real engine (Optuna storage, sampler, pruner, trial steps) on fixed
 seeds; only the training is replaced by the table.
 
@@ -46,7 +47,7 @@ class TableProxy:
         for k in range(1, len(vals) + 1):
             self.tasks_run += 1
             value = sum(vals[:k]) / k
-            if report is not None and report(k, value):
+            if report is not None and report(k, value) and k < len(vals):
                 raise ProxyPruned(k, value)
         return {"score": sum(vals) / len(vals)}
 

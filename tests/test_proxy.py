@@ -163,6 +163,9 @@ def test_report_hook_sees_each_task_and_can_prune():
     with pytest.raises(ProxyPruned) as err:
         evaluate_proxy(arch, "mad", config=cfg, report=lambda k, v: calls.append(k) or k == 2)
     assert calls == [1, 2] and err.value.step == 2
+    # After the last task the score is known: a prune answer there is not heeded.
+    last = evaluate_proxy(arch, "mad", config=cfg, report=lambda k, v: k == 3)
+    assert last.score == pytest.approx(r.score)
 
 
 def test_mqar_proxy_runs():

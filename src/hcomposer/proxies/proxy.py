@@ -323,7 +323,8 @@ def evaluate_proxy(
     after the k-th task finishes it is called with ``step=k`` and ``value`` = the mean
     reported accuracy of the first k tasks (the tasks run in a fixed order, so values at
     the same step are comparable across architectures; at the last step it equals the
-    score). When it returns True the evaluation stops and raises :class:`ProxyPruned`.
+    score). When it returns True before the last task the evaluation stops and raises
+    :class:`ProxyPruned`.
     """
     if isinstance(arch, str):
         arch = Architecture.parse(arch, shape="proxy")
@@ -401,7 +402,9 @@ def _evaluate(
             results[name] = _best(runs, count_params(arch, task_data))
             if report is not None:
                 value = sum(r["accuracy"] for r in results.values()) / len(results)
-                if report(len(results), value):
+                # After the last task the score is known: stopping there would save nothing
+                # and lose it, so the answer is only heeded before.
+                if report(len(results), value) and len(results) < len(tasks):
                     raise ProxyPruned(len(results), value)
     score = sum(r["accuracy"] for r in results.values()) / len(results)
     return _result(arch, proxy, score, results, tokens, failures, config, t0)
