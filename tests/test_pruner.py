@@ -206,3 +206,13 @@ def test_an_executor_without_the_report_hook_refuses_a_pruner(tmp_path):
     with pytest.raises(UserError, match="needs --executor local"):
         run_search(config(), tmp_path / "run", objective=scripted([]), executor=Remote())
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_pruner_on_ray_before_writing(tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "s"
+    argv = ["search", "--proxy", "synthetic", "--primitives", "AF", "--layers", "3"]
+    argv += ["--pruner", "median", "--executor", "ray", "--out", str(out)]
+    assert main(argv) == 2
+    assert "needs --executor local" in capsys.readouterr().err
+    assert not out.exists()

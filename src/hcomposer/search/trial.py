@@ -172,6 +172,10 @@ class TrialSteps:
             except UpdateFinishedTrialError:
                 return  # reaped while it ran: the retry owns the pattern (as below)
             return
+        except UpdateFinishedTrialError:
+            # Raised by the report hook: the trial was declared dead and re-queued while it
+            # ran (see below); the retry owns the pattern.
+            return
         except UserError as e:
             self._fail(study, trial, "evaluation", f"{e}")
             raise
