@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                             k: [round(v["accuracy"], 3), sum(g["steps"] for g in v["grid"])]
                             for k, v in r.tasks.items()
                         },
+                        # per task: seconds of training and scoring (one thread, wall clock)
+                        "task_s": {
+                            k: round(sum(g["seconds"] for g in v["grid"]), 1)
+                            for k, v in r.tasks.items()
+                        },
                         "tokens": r.tokens,
                     }
                     state["rows"][key] = row

@@ -57,6 +57,7 @@ def run_cell(cell: dict) -> dict:
         warmup_steps=cell["warmup_steps"],
         grad_clip=1.0,
         dtype=cell.get("dtype", "fp32"),
+        schedule=cell.get("schedule", "cosine"),
         seed=cell["seed"] * 1000,
         check_every=cell["check_every"],
         on_check=lambda step, acc: _progress(cell, step, acc, cpu0) or acc >= solved,
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=ProxyConfig().batch_size)
     p.add_argument("--warmup", type=int, default=ProxyConfig().warmup_steps)
     p.add_argument("--check-every", type=int, default=50)
+    p.add_argument("--schedule", default="cosine", help="cosine or wsd")
     p.add_argument("--solved", type=float, default=0.99)
     p.add_argument("--label", default="", help="legend suffix for this set of cells")
     p.add_argument("--out", type=Path, nargs="+", default=[Path("calibration.json")])
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                         "batch_size": args.batch_size,
                         "warmup_steps": args.warmup,
                         "check_every": args.check_every,
+                        **({"schedule": args.schedule} if args.schedule != "cosine" else {}),
                         "solved": args.solved,
                         "label": args.label,
                     }

@@ -273,7 +273,7 @@ def test_shape_defaults_and_errors_name_the_field():
         name: (s.dn_heads, s.dn_head_dim, s.dn_v_heads, s.dn_v_head_dim)
         for name, s in PRESETS.items()
     }
-    assert widths["tiny"] == (2, 16, 2, 32) and widths["proxy"] == (2, 32, 2, 64)
+    assert widths["tiny"] == (2, 16, 2, 32) and widths["proxy"] == (2, 16, 2, 32)
     assert widths["10m"] == (2, 64, 2, 128) and widths["50m"] == (4, 64, 4, 128)
     for s in PRESETS.values():
         assert 2 * s.dn_heads * s.dn_head_dim == s.d_model  # keys d/2 wide

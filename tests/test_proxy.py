@@ -216,10 +216,10 @@ def test_cli_errors_and_json(capsys, tmp_path):
     assert out["config"]["steps"] == 2 and out["params_total"] > 0
 
 
-# Known answers (issue 3): on in-context recall an MLP-only model cannot see the
-# context and stays near chance (1/8 with 8 values); attention learns the lookup
-# (an induction circuit: it forms between 600 and 1000 steps here, and faster at a
-# lower learning rate than at a higher one); Mamba-2 beats MLP-only.
+# Known answers (issue 3) at the `tiny` shape: on in-context recall an MLP-only model cannot
+# see the context and stays near chance (1/8 with 8 values); Mamba-2 beats MLP-only. (At `tiny`,
+# init_std 0.02, attention's induction circuit did not form within 1,500 steps; at the `proxy`
+# shape, whose init is calibrated for it, it does: the defaults tests below.)
 RECALL = dict(vocab_size=16, seq_len=32, num_train_examples=2048, num_test_examples=128)
 
 
@@ -246,15 +246,6 @@ def test_known_answer_mlp_near_chance_on_recall(mlp_recall):
     assert mlp_recall < 0.2
 
 
-# Issue 9 (open): on the fixed generator (values distinct within a sequence, so averaging the
-# context no longer scores 0.33) attention's induction circuit has not formed by 1000 steps at
-# `tiny` (0.22-0.23 measured). Strict: this turns red the day the proxy is calibrated to solve
-# it, and must then become a plain known-answer test again.
-@pytest.mark.xfail(strict=True, reason="issue 9: attention does not solve MAD recall at 1000 steps")
-def test_known_answer_attention_solves_recall():
-    assert _recall("AFAF", 1000) > 0.9
-
-
 @pytest.mark.skipif(not HAS_MAMBA, reason="S (primitives/mamba2.py) not built yet")
 def test_known_answer_ssm_beats_mlp_on_recall(mlp_recall):
     assert _recall("SFSF", 400) > mlp_recall + 0.1
@@ -276,47 +267,49 @@ def test_text_proxy_on_a_local_file(tmp_path, monkeypatch):
     assert loss < 4.0 and r.tokens == 4096 and not r.failures
 
 
-# Known answers at the calibrated defaults (issue 9), `proxy` shape, seeds 0-2: what the
-# calibration measured (docs/proxies.md), asserted with margins. About 2 CPU-minutes.
-@pytest.fixture(scope="module")
-def default_runs():
-    cfg = ProxyConfig()
-    out = {}
-    for pattern, proxy, seeds in (
-        ("AFAFAF", "mad:recall,copy", (0, 1, 2)),
-        ("FFFFFF", "mad:recall,copy,memorize", (0, 1, 2)),
-        ("AAAAAA", "mad:memorize", (0,)),
-    ):
-        arch = Architecture.parse(pattern, "proxy")
-        for seed in seeds:
-            r = evaluate_proxy(arch, proxy, seed=seed, config=cfg)
-            for task, t in r.tasks.items():
-                out.setdefault((pattern, task), []).append(t["accuracy"])
+# Known answers at the calibrated defaults (issue 9): `proxy` shape, ProxyConfig(), what the
+# calibration measured (docs/proxies.md, benchmarks/RESULTS.md "MAD proxy calibration"),
+# asserted with margins. One test per pattern so that xdist spreads them over the workers;
+# about 5 CPU-minutes in all.
+def _at_defaults(pattern: str, proxy: str, seeds: tuple[int, ...]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    arch = Architecture.parse(pattern, "proxy")
+    for seed in seeds:
+        r = evaluate_proxy(arch, proxy, seed=seed, config=ProxyConfig())
+        for task, t in r.tasks.items():
+            out.setdefault(task, []).append(t["accuracy"])
     return out
 
 
 @pytest.mark.slow
-def test_known_answer_defaults_recall_and_copy(default_runs):
-    chance = 1 / 8
-    mlp_recall = default_runs[("FFFFFF", "in_context_recall")]
-    attn_recall = default_runs[("AFAFAF", "in_context_recall")]
-    # an MLP-only pattern cannot see the context: chance (+ 0.1 at most)
-    assert max(mlp_recall) <= chance + 0.1
-    # attention uses the context on every seed, though its induction circuit has not formed
-    # at this budget (docs/proxies.md): a plateau near 0.21, clearly above the MLP
-    assert min(a - m for a, m in zip(attn_recall, mlp_recall)) > 0.04
-    copy_gap = [
-        a - m
-        for a, m in zip(
-            default_runs[("AFAFAF", "selective_copying")],
-            default_runs[("FFFFFF", "selective_copying")],
-        )
-    ]
-    assert min(copy_gap) >= 0.25  # seed 0 measured 0.35 (issue target 0.3)
+def test_known_answer_defaults_attention():
+    runs = _at_defaults("AFAFAF", "mad:recall,copy", (0, 1, 2))
+    recall = runs["in_context_recall"]
+    # the induction circuit forms within the budget on every seed (0.98-1.00 measured)
+    assert sum(recall) / 3 >= 0.9 and min(recall) >= 0.8
+    # selective copying: 0.45-0.50 measured; MLP-only stays at the context-free 0.07 (below)
+    assert min(runs["selective_copying"]) >= 0.4
 
 
 @pytest.mark.slow
-def test_known_answer_defaults_memorization(default_runs):
-    mlp = default_runs[("FFFFFF", "memorization")][0]
-    attn = default_runs[("AAAAAA", "memorization")][0]
-    assert mlp >= attn + 0.2
+def test_known_answer_defaults_mlp_only():
+    runs = _at_defaults("FFFFFF", "mad:recall,copy,memorize", (0, 1, 2))
+    # an MLP-only pattern cannot see the context: chance 1/8 (+ 0.1 at most) on recall, the
+    # context-free level (0.074) on copying -- so attention's copying is >= 0.3 above it
+    assert max(runs["in_context_recall"]) <= 1 / 8 + 0.1
+    assert max(runs["selective_copying"]) <= 0.1
+    # the channel mixers memorise the fixed map within the budget (1.0 measured)
+    assert min(runs["memorization"]) >= 0.9
+
+
+@pytest.mark.slow
+def test_known_answer_defaults_attention_only_memorises_slowly():
+    runs = _at_defaults("AAAAAA", "mad:memorize", (0,))
+    assert runs["memorization"][0] <= 0.7  # >= 0.2 below MLP-only's >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MAMBA, reason="S (primitives/mamba2.py) not built yet")
+def test_known_answer_defaults_ssm_recall():
+    runs = _at_defaults("SFSFSF", "mad:recall", (0,))
+    assert runs["in_context_recall"][0] >= 0.5  # 0.99 measured

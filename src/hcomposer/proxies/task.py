@@ -104,9 +104,12 @@ class PooledDecoder(nn.Module):
         return self.unembed(self.mlp(x))
 
 
-def proxy_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    """The proxies' schedule: the trainer's warmup-cosine, decaying to a tenth of the peak."""
-    return lr_at(step, total_steps=total, lr=peak, min_lr=0.1 * peak, warmup=warmup)
+def proxy_lr(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine") -> float:
+    """The proxies' schedule: the trainer's ``cosine`` or ``wsd`` (warmup, constant, linear
+    decay over the last fifth), decaying to a tenth of the peak."""
+    return lr_at(
+        step, total_steps=total, lr=peak, min_lr=0.1 * peak, warmup=warmup, schedule=schedule
+    )
 
 
 def _logits_at_targets(model: HybridLM, head: PooledDecoder | None, x, y):
@@ -178,6 +181,7 @@ def train_and_score(
     check_every: int = 0,
     on_check: Callable[[int, float], bool] | None = None,
     device: torch.device | str = "cpu",
+    schedule: str = "cosine",
 ) -> RunResult:
     """Train a fresh model on ``data`` for ``steps`` AdamW steps, then score it.
 
@@ -214,7 +218,7 @@ def train_and_score(
             cursor = 0
         idx = order[cursor : cursor + bs].to(device)
         cursor += bs
-        set_lr(opt, proxy_lr(step, steps, lr, warmup_steps))
+        set_lr(opt, proxy_lr(step, steps, lr, warmup_steps, schedule))
         loss, _ = train_step(
             lambda x, y: lm_loss(*_logits_at_targets(model, head, x, y)),
             [(x_tr[idx], y_tr[idx])],
