@@ -63,6 +63,7 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
         return "bf16" if native_bf16(device) else "fp32"
     return dtype
 
+
 # A loss function takes a micro-batch (inputs, targets) and returns a scalar loss.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A scoring function returns (logits [K, V], labels [K]) at the positions that count.
