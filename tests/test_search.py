@@ -15,6 +15,7 @@ from hcomposer.errors import UserError
 from hcomposer.search import SearchConfig, load_trials, run_search
 from hcomposer.search.objectives import synthetic_score
 from hcomposer.search.space import plan_stages
+from hcomposer.training import TrainConfig
 
 
 def counting(calls: list[str], fail_on: str | None = None):
@@ -178,8 +179,11 @@ def test_config_round_trip_and_recipes():
     # A pipeline.json written before the recipes were typed (only the changed train fields,
     # no eval options) reads back as the same recipe, so such a run still resumes.
     before = dict(RECIPES["quickstart"]().to_dict(), eval_options={})
-    before["train"] = dict(tokens=300_000, batch_size=16, seq_len=256, lr=3e-3, warmup=15,
-                           eval_every=25, eval_tokens=65_536, checkpoint_every=25)  # fmt: skip
+    defaults = TrainConfig().to_dict()
+    before["train"] = {
+        k: v for k, v in RECIPES["quickstart"]().train.to_dict().items() if v != defaults[k]
+    }
+    assert 3 <= len(before["train"]) < len(defaults)
     assert Recipe.from_dict(before) == RECIPES["quickstart"]()
     # One written before the seed-noise fields: one training seed, no re-scoring, as it ran.
     for key in ("train_seeds", "rescore_top", "rescore_seeds"):
