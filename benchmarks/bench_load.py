@@ -14,8 +14,9 @@ Configurations (each measured quiet and beside one busy process):
 - ``one-thread``: one intra-op thread.
 
 Workloads: ``train`` is a training step of ``(AF)*6`` at shape ``10m`` (byte vocabulary,
-batch 16 x 256, bf16 autocast, AdamW), as ``hcomposer train "(AF)*6" --shape 10m`` runs it;
-``proxy`` is a proxy-evaluation step (shape ``proxy``, 6 sublayers, batch 32 x 64), at the
+batch 16 x 256, ``--dtype auto``: bf16 autocast where the CPU has native bf16, else fp32;
+AdamW), as ``hcomposer train "(AF)*6" --shape 10m`` runs it;
+``proxy`` is a proxy-evaluation step (shape ``proxy``, 6 sublayers, batch 32 x 32, fp32), at the
 proxies' own one thread.
 
     nice -n 10 python benchmarks/bench_load.py --rounds 3 --steps 6
@@ -38,7 +39,14 @@ CONFIGS = {
 }
 WORKLOADS = {
     "train": {"pattern": "(AF)*6", "shape": "10m", "batch": 16, "seq_len": 256},
-    "proxy": {"pattern": "AFAFAF", "shape": "proxy", "batch": 32, "seq_len": 64, "threads": 1},
+    "proxy": {
+        "pattern": "AFAFAF",
+        "shape": "proxy",
+        "batch": 32,
+        "seq_len": 32,
+        "threads": 1,
+        "dtype": "fp32",
+    },
 }
 
 
@@ -48,6 +56,7 @@ def child(workload: str, steps: int, warmup: int) -> None:
 
     from hcomposer.architecture import Architecture
     from hcomposer.model import build_model
+    from hcomposer.training.step import autocast
 
     w = WORKLOADS[workload]
     if "threads" in w:
@@ -61,7 +70,7 @@ def child(workload: str, steps: int, warmup: int) -> None:
     times, cpu = [], []
     for i in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu", w.get("dtype", "auto")):
             logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
