@@ -93,7 +93,8 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
         with _sql_lock(engine, compat.study_id(study)):
             yield
         return
-    journal = compat.journal_file(backend)
+    # The journal's file sits under the JournalStorage itself (not under the backend above).
+    journal = compat.journal_file(compat.storage_of(study))
     if journal:
         with _flock(Path(f"{journal}.claims.lock")):
             yield
