@@ -1,4 +1,5 @@
-"""Shared helpers for the model tests: which primitives exist, random patterns, cache sizes."""
+"""Shared helpers for the model tests: which primitives exist, random patterns, cache sizes,
+one-thread runs, seeded fp64 inputs and decoding in pieces."""
 
 from __future__ import annotations
 
@@ -62,6 +63,35 @@ def decode_stepwise(model, tokens: torch.Tensor, prefill: int = 0) -> torch.Tens
     for t in range(prefill, T):
         outs.append(model(tokens[:, t : t + 1], cache=cache))
     assert cache.pos == T
+    return torch.cat(outs, dim=1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it (whatever an earlier test set).
+
+    The primitive tests' tensors are tiny: on the shared 2-core machine a second OpenMP thread
+    only adds spin-waiting (5x slower under load). Used with ``pytest.mark.usefixtures``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def f64_input(b: int, t: int, d: int, seed: int = 1) -> torch.Tensor:
+    """A seeded fp64 input [b, t, d] for a primitive."""
+    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run_pieces(m, x: torch.Tensor, sizes) -> torch.Tensor:
+    """A primitive's outputs for ``x`` fed through one cache in pieces of ``sizes`` tokens."""
+    cache = m.init_cache(x.shape[0], x.shape[1])
+    outs, start = [], 0
+    for s in sizes:
+        outs.append(m(x[:, start : start + s], cache=cache))
+        start += s
+    assert start == x.shape[1] and cache.pos == start
     return torch.cat(outs, dim=1)
 
 

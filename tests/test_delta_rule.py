@@ -19,12 +19,7 @@ from hcomposer.primitives.delta_rule import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(b, t, h, dk, dv, *, seed=0, dtype=F64, decay_scale=1.0):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import decode_stepwise, tensor_bytes
+from conftest import decode_stepwise, f64_input, run_pieces, tensor_bytes
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.cli import main
@@ -27,12 +27,7 @@ TINY = get_shape("tiny")  # D: 2 q/k heads of 16, 2 value heads of 32, conv 4, c
 GVA = TINY.replace(dn_heads=1, dn_v_heads=2)  # one q/k head serving two value heads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(shape=TINY, seed=0, **kw) -> GatedDeltaNet:
@@ -44,39 +39,25 @@ def _layer(shape=TINY, seed=0, **kw) -> GatedDeltaNet:
     return m
 
 
-def _x(b, t, d, seed=1):
-    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def _run_pieces(m, x, sizes):
-    cache = m.init_cache(x.shape[0], x.shape[1])
-    outs, start = [], 0
-    for s in sizes:
-        outs.append(m(x[:, start : start + s], cache=cache))
-        start += s
-    assert start == x.shape[1] and cache.pos == start
-    return torch.cat(outs, dim=1)
-
-
 @pytest.mark.parametrize("shape", [TINY, GVA], ids=["heads", "gva"])
 def test_step_by_step_decoding_equals_full_forward(shape):
     m = _layer(shape)
-    x = _x(2, 37, TINY.d_model)  # 37: not a multiple of the chunk (16)
-    torch.testing.assert_close(_run_pieces(m, x, [1] * 37), m(x), rtol=1e-10, atol=1e-10)
+    x = f64_input(2, 37, TINY.d_model)  # 37: not a multiple of the chunk (16)
+    torch.testing.assert_close(run_pieces(m, x, [1] * 37), m(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("sizes", [[20, 1, 1, 1, 1], [5, 17, 1, 2, 13], [16, 16, 6], [3, 35]])
 def test_prefill_then_decode_and_chunked_prefill_equal_full_forward(sizes):
     m = _layer(seed=3)
-    x = _x(2, sum(sizes), TINY.d_model, seed=2)
-    torch.testing.assert_close(_run_pieces(m, x, sizes), m(x), rtol=1e-10, atol=1e-10)
+    x = f64_input(2, sum(sizes), TINY.d_model, seed=2)
+    torch.testing.assert_close(run_pieces(m, x, sizes), m(x), rtol=1e-10, atol=1e-10)
 
 
 def test_short_conv_kernels_decode_correctly():
     for k in (1, 2):
         m = _layer(shape=TINY.replace(dn_conv=k))
-        x = _x(1, 9, TINY.d_model)
-        torch.testing.assert_close(_run_pieces(m, x, [4, 1, 1, 3]), m(x))
+        x = f64_input(1, 9, TINY.d_model)
+        torch.testing.assert_close(run_pieces(m, x, [4, 1, 1, 3]), m(x))
 
 
 def _plain_deltanet(m: GatedDeltaNet, u: torch.Tensor) -> torch.Tensor:
@@ -111,14 +92,14 @@ def _plain_deltanet(m: GatedDeltaNet, u: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [TINY, GVA], ids=["heads", "gva"])
 def test_forward_matches_a_plain_reimplementation(shape):
     m = _layer(shape, seed=5)
-    u = _x(2, 21, TINY.d_model, seed=6)
+    u = f64_input(2, 21, TINY.d_model, seed=6)
     torch.testing.assert_close(m(u), _plain_deltanet(m, u), rtol=1e-10, atol=1e-10)
 
 
 def test_layer_gradients_chunked_equal_reference_layer():
     # The whole layer's parameter gradients, chunked scan vs the reference scan.
     m = _layer(seed=8)
-    u = _x(2, 21, TINY.d_model, seed=9)
+    u = f64_input(2, 21, TINY.d_model, seed=9)
     m(u).pow(2).sum().backward()
     got = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import f64_input, run_pieces
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import ShapeError
@@ -20,14 +21,7 @@ F64 = torch.float64
 TINY = get_shape("tiny")  # 8 SSM heads of 16, state 16, conv 4, chunk 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on the shared 2-core machine a second OpenMP thread only adds
-    # spin-waiting (5x slower under load). Restored after each test.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(shape=TINY, seed=0, **kw) -> Mamba2:
@@ -35,38 +29,24 @@ def _layer(shape=TINY, seed=0, **kw) -> Mamba2:
     return Mamba2(shape, **kw).double()
 
 
-def _x(b, t, d, seed=1):
-    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def _run_pieces(m, x, sizes):
-    cache = m.init_cache(x.shape[0], x.shape[1])
-    outs, start = [], 0
-    for s in sizes:
-        outs.append(m(x[:, start : start + s], cache=cache))
-        start += s
-    assert start == x.shape[1] and cache.pos == start
-    return torch.cat(outs, dim=1)
-
-
 def test_step_by_step_decoding_equals_full_forward():
     m = _layer()
-    x = _x(2, 37, TINY.d_model)  # 37: not a multiple of the chunk
-    torch.testing.assert_close(_run_pieces(m, x, [1] * 37), m(x), rtol=1e-10, atol=1e-10)
+    x = f64_input(2, 37, TINY.d_model)  # 37: not a multiple of the chunk
+    torch.testing.assert_close(run_pieces(m, x, [1] * 37), m(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("sizes", [[20, 1, 1, 1, 1], [5, 17, 1, 2, 13], [16, 16, 6], [3, 35]])
 def test_prefill_then_decode_and_chunked_prefill_equal_full_forward(sizes):
     m = _layer(shape=TINY.replace(ssm_groups=2), seed=3)
-    x = _x(2, sum(sizes), TINY.d_model, seed=2)
-    torch.testing.assert_close(_run_pieces(m, x, sizes), m(x), rtol=1e-10, atol=1e-10)
+    x = f64_input(2, sum(sizes), TINY.d_model, seed=2)
+    torch.testing.assert_close(run_pieces(m, x, sizes), m(x), rtol=1e-10, atol=1e-10)
 
 
 def test_short_conv_kernels_decode_correctly():
     for k in (1, 2):
         m = _layer(shape=TINY.replace(ssm_conv=k))
-        x = _x(1, 9, TINY.d_model)
-        torch.testing.assert_close(_run_pieces(m, x, [4, 1, 1, 3]), m(x))
+        x = f64_input(1, 9, TINY.d_model)
+        torch.testing.assert_close(run_pieces(m, x, [4, 1, 1, 3]), m(x))
 
 
 def test_group_branch_decoding_equals_full_forward():
@@ -245,7 +225,7 @@ def test_forward_matches_a_plain_reimplementation(groups):
     with torch.no_grad():  # move every parameter off its special value so each one matters
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    u = _x(2, 21, TINY.d_model, seed=6)
+    u = f64_input(2, 21, TINY.d_model, seed=6)
     torch.testing.assert_close(m(u), _plain_mamba2(m, u), rtol=1e-10, atol=1e-10)
 
 

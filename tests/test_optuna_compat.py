@@ -37,6 +37,21 @@ def test_storage_and_trial_ids(tmp_path):
     assert compat.stale_trial_ids(study) == []
 
 
+def test_storage_backend_study_id_and_journal_file(tmp_path):
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=rdb)
+    # Optuna wraps an RDB storage in a cache; the backend is the RDBStorage, with its engine.
+    assert compat.storage_backend(study) is rdb
+    assert compat.study_id(study) == rdb.get_study_id_from_name(study.study_name)
+    assert compat.journal_file(compat.storage_of(study)) is None
+    path = tmp_path / "journal.log"
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    jstudy = optuna.create_study(storage=journal)
+    assert compat.journal_file(compat.storage_of(jstudy)) == str(path)
+    assert compat.study_id(jstudy) == journal.get_study_id_from_name(jstudy.study_name)
+    assert compat.journal_file(compat.storage_of(optuna.create_study())) is None
+
+
 def test_stale_trials_are_found(tmp_path):
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{tmp_path / 'db.sqlite'}", heartbeat_interval=1, grace_period=1

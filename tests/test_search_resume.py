@@ -5,17 +5,24 @@
   with exactly the requested number of trained trials.
 - Two worker processes on one SQLite study train exactly the requested number of
   trials, each pattern once.
+- The claim lock of a SQLite or journal study is an flock beside its file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend
+
 from hcomposer.search import SearchConfig, load_trials, run_search
+from hcomposer.search.claims import study_lock
 
 
 def _cli(out, trials, delay):
@@ -114,3 +121,21 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     assert len({t["owner"]["pid"] for t in done}) == 2  # both workers trained trials
     assert not [t for t in trials if t["state"] in ("RUNNING", "WAITING")]
     assert result.best["score"] == max(t["score"] for t in done)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_claim_lock_of_a_file_study_is_held_beside_the_file(kind, tmp_path):
+    # Workers of a SQLite or journal study claim under an flock on FILE.claims.lock: while one
+    # holds it, another open of that file cannot take it.
+    path = tmp_path / ("db.sqlite" if kind == "sqlite" else "journal.log")
+    storage = (
+        f"sqlite:///{path}"
+        if kind == "sqlite"
+        else optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    )
+    study = optuna.create_study(storage=storage)
+    lock = tmp_path / f"{path.name}.claims.lock"
+    with study_lock(study), open(lock, "a+b") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

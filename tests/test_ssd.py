@@ -14,14 +14,7 @@ from hcomposer.primitives.ssd import segsum, ssd_chunked, ssd_reference, ssd_ste
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on the shared 2-core machine a second OpenMP thread only adds
-    # spin-waiting (5x slower under load). Restored after each test.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(b, t, h, p, g, n, *, seed=0, dtype=F64, decay_scale=1.0):

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from hcomposer.architecture import Architecture
-from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_memory, check_output_dir
 from hcomposer.runs import RunDir
@@ -111,8 +110,6 @@ def run(args) -> int:
         device=args.device,
         fsdp=args.fsdp,
     )
-    if args.checkpoint_every < 0 or args.eval_every < 0:
-        raise UserError("--checkpoint-every and --eval-every must not be negative")
     micro = max(config.batch_size // config.grad_accum, 1)
     need = estimate_memory(arch, batch=micro, seq_len=config.seq_len, training=True)
     check_memory(need, f"training {micro} x {config.seq_len} tokens per micro-step")

@@ -45,6 +45,7 @@ from hcomposer.primitives.delta_rule import (
     gated_delta_rule_step,
 )
 from hcomposer.primitives.mamba2 import DT_FLOOR, DT_RANGE
+from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.shapes import Shape
 
 __all__ = ["GatedDeltaNet", "DeltaNetCache", "A_INIT_RANGE", "L2_EPS"]
@@ -147,22 +148,6 @@ class GatedDeltaNet(Primitive):
             ),
         )
 
-    def _conv(self, x: torch.Tensor, cache: DeltaNetCache | None) -> torch.Tensor:
-        """Causal depthwise conv + SiLU over x [B, T, C]; with a cache, continue from it."""
-        T = x.shape[1]
-        x = x.transpose(1, 2)
-        k = self.d_conv
-        w = self.conv1d.weight
-        if cache is None:
-            # The conv pads both ends; the first T outputs are the causal ones.
-            out = F.conv1d(x, w, padding=k - 1, groups=self.conv_dim)[..., :T]
-        else:
-            padded = torch.cat([cache.conv_state.to(x.dtype), x], dim=-1)
-            keep = padded.shape[-1] - (k - 1)
-            cache.conv_state.copy_(padded[..., keep:])
-            out = F.conv1d(padded, w, groups=self.conv_dim)
-        return F.silu(out.transpose(1, 2).contiguous())
-
     def _scan(self, q, k, v, g, beta, initial_state):
         # The one place a fused kernel would plug in (benchmarks swap in the step loop here).
         return gated_delta_rule_chunked(q, k, v, g, beta, self.chunk_size, initial_state)
@@ -171,7 +156,8 @@ class GatedDeltaNet(Primitive):
         Bsz, T, _ = u.shape
         Hk, Hv, K, V = self.n_heads, self.n_v_heads, self.head_dim, self.v_head_dim
         qkv, gate, a, b = self.in_proj(u).split([self.conv_dim, self.inner_dim, Hv, Hv], dim=-1)
-        qkv = self._conv(qkv, cache)
+        conv_state = cache.conv_state if cache is not None else None
+        qkv = causal_conv_silu(qkv, self.conv1d.weight, None, conv_state)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.inner_dim], dim=-1)
         # The normalisation, decay and strength in fp32 (fp64 for an fp64 model), also under
         # autocast: unit-norm keys keep I - beta k k^T a contraction, which the chunked scan's

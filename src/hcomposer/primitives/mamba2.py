@@ -41,6 +41,7 @@ from torch import nn
 from hcomposer.errors import ShapeError
 from hcomposer.primitives.base import Primitive
 from hcomposer.primitives.decoding import fast_decoding
+from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.primitives.ssd import ssd_chunked, ssd_step
 from hcomposer.shapes import Shape
 
@@ -194,24 +195,6 @@ class Mamba2(Primitive):
             ),
         )
 
-    def _conv(self, xbc: torch.Tensor, cache: Mamba2Cache | None) -> torch.Tensor:
-        """Causal depthwise conv + SiLU over xbc [B, T, C]; with a cache, continue from it."""
-        T = xbc.shape[1]
-        xbc = xbc.transpose(1, 2)
-        k = self.d_conv
-        w, b = self.conv1d.weight, self.conv1d.bias
-        if cache is None:
-            # The conv pads both ends; the first T outputs are the causal ones.
-            out = F.conv1d(xbc, w, b, padding=k - 1, groups=self.conv_dim)[..., :T]
-        else:
-            padded = torch.cat([cache.conv_state.to(xbc.dtype), xbc], dim=-1)
-            keep = padded.shape[-1] - (k - 1)
-            cache.conv_state.copy_(padded[..., keep:])
-            out = F.conv1d(padded, w, b, groups=self.conv_dim)
-        # Back to [B, T, C] and contiguous once, so that every later elementwise op and
-        # product reads dense memory instead of a transposed view.
-        return F.silu(out.transpose(1, 2).contiguous())
-
     def _scan(self, x, dt, A, B, C, initial_state):
         if x.is_cuda and fast_scan_available():
             y, final = _FAST["fn"](
@@ -266,7 +249,8 @@ class Mamba2(Primitive):
             return self._decode_step(u, cache)
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xbc, dt = self.in_proj(u).split([self.inner_dim, self.conv_dim, H], dim=-1)
-        xbc = self._conv(xbc, cache)
+        conv_state = cache.conv_state if cache is not None else None
+        xbc = causal_conv_silu(xbc, self.conv1d.weight, self.conv1d.bias, conv_state)
         x, B, C = xbc.split([self.inner_dim, G * N, G * N], dim=-1)
         x = x.reshape(Bsz, T, H, P)
         # dt, A and the D skip in fp32 (fp64 for an fp64 model), also under autocast.

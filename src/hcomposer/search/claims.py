@@ -36,14 +36,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hcomposer.search import optuna_compat as compat
+
 __all__ = ["study_lock", "decide", "claim"]
 
 _LOCK_NAMESPACE = 0x6863  # "hc": keeps our advisory keys apart from other applications'
-
-
-def _backend(study: optuna.Study) -> Any:
-    storage = study._storage
-    return getattr(storage, "_backend", storage)  # Optuna wraps RDB storages in a cache
 
 
 @contextlib.contextmanager
@@ -84,7 +81,7 @@ def _sql_lock(engine: Any, study_id: int) -> Iterator[None]:
 @contextlib.contextmanager
 def study_lock(study: optuna.Study) -> Iterator[None]:
     """Hold the study's claim lock (see the module docstring) for the ``with`` block."""
-    backend = _backend(study)
+    backend = compat.storage_backend(study)
     engine = getattr(backend, "engine", None)
     if engine is not None and engine.dialect.name == "sqlite":
         database = engine.url.database
@@ -93,10 +90,11 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
                 yield
             return
     elif engine is not None:
-        with _sql_lock(engine, study._study_id):
+        with _sql_lock(engine, compat.study_id(study)):
             yield
         return
-    journal = getattr(getattr(backend, "_backend", None), "_file_path", None)
+    # The journal's file sits under the JournalStorage itself (not under the backend above).
+    journal = compat.journal_file(compat.storage_of(study))
     if journal:
         with _flock(Path(f"{journal}.claims.lock")):
             yield

@@ -17,6 +17,9 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 __all__ = [
     "LazyRandomState",
     "storage_of",
+    "storage_backend",
+    "journal_file",
+    "study_id",
     "trial_id",
     "heartbeat",
     "stale_trial_ids",
@@ -27,6 +30,23 @@ __all__ = [
 def storage_of(study: optuna.Study) -> BaseStorage:
     """The storage a study reads and writes."""
     return study._storage
+
+
+def storage_backend(study: optuna.Study) -> Any:
+    """The object one level under the study's storage, or the storage when there is none:
+    the ``RDBStorage`` under Optuna's cache wrapper, the file backend under a ``JournalStorage``."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage)
+
+
+def journal_file(storage: Any) -> str | None:
+    """The log file of a ``JournalStorage`` with a file backend; None for any other object."""
+    return getattr(getattr(storage, "_backend", None), "_file_path", None)
+
+
+def study_id(study: optuna.Study) -> int:
+    """A study's id in its storage (not its name)."""
+    return study._study_id
 
 
 def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
