@@ -10,8 +10,14 @@ Configurations (each measured quiet and beside one busy process):
 
 - ``default``: torch's defaults (all cores, OpenMP's spin-then-sleep wait);
 - ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once) -- the policy
-  ``hcomposer`` applies (``hcomposer.threads``);
-- ``one-thread``: one intra-op thread.
+  ``hcomposer`` applies to every command but ``train`` (``hcomposer.threads``);
+- ``one-thread``: one intra-op thread;
+- ``adaptive``: OpenMP's default wait policy and the thread count ``hcomposer train`` chooses
+  (``hcomposer.threads.choose_threads``, measured in the child once the busy process runs:
+  all cores when quiet, fewer beside busy processes); the child reports the count it chose.
+  The chooser sees every process on the machine, not only the benchmark's busy one: its
+  "quiet" rows mean something only on a quiet machine. Run under ``nice``, the busy process is
+  niced too and counted (the chooser counts niced processes only when it is niced itself).
 
 Workloads: ``train`` is a training step of ``(AF)*6`` at shape ``10m`` (byte vocabulary,
 batch 16 x 256, ``--dtype auto``: bf16 autocast where the CPU has native bf16, else fp32;
@@ -36,7 +42,10 @@ CONFIGS = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
+    "adaptive": {},
 }
+# Configurations whose child chooses its thread count itself.
+ADAPTIVE = {"adaptive"}
 WORKLOADS = {
     "train": {"pattern": "(AF)*6", "shape": "10m", "batch": 16, "seq_len": 256},
     "proxy": {
@@ -50,17 +59,24 @@ WORKLOADS = {
 }
 
 
-def child(workload: str, steps: int, warmup: int) -> None:
+def child(workload: str, steps: int, warmup: int, adaptive: bool = False) -> None:
     import torch
     import torch.nn.functional as F
 
     from hcomposer.architecture import Architecture
     from hcomposer.model import build_model
+    from hcomposer.threads import choose_threads
     from hcomposer.training.step import autocast
 
     w = WORKLOADS[workload]
     if "threads" in w:
         torch.set_num_threads(w["threads"])
+    chosen = None
+    if adaptive:
+        # As the trainer does at set-up: measure the other processes, then set the count.
+        chosen = choose_threads()
+        if chosen is not None:
+            torch.set_num_threads(chosen)
     arch = Architecture.parse(w["pattern"], shape=w["shape"])
     arch = arch.with_shape(arch.shape.replace(vocab_size=256, max_seq_len=w["seq_len"]))
     model = build_model(arch, seed=0)
@@ -87,6 +103,7 @@ def child(workload: str, steps: int, warmup: int) -> None:
                 "tokens_per_s": tokens / statistics.median(times),
                 "cpu_s_per_step": statistics.median(cpu),
                 "threads": torch.get_num_threads(),
+                "chosen": chosen,
             }
         )
     )
@@ -102,6 +119,8 @@ def _measure(config: str, workload: str, loaded: bool, steps: int, warmup: int) 
     env.update(CONFIGS[config])
     cmd = [sys.executable, __file__, "--child", workload, "--steps", str(steps)]
     cmd += ["--warmup", str(warmup)]
+    if config in ADAPTIVE:
+        cmd.append("--adaptive")
     busy = _busy() if loaded else None
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -115,6 +134,7 @@ def _measure(config: str, workload: str, loaded: bool, steps: int, warmup: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--adaptive", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -123,19 +143,25 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file for every measurement")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.steps, args.warmup)
+        child(args.child, args.steps, args.warmup, args.adaptive)
         return
     results: dict[str, list[float]] = {}
+    threads: dict[str, list[int]] = {}
     for r in range(args.rounds):
         for workload in args.workloads.split(","):
             for config in args.configs.split(","):
-                if workload == "proxy" and config == "one-thread":
+                if workload == "proxy" and config in ("one-thread", *ADAPTIVE):
                     continue  # the proxies run one thread already
                 for loaded in (False, True):
                     key = f"{workload}/{config}/{'loaded' if loaded else 'quiet'}"
                     m = _measure(config, workload, loaded, args.steps, args.warmup)
                     results.setdefault(key, []).append(m["tokens_per_s"])
-                    print(f"round {r + 1} {key}: {m['tokens_per_s']:,.0f} tok/s", flush=True)
+                    threads[key] = threads.get(key, []) + [m["threads"]]
+                    print(
+                        f"round {r + 1} {key}: {m['tokens_per_s']:,.0f} tok/s "
+                        f"({m['threads']} threads)",
+                        flush=True,
+                    )
     print()
     print("| workload | config | quiet tok/s | loaded tok/s | loaded / default quiet | "
           "quiet / default quiet |")  # fmt: skip
@@ -150,7 +176,8 @@ def main() -> None:
             q, lo = results[f"{key}/quiet"], results[f"{key}/loaded"]
             mq, ml = statistics.median(q), statistics.median(lo)
             summary[key] = {"quiet": q, "loaded": lo, "loaded_ratio": ml / base,
-                            "quiet_ratio": mq / base}  # fmt: skip
+                            "quiet_ratio": mq / base, "threads_quiet": threads[f"{key}/quiet"],
+                            "threads_loaded": threads[f"{key}/loaded"]}  # fmt: skip
             print(
                 f"| {workload} | {config} | {mq:,.0f} ({min(q):,.0f}-{max(q):,.0f}) | "
                 f"{ml:,.0f} ({min(lo):,.0f}-{max(lo):,.0f}) | {ml / base:.2f} | {mq / base:.2f} |"

@@ -320,6 +320,9 @@ TRAIN_BAD = {
     "data-tiny": ["--data", "{d}/small.txt"],
     "unknown-flag": ["--colour", "red"],
     "memory": ["--batch-size", str(2**20), "--seq-len", "2048", "--tokens", "1e14"],
+    "threads-neg": ["--threads", "-1"],
+    "threads-str": ["--threads", "two"],
+    "threads-huge": ["--threads", "100000"],
 }
 for tid, extra in TRAIN_BAD.items():
     setups = [write("small.txt", "tiny")] if tid == "data-tiny" else []

@@ -73,9 +73,9 @@ def _quiet_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Before torch loads: OpenMP reads its wait policy once (see hcomposer.threads).
-    apply_thread_policy()
     command = next((a for a in argv if not a.startswith("-")), None)
+    # Before torch loads: OpenMP reads its wait policy once (see hcomposer.threads).
+    apply_thread_policy(command)
     try:
         parser = build_parser(only=command if command in COMMANDS else None)
         args = parser.parse_args(argv)

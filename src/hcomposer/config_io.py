@@ -97,6 +97,7 @@ RANGES: dict[str, dict[str, tuple]] = {
         "checkpoint_every": (0, 2**40),
         "seed": (0, 2**32 - 1),
         "val_fraction": (0, 0.5, "open"),
+        "threads": (0, 4096),
     },
     "ProxyConfig": {
         "steps": (1, 10**7),

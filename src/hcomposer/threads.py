@@ -1,30 +1,259 @@
-"""How torch's OpenMP threads wait: the policy under load, applied before torch loads.
+"""Torch's CPU threads under load: the wait policy (set before torch loads) and, for training,
+a thread count that follows how many cores other processes are using.
 
-With OpenMP's default policy, a thread that finishes its share of a parallel region spins
-for a while before it sleeps. On a small machine shared with another busy process, the
-threads of one region then spin while the thread that lost its core to the other process
-is descheduled: the issue's measurement on 2 cores (``hcomposer train "(AF)*6" --shape 10m``)
-kept 0.30 of the quiet throughput beside one busy process, against 0.60 with
-``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once) and 0.61 with one thread -- but one
-thread gives up the second core when the machine is quiet. ``PASSIVE`` keeps both cores
-and costs little when quiet (``benchmarks/bench_load.py``; ``benchmarks/RESULTS.md``).
+With OpenMP's default policy, a thread that finishes its share of a parallel region spins for
+a while before it sleeps. On a small machine shared with another busy process, the threads of
+one region then spin while the thread that lost its core to the other process is descheduled.
+Measured on 2 cores (``benchmarks/bench_load.py``, section "load" of ``benchmarks/RESULTS.md``,
+fp32 training of ``(AF)*6`` at shape ``10m``, one round): two threads with the default policy
+keep 0.35 of their quiet throughput beside one busy process; ``OMP_WAIT_POLICY=PASSIVE``
+(threads sleep at once) keeps 0.52 but costs 14% when quiet; one thread keeps 0.56 loaded but
+gives up the second core when quiet (0.54). No fixed setting is both fast when quiet and
+graceful when loaded, so:
 
-The knob is the standard variable: ``hcomposer`` sets ``OMP_WAIT_POLICY=PASSIVE`` only when
-it is unset, so ``OMP_WAIT_POLICY=ACTIVE hcomposer ...`` restores spinning, and
-``OMP_NUM_THREADS`` / ``--threads`` (proxies) still choose the thread count. The proxies
-run one thread per evaluation already (``ProxyConfig.threads``).
+- ``hcomposer train`` chooses its thread count as it goes (:class:`AdaptiveThreads`): all
+  usable cores when the machine is idle, one fewer for each core other processes keep busy,
+  re-checked every :data:`THREADS_EVERY` optimiser steps. Spin-waiting is then kept (it is the
+  faster policy when quiet; when loaded the count drops and the wait matters little).
+- Every other command runs under ``OMP_WAIT_POLICY=PASSIVE`` (the proxies run one thread per
+  evaluation already, ``ProxyConfig.threads``).
+
+How busy the other processes are: two samples of ``/proc/stat`` (the per-CPU lines of the
+CPUs this process may run on) give the busy CPU time over the interval; this process's own CPU
+time (``time.process_time``) over the same interval is taken off. Time of processes with a
+positive nice value is counted only when this process is niced too: a niced job barely slows
+a process at nice 0 (the scheduler weighs nice 0 about ten times nice 10). Hypervisor steal
+counts as busy. Without ``/proc`` (macOS, Windows) nothing is chosen and torch keeps its
+default. CPU limits set by a container's cgroup quota are not seen.
+
+The knobs: ``hcomposer train --threads N`` fixes the count (0, the default, adapts);
+``OMP_NUM_THREADS`` in the environment fixes it too (the trainer then leaves torch alone, and
+the CLI applies ``PASSIVE`` as for other commands); a user-set ``OMP_WAIT_POLICY`` is always
+kept. In distributed runs (``WORLD_SIZE`` > 1) ``--threads 0`` leaves torch's count as
+torchrun set it.
+
+This module does not import torch: the CLI imports it before torch loads, and OpenMP reads its
+wait policy once, when it loads. The trainer passes torch's thread setter in.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["apply_thread_policy", "WAIT_POLICY"]
+__all__ = [
+    "WAIT_POLICY",
+    "THREADS_EVERY",
+    "SAMPLE_SECONDS",
+    "CpuSample",
+    "AdaptiveThreads",
+    "apply_thread_policy",
+    "adapts",
+    "cpu_sample",
+    "busy_by_others",
+    "thread_count",
+    "choose_threads",
+    "usable_cores",
+]
 
 WAIT_POLICY = "PASSIVE"
+# Commands that choose their own thread count and keep OpenMP's spin-waiting.
+ADAPTIVE_COMMANDS = frozenset({"train"})
+# Optimiser steps between re-checks of the load (a step of the 10m shape takes ~1.7 s on 2 cores).
+THREADS_EVERY = 50
+# The shortest interval the load is measured over (at 100 ticks/s: 20 ticks per core).
+SAMPLE_SECONDS = 0.2
+
+# /proc/stat columns after the name: user nice system idle iowait irq softirq steal guest
+# guest_nice. guest and guest_nice are already inside user and nice.
+_USER, _NICE, _SYSTEM, _IDLE, _IOWAIT, _IRQ, _SOFTIRQ, _STEAL = range(8)
 
 
-def apply_thread_policy() -> None:
-    """Set ``OMP_WAIT_POLICY`` unless the user chose one. Effective only before torch loads
+def apply_thread_policy(command: str | None = None) -> None:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` for ``command`` unless the user chose a policy, or the
+    command adapts its thread count (:func:`adapts`). Effective only before torch loads
     (OpenMP reads it once); the CLI calls this first thing."""
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    if not adapts(command):
+        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+
+
+def adapts(command: str | None, environ: dict[str, str] | None = None) -> bool:
+    """Whether ``command`` chooses its own thread count: ``train``, unless ``OMP_NUM_THREADS``
+    is set or the run is distributed (``WORLD_SIZE`` > 1)."""
+    env = os.environ if environ is None else environ
+    if command not in ADAPTIVE_COMMANDS or env.get("OMP_NUM_THREADS"):
+        return False
+    try:
+        return int(env.get("WORLD_SIZE", "1")) <= 1
+    except ValueError:
+        return True
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """One look at the CPUs: ``/proc/stat``'s text and this process's CPU seconds."""
+
+    stat: str
+    own_seconds: float
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), or ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_sample() -> CpuSample | None:
+    """``/proc/stat`` and ``time.process_time()`` now; None where there is no ``/proc``."""
+    try:
+        stat = Path("/proc/stat").read_text()
+    except OSError:
+        return None
+    return CpuSample(stat, time.process_time())
+
+
+def _ticks(stat: str, cpus: Collection[int] | None, count_nice: bool) -> tuple[int, int, int]:
+    """``(busy, total, n)``: ticks summed over the per-CPU lines of ``cpus`` (None: the
+    aggregate ``cpu`` line), and over how many CPUs."""
+    rows = {}
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0].startswith("cpu"):
+            # Old kernels have fewer columns: the missing ones count 0.
+            rows[fields[0][3:]] = [int(v) for v in fields[1:9]] + [0] * max(0, 9 - len(fields))
+    per_cpu = {int(name): v for name, v in rows.items() if name}
+    if cpus is None:
+        if "" not in rows:
+            raise ValueError("no aggregate cpu line in /proc/stat")
+        return (*_busy_total(rows[""], count_nice), max(len(per_cpu), 1))
+    chosen = [v for cpu, v in per_cpu.items() if cpu in cpus]
+    if not chosen:
+        raise ValueError(f"none of CPUs {sorted(cpus)} in /proc/stat")
+    sums = [_busy_total(v, count_nice) for v in chosen]
+    return sum(b for b, _ in sums), sum(t for _, t in sums), len(chosen)
+
+
+def _busy_total(v: list[int], count_nice: bool) -> tuple[int, int]:
+    busy = v[_USER] + v[_SYSTEM] + v[_IRQ] + v[_SOFTIRQ] + v[_STEAL]
+    if count_nice:
+        busy += v[_NICE]
+    # Uncounted nice time is time these CPUs could give us: idle for this purpose.
+    return busy, sum(v[:8])
+
+
+def busy_by_others(
+    before: CpuSample,
+    after: CpuSample,
+    *,
+    cpus: Collection[int] | None = None,
+    ticks_per_second: int = 100,
+    count_nice: bool = True,
+    min_seconds: float = SAMPLE_SECONDS / 2,
+) -> float | None:
+    """Cores kept busy by other processes between two samples (0 or more), or None when the
+    interval is shorter than ``min_seconds`` (too few ticks to tell).
+
+    ``cpus``: the CPUs to look at (None: all of them, the aggregate line).
+    """
+    b0, t0, n = _ticks(before.stat, cpus, count_nice)
+    b1, t1, _ = _ticks(after.stat, cpus, count_nice)
+    d_total = t1 - t0
+    # Ticks that passed on each CPU: the interval's length.
+    per_cpu = d_total / n
+    if per_cpu <= 0 or per_cpu < min_seconds * ticks_per_second:
+        return None
+    own = (after.own_seconds - before.own_seconds) * ticks_per_second
+    return max(0.0, (b1 - b0 - own) / per_cpu)
+
+
+def thread_count(others: float, usable: int) -> int:
+    """Threads for ``usable`` cores while others keep ``others`` cores busy (half rounds up)."""
+    return max(1, usable - math.floor(others + 0.5))
+
+
+def _niced() -> bool:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0) > 0
+    except (AttributeError, OSError):
+        return False
+
+
+def _ticks_per_second() -> int:
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
+def _others(before: CpuSample, after: CpuSample) -> float | None:
+    try:
+        return busy_by_others(
+            before, after, cpus=_affinity(), ticks_per_second=_ticks_per_second(),
+            count_nice=_niced(),
+        )  # fmt: skip
+    except (ValueError, IndexError):  # an unexpected /proc/stat: decide nothing
+        return None
+
+
+def choose_threads(seconds: float = SAMPLE_SECONDS) -> int | None:
+    """The thread count for the load right now, measured over ``seconds`` (this call sleeps);
+    None where ``/proc`` is missing."""
+    before = cpu_sample()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = cpu_sample()
+    others = _others(before, after) if after is not None else None
+    return None if others is None else thread_count(others, usable_cores())
+
+
+class AdaptiveThreads:
+    """A thread count that follows the load: :meth:`start`, then :meth:`update` every
+    :data:`THREADS_EVERY` steps. ``set_threads`` is called only when the count changes (the
+    trainer passes ``torch.set_num_threads``).
+
+    Each check measures the other processes over the interval since the previous one (this
+    process's own CPU time taken off), so checks cost one read of ``/proc/stat``; an interval
+    shorter than :data:`SAMPLE_SECONDS` is extended to the next check.
+    """
+
+    def __init__(self, set_threads: Callable[[int], None], current: int | None = None):
+        self._set = set_threads
+        self.threads = current
+        self._last: CpuSample | None = None
+
+    def start(self) -> int | None:
+        """Measure for :data:`SAMPLE_SECONDS` (sleeping) and set the count; None without /proc."""
+        self._last = cpu_sample()
+        if self._last is None:
+            return None
+        time.sleep(SAMPLE_SECONDS)
+        return self.update()
+
+    def update(self) -> int | None:
+        """Re-measure over the interval since the last check; set the count if it changed."""
+        if self._last is None:
+            return self.threads
+        now = cpu_sample()
+        others = _others(self._last, now) if now is not None else None
+        if others is None:
+            return self.threads
+        self._last = now
+        n = thread_count(others, usable_cores())
+        if n != self.threads:
+            self._set(n)
+            self.threads = n
+        return n

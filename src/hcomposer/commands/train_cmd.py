@@ -59,6 +59,11 @@ def add_arguments(p) -> None:
         "--fsdp", action="store_true",
         help="shard weights, gradients and optimiser state over torchrun's processes (FSDP2)",
     )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU threads; 0 (default): all cores when the machine is idle, fewer while other "
+        "processes keep cores busy (re-checked as training goes; OMP_NUM_THREADS fixes it too)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -109,6 +114,7 @@ def run(args) -> int:
         tokenizer=args.tokenizer,
         device=args.device,
         fsdp=args.fsdp,
+        threads=args.threads,
     )
     micro = max(config.batch_size // config.grad_accum, 1)
     need = estimate_memory(arch, batch=micro, seq_len=config.seq_len, training=True)

@@ -12,6 +12,11 @@ Choices (documented in docs/data_and_training.md):
   fixed slice of the same global batch, so the loss does not depend on how it is split.
 - Batch ``k`` is a pure function of (seed, k) and the schedule a pure function of k, so a
   resumed run reproduces the uninterrupted one exactly (in fp32; bf16 too on the same host).
+- ``threads``: None leaves torch's CPU thread count alone (library callers); 0 adapts it to
+  the load (``hcomposer train``'s default, :class:`hcomposer.threads.AdaptiveThreads`, unless
+  ``OMP_NUM_THREADS`` is set or the run is distributed); N fixes it. The previous count is
+  restored when ``train`` returns. Some kernels may sum in another order with another thread
+  count: for a bitwise-exact resume, fix the count.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
 from hcomposer.model import build_model, lm_loss
 from hcomposer.runs import RUN_JSON, RunDir
+from hcomposer.threads import THREADS_EVERY, AdaptiveThreads, adapts
 from hcomposer.training.checkpoint import (
     check_out_dir,
     find_checkpoint,
@@ -79,6 +85,7 @@ _RESUMABLE_CHANGES = {
     "eval_tokens",
     "device",
     "fsdp",
+    "threads",
 }
 
 
@@ -113,6 +120,8 @@ class TrainConfig:
     device: str = "auto"
     # Shard parameters, gradients and optimiser state over the torchrun processes (FSDP2).
     fsdp: bool = False
+    # CPU threads: None leaves torch's setting; 0 adapts to the load; N fixes N.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -120,6 +129,12 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"train config: {name} must be a positive integer")
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0
+        ):
+            raise UserError(
+                f"train config: threads must be null or an integer >= 0, got {self.threads!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise UserError(f"train config: schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.dtype not in DTYPES:
@@ -235,9 +250,11 @@ def train(
     """
     out = Path(out_dir)
     dist = Distributed(config.device)
+    threads = torch.get_num_threads()
     try:
         return _train(arch, config, out, dist, resume, progress, stop_at, argv)
     finally:
+        torch.set_num_threads(threads)
         dist.close()
 
 
@@ -279,6 +296,7 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tps,
+                    "threads": torch.get_num_threads(),
                 }
                 bar.update(task, info=f"loss {step_loss:.4f}  {tps:,.0f} tok/s")
             if (config.eval_every and step % config.eval_every == 0) or step == total:
@@ -294,6 +312,9 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                 record["val_loss"] = last_val
             if record is not None and dist.main:
                 trainer.run_dir.append_metrics(record)
+            if step % THREADS_EVERY == 0:
+                # After the record: a logged count is the one its steps ran with.
+                trainer.adapt_threads()
             bar.update(task, completed=step)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
                 trainer.checkpoint(step)
@@ -390,6 +411,7 @@ class Trainer:
         self.device = dist.device
         checked = _check_inputs(arch, config, self.run_dir.root, dist, resume)
         self.has_run, self.tokenizer, self.arch, self.ckpt, self.micro, self.dataset = checked
+        self.adaptive: AdaptiveThreads | None = None
 
     def setup(self) -> TrainResult | None:
         """Build the model and optimiser, restore the checkpoint, write the run's first files.
@@ -399,6 +421,7 @@ class Trainer:
         config, dist, run = self.config, self.dist, self.run_dir
         device = self.device
         self.start_step = 0
+        threads = self._set_threads()
         if config.fsdp:
             # Imported here: torch's FSDP modules cost about a second of start-up CPU time
             # that runs without --fsdp should not pay.
@@ -453,6 +476,7 @@ class Trainer:
                         "train": config.to_dict(),
                         "precision": resolve_dtype(config.dtype, device),
                         "dataset": dataset_info,
+                        "threads": threads,
                     },
                     self.argv,
                 )
@@ -471,6 +495,24 @@ class Trainer:
         per_rank = self.micro * config.grad_accum
         self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         return None
+
+    def _set_threads(self) -> str | int:
+        """Apply ``config.threads``; what run.json records: "adaptive" or the count in use."""
+        wanted = self.config.threads
+        if wanted:
+            torch.set_num_threads(wanted)
+        elif wanted == 0 and adapts("train"):
+            self.adaptive = AdaptiveThreads(torch.set_num_threads, torch.get_num_threads())
+            # None without /proc: torch keeps its default.
+            if self.adaptive.start() is not None:
+                return "adaptive"
+            self.adaptive = None
+        return torch.get_num_threads()
+
+    def adapt_threads(self) -> None:
+        """Re-check the load and change the thread count if it calls for another one."""
+        if self.adaptive is not None:
+            self.adaptive.update()
 
     def lr(self, step: int) -> float:
         config = self.config
