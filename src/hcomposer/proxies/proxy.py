@@ -84,7 +84,9 @@ class ProxyConfig:
     ``task_steps`` caps one task's steps below ``steps`` (task name -> steps).
     ``patience`` > 0 also stops a run after that many checks without a gain of
     ``min_delta`` (off by default: recall plateaus at chance for hundreds of steps before
-    the induction circuit forms, and a patience rule stops it too early). ``dtype`` is
+    the induction circuit forms, and a patience rule stops it too early). ``schedule``
+    (``wsd`` or ``cosine``) is the MAD/MQAR runs' learning-rate schedule; the text proxy keeps
+    its cosine. ``dtype`` is
     ``bf16`` (autocast) or ``fp32``. ``threads`` is torch's intra-op thread count during
     the evaluation (0 leaves it alone): one thread per evaluation, and parallel evaluations as
     separate workers, because on a shared 2-core machine two threads per process
