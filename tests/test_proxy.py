@@ -146,8 +146,85 @@ def test_early_stop_rule():
         True,
     ]
     assert early_stop(ProxyConfig(solved_accuracy=0.9))(1, 0.95)
-    never = early_stop(ProxyConfig(solved_accuracy=0.9))  # patience 0: plateaus go on
+    never = early_stop(ProxyConfig(solved_accuracy=0.9, patience=0))  # plateaus go on
     assert not any(never(i, 0.2) for i in range(100))
+    # the default: 6 checks without a gain of 0.05 over the best so far is a stall
+    default = early_stop(ProxyConfig())
+    curve = [0.20, 0.22, 0.24, 0.21, 0.23, 0.24, 0.22, 0.23]
+    assert [default(i, a) for i, a in enumerate(curve)] == [False] * 6 + [True, True]
+
+
+def _scripted_runs(monkeypatch, script):
+    """train_and_score replaced by a script of (steps_done, val_accuracy) per call; the
+    seeds it was called with are returned."""
+    seeds: list[int] = []
+
+    def fake(arch, data, *, lr, weight_decay, steps, seed, **kw):
+        done, val = script[len(seeds)]
+        seeds.append(seed)
+        return proxy_train.RunResult(
+            lr, weight_decay, val, 1.0 - val, done, 10, 0.1, val_accuracy=val
+        )
+
+    monkeypatch.setattr(proxy_mod, "train_and_score", fake)
+    return seeds
+
+
+def _one_task(**kw) -> ProxyConfig:
+    return _tiny_config(mad_tasks=_tiny_config().mad_tasks[:1], lrs=(1e-3,), steps=600, **kw)
+
+
+def test_a_stalled_run_restarts_from_new_weights_and_the_best_is_kept(monkeypatch):
+    arch = Architecture.parse("AF", "tiny")
+    # stalled at 350 of 600 on the plateau, then the restart solves the task
+    seeds = _scripted_runs(monkeypatch, [(350, 0.24), (450, 0.995)])
+    task = evaluate_proxy(arch, "mad", seed=3, config=_one_task()).tasks["in_context_recall"]
+    assert [g["restart"] for g in task["grid"]] == [0, 1]
+    assert task["accuracy"] == 0.995 and task["steps"] == 450
+    assert seeds[0] == 3000 and seeds[1] != seeds[0]  # the first attempt's seed is unchanged
+    # both stall: the better of the two is kept, and no third attempt with restarts=1
+    seeds = _scripted_runs(monkeypatch, [(350, 0.30), (350, 0.24), (350, 0.9)])
+    task = evaluate_proxy(arch, "mad", seed=3, config=_one_task()).tasks["in_context_recall"]
+    assert len(seeds) == 2 and task["accuracy"] == 0.30
+    # restarts=2 allows a third, with a third seed
+    seeds = _scripted_runs(monkeypatch, [(350, 0.30), (350, 0.24), (400, 0.995)])
+    cfg = _one_task(restarts=2)
+    task = evaluate_proxy(arch, "mad", seed=3, config=cfg).tasks["in_context_recall"]
+    assert len(set(seeds)) == 3 and task["accuracy"] == 0.995
+
+
+@pytest.mark.parametrize(
+    "script, changes",
+    [
+        ([(600, 0.5)], {}),  # ran to its step cap: not stalled (the task is just hard)
+        ([(250, 0.995)], {}),  # solved
+        ([(350, 0.24)], {"restarts": 0}),  # stalled, but restarts are off
+    ],
+)
+def test_runs_that_did_not_stall_are_not_restarted(monkeypatch, script, changes):
+    seeds = _scripted_runs(monkeypatch, script + [(600, 1.0)])
+    arch = Architecture.parse("AF", "tiny")
+    evaluate_proxy(arch, "mad", config=_one_task(**changes))
+    assert len(seeds) == 1
+
+
+def test_a_real_stall_restarts_with_different_weights():
+    # min_delta 1: no check can gain enough, so every run stalls after `patience` checks
+    arch = Architecture.parse("FF", "tiny")
+    cfg = _tiny_config(
+        mad_tasks=_tiny_config().mad_tasks[:1],
+        lrs=(1e-3,),
+        steps=12,
+        check_every=2,
+        patience=1,
+        min_delta=1.0,
+        restarts=1,
+    )
+    grid = evaluate_proxy(arch, "mad", config=cfg).tasks["in_context_recall"]["grid"]
+    assert [(g["restart"], g["steps"]) for g in grid] == [(0, 4), (1, 4)]
+    assert grid[0]["loss"] != grid[1]["loss"]  # new initial weights, a different run
+    with pytest.raises(UserError, match="restarts"):
+        ProxyConfig(restarts=-1)
 
 
 def test_report_hook_sees_each_task_and_can_prune():

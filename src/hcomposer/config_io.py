@@ -112,6 +112,8 @@ RANGES: dict[str, dict[str, tuple]] = {
         "text_batch_size": (1, 2**16),
         "text_lr": (0, 10.0, "open"),
         "text_eval_tokens": (1, 10**12),
+        "patience": (0, 10**6),
+        "restarts": (0, 100),
     },
     "SearchConfig": {
         "layers": (1, 2**20),

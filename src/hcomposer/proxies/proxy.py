@@ -83,8 +83,14 @@ class ProxyConfig:
     ``stop_when_perfect`` the rest of that task's grid is skipped (no point can do better).
     ``task_steps`` caps one task's steps below ``steps`` (task name -> steps).
     ``patience`` > 0 also stops a run after that many checks without a gain of
-    ``min_delta`` (off by default: recall plateaus at chance for hundreds of steps before
-    the induction circuit forms, and a patience rule stops it too early). ``schedule``
+    ``min_delta`` over its best so far: the run has *stalled*. A stalled run is started
+    again from new initial weights (and a new batch order), up to ``restarts`` times per
+    grid point, and the best run on the validation split is kept. Recall plateaus near
+    chance for a seed-dependent number of steps before the induction circuit forms, and
+    on some seeds it does not form within the budget at all; a restart turns that
+    all-or-nothing draw into a second chance, so that the score says whether the pattern
+    *can* learn the task rather than whether its first initialisation was lucky. A run
+    that reaches its step cap is not stalled and is not restarted. ``schedule``
     (``wsd`` or ``cosine``) is the MAD/MQAR runs' learning-rate schedule; the text proxy keeps
     its cosine. ``dtype`` is
     ``bf16`` (autocast) or ``fp32``. ``threads`` is torch's intra-op thread count during
@@ -121,8 +127,12 @@ class ProxyConfig:
     )
     check_every: int = 50
     solved_accuracy: float = 0.99
-    patience: int = 0
-    min_delta: float = 0.01
+    # A run that gains less than 0.05 validation accuracy over 6 checks (300 steps) has
+    # stalled: a non-learner (FFFFFF on recall) stops there instead of running its 600
+    # steps, and a learner stuck on the plateau is restarted once (docs/proxies.md).
+    patience: int = 6
+    min_delta: float = 0.05
+    restarts: int = 1
     mad_tasks: tuple[MADTaskConfig, ...] = field(default_factory=_default_mad)
     mqar_tasks: tuple[MQARConfig, ...] = DEFAULT_MQAR
     text_tokens: int = 262_144
@@ -170,8 +180,10 @@ class ProxyConfig:
                 f"proxy config: task_steps takes MAD task names ({', '.join(MAD_TASKS)}) "
                 f"and step counts >= 1; got {self.task_steps}"
             )
-        if self.check_every < 0 or self.patience < 0 or self.min_delta < 0:
-            raise UserError("proxy config: check_every, patience and min_delta must be >= 0")
+        if self.check_every < 0 or self.patience < 0 or self.min_delta < 0 or self.restarts < 0:
+            raise UserError(
+                "proxy config: check_every, patience, min_delta and restarts must be >= 0"
+            )
         if not 0.0 < self.solved_accuracy <= 1.0:
             raise UserError("proxy config: solved_accuracy must be in (0, 1]")
 
@@ -387,34 +399,45 @@ def _evaluate(
         for i, (name, cfg) in enumerate(tasks):
             task_data = _generate(kind, cfg, seed)
             runs: list[RunResult] = []
+            cap = config.steps_for(name)
             for j, (lr, wd) in enumerate(grid):
-                p.update(handle, description=f"{name} lr={lr:g} wd={wd:g}")
-                run = train_and_score(
-                    arch,
-                    task_data,
-                    lr=lr,
-                    weight_decay=wd,
-                    steps=config.steps_for(name),
-                    batch_size=config.batch_size,
-                    warmup_steps=config.warmup_steps,
-                    grad_clip=config.grad_clip,
-                    dtype=config.dtype,
-                    seed=_run_seed(seed, i),
-                    eval_batch_size=config.eval_batch_size,
-                    on_step=on_step,
-                    check_every=config.check_every,
-                    on_check=early_stop(config),
-                    device=device,
-                    schedule=config.schedule,
-                )
-                runs.append(run)
-                tokens += run.tokens
-                if run.failure:
-                    failures.append(f"{name}: {run.failure}")
-                if config.stop_when_perfect and _selection_accuracy(run) >= min(
-                    1.0, config.solved_accuracy
-                ):
-                    p.update(handle, advance=config.steps_for(name) * (len(grid) - j - 1))
+                for attempt in range(config.restarts + 1):
+                    p.update(
+                        handle,
+                        description=f"{name} lr={lr:g} wd={wd:g}"
+                        + (f" restart {attempt}" if attempt else ""),
+                    )
+                    run = train_and_score(
+                        arch,
+                        task_data,
+                        lr=lr,
+                        weight_decay=wd,
+                        steps=cap,
+                        batch_size=config.batch_size,
+                        warmup_steps=config.warmup_steps,
+                        grad_clip=config.grad_clip,
+                        dtype=config.dtype,
+                        seed=_run_seed(seed, i, attempt),
+                        eval_batch_size=config.eval_batch_size,
+                        on_step=on_step,
+                        check_every=config.check_every,
+                        on_check=early_stop(config),
+                        device=device,
+                        schedule=config.schedule,
+                    )
+                    run.restart = attempt
+                    runs.append(run)
+                    tokens += run.tokens
+                    if run.failure:
+                        failures.append(f"{name}: {run.failure}")
+                    solved = _selection_accuracy(run) >= min(1.0, config.solved_accuracy)
+                    stalled = not solved and run.failure is None and run.steps_done < cap
+                    if not stalled or attempt == config.restarts:
+                        break
+                    total_steps += cap
+                    p.update(handle, total=total_steps)
+                if config.stop_when_perfect and solved:
+                    p.update(handle, advance=cap * (len(grid) - j - 1))
                     break
             results[name] = _best(runs, count_params(arch, task_data))
             if report is not None:
@@ -444,10 +467,11 @@ def _result(arch, proxy, score, tasks, tokens, failures, config, t0) -> ProxyRes
     )
 
 
-def _run_seed(seed: int, task_index: int) -> int:
+def _run_seed(seed: int, task_index: int, restart: int = 0) -> int:
     # One initialisation per task, shared by its grid points (a fair comparison of
-    # learning rates); different tasks start from different weights.
-    return seed * 1000 + task_index
+    # learning rates); different tasks start from different weights. A restart after a
+    # stall draws new weights (seeds far from every first attempt's).
+    return seed * 1000 + task_index + 1_000_003 * restart
 
 
 def early_stop(config: ProxyConfig) -> Callable[[int, float], bool]:

@@ -50,6 +50,8 @@ class RunResult:
     val_accuracy: float = float("nan")
     # (step, validation accuracy) at every check during training
     curve: list[tuple[int, float]] = field(default_factory=list)
+    # 0 for a grid point's first run; k for its k-th restart after a stall
+    restart: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +65,7 @@ class RunResult:
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
             "failure": self.failure,
+            "restart": self.restart,
         }
 
 
