@@ -208,6 +208,39 @@ def test_runs_that_did_not_stall_are_not_restarted(monkeypatch, script, changes)
     assert len(seeds) == 1
 
 
+def test_per_task_batch_sizes_and_old_configs_keep_their_behaviour(monkeypatch):
+    cfg = ProxyConfig(batch_size=16, task_batch_sizes={"noisy_in_context_recall": 48})
+    assert cfg.batch_for("noisy_in_context_recall") == 48 and cfg.batch_for("memorization") == 16
+    assert ProxyConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(UserError, match="task_batch_sizes"):
+        ProxyConfig(task_batch_sizes={"nosuch": 8})
+    # a whole config written before these fields existed reads back without them
+    old = {
+        k: v
+        for k, v in ProxyConfig().to_dict().items()
+        if k not in ("restarts", "task_batch_sizes")
+    }
+    back = ProxyConfig.from_dict(old)
+    assert back.restarts == 0 and back.task_batch_sizes == ()
+    # a partial config (a user's overrides) gets today's defaults
+    assert ProxyConfig.from_dict({"steps": 10}).restarts == ProxyConfig().restarts
+    # the batch size reaches the training run
+    seen = []
+
+    def fake(arch, data, *, lr, weight_decay, batch_size, **kw):
+        seen.append(batch_size)
+        return proxy_train.RunResult(lr, weight_decay, 1.0, 0.0, 3, 10, 0.1, val_accuracy=1.0)
+
+    monkeypatch.setattr(proxy_mod, "train_and_score", fake)
+    tasks = _tiny_config().mad_tasks
+    evaluate_proxy(
+        Architecture.parse("AF", "tiny"),
+        "mad",
+        config=_tiny_config(lrs=(1e-3,), task_batch_sizes={"noisy_in_context_recall": 5}),
+    )
+    assert seen == [5 if t.task == "noisy_in_context_recall" else 8 for t in tasks]
+
+
 def test_a_real_stall_restarts_with_different_weights():
     # min_delta 1: no check can gain enough, so every run stalls after `patience` checks
     arch = Architecture.parse("FF", "tiny")

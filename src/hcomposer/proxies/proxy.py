@@ -81,7 +81,8 @@ class ProxyConfig:
     Every ``check_every`` steps (0: never) the validation accuracy is measured; a run that
     reaches ``solved_accuracy`` stops there (early stopping), and with
     ``stop_when_perfect`` the rest of that task's grid is skipped (no point can do better).
-    ``task_steps`` caps one task's steps below ``steps`` (task name -> steps).
+    ``task_steps`` caps one task's steps below ``steps`` (task name -> steps);
+    ``task_batch_sizes`` sets one task's batch size instead of ``batch_size``.
     ``patience`` > 0 also stops a run after that many checks without a gain of
     ``min_delta`` over its best so far: the run has *stalled*. A stalled run is started
     again from new initial weights (and a new batch order), up to ``restarts`` times per
@@ -124,6 +125,14 @@ class ProxyConfig:
         ("selective_copying", 200),
         ("compression", 200),
         ("memorization", 50),
+    )
+    # Noisy and fuzzy recall train on batches of 64: at 32 the induction circuit of
+    # AFAFAF formed on noisy recall on about 4 of 10 initialisations within 600 steps, at
+    # 64 on 5 of 6 (benchmarks/RESULTS.md, "restarts"); fuzzy recall gains from the doubled
+    # data at the same step cap.
+    task_batch_sizes: tuple[tuple[str, int], ...] = (
+        ("fuzzy_in_context_recall", 64),
+        ("noisy_in_context_recall", 64),
     )
     check_every: int = 50
     solved_accuracy: float = 0.99
@@ -172,14 +181,16 @@ class ProxyConfig:
             raise UserError("proxy config: threads must be >= 0 (0: leave torch's setting)")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise UserError("proxy config: warmup_steps and grad_clip must be >= 0")
-        pairs = self.task_steps.items() if isinstance(self.task_steps, dict) else self.task_steps
-        object.__setattr__(self, "task_steps", tuple((str(k), int(v)) for k, v in pairs))
-        bad = sorted(k for k, _ in self.task_steps if k not in MAD_TASKS)
-        if bad or any(v < 1 for _, v in self.task_steps):
-            raise UserError(
-                f"proxy config: task_steps takes MAD task names ({', '.join(MAD_TASKS)}) "
-                f"and step counts >= 1; got {self.task_steps}"
-            )
+        for name, what in (("task_steps", "step counts"), ("task_batch_sizes", "batch sizes")):
+            given = getattr(self, name)
+            pairs = given.items() if isinstance(given, dict) else given
+            object.__setattr__(self, name, tuple((str(k), int(v)) for k, v in pairs))
+            bad = sorted(k for k, _ in getattr(self, name) if k not in MAD_TASKS)
+            if bad or any(v < 1 for _, v in getattr(self, name)):
+                raise UserError(
+                    f"proxy config: {name} takes MAD task names ({', '.join(MAD_TASKS)}) "
+                    f"and {what} >= 1; got {getattr(self, name)}"
+                )
         if self.check_every < 0 or self.patience < 0 or self.min_delta < 0 or self.restarts < 0:
             raise UserError(
                 "proxy config: check_every, patience, min_delta and restarts must be >= 0"
@@ -194,12 +205,17 @@ class ProxyConfig:
         """Training steps of one task: ``steps``, capped by ``task_steps``."""
         return min(self.steps, dict(self.task_steps).get(task, self.steps))
 
+    def batch_for(self, task: str) -> int:
+        """Training batch size of one task: ``task_batch_sizes``' entry, else ``batch_size``."""
+        return dict(self.task_batch_sizes).get(task, self.batch_size)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lrs"] = list(self.lrs)
         d["weight_decays"] = list(self.weight_decays)
         # [task, steps] pairs: the field's JSON form (a list), which load_config checks.
         d["task_steps"] = [list(p) for p in self.task_steps]
+        d["task_batch_sizes"] = [list(p) for p in self.task_batch_sizes]
         d["mad_tasks"] = [t.to_dict() for t in self.mad_tasks]
         d["mqar_tasks"] = [t.to_dict() for t in self.mqar_tasks]
         return d
@@ -213,6 +229,11 @@ class ProxyConfig:
         if unknown:
             raise UserError(f"unknown proxy config field(s) {unknown}; valid: {sorted(names)}")
         d = dict(data)
+        if "mad_tasks" in d and "restarts" not in d:
+            # A whole config written before restarts and per-task batch sizes existed
+            # (a search or run folder resumed): it keeps the behaviour it was run with.
+            d.setdefault("restarts", 0)
+            d.setdefault("task_batch_sizes", [])
         if "mad_tasks" in d:
             d["mad_tasks"] = tuple(MADTaskConfig.from_dict(t) for t in d["mad_tasks"])
         if "mqar_tasks" in d:
@@ -413,7 +434,7 @@ def _evaluate(
                         lr=lr,
                         weight_decay=wd,
                         steps=cap,
-                        batch_size=config.batch_size,
+                        batch_size=config.batch_for(name),
                         warmup_steps=config.warmup_steps,
                         grad_clip=config.grad_clip,
                         dtype=config.dtype,
