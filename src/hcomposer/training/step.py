@@ -10,6 +10,11 @@ policy is written once:
   ``"fp32"`` runs plain fp32. Losses are always computed in fp32.
 - A step whose (averaged, all-reduced) loss is not finite updates nothing and reports the loss;
   the caller decides to stop. ``grad_clip <= 0`` means no clipping.
+- ``batch_threads`` N > 1 splits every micro-batch into N row slices whose forward and backward
+  run concurrently in N Python threads (torch releases the GIL inside its ops, and on CPU the
+  autograd engine runs a backward on its calling thread), so the threads meet once per
+  micro-batch rather than at every op's OpenMP barrier. Meant for one intra-op thread per
+  batch thread (the caller sets it: ``torch.set_num_threads(1)``); see :func:`train_step`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import torch
@@ -35,6 +41,7 @@ __all__ = [
     "autocast",
     "resolve_device",
     "train_step",
+    "split_rows",
     "evaluate",
     "EvalResult",
 ]
@@ -138,6 +145,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def split_rows(rows: int, parts: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``min(parts, rows)`` row slices of near-equal size (the first ones
+    one row longer), covering ``0..rows`` in order."""
+    parts = max(1, min(parts, rows))
+    size, extra = divmod(rows, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + size + (i < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def train_step(
     loss_fn: LossFn,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -148,6 +168,7 @@ def train_step(
     grad_clip: float = 0.0,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_threads: int = 1,
 ) -> tuple[float, float | None]:
     """Forward and backward over the micro-batches, then one optimiser step.
 
@@ -156,16 +177,41 @@ def train_step(
     every rank takes the same decision on a non-finite loss. Returns ``(loss, grad_norm)``;
     ``grad_norm`` is None when the loss is not finite (nothing was updated). With
     ``optimizer=None`` only the gradients are computed (the efficiency suite's "none").
+
+    ``batch_threads`` N > 1 (needs ``optimizer``; refused with ``no_sync``): each micro-batch
+    is cut into ``min(N, rows)`` row slices (:func:`split_rows`) whose forward and backward run
+    concurrently, one thread each (the calling thread takes the first). Slice ``i`` of ``r_i``
+    of the micro-batch's ``r`` rows contributes ``r_i / r`` of the micro-batch's loss and
+    gradient: the plain step's numbers when ``loss_fn`` is a mean over rows that count the same
+    number of targets (``lm_loss`` with no ignored target, as in the trainer), up to rounding.
+    Each thread takes its gradients with ``torch.autograd.grad`` (nothing shared is written
+    while the threads run); they are then summed in slice order into ``.grad``, so the result
+    does not depend on which thread finishes first. Autocast is entered inside each thread
+    (its state is thread-local). The forward must not change shared module state (MoE routing
+    statistics do: the trainer refuses the split for such models).
     """
+    if batch_threads > 1:
+        if optimizer is None:
+            raise ValueError("train_step: batch_threads > 1 needs the optimizer's parameters")
+        if no_sync is not None:
+            raise ValueError("train_step: batch_threads > 1 does not work with DDP/FSDP")
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
-    for k, (x, y) in enumerate(micro_batches):
-        ctx = no_sync() if no_sync is not None and k < n - 1 else contextlib.nullcontext()
-        with ctx:
-            with autocast(device, dtype):
-                loss = loss_fn(x, y)
-            (loss / n).backward()
-        loss_sum += loss.detach()
+    if batch_threads > 1:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        with ThreadPoolExecutor(batch_threads - 1, thread_name_prefix="batch") as pool:
+            for x, y in micro_batches:
+                loss_sum += _split_backward(
+                    loss_fn, x, y, params, pool, batch_threads, n, device=device, dtype=dtype
+                )
+    else:
+        for k, (x, y) in enumerate(micro_batches):
+            ctx = no_sync() if no_sync is not None and k < n - 1 else contextlib.nullcontext()
+            with ctx:
+                with autocast(device, dtype):
+                    loss = loss_fn(x, y)
+                (loss / n).backward()
+            loss_sum += loss.detach()
     mean = loss_sum / n
     if reduce is not None:
         mean = reduce(mean)
@@ -180,6 +226,66 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return value, float(norm)
+
+
+def _split_backward(
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: list[torch.Tensor],
+    pool: ThreadPoolExecutor,
+    batch_threads: int,
+    n: int,
+    *,
+    device: torch.device,
+    dtype: str,
+) -> torch.Tensor:
+    """One micro-batch of :func:`train_step`'s split path: its row slices' forward and backward
+    concurrently, gradients summed in slice order into ``.grad``; returns the micro-batch's
+    (detached) loss."""
+    rows = x.shape[0]
+    bounds = split_rows(rows, batch_threads)
+    if len(bounds) == 1:
+        # One row: nothing to split.
+        with autocast(device, dtype):
+            loss = loss_fn(x, y)
+        (loss / n).backward()
+        return loss.detach()
+    intra = torch.get_num_threads()
+
+    def work(start: int, stop: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        # OpenMP's thread count is per thread: a new thread takes the caller's.
+        if torch.get_num_threads() != intra:
+            torch.set_num_threads(intra)
+        share = (stop - start) / rows
+        with autocast(device, dtype):
+            loss = loss_fn(x[start:stop], y[start:stop])
+        grads = torch.autograd.grad(loss * (share / n), params, allow_unused=True)
+        return loss.detach() * share, grads
+
+    futures = [pool.submit(work, *b) for b in bounds[1:]]
+    try:
+        first = work(*bounds[0])
+    except BaseException:
+        # No thread is left running into the next micro-batch or the caller's handler.
+        wait(futures)
+        raise
+    results = [first] + [f.result() for f in futures]
+    for j, p in enumerate(params):
+        parts = [g[j] for _, g in results if g[j] is not None]
+        if not parts:
+            continue
+        total = parts[0]
+        for g in parts[1:]:
+            total = total + g
+        if p.grad is None:
+            p.grad = total
+        else:
+            p.grad += total
+    loss = results[0][0]
+    for part, _ in results[1:]:
+        loss = loss + part
+    return loss
 
 
 class EvalResult(NamedTuple):
