@@ -277,6 +277,8 @@ BAD_ARCH = {
 for aid, obj in BAD_ARCH.items():
     case(f"train-arch-{aid}", ["train", "{d}/a.json", "--out", "{d}/o"], jwrite("a.json", obj))
     case(f"evaluate-arch-{aid}", ["evaluate", "{d}/a.json"], jwrite("a.json", obj))
+case("train-batch-threads-moe", ["train", "AE", "--shape", "tiny", "--out", "{d}/o",
+                                 "--batch-threads", "2"])  # fmt: skip
 case("train-arch-not-json", ["train", "{d}/a.json", "--out", "{d}/o"], write("a.json", "{"))
 case("evaluate-arch-not-json", ["evaluate", "{d}/a.json"], write("a.json", "{"))
 
@@ -323,6 +325,11 @@ TRAIN_BAD = {
     "threads-neg": ["--threads", "-1"],
     "threads-str": ["--threads", "two"],
     "threads-huge": ["--threads", "100000"],
+    "batch-threads-zero": ["--batch-threads", "0"],
+    "batch-threads-str": ["--batch-threads", "two"],
+    "batch-threads-huge": ["--batch-threads", "100000"],
+    "batch-threads-with-threads": ["--batch-threads", "2", "--threads", "2"],
+    "batch-threads-compile": ["--batch-threads", "2", "--compile"],
 }
 for tid, extra in TRAIN_BAD.items():
     setups = [write("small.txt", "tiny")] if tid == "data-tiny" else []

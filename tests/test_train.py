@@ -15,7 +15,7 @@ from hcomposer.errors import UserError
 from hcomposer.io import read_json, read_jsonl
 from hcomposer.training import TrainConfig, load_run, train
 from hcomposer.training.schedule import lr_at
-from hcomposer.training.step import evaluate
+from hcomposer.training.step import evaluate, train_step
 
 torch.set_num_threads(1)
 
@@ -275,3 +275,63 @@ def test_cli_train_json_and_bad_inputs(tmp_path, text_file, capsys):
         assert not (tmp_path / "new").exists()
     rc, _, err = _cli(capsys, "train", "AF", *common, "--data", str(text_file), "--out", str(out))
     assert rc == 2 and "--resume" in err
+
+
+def test_batch_threads_train_like_the_plain_step(tmp_path, text_file, monkeypatch):
+    # The split step's gradients equal the plain ones up to rounding (tests/test_split_step.py);
+    # here the whole trainer: same losses within fp32 rounding, the split recorded in run.json,
+    # one intra-op thread while it runs and the caller's thread count restored afterwards.
+    from hcomposer.training import trainer
+
+    asked = []
+
+    def spy(*args, **kw):
+        asked.append(kw["batch_threads"])
+        return train_step(*args, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    arch = Architecture.parse("AF", shape="tiny")
+    plain = train(arch, _config(text_file, tokens=3 * 128), tmp_path / "one", progress=False)
+    threads_before = torch.get_num_threads()
+    cfg = _config(text_file, tokens=3 * 128, batch_threads=2, grad_accum=2, batch_size=6)
+    split_ref = _config(text_file, tokens=3 * 128, grad_accum=2, batch_size=6)
+    asked.clear()
+    split = train(arch, cfg, tmp_path / "two", progress=False)
+    assert asked == [2, 2]
+    ref = train(arch, split_ref, tmp_path / "ref", progress=False)
+    assert torch.get_num_threads() == threads_before
+    assert plain.status == split.status == ref.status == "completed"
+    la, lb = _losses(tmp_path / "ref"), _losses(tmp_path / "two")
+    assert la.keys() == lb.keys() and len(la) == 2
+    for k in la:
+        assert lb[k] == pytest.approx(la[k], abs=1e-5)
+    assert split.val_loss == pytest.approx(ref.val_loss, abs=1e-5)
+    run = read_json(tmp_path / "two" / "run.json")
+    assert run["config"]["batch_threads"] == 2 and run["config"]["threads"] == 1
+    assert run["config"]["train"]["batch_threads"] == 2
+    assert {r["threads"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl")} == {1}
+
+
+def test_batch_threads_validation(tmp_path, text_file):
+    base = {"tokens": 1000, "batch_size": 2, "seq_len": 8}
+    assert TrainConfig(**base).batch_threads == 1
+    bad = [
+        dict(batch_threads=0),
+        dict(batch_threads=True),
+        dict(batch_threads="2"),
+        dict(batch_threads=2, threads=2),
+        dict(batch_threads=2, compile=True),
+        dict(batch_threads=2, fsdp=True),
+    ]
+    for kw in bad:
+        with pytest.raises(UserError, match="batch_threads"):
+            TrainConfig(**base, **kw)
+    for ok in (dict(threads=0), dict(threads=1), dict(threads=None)):
+        assert TrainConfig(**base, batch_threads=2, **ok).batch_threads == 2
+    with pytest.raises(UserError, match="batch_threads"):
+        TrainConfig.from_dict({**base, "batch_threads": 10**6})
+    # MoE layers update shared routing state in their forward: refused before anything is written.
+    cfg = _config(text_file, batch_threads=2)
+    with pytest.raises(UserError, match="E layers"):
+        train(Architecture.parse("AE", shape="tiny"), cfg, tmp_path / "moe", progress=False)
+    assert not (tmp_path / "moe").exists()

@@ -98,6 +98,7 @@ RANGES: dict[str, dict[str, tuple]] = {
         "seed": (0, 2**32 - 1),
         "val_fraction": (0, 0.5, "open"),
         "threads": (0, 4096),
+        "batch_threads": (1, 4096),
     },
     "ProxyConfig": {
         "steps": (1, 10**7),

@@ -64,6 +64,11 @@ def add_arguments(p) -> None:
         help="CPU threads; 0 (default): all cores when the machine is idle, fewer while other "
         "processes keep cores busy (re-checked as training goes; OMP_NUM_THREADS fixes it too)",
     )  # fmt: skip
+    p.add_argument(
+        "--batch-threads", type=int, default=1,
+        help="train N row slices of each micro-batch concurrently, one thread each, with one "
+        "intra-op thread (for a machine shared with busy processes; default 1: no split)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -115,6 +120,7 @@ def run(args) -> int:
         device=args.device,
         fsdp=args.fsdp,
         threads=args.threads,
+        batch_threads=args.batch_threads,
     )
     micro = max(config.batch_size // config.grad_accum, 1)
     need = estimate_memory(arch, batch=micro, seq_len=config.seq_len, training=True)

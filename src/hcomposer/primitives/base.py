@@ -42,6 +42,9 @@ class Primitive(nn.Module):
     # True when the inner output is already normalised (Mamba-2's gated RMSNorm),
     # so a parallel group adds no second norm on that branch.
     normalized_output: ClassVar[bool] = False
+    # True when a training forward writes module state (buffers) that two forwards running
+    # at once would share: the trainer then refuses to split a batch over threads.
+    forward_updates_state: ClassVar[bool] = False
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__()

@@ -70,6 +70,8 @@ class MixtureOfExperts(Primitive):
     """Top-k routed SwiGLU experts plus optional shared experts. Stateless."""
 
     token = "E"
+    # The routing statistics and the selection bias (see ``_record``).
+    forward_updates_state = True
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__(shape, fraction=fraction, project=project)

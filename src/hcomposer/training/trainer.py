@@ -17,6 +17,12 @@ Choices (documented in docs/data_and_training.md):
   ``OMP_NUM_THREADS`` is set or the run is distributed); N fixes it. The previous count is
   restored when ``train`` returns. Some kernels may sum in another order with another thread
   count: for a bitwise-exact resume, fix the count.
+- ``batch_threads`` N > 1 splits each micro-batch into N row slices trained concurrently in N
+  threads (``train_step``'s split path) with one intra-op thread each: the threads then wait
+  for each other once per micro-batch instead of at every op. ``threads`` must be 0 (the
+  count is then fixed at 1, not adapted) or 1. Refused under DDP/FSDP, with ``compile`` and
+  for models with MoE layers (their forward updates routing state the threads would share).
+  The gradients equal the unsplit ones up to rounding (tests/test_split_step.py).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from hcomposer.data import (
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
 from hcomposer.model import build_model, lm_loss
+from hcomposer.primitives import primitive_class
 from hcomposer.runs import RUN_JSON, RunDir
 from hcomposer.threads import THREADS_EVERY, AdaptiveThreads, adapts
 from hcomposer.training.checkpoint import (
@@ -86,6 +93,7 @@ _RESUMABLE_CHANGES = {
     "device",
     "fsdp",
     "threads",
+    "batch_threads",
 }
 
 
@@ -122,6 +130,8 @@ class TrainConfig:
     fsdp: bool = False
     # CPU threads: None leaves torch's setting; 0 adapts to the load; N fixes N.
     threads: int | None = None
+    # Row slices of each micro-batch trained concurrently, one thread each (1: no split).
+    batch_threads: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -135,6 +145,7 @@ class TrainConfig:
             raise UserError(
                 f"train config: threads must be null or an integer >= 0, got {self.threads!r}"
             )
+        self._check_batch_threads()
         if self.schedule not in SCHEDULES:
             raise UserError(f"train config: schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.dtype not in DTYPES:
@@ -157,6 +168,21 @@ class TrainConfig:
                 f"train config: --tokens {self.tokens} is less than one batch "
                 f"({self.batch_size} x {self.seq_len} tokens)"
             )
+
+    def _check_batch_threads(self) -> None:
+        n = self.batch_threads
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UserError(f"train config: batch_threads must be an integer >= 1, got {n!r}")
+        if n == 1:
+            return
+        if self.threads not in (None, 0, 1):
+            raise UserError(
+                f"train config: batch_threads {n} runs one intra-op thread per batch thread; "
+                f"threads must be 0 or 1, got {self.threads}"
+            )
+        for flag in ("compile", "fsdp"):
+            if getattr(self, flag):
+                raise UserError(f"train config: batch_threads {n} does not work with {flag}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -340,6 +366,21 @@ def _check_inputs(arch, config, out, dist, resume):
     if ckpt is not None:
         # A truncated or tampered checkpoint is refused here, before anything is written.
         read_state(ckpt)
+    if config.batch_threads > 1 and dist.enabled:
+        raise UserError(
+            f"--batch-threads {config.batch_threads} does not work in a distributed run "
+            "(torchrun); leave it at 1"
+        )
+    if config.batch_threads > 1:
+        stateful = sorted(
+            {t for layer in arch.layers for t in layer if primitive_class(t).forward_updates_state}
+        )
+        if stateful:
+            # Concurrent forwards of one model would race on that state (MoE routing).
+            raise UserError(
+                f"--batch-threads {config.batch_threads} does not work with {', '.join(stateful)} "
+                "layers (their forward updates shared state); leave it at 1"
+            )
     if config.fsdp and not dist.enabled:
         raise UserError(
             "--fsdp shards the model over torchrun's processes: run it under "
@@ -477,6 +518,7 @@ class Trainer:
                         "precision": resolve_dtype(config.dtype, device),
                         "dataset": dataset_info,
                         "threads": threads,
+                        "batch_threads": config.batch_threads,
                     },
                     self.argv,
                 )
@@ -499,7 +541,10 @@ class Trainer:
     def _set_threads(self) -> str | int:
         """Apply ``config.threads``; what run.json records: "adaptive" or the count in use."""
         wanted = self.config.threads
-        if wanted:
+        if self.config.batch_threads > 1:
+            # One intra-op thread per batch thread: the split replaces intra-op parallelism.
+            torch.set_num_threads(1)
+        elif wanted:
             torch.set_num_threads(wanted)
         elif wanted == 0 and adapts("train"):
             self.adaptive = AdaptiveThreads(torch.set_num_threads, torch.get_num_threads())
@@ -566,6 +611,7 @@ class Trainer:
             grad_clip=config.grad_clip,
             no_sync=no_sync,
             reduce=self.dist.mean,
+            batch_threads=config.batch_threads,
         )
 
     def evaluate(self) -> float:
