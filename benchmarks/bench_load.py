@@ -18,10 +18,15 @@ Configurations (each measured quiet and beside one busy process):
   The chooser sees every process on the machine, not only the benchmark's busy one: its
   "quiet" rows mean something only on a quiet machine. Run under ``nice``, the busy process is
   niced too and counted (the chooser counts niced processes only when it is niced itself).
+- ``split``: ``hcomposer train --batch-threads 2``: each step's batch cut into two halves whose
+  forward and backward run concurrently in two Python threads, one intra-op thread each
+  (``train_step(batch_threads=2)``), so the threads meet once per step instead of at every
+  op's OpenMP barrier (``train`` workload only).
 
 Workloads: ``train`` is a training step of ``(AF)*6`` at shape ``10m`` (byte vocabulary,
 batch 16 x 256, ``--dtype auto``: bf16 autocast where the CPU has native bf16, else fp32;
-AdamW), as ``hcomposer train "(AF)*6" --shape 10m`` runs it;
+AdamW, one ``hcomposer.training.step.train_step`` with clipping at 1), as
+``hcomposer train "(AF)*6" --shape 10m`` runs it;
 ``proxy`` is a proxy-evaluation step (shape ``proxy``, 6 sublayers, batch 32 x 32, fp32), at the
 proxies' own one thread.
 
@@ -43,9 +48,12 @@ CONFIGS = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
     "adaptive": {},
+    "split": {},
 }
 # Configurations whose child chooses its thread count itself.
 ADAPTIVE = {"adaptive"}
+# Configurations that split the batch over threads: config -> batch threads (train only).
+SPLIT = {"split": 2}
 WORKLOADS = {
     "train": {"pattern": "(AF)*6", "shape": "10m", "batch": 16, "seq_len": 256},
     "proxy": {
@@ -59,18 +67,22 @@ WORKLOADS = {
 }
 
 
-def child(workload: str, steps: int, warmup: int, adaptive: bool = False) -> None:
+def child(
+    workload: str, steps: int, warmup: int, adaptive: bool = False, batch_threads: int = 1
+) -> None:
     import torch
-    import torch.nn.functional as F
 
     from hcomposer.architecture import Architecture
-    from hcomposer.model import build_model
+    from hcomposer.model import build_model, lm_loss
     from hcomposer.threads import choose_threads
-    from hcomposer.training.step import autocast
+    from hcomposer.training.step import train_step
 
     w = WORKLOADS[workload]
     if "threads" in w:
         torch.set_num_threads(w["threads"])
+    if batch_threads > 1:
+        # As the trainer does with --batch-threads: one intra-op thread per batch thread.
+        torch.set_num_threads(1)
     chosen = None
     if adaptive:
         # As the trainer does at set-up: measure the other processes, then set the count.
@@ -83,16 +95,14 @@ def child(workload: str, steps: int, warmup: int, adaptive: bool = False) -> Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (w["batch"], w["seq_len"] + 1), generator=gen)
+    batches = [(x[:, :-1], x[:, 1:])]
     times, cpu = [], []
     for i in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        with autocast("cpu", w.get("dtype", "auto")):
-            logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(
+            lambda xs, ys: lm_loss(model(xs), ys), batches, opt, device=torch.device("cpu"),
+            dtype=w.get("dtype", "auto"), grad_clip=1.0, batch_threads=batch_threads,
+        )  # fmt: skip
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -104,6 +114,7 @@ def child(workload: str, steps: int, warmup: int, adaptive: bool = False) -> Non
                 "cpu_s_per_step": statistics.median(cpu),
                 "threads": torch.get_num_threads(),
                 "chosen": chosen,
+                "batch_threads": batch_threads,
             }
         )
     )
@@ -121,6 +132,8 @@ def _measure(config: str, workload: str, loaded: bool, steps: int, warmup: int) 
     cmd += ["--warmup", str(warmup)]
     if config in ADAPTIVE:
         cmd.append("--adaptive")
+    if config in SPLIT:
+        cmd += ["--batch-threads", str(SPLIT[config])]
     busy = _busy() if loaded else None
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -135,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--adaptive", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -143,14 +157,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file for every measurement")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.steps, args.warmup, args.adaptive)
+        child(args.child, args.steps, args.warmup, args.adaptive, args.batch_threads)
         return
     results: dict[str, list[float]] = {}
     threads: dict[str, list[int]] = {}
     for r in range(args.rounds):
         for workload in args.workloads.split(","):
             for config in args.configs.split(","):
-                if workload == "proxy" and config in ("one-thread", *ADAPTIVE):
+                if workload == "proxy" and config in ("one-thread", *ADAPTIVE, *SPLIT):
                     continue  # the proxies run one thread already
                 for loaded in (False, True):
                     key = f"{workload}/{config}/{'loaded' if loaded else 'quiet'}"

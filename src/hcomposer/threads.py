@@ -30,7 +30,9 @@ The knobs: ``hcomposer train --threads N`` fixes the count (0, the default, adap
 ``OMP_NUM_THREADS`` in the environment fixes it too (the trainer then leaves torch alone, and
 the CLI applies ``PASSIVE`` as for other commands); a user-set ``OMP_WAIT_POLICY`` is always
 kept. In distributed runs (``WORLD_SIZE`` > 1) ``--threads 0`` leaves torch's count as
-torchrun set it.
+torchrun set it. ``hcomposer train --batch-threads N`` (N > 1) replaces intra-op parallelism
+with N threads that each train a slice of the batch: the count is then fixed at 1 and nothing
+here adapts it (``hcomposer.training.step.train_step``).
 
 This module does not import torch: the CLI imports it before torch loads, and OpenMP reads its
 wait policy once, when it loads. The trainer passes torch's thread setter in.
