@@ -21,8 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--table",
         default="af6",
-        help="af6 (all 64 six-position A/F patterns, committed), synthetic[:CHOICES:N:SEED], "
-        "or a table JSON path (default af6)",
+        help="a committed table (af6q: all 64 six-position A/F patterns on the calibrated "
+        "proxy, 3 seeds; af6: the same on the old 20-step proxy, 1 seed), "
+        "synthetic[:CHOICES:N:SEED], or a table JSON path (default af6)",
     )
     p.add_argument(
         "--seeds", type=int, default=100, help="replays (seeds) per sampler (default 100)"

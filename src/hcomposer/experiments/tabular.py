@@ -221,6 +221,11 @@ def synthetic_table(
     )
 
 
+def _asset_names() -> list[str]:
+    folder = resources.files("hcomposer") / "assets" / "tabular"
+    return sorted(f.name[: -len(".json")] for f in folder.iterdir() if f.name.endswith(".json"))
+
+
 def load_table(spec: str | Path) -> Table:
     """A table by name (``af6``: the committed asset), ``synthetic[:CHOICES:N:SEED]`` or path."""
     text = str(spec)
@@ -242,7 +247,8 @@ def load_table(spec: str | Path) -> Table:
         asset = resources.files("hcomposer") / "assets" / "tabular" / f"{text}.json"
         if not asset.is_file():
             raise UserError(
-                f"unknown table {text!r}; use af6, synthetic[:CHOICES:N:SEED] or a JSON path"
+                f"unknown table {text!r}; use a committed one ({', '.join(_asset_names())}), "
+                "synthetic[:CHOICES:N:SEED] or a JSON path"
             )
         data = json.loads(asset.read_text())
     else:
