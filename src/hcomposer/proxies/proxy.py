@@ -104,7 +104,7 @@ class ProxyConfig:
     # Calibrated defaults (docs/proxies.md, benchmarks/calibrate_proxy.py): at most 600
     # steps per run (the recall tasks' induction circuit forms at 200-500 at the proxy
     # shape, depending on the seed), checked every 50, stopped once solved; the tasks that
-    # are not solved at this budget (copying, compression) 200, fuzzy recall 300; memorisation 50.
+    # are not solved at this budget (fuzzy recall, copying, compression) 200; memorisation 50.
     steps: int = 600
     batch_size: int = 32
     lrs: tuple[float, ...] = (1e-3,)
@@ -121,19 +121,16 @@ class ProxyConfig:
     seed: int = 0
     stop_when_perfect: bool = True
     task_steps: tuple[tuple[str, int], ...] = (
-        ("fuzzy_in_context_recall", 300),
+        ("fuzzy_in_context_recall", 200),
         ("selective_copying", 200),
         ("compression", 200),
         ("memorization", 50),
     )
-    # Noisy and fuzzy recall train on batches of 64: at 32 the induction circuit of
-    # AFAFAF formed on noisy recall on about 4 of 10 initialisations within 600 steps, at
-    # 64 on 5 of 6 (benchmarks/RESULTS.md, "restarts"); fuzzy recall, capped at 300 steps,
-    # reaches 0.46-0.54 there for AFAFAF against 0.14 for FFFFFF (0.40 at 200 steps).
-    task_batch_sizes: tuple[tuple[str, int], ...] = (
-        ("fuzzy_in_context_recall", 64),
-        ("noisy_in_context_recall", 64),
-    )
+    # Noisy recall trains on batches of 64: at 32 the induction circuit of AFAFAF formed on
+    # about 4 of 10 initialisations within 600 steps, at 64 on 5 of 6 (benchmarks/RESULTS.md,
+    # "restarts"). Fuzzy recall stays at 32: at 64 (or 300 steps) Mamba-2 patterns start to
+    # solve it on some seeds and not others (AFSAFS 0.48-0.93), a new source of seed noise.
+    task_batch_sizes: tuple[tuple[str, int], ...] = (("noisy_in_context_recall", 64),)
     check_every: int = 50
     solved_accuracy: float = 0.99
     # A run that gains less than 0.05 validation accuracy over 6 checks (300 steps) has
