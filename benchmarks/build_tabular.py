@@ -66,8 +66,20 @@ def _shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+# Proxy config fields added after tables were started, at the value that reproduces the
+# behaviour from before they existed: left out of the fingerprint at that value, so that an
+# old table's logs still resume (pass them with --proxy-config to keep building it).
+LEGACY_NEUTRAL = {"restarts": 0, "task_batch_sizes": []}
+
+
 def _key(config: dict) -> str:
     """Fingerprint of everything but the seeds: adding a seed later reuses the log."""
+    proxy = {
+        k: v
+        for k, v in config.get("proxy_config", {}).items()
+        if not (k in LEGACY_NEUTRAL and v == LEGACY_NEUTRAL[k])
+    }
+    config = {**config, "proxy_config": proxy}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
