@@ -325,7 +325,7 @@ TRAIN_BAD = {
     "threads-neg": ["--threads", "-1"],
     "threads-str": ["--threads", "two"],
     "threads-huge": ["--threads", "100000"],
-    "batch-threads-zero": ["--batch-threads", "0"],
+    "batch-threads-negative": ["--batch-threads", "-1"],
     "batch-threads-str": ["--batch-threads", "two"],
     "batch-threads-huge": ["--batch-threads", "100000"],
     "batch-threads-with-threads": ["--batch-threads", "2", "--threads", "2"],

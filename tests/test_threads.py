@@ -285,3 +285,21 @@ def test_trainer_adapts_to_the_load_as_it_goes(tmp_path, text_file, clean_env, m
     assert [r["threads"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 1, 2, 2, 2, 2]
     assert read_json(out / "run.json")["config"]["threads"] == "adaptive"
     assert torch.get_num_threads() == before
+
+
+def test_auto_batch_threads_splits_only_where_measured_and_allowed():
+    from hcomposer.threads import AUTO_SPLIT_MAX_CORES, auto_batch_threads
+
+    def auto(**kw):
+        base = dict(usable=2, cpu=True, threads=0, rows=16, excluded=False, environ={})
+        return auto_batch_threads(**{**base, **kw})
+
+    assert auto() == 2  # the measured case: a 2-core CPU
+    assert auto(usable=4) == 4 and auto(usable=3, rows=2) == 2  # never more slices than rows
+    assert auto(usable=1) == 1 and auto(usable=AUTO_SPLIT_MAX_CORES + 1) == 1
+    assert auto(cpu=False) == 1  # a GPU trains the whole batch at once
+    assert auto(threads=2) == 1 and auto(threads=1) == 2  # a fixed intra-op count > 1 wins
+    assert auto(excluded=True) == 1  # compile, FSDP, MoE
+    assert auto(rows=1) == 1
+    assert auto(environ={"OMP_NUM_THREADS": "2"}) == 1
+    assert auto(environ={"WORLD_SIZE": "2"}) == 1 and auto(environ={"WORLD_SIZE": "1"}) == 2

@@ -236,6 +236,13 @@ def test_cli_train_json_and_bad_inputs(tmp_path, text_file, capsys):
     result = json.loads(stdout)
     assert result["status"] == "completed" and result["step"] == 4
     assert read_json(out / "architecture.json")["shape"]["vocab_size"] == 320
+    # --batch-threads 0 (the default) resolved by the policy: a split on a 2-4 core CPU
+    from hcomposer.threads import auto_batch_threads, usable_cores
+
+    expected = auto_batch_threads(
+        usable=usable_cores(), cpu=True, threads=0, rows=2, excluded=False
+    )
+    assert read_json(out / "run.json")["config"]["batch_threads"] == expected
     # A folder holding architecture.json (here the run itself) is accepted as the architecture.
     rc, stdout, _ = _cli(
         capsys,

@@ -182,7 +182,7 @@ _ARG_RANGES: dict[str, tuple[float, float, bool]] = {
     "num_fewshot": (0, 1_000, True),
     "steps": (1, 10**7, True),
     "threads": (0, 4_096, True),
-    "batch_threads": (1, 4_096, True),
+    "batch_threads": (0, 4_096, True),
     "stage_size": (1, _INF, True),
     "n_startup": (1, _INF, True),
     "seeds": (1, 100_000, True),

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "AUTO_SPLIT_MAX_CORES",
+    "auto_batch_threads",
     "WAIT_POLICY",
     "THREADS_EVERY",
     "SAMPLE_SECONDS",
@@ -101,6 +103,43 @@ class CpuSample:
 
     stat: str
     own_seconds: float
+
+
+# The batch split (--batch-threads) is chosen automatically on machines with at most this
+# many usable cores: measured on 2 cores (benchmarks/RESULTS.md, "load"); each batch thread
+# holds its own copy of the gradients, and on larger machines intra-op threads are untested
+# against it, so they keep the adaptive intra-op count.
+AUTO_SPLIT_MAX_CORES = 4
+
+
+def auto_batch_threads(
+    *,
+    usable: int,
+    cpu: bool,
+    threads: int | None,
+    rows: int,
+    excluded: bool,
+    environ: dict[str, str] | None = None,
+) -> int:
+    """What ``hcomposer train --batch-threads 0`` (the default) uses: one batch thread per usable
+    core on a CPU with 2 to :data:`AUTO_SPLIT_MAX_CORES` cores, else 1 (no split).
+
+    No split either when the device is not the CPU, the user fixed the intra-op count
+    (``threads`` > 1 or ``OMP_NUM_THREADS``), the run is distributed (``WORLD_SIZE`` > 1), a
+    micro-batch has fewer than 2 rows, or ``excluded`` (compile, FSDP, layers whose forward
+    updates shared state).
+    """
+    env = os.environ if environ is None else environ
+    if not cpu or excluded or (threads or 0) > 1 or env.get("OMP_NUM_THREADS"):
+        return 1
+    try:
+        if int(env.get("WORLD_SIZE", "1")) > 1:
+            return 1
+    except ValueError:
+        pass
+    if not 2 <= usable <= AUTO_SPLIT_MAX_CORES:
+        return 1
+    return max(1, min(usable, rows))
 
 
 def usable_cores() -> int:

@@ -65,9 +65,9 @@ def add_arguments(p) -> None:
         "processes keep cores busy (re-checked as training goes; OMP_NUM_THREADS fixes it too)",
     )  # fmt: skip
     p.add_argument(
-        "--batch-threads", type=int, default=1,
+        "--batch-threads", type=int, default=0,
         help="train N row slices of each micro-batch concurrently, one thread each, with one "
-        "intra-op thread (for a machine shared with busy processes; default 1: no split)",
+        "intra-op thread; 0 (default): one per core on a CPU with 2-4 cores, else 1 (no split)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -86,6 +86,25 @@ def _architecture(spec: str, shape: str | None):
         arch = Architecture.from_json(path)
         return arch.with_shape(shape) if shape else arch
     return Architecture.parse(spec, shape=shape or "proxy")
+
+
+def _batch_threads(args, arch) -> int:
+    """``--batch-threads``, with 0 resolved by :func:`hcomposer.threads.auto_batch_threads`."""
+    if args.batch_threads:
+        return args.batch_threads
+    # Lazy (measured): at the top, every `--help` would import torch.
+    from hcomposer.primitives import primitive_class
+    from hcomposer.threads import auto_batch_threads, usable_cores
+    from hcomposer.training.step import resolve_device
+
+    stateful = any(primitive_class(t).forward_updates_state for layer in arch.layers for t in layer)
+    return auto_batch_threads(
+        usable=usable_cores(),
+        cpu=resolve_device(args.device).type == "cpu",
+        threads=args.threads,
+        rows=max(args.batch_size // max(args.grad_accum, 1), 1),
+        excluded=bool(args.compile or args.fsdp or stateful),
+    )
 
 
 def run(args) -> int:
@@ -120,7 +139,7 @@ def run(args) -> int:
         device=args.device,
         fsdp=args.fsdp,
         threads=args.threads,
-        batch_threads=args.batch_threads,
+        batch_threads=_batch_threads(args, arch),
     )
     micro = max(config.batch_size // config.grad_accum, 1)
     need = estimate_memory(arch, batch=micro, seq_len=config.seq_len, training=True)
