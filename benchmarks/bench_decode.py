@@ -1,4 +1,4 @@
-"""Long-context decoding against the memory roofline: reference paths vs fast paths, one process.
+"""Long-context decoding against the memory roofline: reference, PyTorch and kernel paths.
 
 A decoded token reads every weight and the whole cache once, so its time is at least
 
@@ -8,7 +8,10 @@ with the read bandwidth measured in this process as the sum of a large fp32 tens
 (``--bw-mib``). For each pattern, context and implementation (``reference``: the general paths
 under ``reference_decoding()``, what hcomposer ran before; ``fast``: the single-token paths)
 this records decode tokens/s, the roofline tokens/s, their ratio (the roofline fraction) and the
-hybrid / baseline speed ratio.
+hybrid / baseline speed ratio. Implementations: ``reference`` (the general paths under
+``reference_decoding()``), ``torch`` (the single-token PyTorch paths, C kernels off with
+``kernels_disabled()``; the KV cache then keeps positions contiguous) and ``kernel`` (the
+default: the fused bf16 C kernels of ``hcomposer.primitives.cpu_kernels``).
 
 Everything is measured interleaved (``hcomposer.evaluation.interleave``): each round runs the
 bandwidth probe and ``--steps`` decode steps of every model, in alternating order, on the CPU
@@ -36,11 +39,22 @@ from hcomposer.accounting import count_costs
 from hcomposer.evaluation.interleave import measure_interleaved, spread
 from hcomposer.io import atomic_write_text
 from hcomposer.model import build_model
+from hcomposer.primitives import cpu_kernels
 from hcomposer.primitives.attention import KVCache
 from hcomposer.primitives.decoding import reference_decoding
 from hcomposer.primitives.mamba2 import Mamba2Cache
 
-IMPLS = ("reference", "fast")
+IMPLS = ("reference", "torch", "kernel")
+
+
+def _impl(name: str):
+    """The decode paths of one implementation: ``reference`` the general paths, ``torch`` the
+    single-token PyTorch paths with the C kernels off, ``kernel`` the default (C kernels)."""
+    if name == "reference":
+        return reference_decoding(True)
+    return cpu_kernels.kernels_disabled(name == "torch")
+
+
 TOKEN = torch.tensor([[7]])
 
 
@@ -75,7 +89,8 @@ def run(args) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
     dtype = torch.bfloat16
     probe = torch.ones(args.bw_mib * 2**20 // 4, dtype=torch.float32)
-    results = {"contexts": {}, "threads": args.threads, "shape": args.shape}
+    results = {"contexts": {}, "threads": args.threads, "shape": args.shape,
+               "kernels": cpu_kernels.status()}  # fmt: skip
     for L in contexts:
         fns, info = {"bandwidth": lambda: probe.sum()}, {}
         budget = L + args.steps * (args.rounds + 2) + 1
@@ -87,13 +102,13 @@ def run(args) -> dict:
             info[pattern] = dict(bytes=nbytes, weights=_weight_bytes(model), kv=kv,
                                  state=costs.state_bytes)  # fmt: skip
             for impl in IMPLS:
-                with reference_decoding(impl == "reference"):
+                with _impl(impl):
                     cache = model.init_cache(1, budget)
                 _fill(cache.layers, L, torch.Generator().manual_seed(L))
                 cache.pos = L
 
-                def step(m=model, c=cache, ref=(impl == "reference"), tok=TOKEN):
-                    with torch.no_grad(), reference_decoding(ref):
+                def step(m=model, c=cache, impl=impl, tok=TOKEN):
+                    with torch.no_grad(), _impl(impl):
                         for _ in range(args.steps):
                             m(tok, cache=c)
 
@@ -121,9 +136,10 @@ def run(args) -> dict:
                 f"{base}/{impl}", f"{hyb}/{impl}"
             ).to_dict()
         for pattern in args.patterns:
-            point[f"fast_over_reference/{pattern}"] = res.ratio(
-                f"{pattern}/reference", f"{pattern}/fast"
-            ).to_dict()
+            for impl in IMPLS[1:]:
+                point[f"{impl}_over_reference/{pattern}"] = res.ratio(
+                    f"{pattern}/reference", f"{pattern}/{impl}"
+                ).to_dict()
         results["contexts"][str(L)] = point
         print(_markdown_context(L, point, args.patterns), flush=True)
     return results
@@ -152,9 +168,9 @@ def _markdown_context(L: int, p: dict, patterns) -> str:
             f"- hybrid / baseline ({impl}): {_s(p[f'hybrid_over_baseline/{impl}'], '{:.2f}')}"
         )
     for pattern in patterns:
-        lines.append(
-            f"- fast / reference `{pattern}`: {_s(p[f'fast_over_reference/{pattern}'], '{:.2f}')}"
-        )
+        for impl in IMPLS[1:]:
+            r = p[f"{impl}_over_reference/{pattern}"]
+            lines.append(f"- {impl} / reference `{pattern}`: {_s(r, '{:.2f}')}")
     return "\n".join(lines) + "\n"
 
 

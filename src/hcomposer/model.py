@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcomposer.architecture import Architecture
-from hcomposer.primitives import Primitive, RMSNorm, build_sublayer
+from hcomposer.primitives import Linear, Primitive, RMSNorm, build_sublayer
 
 __all__ = ["HybridLM", "ModelCache", "build_model", "init_module", "lm_loss"]
 
@@ -61,7 +61,7 @@ class HybridLM(nn.Module):
             Block(build_sublayer(tokens, s), s.d_model, s.norm_eps) for tokens in arch.layers
         )
         self.norm = RMSNorm(s.d_model, s.norm_eps)
-        self.lm_head = nn.Linear(s.d_model, s.vocab_size, bias=False)
+        self.lm_head = Linear(s.d_model, s.vocab_size, bias=False)
         if s.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

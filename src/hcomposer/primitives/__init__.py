@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib
 
 from hcomposer.errors import PatternError
-from hcomposer.primitives.base import Primitive, RMSNorm
+from hcomposer.primitives.base import Linear, Primitive, RMSNorm
 from hcomposer.primitives.hybrid import ParallelGroup
 
 __all__ = [
     "PRIMITIVES",
     "Primitive",
     "RMSNorm",
+    "Linear",
     "ParallelGroup",
     "primitive_class",
     "build_sublayer",

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.base import Linear, Primitive
+from hcomposer.primitives.cpu_kernels import attn_decode as kernel_attn_decode
+from hcomposer.primitives.cpu_kernels import attn_step as kernel_attn_step
+from hcomposer.primitives.cpu_kernels import enabled as kernels_enabled
 from hcomposer.primitives.decoding import fast_decoding
 from hcomposer.shapes import Shape
 
@@ -124,11 +126,11 @@ class _AttentionBase(Primitive):
         self.theta = shape.rope_theta
         d = shape.d_model
         self.inner_dim = self.n_heads * self.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         if project:
-            self.o_proj = nn.Linear(self.inner_dim, d, bias=False)
+            self.o_proj = Linear(self.inner_dim, d, bias=False)
             self.o_proj.is_residual_output = True
 
     def _qkv(self, x: torch.Tensor, start: int):
@@ -200,14 +202,24 @@ class Attention(_AttentionBase):
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> KVCache:
         device = torch.device(device) if device is not None else self.q_proj.weight.device
-        # The position-contiguous layout serves the CPU decode path; elsewhere SDPA's
-        # kernels want head_dim contiguous.
-        by_position = fast_decoding() and device.type == "cpu"
+        # On CPU the fused bf16 kernel reads the ordinary layout (head_dim contiguous) as one
+        # stream; PyTorch's own bf16 products want positions contiguous instead. Elsewhere
+        # SDPA's kernels want head_dim contiguous.
+        dtype = dtype or self.q_proj.weight.dtype
+        by_position = (
+            fast_decoding()
+            and device.type == "cpu"
+            and not (dtype == torch.bfloat16 and kernels_enabled())
+        )
         return KVCache(*self._empty_kv(batch_size, max_len, device, dtype, by_position=by_position))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = x.shape[1]
         start = 0 if cache is None else cache.pos
+        if T == 1 and cache is not None and x.dtype == torch.bfloat16 and fast_decoding():
+            y = self._kernel_step(x, cache)
+            if y is not None:
+                return y
         q, k, v = self._qkv(x, start)
         q_pos = torch.arange(start, start + T, device=x.device)
         if cache is None:
@@ -221,9 +233,26 @@ class Attention(_AttentionBase):
         k_all = cache.k[:, :, :end].to(q.dtype)
         v_all = cache.v[:, :, :end].to(q.dtype)
         if T == 1 and fast_decoding() and q.device.type == "cpu":
-            return self._finish(decode_attention(q, k_all, v_all))
+            y = kernel_attn_decode(q, k_all, v_all)
+            return self._finish(decode_attention(q, k_all, v_all) if y is None else y)
         k_pos = torch.arange(0, end, device=x.device)
         return self._finish(self._attend(q, k_all, v_all, q_pos, k_pos))
+
+    def _kernel_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """The single-token step as one fused CPU kernel (RoPE, cache write, attention), or
+        None where it does not apply (then nothing was written)."""
+        if (x.device.type != "cpu" or cache.k.dtype != torch.bfloat16 or cache.k.stride(3) != 1
+                or cache.pos >= cache.k.shape[2] or not kernels_enabled()):  # fmt: skip
+            return None
+        B, hd = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(B, self.n_heads, 1, hd)
+        k = self.k_proj(x).view(B, self.n_kv_heads, 1, hd)
+        v = self.v_proj(x).view(B, self.n_kv_heads, 1, hd)
+        y = kernel_attn_step(q, k, v, cache.k, cache.v, cache.pos, self._inv_freq(x.device))
+        if y is None:
+            return None
+        cache.pos += 1
+        return self._finish(y)
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.n_kv_heads * self.head_dim * dtype_bytes

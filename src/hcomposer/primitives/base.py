@@ -26,11 +26,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from hcomposer.primitives.cpu_kernels import linear as kernel_linear
+from hcomposer.primitives.cpu_kernels import rmsnorm as kernel_rmsnorm
 from hcomposer.shapes import Shape
 
-__all__ = ["Primitive", "RMSNorm"]
+__all__ = ["Primitive", "RMSNorm", "Linear"]
 
 
 class Primitive(nn.Module):
@@ -85,7 +88,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # a decode step: one kernel
+            y = kernel_rmsnorm(x, self.weight, self.eps)
+            if y is not None:
+                return y
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.weight.float()).to(dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state dict and training path) whose forward takes the
+    fused bf16 CPU kernel (``hcomposer.primitives.cpu_kernels.linear``) for inputs of a few
+    rows outside autograd: the single-token decode step. Everywhere else it is ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            y = kernel_linear(x, self.weight, self.bias)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)

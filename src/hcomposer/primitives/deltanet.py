@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcomposer.errors import ShapeError
-from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.base import Linear, Primitive
 from hcomposer.primitives.delta_rule import (
     chunked_flops,
     gated_delta_rule_chunked,
@@ -106,7 +106,7 @@ class GatedDeltaNet(Primitive):
         self.conv_dim = 2 * self.key_dim + self.inner_dim
         d, hv = shape.d_model, self.n_v_heads
 
-        self.in_proj = nn.Linear(d, self.conv_dim + self.inner_dim + 2 * hv, bias=False)
+        self.in_proj = Linear(d, self.conv_dim + self.inner_dim + 2 * hv, bias=False)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, bias=False
         )
@@ -114,7 +114,7 @@ class GatedDeltaNet(Primitive):
         self.A_log = nn.Parameter(torch.empty(hv))
         self.norm_weight = nn.Parameter(torch.empty(self.v_head_dim))
         if project:
-            self.out_proj = nn.Linear(self.inner_dim, d, bias=False)
+            self.out_proj = Linear(self.inner_dim, d, bias=False)
             self.out_proj.is_residual_output = True
         if self.A_log.device.type != "meta":
             self.reset_special_parameters()

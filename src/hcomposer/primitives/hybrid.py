@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hcomposer.primitives.base import Primitive, RMSNorm
+from hcomposer.primitives.base import Linear, Primitive, RMSNorm
 from hcomposer.shapes import Shape
 
 __all__ = ["ParallelGroup"]
@@ -39,11 +39,11 @@ class ParallelGroup(Primitive):
         )
         d = shape.d_model
         if self.fusion == "concat":
-            self.out_proj = nn.Linear(sum(b.inner_dim for b in self.branches), d, bias=False)
+            self.out_proj = Linear(sum(b.inner_dim for b in self.branches), d, bias=False)
             self.out_proj.is_residual_output = True
         else:
             self.out_projs = nn.ModuleList(
-                nn.Linear(b.inner_dim, d, bias=False) for b in self.branches
+                Linear(b.inner_dim, d, bias=False) for b in self.branches
             )
             for p in self.out_projs:
                 p.is_residual_output = True

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcomposer.errors import ShapeError
-from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.base import Linear, Primitive
+from hcomposer.primitives.cpu_kernels import ssm_step as kernel_ssm_step
 from hcomposer.primitives.decoding import fast_decoding
 from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.primitives.ssd import ssd_chunked, ssd_step
@@ -150,7 +151,7 @@ class Mamba2(Primitive):
         self.conv_dim = self.inner_dim + 2 * self.n_groups * self.d_state
         d = shape.d_model
 
-        self.in_proj = nn.Linear(d, self.inner_dim + self.conv_dim + heads, bias=False)
+        self.in_proj = Linear(d, self.inner_dim + self.conv_dim + heads, bias=False)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, bias=True
         )
@@ -159,7 +160,7 @@ class Mamba2(Primitive):
         self.D = nn.Parameter(torch.empty(heads))
         self.norm = GatedRMSNorm(self.inner_dim, self.inner_dim // self.n_groups, shape.norm_eps)
         if project:
-            self.out_proj = nn.Linear(self.inner_dim, d, bias=False)
+            self.out_proj = Linear(self.inner_dim, d, bias=False)
             self.out_proj.is_residual_output = True
         if self.A_log.device.type != "meta":
             self.reset_special_parameters()
@@ -220,7 +221,14 @@ class Mamba2(Primitive):
         Bsz = u.shape[0]
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         work = cache.ssm_state.dtype
-        z, xbc, dt = self.in_proj(u[:, 0]).split([self.inner_dim, self.conv_dim, H], dim=-1)
+        zxbcdt = self.in_proj(u[:, 0])
+        if zxbcdt.dtype == torch.bfloat16 and zxbcdt.device.type == "cpu":
+            y = kernel_ssm_step(self, zxbcdt, cache)  # the rest of this step, fused
+            if y is not None:
+                cache.pos += 1
+                y = y[:, None]
+                return self.out_proj(y) if self.project else y
+        z, xbc, dt = zxbcdt.split([self.inner_dim, self.conv_dim, H], dim=-1)
         window = torch.cat([cache.conv_state, xbc[..., None].to(cache.conv_state.dtype)], dim=-1)
         cache.conv_state.copy_(window[..., 1:])
         w = self.conv1d.weight[:, 0].to(work)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.base import Linear, Primitive
+from hcomposer.primitives.cpu_kernels import swiglu as kernel_swiglu
 from hcomposer.shapes import Shape
 
 __all__ = ["SwiGLU", "MLP"]
@@ -17,12 +18,16 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = Linear(d_model, hidden, bias=False)
+        self.up_proj = Linear(d_model, hidden, bias=False)
+        self.down_proj = Linear(hidden, d_model, bias=False)
         self.down_proj.is_residual_output = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # a decode step: one kernel
+            h = kernel_swiglu(x, self.gate_proj.weight, self.up_proj.weight)
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

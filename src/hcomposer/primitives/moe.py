@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hcomposer.primitives.base import Primitive
+from hcomposer.primitives.base import Linear, Primitive
 from hcomposer.primitives.mlp import SwiGLU
 from hcomposer.shapes import Shape
 
@@ -81,7 +81,7 @@ class MixtureOfExperts(Primitive):
         self.router_kind = shape.router
         self.balance = shape.moe_balance
         self.bias_rate = shape.moe_bias_rate
-        self.router = nn.Linear(d, self.n_experts, bias=False)
+        self.router = Linear(d, self.n_experts, bias=False)
         # SwiGLU marks each down_proj as a residual output (scaled init).
         self.experts = nn.ModuleList(SwiGLU(d, h) for _ in range(self.n_experts))
         # n shared experts of width h are one SwiGLU of width n*h (their outputs add).
