@@ -10,6 +10,7 @@ from hcomposer.errors import UserError
 from hcomposer.evaluation import efficiency
 from hcomposer.evaluation.efficiency import EfficiencyConfig, compare_efficiency
 from hcomposer.evaluation.interleave import measure_interleaved, round_order, spread
+from hcomposer.primitives import cpu_kernels
 
 
 class FakeClock:
@@ -142,5 +143,8 @@ def test_suite_contexts_and_decode_roofline():
         assert p["decode_roofline_tokens_per_s"] == pytest.approx(roof)
         assert p["decode_roofline_fraction"] == pytest.approx(p["decode_tokens_per_s"] / roof)
     assert "of" in efficiency.efficiency_markdown(res)
+    # The report says whether the fused CPU decode kernels ran (status() of cpu_kernels).
+    assert res["decode_kernels"] == cpu_kernels.status()
+    assert f"CPU decode kernels: {cpu_kernels.status()}." in efficiency.efficiency_markdown(res)
     with pytest.raises(UserError):
         EfficiencyConfig(contexts=[1])

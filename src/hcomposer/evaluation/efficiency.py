@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
 from hcomposer.evaluation.interleave import measure_interleaved
+from hcomposer.primitives import cpu_kernels
 from hcomposer.reporting.plots import pyplot, save_png
 from hcomposer.training.step import make_optimizer, train_step
 from hcomposer.training.trainer import load_run
@@ -324,6 +325,7 @@ def run_efficiency(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu(),
         "threads": torch.get_num_threads(),
         "clock": _clock_name(device),
+        "decode_kernels": _kernels(device),
         "dtype": str(dtype).replace("torch.", ""),
         "memory_method": _PeakMemory(device).method,
         "params_total": costs.params_total,
@@ -334,6 +336,11 @@ def run_efficiency(
         "inference": points,
         "stopped": stopped,
     }
+
+
+def _kernels(device: torch.device) -> str:
+    """Whether the fused bf16 CPU decode kernels ran (they serve CPU bf16 models only)."""
+    return cpu_kernels.status() if device.type == "cpu" else "not used (not a CPU)"
 
 
 def _cpu() -> str:
@@ -356,7 +363,8 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Device: {res['device_name']} ({res['device']}, {res['threads']} threads, clock: "
         f"{res.get('clock', 'wall time')}), "
-        f"dtype {res['dtype']}. Peak memory: {res['memory_method']}.",
+        f"dtype {res['dtype']}. Peak memory: {res['memory_method']}. "
+        f"CPU decode kernels: {res.get('decode_kernels', 'not recorded')}.",
         "",
         f"Training: {t['tokens_per_s']:,.0f} tokens/s (batch {t['batch']} x {t['seq_len']}, "
         f"peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} B/token, "
@@ -532,7 +540,8 @@ def compare_efficiency(
             break
     clock = _clock_name(device)
     out.update(config=cfg.to_dict(), device=str(device), clock=clock, stopped=stopped,
-               threads=torch.get_num_threads(), reference=ref)  # fmt: skip
+               threads=torch.get_num_threads(), reference=ref,
+               decode_kernels=_kernels(device))  # fmt: skip
     return out
 
 
@@ -582,8 +591,9 @@ def interleaved_markdown(res: dict[str, Any]) -> str:
     metrics = list(next(iter(res["ratios"].values()), {}))
     lines = [
         f"Measured interleaved in one process ({res['clock']}, {res['threads']} threads, "
-        f"{res['config']['repeats']} rounds): speed relative to **{res['reference']}**, "
-        "median [min, max] of per-round ratios.",
+        f"{res['config']['repeats']} rounds; CPU decode kernels: "
+        f"{res.get('decode_kernels', 'not recorded')}): speed relative to "
+        f"**{res['reference']}**, median [min, max] of per-round ratios.",
         "",
         "| metric | " + " | ".join(f"{lab} / {res['reference']}" for lab in labels) + " |",
         "|---|" + "---|" * len(labels),
