@@ -319,3 +319,40 @@ def test_the_build_goes_to_the_cache_folder_once(tmp_path):
     second = _run(code, HCOMPOSER_KERNEL_CACHE=str(tmp_path))
     assert second.stdout == first.stdout
     assert (tmp_path / built[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern", ["AFS", "(AF)*2"])
+def test_decode_blocks_equal_the_per_operation_kernels(pattern, monkeypatch):
+    """A whole block in one call (norm, projections, step, residual) rounds where the chain
+    of per-operation kernels does, so the two give identical logits and caches."""
+    torch.manual_seed(0)
+    m = build_model(pattern, shape="tiny", seed=0, dtype=torch.bfloat16).eval()
+    toks = torch.randint(0, m.arch.shape.vocab_size, (2, 10))
+    runs, fused_calls = [], []
+    for blk in m.layers:  # count the steps the fused blocks took
+
+        def counted(*a, _f=blk.mixer.decode_block, **k):
+            y = _f(*a, **k)
+            fused_calls.append(y is not None)
+            return y
+
+        monkeypatch.setattr(blk.mixer, "decode_block", counted)
+    for fused in (True, False):
+        if not fused:  # every primitive declines the fused block: the modules run
+            for blk in m.layers:
+                monkeypatch.setattr(blk.mixer, "decode_block", lambda *a, **k: None)
+        with torch.no_grad():
+            cache = m.init_cache(2, 12)
+            m(toks[:, :6], cache=cache)
+            logits = torch.cat([m(toks[:, i : i + 1], cache=cache) for i in range(6, 10)], 1)
+        runs.append((logits, cache))
+    (a, ca), (b, cb) = runs
+    assert fused_calls and all(fused_calls)  # 4 steps x every layer, all fused
+    assert len(fused_calls) == 4 * len(m.layers)
+    assert torch.equal(a, b)
+    for la, lb in zip(ca.layers, cb.layers):
+        for name in ("k", "v", "conv_state", "ssm_state"):
+            if hasattr(la, name):
+                assert torch.equal(getattr(la, name), getattr(lb, name)), name
+    assert ca.pos == cb.pos == 10

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hcomposer.primitives.base import Linear, Primitive
 from hcomposer.primitives.cpu_kernels import attn_decode as kernel_attn_decode
 from hcomposer.primitives.cpu_kernels import attn_step as kernel_attn_step
+from hcomposer.primitives.cpu_kernels import block_attn as kernel_block_attn
 from hcomposer.primitives.cpu_kernels import enabled as kernels_enabled
 from hcomposer.primitives.decoding import fast_decoding
 from hcomposer.shapes import Shape
@@ -237,6 +238,11 @@ class Attention(_AttentionBase):
             return self._finish(decode_attention(q, k_all, v_all) if y is None else y)
         k_pos = torch.arange(0, end, device=x.device)
         return self._finish(self._attend(q, k_all, v_all, q_pos, k_pos))
+
+    def decode_block(self, x: torch.Tensor, norm: torch.nn.Module, cache) -> torch.Tensor | None:
+        if cache is None or not kernels_enabled():
+            return None
+        return kernel_block_attn(x, norm, self, cache, self._inv_freq(x.device))
 
     def _kernel_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """The single-token step as one fused CPU kernel (RoPE, cache write, attention), or

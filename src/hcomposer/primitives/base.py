@@ -78,6 +78,11 @@ class Primitive(nn.Module):
     def reset_special_parameters(self) -> None:
         """Initialise parameters that need more than the model's default normal init."""
 
+    def decode_block(self, x: torch.Tensor, norm: nn.Module, cache: Any) -> torch.Tensor | None:
+        """``x + self(norm(x), cache)`` for one decode step as a single fused CPU kernel, or
+        None where there is none (the caller then runs the modules; nothing was changed)."""
+        return None
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, computed in fp32."""

@@ -169,6 +169,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hc_attn_decode.restype = i32
     lib.hc_ssm_step.argtypes = [p, i64, *([p] * 9), *([i64] * 7), f32]
     lib.hc_ssm_step.restype = i32
+    lib.hc_block_mlp.argtypes = [p, p, i64, i64, p, f32, p, p, i64, i64, p, i64, i32]
+    lib.hc_block_ssm.argtypes = [p, p, i64, i64, p, f32, p, i64, i64, p, i64, *([p] * 8),
+                                 *([i64] * 6), f32, i32]  # fmt: skip
+    lib.hc_block_attn.argtypes = [p, p, i64, i64, p, f32, p, p, p, p, *([i64] * 7), p, p, i64,
+                                  p, *([i64] * 6), p, i32]  # fmt: skip
+    for fn in (lib.hc_block_mlp, lib.hc_block_ssm, lib.hc_block_attn):
+        fn.restype = i32
     lib.hc_openmp.argtypes = []
     lib.hc_openmp.restype = i32
 
@@ -369,3 +376,92 @@ def ssm_step(m, zxbcdt: torch.Tensor, cache) -> torch.Tensor | None:
                          B, m.n_heads, m.head_dim, m.n_groups, m.d_state, m.d_conv,
                          m.norm.group_size, m.norm.eps)  # fmt: skip
     return out if rc == 0 else None
+
+
+def _block_ready(x: torch.Tensor, norm) -> bool:
+    """A decode block applies: bf16 rows (few) on CPU outside autograd, kernels on."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.is_cpu
+        and x.is_contiguous()
+        and 0 < x.numel() <= min(MAX_ROWS * x.shape[-1], _MAX_X)
+        and norm.weight.dtype == torch.bfloat16
+        and norm.weight.is_contiguous()
+        and _usable(x, norm.weight)
+        and _lib() is not None
+    )
+
+
+def block_mlp(x: torch.Tensor, norm, ffn) -> torch.Tensor | None:
+    """``x + ffn(norm(x))`` for the SwiGLU ``ffn`` in one kernel call, or None."""
+    g, u, dn = ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight
+    if not _block_ready(x, norm) or g.stride() != u.stride() or g.stride(1) != 1:
+        return None
+    if dn.stride(1) != 1 or x.shape[:-1].numel() * g.shape[0] > _MAX_X or not _usable(g, u, dn):
+        return None
+    out = torch.empty_like(x)
+    rc = _lib().hc_block_mlp(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                             x.shape[-1], norm.weight.data_ptr(), norm.eps, g.data_ptr(),
+                             u.data_ptr(), g.stride(0), g.shape[0], dn.data_ptr(), dn.stride(0),
+                             torch.get_num_threads())  # fmt: skip
+    return out if rc == 0 else None
+
+
+def block_ssm(x: torch.Tensor, norm, m, cache) -> torch.Tensor | None:
+    """``x + m(norm(x), cache)`` for a projecting Mamba2 ``m`` (one decode step), or None
+    (then nothing was changed)."""
+    if not m.project or cache is None or not _block_ready(x, norm):
+        return None
+    w_in, w_out = m.in_proj.weight, m.out_proj.weight
+    cs, ss = cache.conv_state, cache.ssm_state
+    params = (m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight)
+    rows = x.numel() // x.shape[-1]
+    if (w_in.stride(1) != 1 or w_out.stride(1) != 1 or ss.dtype != torch.float32
+            or not ss.is_contiguous() or not cs.is_contiguous() or m.conv1d.bias is None
+            or m.conv_dim > 65536 or rows != cs.shape[0] or rows * w_in.shape[0] > _MAX_X
+            or not all(t.is_contiguous() for t in params)):  # fmt: skip
+        return None
+    if not _usable(w_in, w_out, cs, *params):
+        return None
+    out = torch.empty_like(x)
+    rc = _lib().hc_block_ssm(x.data_ptr(), out.data_ptr(), rows, x.shape[-1],
+                             norm.weight.data_ptr(), norm.eps, w_in.data_ptr(), w_in.stride(0),
+                             w_in.shape[0], w_out.data_ptr(), w_out.stride(0), cs.data_ptr(),
+                             *(t.data_ptr() for t in params), ss.data_ptr(), m.n_heads,
+                             m.head_dim, m.n_groups, m.d_state, m.d_conv, m.norm.group_size,
+                             m.norm.eps, torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        return None
+    cache.pos += 1
+    return out
+
+
+def block_attn(x: torch.Tensor, norm, a, cache, inv_freq: torch.Tensor) -> torch.Tensor | None:
+    """``x + a(norm(x), cache)`` for a projecting global Attention ``a`` (one decode step,
+    the new key and value written into ``cache``), or None (then nothing was written)."""
+    if not a.project or cache is None or not _block_ready(x, norm):
+        return None
+    kc, vc = cache.k, cache.v
+    ws = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight)
+    rows, hd = x.numel() // x.shape[-1], a.head_dim
+    if (rows != kc.shape[0] or cache.pos >= kc.shape[2] or kc.stride(3) != 1
+            or vc.stride(3) != 1 or kc.shape != vc.shape or hd % 2 or hd > 256
+            or a.n_heads // a.n_kv_heads > 16 or rows * a.n_heads * hd > _MAX_X
+            or inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous()
+            or any(w.stride(1) != 1 for w in ws)):  # fmt: skip
+        return None
+    if not _usable(kc, vc, *ws):
+        return None
+    out = torch.empty_like(x)
+    work = torch.empty(rows * a.n_heads * (cache.pos + 1), dtype=torch.float32)
+    rc = _lib().hc_block_attn(x.data_ptr(), out.data_ptr(), rows, x.shape[-1],
+                              norm.weight.data_ptr(), norm.eps, *(w.data_ptr() for w in ws),
+                              *(w.stride(0) for w in ws), a.n_heads, a.n_kv_heads, hd,
+                              kc.data_ptr(), vc.data_ptr(), cache.pos, inv_freq.data_ptr(),
+                              kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
+                              vc.stride(1), vc.stride(2), work.data_ptr(),
+                              torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        return None
+    cache.pos += 1
+    return out

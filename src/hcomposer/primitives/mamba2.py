@@ -40,6 +40,7 @@ from torch import nn
 
 from hcomposer.errors import ShapeError
 from hcomposer.primitives.base import Linear, Primitive
+from hcomposer.primitives.cpu_kernels import block_ssm as kernel_block_ssm
 from hcomposer.primitives.cpu_kernels import ssm_step as kernel_ssm_step
 from hcomposer.primitives.decoding import fast_decoding
 from hcomposer.primitives.short_conv import causal_conv_silu
@@ -249,6 +250,11 @@ class Mamba2(Primitive):
         y = torch.addcmul(y, x, self.D.to(work)[:, None])
         y = self.norm(y.reshape(Bsz, 1, self.inner_dim), z[:, None], u.dtype)
         return self.out_proj(y) if self.project else y
+
+    def decode_block(self, x: torch.Tensor, norm: nn.Module, cache) -> torch.Tensor | None:
+        if cache is None or not fast_decoding() or torch.is_grad_enabled():
+            return None
+        return kernel_block_ssm(x, norm, self, cache)
 
     def forward(self, u: torch.Tensor, cache: Mamba2Cache | None = None) -> torch.Tensor:
         Bsz, T, _ = u.shape

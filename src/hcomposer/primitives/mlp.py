@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcomposer.primitives.base import Linear, Primitive
+from hcomposer.primitives.cpu_kernels import block_mlp as kernel_block_mlp
 from hcomposer.primitives.cpu_kernels import swiglu as kernel_swiglu
 from hcomposer.shapes import Shape
 
@@ -42,3 +43,6 @@ class MLP(Primitive):
 
     def forward(self, x: torch.Tensor, cache: None = None) -> torch.Tensor:
         return self.ffn(x)
+
+    def decode_block(self, x: torch.Tensor, norm: nn.Module, cache: None) -> torch.Tensor | None:
+        return kernel_block_mlp(x, norm, self.ffn)

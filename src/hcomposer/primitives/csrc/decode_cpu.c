@@ -477,6 +477,72 @@ int hc_ssm_step(const uint16_t *zxbcdt, int64_t zs, uint16_t *conv_state, const 
     return 0;
 }
 
+/* Whole decode blocks, x + mixer(RMSNorm(x)), in one call: the same kernels as above chained
+ * through bf16 buffers, so the roundings are those of the per-operation path (and of
+ * PyTorch's): the norm, every projection and the residual sum each rounded to bf16 once.
+ * x, out bf16 [M, d] (may not alias). Return 1 (nothing written) for shapes they do not take. */
+
+static void residual(const uint16_t *x, const uint16_t *y, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
+}
+
+/* SwiGLU MLP: down(silu(gate h) * up h), h = RMSNorm(x). */
+int hc_block_mlp(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const uint16_t *norm_w,
+                 float eps, const uint16_t *Wg, const uint16_t *Wu, int64_t ldgu, int64_t hidden,
+                 const uint16_t *Wd, int64_t ldd, int threads) {
+    if (M * d > 8 * 8192 || M * hidden > 8 * 8192) return 1;
+    uint16_t h[8 * 8192], a[8 * 8192], y[8 * 8192];
+    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
+    if (hc_swiglu_bf16(Wg, Wu, ldgu, h, a, M, hidden, d, threads)) return 1;
+    if (hc_gemv_bf16(Wd, ldd, a, NULL, y, M, d, hidden, threads)) return 1;
+    residual(x, y, out, M * d);
+    return 0;
+}
+
+/* Mamba-2: out_proj(step(in_proj h)), h = RMSNorm(x); the step as hc_ssm_step (conv and SSM
+ * state updated in place). */
+int hc_block_ssm(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const uint16_t *norm_w,
+                 float eps, const uint16_t *W_in, int64_t ldin, int64_t n_in,
+                 const uint16_t *W_out, int64_t ldout, uint16_t *conv_state,
+                 const uint16_t *conv_w, const uint16_t *conv_b, const uint16_t *dt_bias,
+                 const uint16_t *A_log, const uint16_t *Dp, const uint16_t *gnorm_w, float *ssm,
+                 int64_t H, int64_t P, int64_t G, int64_t N, int64_t dconv, int64_t gsize,
+                 float geps, int threads) {
+    if (M * d > 8 * 8192 || M * n_in > 8 * 8192 || M * H * P > 8 * 8192) return 1;
+    uint16_t h[8 * 8192], z[8 * 8192], s[8 * 8192], y[8 * 8192];
+    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
+    if (hc_gemv_bf16(W_in, ldin, h, NULL, z, M, n_in, d, threads)) return 1;
+    if (hc_ssm_step(z, n_in, conv_state, conv_w, conv_b, dt_bias, A_log, Dp, gnorm_w, ssm, s, M,
+                    H, P, G, N, dconv, gsize, geps))
+        return 1;
+    if (hc_gemv_bf16(W_out, ldout, s, NULL, y, M, d, H * P, threads)) return 1;
+    residual(x, y, out, M * d);
+    return 0;
+}
+
+/* Global attention: o_proj(attn_step(q_proj h, k_proj h, v_proj h)), h = RMSNorm(x), the new
+ * key and value written into the caches at pos. */
+int hc_block_attn(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const uint16_t *norm_w,
+                  float eps, const uint16_t *Wq, const uint16_t *Wk, const uint16_t *Wv,
+                  const uint16_t *Wo, int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo,
+                  int64_t H, int64_t Hkv, int64_t hd, uint16_t *kc, uint16_t *vc, int64_t pos,
+                  const float *inv_freq, int64_t ksb, int64_t ksh, int64_t ksj, int64_t vsb,
+                  int64_t vsh, int64_t vsj, float *work, int threads) {
+    if (M * d > 8 * 8192 || M * H * hd > 8 * 8192) return 1;
+    uint16_t h[8 * 8192], q[8 * 8192], k[8 * 8192], v[8 * 8192], o[8 * 8192], qr[8 * 8192];
+    uint16_t *y = h; /* h is spent once q, k and v exist */
+    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
+    if (hc_gemv_bf16(Wq, ldq, h, NULL, q, M, H * hd, d, threads)) return 1;
+    if (hc_gemv_bf16(Wk, ldk, h, NULL, k, M, Hkv * hd, d, threads)) return 1;
+    if (hc_gemv_bf16(Wv, ldv, h, NULL, v, M, Hkv * hd, d, threads)) return 1;
+    if (hc_attn_step(q, k, v, kc, vc, o, qr, M, H, Hkv, hd, pos, inv_freq, ksb, ksh, ksj, vsb,
+                     vsh, vsj, 1.0f / sqrtf((float)hd), work, threads))
+        return 1;
+    if (hc_gemv_bf16(Wo, ldo, o, NULL, y, M, d, H * hd, threads)) return 1;
+    residual(x, y, out, M * d);
+    return 0;
+}
+
 /* The number of OpenMP threads this library would use, or 0 when built without OpenMP. */
 int hc_openmp(void) {
 #ifdef _OPENMP
