@@ -145,6 +145,77 @@ def run(args) -> dict:
     return results
 
 
+def breakdown(args) -> dict:
+    """Where a kernel decode step's time goes at context ``args.breakdown``: the read speed of
+    the output head's GEMV and of one attention layer's cache (kernel and PyTorch), each as a
+    fraction of the probe's, and a whole step at context 16 (weights only), interleaved."""
+    import torch.nn.functional as F
+
+    from hcomposer.primitives.attention import decode_attention
+
+    torch.set_num_threads(args.threads)
+    L = args.breakdown
+    probe = torch.ones(args.bw_mib * 2**20 // 4, dtype=torch.float32)
+    model = build_model(args.patterns[0], shape=args.shape, seed=0, dtype=torch.bfloat16).eval()
+    head = model.lm_head.weight
+    x = torch.randn(1, head.shape[1]).to(torch.bfloat16)
+    attn = next(b.mixer for b in model.layers if hasattr(b.mixer, "n_kv_heads"))
+    H, Hkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    g = torch.Generator().manual_seed(0)
+    n = max(2, -(-64 * 2**20 // (2 * Hkv * L * hd * 2)))  # > 64 MiB of caches: not in L3
+    std = [tuple(torch.randn(1, Hkv, L, hd, generator=g).to(torch.bfloat16) for _ in "kv")
+           for _ in range(n)]  # fmt: skip
+    pos = [tuple(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in kv) for kv in std]
+    q = torch.randn(1, H, 1, hd).to(torch.bfloat16)
+    with cpu_kernels.kernels_disabled(False):
+        cache = model.init_cache(1, 16 + args.steps * (args.rounds + 2) + 1)
+    _fill(cache.layers, 16, g)
+    cache.pos = 16
+
+    def step():
+        for _ in range(args.steps):
+            model(TOKEN, cache=cache)
+
+    fns = {
+        "bandwidth": lambda: probe.sum(),
+        "head/kernel": lambda: cpu_kernels.linear(x, head),
+        "head/torch": lambda: F.linear(x, head),
+        "attention/kernel": lambda: [cpu_kernels.attn_decode(q, k, v) for k, v in std],
+        "attention/torch": lambda: [decode_attention(q, k, v) for k, v in pos],
+        "step@16": step,
+    }
+    with torch.no_grad():
+        res = measure_interleaved(fns, repeats=args.rounds, warmup=1)
+    bw = [probe.numel() * 4 / t for t in res.times["bandwidth"]]
+    nbytes = {"head": head.numel() * 2, "attention": n * 2 * Hkv * L * hd * 2}
+    out = {"context": L, "bandwidth_GBps": spread([b / 1e9 for b in bw]).to_dict()}
+    for key in ("head/kernel", "head/torch", "attention/kernel", "attention/torch"):
+        speeds = [nbytes[key.split("/")[0]] / t for t in res.times[key]]
+        out[key] = {"GBps": spread([v / 1e9 for v in speeds]).to_dict(),
+                    "fraction": spread([v / b for v, b in zip(speeds, bw)]).to_dict()}  # fmt: skip
+    weights = _weight_bytes(model)
+    step_s = [t / args.steps for t in res.times["step@16"]]
+    at_probe = [weights / b for b in bw]
+    out["step@16"] = {"ms": spread([t * 1e3 for t in step_s]).to_dict(),
+                      "weights_at_probe_ms": spread([t * 1e3 for t in at_probe]).to_dict(),
+                      "fraction": spread([p / t for t, p in zip(step_s, at_probe)]).to_dict()}  # fmt: skip
+    return out
+
+
+def _breakdown_markdown(b: dict, pattern: str) -> str:
+    lines = [f"Breakdown (`{pattern}`): read bandwidth {_s(b['bandwidth_GBps'])} GB/s", "",
+             "| piece | GB/s | fraction of the probe |", "|---|---|---|"]  # fmt: skip
+    for key in ("head/kernel", "head/torch", "attention/kernel", "attention/torch"):
+        where = f"one layer's cache at context {b['context']}" if "attention" in key else "GEMV"
+        lines.append(f"| {key} ({where}) | {_s(b[key]['GBps'])} | "
+                     f"{_s(b[key]['fraction'], '{:.0%}')} |")  # fmt: skip
+    st = b["step@16"]
+    lines.append(f"| whole step at context 16: {_s(st['ms'], '{:.2f}')} ms, weights at probe "
+                 f"speed {_s(st['weights_at_probe_ms'], '{:.2f}')} ms | | "
+                 f"{_s(st['fraction'], '{:.0%}')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _s(d: dict, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}–{fmt.format(d['max'])}]"
 
@@ -186,9 +257,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bw-mib", type=int, default=256, help="size of the bandwidth probe")
     ap.add_argument("--out", default=None, help="write the Markdown tables here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="L",
+                    help="also time the head GEMV, one attention layer at context L and a "
+                         "weights-only step, as fractions of the probe")  # fmt: skip
     args = ap.parse_args(argv)
-    res = run(args)
+    res = run(args) if args.contexts else {"contexts": {}}
     md = "\n".join(_markdown_context(int(L), p, args.patterns) for L, p in res["contexts"].items())
+    if args.breakdown:
+        res["breakdown"] = breakdown(args)
+        md += "\n" + _breakdown_markdown(res["breakdown"], args.patterns[0])
+        print(_breakdown_markdown(res["breakdown"], args.patterns[0]), flush=True)
     if args.out:
         atomic_write_text(args.out, md)
     if args.json:
