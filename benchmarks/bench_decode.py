@@ -196,9 +196,10 @@ def breakdown(args) -> dict:
     weights = _weight_bytes(model)
     step_s = [t / args.steps for t in res.times["step@16"]]
     at_probe = [weights / b for b in bw]
+    frac = [p / t for t, p in zip(step_s, at_probe)]
     out["step@16"] = {"ms": spread([t * 1e3 for t in step_s]).to_dict(),
                       "weights_at_probe_ms": spread([t * 1e3 for t in at_probe]).to_dict(),
-                      "fraction": spread([p / t for t, p in zip(step_s, at_probe)]).to_dict()}  # fmt: skip
+                      "fraction": spread(frac).to_dict()}  # fmt: skip
     return out
 
 
