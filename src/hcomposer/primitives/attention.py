@@ -207,11 +207,7 @@ class Attention(_AttentionBase):
         # stream; PyTorch's own bf16 products want positions contiguous instead. Elsewhere
         # SDPA's kernels want head_dim contiguous.
         dtype = dtype or self.q_proj.weight.dtype
-        by_position = (
-            fast_decoding()
-            and device.type == "cpu"
-            and not (dtype == torch.bfloat16 and kernels_enabled())
-        )
+        by_position = fast_decoding() and device.type == "cpu" and not self._kernel_layout(dtype)
         return KVCache(*self._empty_kv(batch_size, max_len, device, dtype, by_position=by_position))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -238,6 +234,16 @@ class Attention(_AttentionBase):
             return self._finish(decode_attention(q, k_all, v_all) if y is None else y)
         k_pos = torch.arange(0, end, device=x.device)
         return self._finish(self._attend(q, k_all, v_all, q_pos, k_pos))
+
+    def _kernel_layout(self, dtype) -> bool:
+        """The fused kernel's vector path will decode this layer: keep the ordinary layout."""
+        return (
+            dtype == torch.bfloat16
+            and self.head_dim % 8 == 0
+            and self.head_dim <= 256
+            and self.n_heads // self.n_kv_heads <= 16
+            and kernels_enabled()
+        )
 
     def decode_block(self, x: torch.Tensor, norm: torch.nn.Module, cache) -> torch.Tensor | None:
         if cache is None or not kernels_enabled():

@@ -1,24 +1,30 @@
 """Fused bf16 decode kernels for CPUs (``csrc/decode_cpu.c``), built on first use.
 
 On a CPU without a native bf16 dot product (AVX2), PyTorch's bf16 matrix-vector kernels read
-memory at about a third of the machine's bandwidth, so single-token decoding -- which only has
-to read every weight and the cache once -- runs far below its roofline. Two small C kernels
-read each bf16 element once and accumulate in fp32 registers: a GEMV for linear layers with a
-few rows (``linear``) and the whole single-query attention over a positions-contiguous KV cache
-(``attn_decode``: scores, fp32 softmax, values, all heads of a GQA group per pass over the cache).
+memory at about a third of the machine's bandwidth, and a decode step of a small model is
+hundreds of small operations at several microseconds of dispatch each, so single-token decoding
+-- which only has to read every weight and the cache once -- runs far below its roofline. The
+C kernels read each bf16 element once and accumulate in fp32 registers: linear layers with a
+few rows (``linear``), SwiGLU (``swiglu``), RMSNorm (``rmsnorm``), single-query attention over
+the ordinary KV cache layout (``attn_decode``; ``attn_step`` adds RoPE and the cache write),
+Mamba-2's step (``ssm_step``), and whole decode blocks ``x + mixer(norm(x))`` in one call
+(``block_attn``, ``block_mlp``, ``block_ssm``).
 
 The C file is compiled with the system compiler (``$CC``, else ``cc``; ``-O3 -march=native``,
 OpenMP when the compiler has it, sharing PyTorch's ``libgomp``) into a per-user cache
 (``$HCOMPOSER_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/hcomposer/kernels``), keyed by a hash of the
 source, the flags, the compiler and the CPU, and loaded with ctypes. Nothing is downloaded. If
-there is no compiler, the build fails, or ``HCOMPOSER_CPU_KERNELS=0`` is set, every call returns
-``None`` and the callers keep their PyTorch paths; ``status()`` says which it is.
+there is no compiler, the build fails, the cache folder cannot be written, or
+``HCOMPOSER_CPU_KERNELS=0`` is set, every call returns ``None`` and the callers keep their
+PyTorch paths; ``status()`` says which it is.
 
-The kernels are used only where they are exact stand-ins: CPU tensors in bf16, no autograd
-(``torch.no_grad()`` or tensors that need no gradient), not under ``torch.compile``, and only
-while ``fast_decoding()`` holds (``reference_decoding()`` turns them off with the other fast
-paths). Their results equal PyTorch's within fp32 summation order and one bf16 rounding of the
-output (``tests/test_cpu_kernels.py``).
+The kernels are used only where they stand in for the PyTorch operation: CPU tensors in bf16,
+no autograd (``torch.no_grad()`` or tensors that need no gradient), not under
+``torch.compile``, shapes checked here and again in C, and only while ``fast_decoding()`` holds
+(``reference_decoding()`` turns them off with the other fast paths). Linear layers, norms,
+SwiGLU and the SSM step round where PyTorch rounds; attention keeps q, the scores and the
+weights in fp32, so it is closer to an fp64 reference than PyTorch's bf16 decode path
+(``tests/test_cpu_kernels.py``). A call that returns ``None`` has changed nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -83,29 +90,34 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(src: Path, out: Path, cc: str, flags: tuple[str, ...]) -> str | None:
+def _compile(src: Path, out: Path, cc: list[str], flags: tuple[str, ...]) -> str | None:
     """Compile into ``out`` atomically; the compiler's error text on failure, else None."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    tmp = None
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(src), "-lm"],
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        proc = subprocess.run([*cc, *flags, "-o", tmp, str(src), "-lm"],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         if proc.returncode != 0:
-            return (proc.stderr or proc.stdout).strip() or f"{cc} exited {proc.returncode}"
+            return (proc.stderr or proc.stdout).strip() or f"{cc[0]} exited {proc.returncode}"
+        os.chmod(tmp, 0o755)  # mkstemp's 0600: let other users of a shared cache load it
         os.replace(tmp, out)
         return None
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("HCOMPOSER_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return None, "off (HCOMPOSER_CPU_KERNELS=0)"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc_text = (
+        os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    )
+    cc = shlex.split(cc_text or "")
     if not cc:
         return None, "off (no C compiler found; set CC)"
     try:
@@ -124,14 +136,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                     [
                         text,
                         " ".join(flags).encode(),
-                        cc.encode(),
+                        " ".join(cc).encode(),
                         _compiler_id(cc),
                         _cpu_signature().encode(),
                     ]
                 )  # fmt: skip
             ).hexdigest()[:16]
             lib_path = _cache_dir() / f"decode_cpu-{key}.so"
-            if not lib_path.exists():
+            if not lib_path.is_file():
                 err = _compile(path, lib_path, cc, flags)
                 if err is not None:
                     errors.append(err)
@@ -148,9 +160,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return None, f"off (the build failed: {last})"
 
 
-def _compiler_id(cc: str) -> bytes:
+def _compiler_id(cc: list[str]) -> bytes:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
+        return subprocess.run([*cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return b""
 
@@ -184,7 +196,10 @@ def _lib() -> ctypes.CDLL | None:
     if "lib" not in _STATE:
         with _LOCK:
             if "lib" not in _STATE:
-                lib, why = _build()
+                try:
+                    lib, why = _build()
+                except Exception as e:  # never let a broken build break the model
+                    lib, why = None, f"off (the build failed: {type(e).__name__}: {e})"
                 _STATE["status"] = why
                 _STATE["lib"] = lib
     return _STATE["lib"]  # type: ignore[return-value]
@@ -236,7 +251,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` for bf16 inputs of at most ``MAX_ROWS`` rows, else None."""
     if weight.dim() != 2 or weight.stride(1) != 1 or not _rows_ok(x, weight.shape[1]):
         return None
-    if not (_usable(x, weight) and (bias is None or _usable(bias))):
+    if bias is not None and (bias.shape != (weight.shape[0],) or not _usable(bias)):
+        return None
+    if not _usable(x, weight):
         return None
     lib = _lib()
     if lib is None:
@@ -245,10 +262,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xc = x.contiguous()
     bc = None if bias is None else bias.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
-    lib.hc_gemv_bf16(weight.data_ptr(), weight.stride(0), xc.data_ptr(),
-                     None if bc is None else bc.data_ptr(), y.data_ptr(), xc.numel() // K, N, K,
-                     torch.get_num_threads())  # fmt: skip
-    return y
+    rc = lib.hc_gemv_bf16(weight.data_ptr(), weight.stride(0), xc.data_ptr(),
+                          None if bc is None else bc.data_ptr(), y.data_ptr(), xc.numel() // K,
+                          N, K, torch.get_num_threads())  # fmt: skip
+    return y if rc == 0 else None
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
@@ -264,9 +281,10 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     N, K = gate.shape
     xc = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
-    lib.hc_swiglu_bf16(gate.data_ptr(), up.data_ptr(), gate.stride(0), xc.data_ptr(),
-                       y.data_ptr(), xc.numel() // K, N, K, torch.get_num_threads())  # fmt: skip
-    return y
+    rc = lib.hc_swiglu_bf16(gate.data_ptr(), up.data_ptr(), gate.stride(0), xc.data_ptr(),
+                            y.data_ptr(), xc.numel() // K, N, K,
+                            torch.get_num_threads())  # fmt: skip
+    return y if rc == 0 else None
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -286,8 +304,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 def _kv_ok(q, k_cache, v_cache) -> bool:
+    """q [B, H, 1, hd] against caches [B, Hkv, L, hd]: the shapes the C side takes."""
     return (
         q.dim() == 4 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+        and q.shape[2] == 1 and q.shape[0] == k_cache.shape[0] >= 1
         and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
         and q.shape[1] % k_cache.shape[1] == 0 and q.shape[1] // k_cache.shape[1] <= 16
         and 0 < q.shape[3] <= 256 and q.shape[3] == k_cache.shape[3]
@@ -325,10 +345,10 @@ def attn_step(q, k, v, k_cache, v_cache, pos: int, inv_freq: torch.Tensor):
     apply: rotate q [B, H, 1, hd] and k [B, Hkv, 1, hd] to ``pos`` (RoPE, half-split), store
     k and v in the caches [B, Hkv, max_len, hd] at ``pos``, attend over positions 0..pos.
     Returns [B, H, 1, hd] bf16. q, k, v may be views of the projections' outputs."""
-    if (q.shape[2] != 1 or k.shape != v.shape or k.shape[2] != 1 or pos >= k_cache.shape[2]
-            or k.shape[:2] != k_cache.shape[:2] or q.shape[3] % 2
-            or inv_freq.dtype != torch.float32 or inv_freq.numel() * 2 != q.shape[3]
-            or not _kv_ok(q, k_cache, v_cache)):  # fmt: skip
+    if (not _kv_ok(q, k_cache, v_cache) or not 0 <= pos < k_cache.shape[2]
+            or k.shape != v.shape or tuple(k.shape) != (q.shape[0], k_cache.shape[1], 1, q.shape[3])
+            or q.shape[3] % 2
+            or inv_freq.dtype != torch.float32 or inv_freq.numel() * 2 != q.shape[3]):  # fmt: skip
         return None
     if not _usable(q, k, v, k_cache, v_cache):
         return None
@@ -351,6 +371,16 @@ def attn_step(q, k, v, k_cache, v_cache, pos: int, inv_freq: torch.Tensor):
     return out if rc == 0 else None
 
 
+def _ssm_cache_ok(m, cache, batch: int) -> bool:
+    """The cache's states have the shapes the step writes (batch rows of this module's)."""
+    return (
+        batch >= 1
+        and tuple(cache.conv_state.shape) == (batch, m.conv_dim, m.d_conv - 1)
+        and tuple(cache.ssm_state.shape) == (batch, m.n_heads, m.head_dim, m.d_state)
+        and tuple(m.conv1d.weight.shape) == (m.conv_dim, 1, m.d_conv)
+    )
+
+
 def ssm_step(m, zxbcdt: torch.Tensor, cache) -> torch.Tensor | None:
     """Mamba-2's decode step after the input projection (``Mamba2._decode_step``'s arithmetic
     in one kernel), or None where it does not apply (then nothing was changed).
@@ -360,7 +390,10 @@ def ssm_step(m, zxbcdt: torch.Tensor, cache) -> torch.Tensor | None:
     normed output [B, inner] in bf16, before the output projection."""
     cs, ss = cache.conv_state, cache.ssm_state
     params = (m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight)
-    if (zxbcdt.dim() != 2 or zxbcdt.stride(1) != 1 or ss.dtype != torch.float32
+    B = zxbcdt.shape[0] if zxbcdt.dim() == 2 else 0
+    if (zxbcdt.dim() != 2 or zxbcdt.shape[1] != m.in_proj.out_features
+            or not _ssm_cache_ok(m, cache, B)
+            or zxbcdt.stride(1) != 1 or ss.dtype != torch.float32
             or not ss.is_contiguous() or not cs.is_contiguous() or m.conv1d.bias is None
             or m.conv_dim > 65536 or not all(t.is_contiguous() for t in params)):  # fmt: skip
         return None
@@ -418,7 +451,8 @@ def block_ssm(x: torch.Tensor, norm, m, cache) -> torch.Tensor | None:
     rows = x.numel() // x.shape[-1]
     if (w_in.stride(1) != 1 or w_out.stride(1) != 1 or ss.dtype != torch.float32
             or not ss.is_contiguous() or not cs.is_contiguous() or m.conv1d.bias is None
-            or m.conv_dim > 65536 or rows != cs.shape[0] or rows * w_in.shape[0] > _MAX_X
+            or m.conv_dim > 65536 or not _ssm_cache_ok(m, cache, rows)
+            or rows * w_in.shape[0] > _MAX_X
             or not all(t.is_contiguous() for t in params)):  # fmt: skip
         return None
     if not _usable(w_in, w_out, cs, *params):
@@ -444,7 +478,9 @@ def block_attn(x: torch.Tensor, norm, a, cache, inv_freq: torch.Tensor) -> torch
     kc, vc = cache.k, cache.v
     ws = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight)
     rows, hd = x.numel() // x.shape[-1], a.head_dim
-    if (rows != kc.shape[0] or cache.pos >= kc.shape[2] or kc.stride(3) != 1
+    if (rows != kc.shape[0] or not 0 <= cache.pos < kc.shape[2] or kc.stride(3) != 1
+            or kc.dim() != 4 or kc.shape[1] != a.n_kv_heads or kc.shape[3] != hd
+            or inv_freq.numel() * 2 != hd
             or vc.stride(3) != 1 or kc.shape != vc.shape or hd % 2 or hd > 256
             or a.n_heads // a.n_kv_heads > 16 or rows * a.n_heads * hd > _MAX_X
             or inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous()

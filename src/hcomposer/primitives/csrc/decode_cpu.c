@@ -6,17 +6,25 @@
  * third of the read bandwidth. These kernels read each bf16 element once, widen it to fp32 in
  * registers (a 16-bit shift) and accumulate in fp32:
  *
- *   hc_gemv_bf16      y[m, n] = sum_k W[n, k] x[m, k]    (nn.Linear with one or a few rows)
+ *   hc_gemv_bf16, hc_swiglu_bf16, hc_rmsnorm_bf16    linear layers, SwiGLU, RMSNorm (few rows)
  *   hc_attn_decode    one query per sequence against every cached position, grouped-query
- *                     heads, keys and values stored positions-contiguous ([.., hd, L])
+ *                     heads, the cache in its ordinary layout (head dim contiguous)
+ *   hc_attn_step      RoPE, cache write and hc_attn_decode
+ *   hc_ssm_step       Mamba-2's step after its input projection
+ *   hc_block_*        x + mixer(RMSNorm(x)) for attention, the MLP and Mamba-2, one call
  *
  * Built on first use by hcomposer/primitives/cpu_kernels.py with the system C compiler
  * (-O3 -march=native, OpenMP when available) and called through ctypes; without a compiler
- * hcomposer keeps the PyTorch paths. Results equal the PyTorch paths within fp32 summation
- * order; the outputs are rounded to bf16 once (round to nearest even), as PyTorch's are.
+ * hcomposer keeps the PyTorch paths. Linear layers, norms and the SSM step round where the
+ * PyTorch paths round (results differ only by fp32 summation order); attention keeps q, the
+ * scores and the weights in fp32 where PyTorch's decode path rounds them to bf16, so it is
+ * closer to an fp64 reference than that path. A NaN anywhere in a row propagates to its output.
+ * Every entry point checks its shapes before writing anything and returns 1 if it does not
+ * take them (0 on success).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -71,7 +79,7 @@ static inline float hmax8(__m256 v) {
 static inline __m256 exp8_nonpos(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.0f);
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
+    x = _mm256_max_ps(lo, x); /* max(lo, NaN) is NaN: a NaN score stays NaN */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
@@ -110,8 +118,9 @@ static inline float dot_bf16_f32(const uint16_t *a, const float *x, int64_t n) {
  * contiguous, y bf16 [M, N] contiguous, b bf16 [N] or NULL. M * K <= 65536 (decoding). */
 int hc_gemv_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, const uint16_t *b,
                  uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
-    float xf[8 * 8192];
-    if (M * K > 8 * 8192) return 1;
+    if (M < 1 || N < 1 || K < 1 || M * K > 8 * 8192) return 1;
+    float *xf = malloc(sizeof(float) * (size_t)(M * K));
+    if (!xf) return 1;
     for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
     const int64_t block = 16;
     const int64_t nblocks = (N + block - 1) / block;
@@ -150,6 +159,7 @@ int hc_gemv_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, const uint16
                 y[m * N + n] = f32_to_bf16(dot_bf16_f32(row, xf + m * K, K) + bias);
         }
     }
+    free(xf);
     return 0;
 }
 
@@ -187,6 +197,11 @@ static inline __attribute__((always_inline)) void values_tile(const uint16_t *V,
 }
 #endif
 
+/* The attention shapes the kernels take: 1..16 query heads per KV head, head dim 1..256. */
+static int attn_shape_ok(int64_t H, int64_t Hkv, int64_t hd) {
+    return Hkv >= 1 && H >= Hkv && H % Hkv == 0 && H / Hkv <= 16 && hd >= 1 && hd <= 256;
+}
+
 /* softmax(q k^T * scale) v for one query per (sequence, head), every one of L keys visible.
  *
  * q bf16 [B, H, hd] contiguous; out bf16 [B, H, hd] contiguous. Keys and values are bf16
@@ -199,8 +214,8 @@ int hc_attn_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint
                    int64_t B, int64_t H, int64_t Hkv, int64_t hd, int64_t L,
                    int64_t ksb, int64_t ksh, int64_t ksj, int64_t vsb, int64_t vsh, int64_t vsj,
                    float scale, float *work, int threads) {
+    if (!attn_shape_ok(H, Hkv, hd) || B < 1 || L < 1) return 1;
     const int64_t g = H / Hkv;
-    if (g < 1 || g > 16 || hd < 1 || hd > 256 || g * Hkv != H) return 1;
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t bh = 0; bh < B * Hkv; bh++) {
@@ -215,7 +230,7 @@ int hc_attn_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint
                 acc[i * hd + d] = 0.0f;
             }
         const int nc = (int)(hd / 8);
-        const int vec = (hd % 8 == 0) && (nc == 4 || nc == 8 || nc == 16 || nc == 32);
+        const int vec = hd % 8 == 0; /* nc = 1..32; the common ones unrolled below */
         /* Scores: one pass over the keys. */
         for (int64_t j = 0; j < L; j++) {
             const uint16_t *row = K + j * ksj;
@@ -225,10 +240,11 @@ int hc_attn_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint
                  * bandwidth: ask for the keys 256 positions ahead (measured best of 8-512). */
                 if (j + 256 < L) _mm_prefetch((const char *)(row + 256 * ksj), _MM_HINT_T0);
                 switch (nc) {
+                case 2: scores_row(row, qf, s + j, L, g, 2); break;
                 case 4: scores_row(row, qf, s + j, L, g, 4); break;
                 case 8: scores_row(row, qf, s + j, L, g, 8); break;
                 case 16: scores_row(row, qf, s + j, L, g, 16); break;
-                default: scores_row(row, qf, s + j, L, g, 32); break;
+                default: scores_row(row, qf, s + j, L, g, nc); break;
                 }
                 continue;
             }
@@ -291,10 +307,11 @@ int hc_attn_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint
 #ifdef HC_AVX2
                 if (vec) {
                     switch (nc) {
+                    case 2: values_tile(V + j0 * vsj, vsj, pi, n, ai, 2); break;
                     case 4: values_tile(V + j0 * vsj, vsj, pi, n, ai, 4); break;
                     case 8: values_tile(V + j0 * vsj, vsj, pi, n, ai, 8); break;
                     case 16: values_tile(V + j0 * vsj, vsj, pi, n, ai, 16); break;
-                    default: values_tile(V + j0 * vsj, vsj, pi, n, ai, 32); break;
+                    default: values_tile(V + j0 * vsj, vsj, pi, n, ai, nc); break;
                     }
                     continue;
                 }
@@ -334,8 +351,9 @@ int hc_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t
  * bf16 path rounds: g and u to bf16, silu(g) to bf16, the product to bf16. */
 int hc_swiglu_bf16(const uint16_t *Wg, const uint16_t *Wu, int64_t ldw, const uint16_t *x,
                    uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
-    float xf[8 * 8192];
-    if (M * K > 8 * 8192) return 1;
+    if (M < 1 || N < 1 || K < 1 || M * K > 8 * 8192) return 1;
+    float *xf = malloc(sizeof(float) * (size_t)(M * K));
+    if (!xf) return 1;
     for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K > 65536)
@@ -346,6 +364,7 @@ int hc_swiglu_bf16(const uint16_t *Wg, const uint16_t *Wu, int64_t ldw, const ui
             const float sg = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
             y[m * N + n] = f32_to_bf16(sg * u);
         }
+    free(xf);
     return 0;
 }
 
@@ -372,8 +391,8 @@ int hc_attn_step(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
                  int64_t hd, int64_t pos, const float *inv_freq, int64_t ksb, int64_t ksh,
                  int64_t ksj, int64_t vsb, int64_t vsh, int64_t vsj, float scale, float *work,
                  int threads) {
-    float t[512];
-    if (hd > 512 || hd % 2) return 1;
+    float t[256];
+    if (!attn_shape_ok(H, Hkv, hd) || hd % 2 || B < 1 || pos < 0) return 1;
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
             const uint16_t *src = q + (b * H + h) * hd;
@@ -411,8 +430,10 @@ int hc_ssm_step(const uint16_t *zxbcdt, int64_t zs, uint16_t *conv_state, const 
                 const uint16_t *Dp, const uint16_t *norm_w, float *ssm, uint16_t *out,
                 int64_t B, int64_t H, int64_t P, int64_t G, int64_t N, int64_t dconv,
                 int64_t gsize, float eps) {
+    if (B < 1 || H < 1 || P < 1 || G < 1 || N < 1 || gsize < 1 || H % G || dconv < 1 ||
+        dconv > 16 || (H * P) % gsize || H * P + 2 * G * N > 65536 || zs < H * P + H * P + 2 * G * N + H)
+        return 1;
     const int64_t inner = H * P, conv_dim = inner + 2 * G * N, hpg = H / G;
-    if (H % G || dconv < 1 || dconv > 16 || inner % gsize || conv_dim > 65536) return 1;
     float xbc[65536];
     for (int64_t b = 0; b < B; b++) {
         const uint16_t *row = zxbcdt + b * zs;
@@ -486,21 +507,32 @@ static void residual(const uint16_t *x, const uint16_t *y, uint16_t *out, int64_
     for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
 }
 
+/* Scratch for a block: n bf16 elements on the heap (sized to the call, so the caller's stack
+ * stays small); NULL if n is out of range. */
+static uint16_t *scratch(int64_t n) {
+    return (n < 1 || n > 64 * 65536) ? NULL : malloc(sizeof(uint16_t) * (size_t)n);
+}
+
+#define ROWS_OK(M, n) ((M) >= 1 && (n) >= 1 && (M) * (n) <= 8 * 8192)
+
 /* SwiGLU MLP: down(silu(gate h) * up h), h = RMSNorm(x). */
 int hc_block_mlp(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const uint16_t *norm_w,
                  float eps, const uint16_t *Wg, const uint16_t *Wu, int64_t ldgu, int64_t hidden,
                  const uint16_t *Wd, int64_t ldd, int threads) {
-    if (M * d > 8 * 8192 || M * hidden > 8 * 8192) return 1;
-    uint16_t h[8 * 8192], a[8 * 8192], y[8 * 8192];
+    if (!ROWS_OK(M, d) || !ROWS_OK(M, hidden) || ldgu < d || ldd < hidden) return 1;
+    uint16_t *buf = scratch(M * (2 * d + hidden));
+    if (!buf) return 1;
+    uint16_t *h = buf, *y = buf + M * d, *a = buf + 2 * M * d;
     hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
-    if (hc_swiglu_bf16(Wg, Wu, ldgu, h, a, M, hidden, d, threads)) return 1;
-    if (hc_gemv_bf16(Wd, ldd, a, NULL, y, M, d, hidden, threads)) return 1;
-    residual(x, y, out, M * d);
-    return 0;
+    int rc = hc_swiglu_bf16(Wg, Wu, ldgu, h, a, M, hidden, d, threads);
+    if (!rc) rc = hc_gemv_bf16(Wd, ldd, a, NULL, y, M, d, hidden, threads);
+    if (!rc) residual(x, y, out, M * d);
+    free(buf);
+    return rc;
 }
 
 /* Mamba-2: out_proj(step(in_proj h)), h = RMSNorm(x); the step as hc_ssm_step (conv and SSM
- * state updated in place). */
+ * state updated in place). Every shape is checked before the state is touched. */
 int hc_block_ssm(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const uint16_t *norm_w,
                  float eps, const uint16_t *W_in, int64_t ldin, int64_t n_in,
                  const uint16_t *W_out, int64_t ldout, uint16_t *conv_state,
@@ -508,39 +540,52 @@ int hc_block_ssm(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const u
                  const uint16_t *A_log, const uint16_t *Dp, const uint16_t *gnorm_w, float *ssm,
                  int64_t H, int64_t P, int64_t G, int64_t N, int64_t dconv, int64_t gsize,
                  float geps, int threads) {
-    if (M * d > 8 * 8192 || M * n_in > 8 * 8192 || M * H * P > 8 * 8192) return 1;
-    uint16_t h[8 * 8192], z[8 * 8192], s[8 * 8192], y[8 * 8192];
-    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
-    if (hc_gemv_bf16(W_in, ldin, h, NULL, z, M, n_in, d, threads)) return 1;
-    if (hc_ssm_step(z, n_in, conv_state, conv_w, conv_b, dt_bias, A_log, Dp, gnorm_w, ssm, s, M,
-                    H, P, G, N, dconv, gsize, geps))
+    if (H < 1 || P < 1 || G < 1 || N < 1 || gsize < 1 || H % G || (H * P) % gsize ||
+        dconv < 1 || dconv > 16 || n_in != 2 * H * P + 2 * G * N + H ||
+        H * P + 2 * G * N > 65536 || !ROWS_OK(M, d) || !ROWS_OK(M, n_in) ||
+        !ROWS_OK(M, H * P) || ldin < d || ldout < H * P)
         return 1;
-    if (hc_gemv_bf16(W_out, ldout, s, NULL, y, M, d, H * P, threads)) return 1;
-    residual(x, y, out, M * d);
-    return 0;
+    uint16_t *buf = scratch(M * (2 * d + n_in + H * P));
+    if (!buf) return 1;
+    uint16_t *h = buf, *y = buf + M * d, *z = buf + 2 * M * d, *s = z + M * n_in;
+    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
+    int rc = hc_gemv_bf16(W_in, ldin, h, NULL, z, M, n_in, d, threads);
+    if (!rc)
+        rc = hc_ssm_step(z, n_in, conv_state, conv_w, conv_b, dt_bias, A_log, Dp, gnorm_w, ssm,
+                         s, M, H, P, G, N, dconv, gsize, geps);
+    if (!rc) rc = hc_gemv_bf16(W_out, ldout, s, NULL, y, M, d, H * P, threads);
+    if (!rc) residual(x, y, out, M * d);
+    free(buf);
+    return rc;
 }
 
 /* Global attention: o_proj(attn_step(q_proj h, k_proj h, v_proj h)), h = RMSNorm(x), the new
- * key and value written into the caches at pos. */
+ * key and value written into the caches at pos. Every shape is checked before the caches are
+ * touched. */
 int hc_block_attn(const uint16_t *x, uint16_t *out, int64_t M, int64_t d, const uint16_t *norm_w,
                   float eps, const uint16_t *Wq, const uint16_t *Wk, const uint16_t *Wv,
                   const uint16_t *Wo, int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo,
                   int64_t H, int64_t Hkv, int64_t hd, uint16_t *kc, uint16_t *vc, int64_t pos,
                   const float *inv_freq, int64_t ksb, int64_t ksh, int64_t ksj, int64_t vsb,
                   int64_t vsh, int64_t vsj, float *work, int threads) {
-    if (M * d > 8 * 8192 || M * H * hd > 8 * 8192) return 1;
-    uint16_t h[8 * 8192], q[8 * 8192], k[8 * 8192], v[8 * 8192], o[8 * 8192], qr[8 * 8192];
-    uint16_t *y = h; /* h is spent once q, k and v exist */
-    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
-    if (hc_gemv_bf16(Wq, ldq, h, NULL, q, M, H * hd, d, threads)) return 1;
-    if (hc_gemv_bf16(Wk, ldk, h, NULL, k, M, Hkv * hd, d, threads)) return 1;
-    if (hc_gemv_bf16(Wv, ldv, h, NULL, v, M, Hkv * hd, d, threads)) return 1;
-    if (hc_attn_step(q, k, v, kc, vc, o, qr, M, H, Hkv, hd, pos, inv_freq, ksb, ksh, ksj, vsb,
-                     vsh, vsj, 1.0f / sqrtf((float)hd), work, threads))
+    if (!attn_shape_ok(H, Hkv, hd) || hd % 2 || pos < 0 || !ROWS_OK(M, d) ||
+        !ROWS_OK(M, H * hd) || ldq < d || ldk < d || ldv < d || ldo < H * hd)
         return 1;
-    if (hc_gemv_bf16(Wo, ldo, o, NULL, y, M, d, H * hd, threads)) return 1;
-    residual(x, y, out, M * d);
-    return 0;
+    uint16_t *buf = scratch(M * (2 * d + 3 * H * hd + 2 * Hkv * hd));
+    if (!buf) return 1;
+    uint16_t *h = buf, *y = buf + M * d, *q = buf + 2 * M * d, *o = q + M * H * hd;
+    uint16_t *qr = o + M * H * hd, *k = qr + M * H * hd, *v = k + M * Hkv * hd;
+    hc_rmsnorm_bf16(x, norm_w, h, M, d, eps);
+    int rc = hc_gemv_bf16(Wq, ldq, h, NULL, q, M, H * hd, d, threads);
+    if (!rc) rc = hc_gemv_bf16(Wk, ldk, h, NULL, k, M, Hkv * hd, d, threads);
+    if (!rc) rc = hc_gemv_bf16(Wv, ldv, h, NULL, v, M, Hkv * hd, d, threads);
+    if (!rc)
+        rc = hc_attn_step(q, k, v, kc, vc, o, qr, M, H, Hkv, hd, pos, inv_freq, ksb, ksh, ksj,
+                          vsb, vsh, vsj, 1.0f / sqrtf((float)hd), work, threads);
+    if (!rc) rc = hc_gemv_bf16(Wo, ldo, o, NULL, y, M, d, H * hd, threads);
+    if (!rc) residual(x, y, out, M * d);
+    free(buf);
+    return rc;
 }
 
 /* The number of OpenMP threads this library would use, or 0 when built without OpenMP. */
