@@ -339,7 +339,7 @@ def run_efficiency(
 
 
 def _kernels(device: torch.device) -> str:
-    """Whether the fused bf16 CPU decode kernels ran (they serve CPU bf16 models only)."""
+    """Whether the fused CPU decode kernels are built (they serve bf16 models on CPU only)."""
     return cpu_kernels.status() if device.type == "cpu" else "not used (not a CPU)"
 
 
@@ -364,7 +364,7 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
         f"Device: {res['device_name']} ({res['device']}, {res['threads']} threads, clock: "
         f"{res.get('clock', 'wall time')}), "
         f"dtype {res['dtype']}. Peak memory: {res['memory_method']}. "
-        f"CPU decode kernels: {res.get('decode_kernels', 'not recorded')}.",
+        f"CPU decode kernels (bf16 models): {res.get('decode_kernels', 'not recorded')}.",
         "",
         f"Training: {t['tokens_per_s']:,.0f} tokens/s (batch {t['batch']} x {t['seq_len']}, "
         f"peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} B/token, "
@@ -591,7 +591,7 @@ def interleaved_markdown(res: dict[str, Any]) -> str:
     metrics = list(next(iter(res["ratios"].values()), {}))
     lines = [
         f"Measured interleaved in one process ({res['clock']}, {res['threads']} threads, "
-        f"{res['config']['repeats']} rounds; CPU decode kernels: "
+        f"{res['config']['repeats']} rounds; CPU decode kernels (bf16 models): "
         f"{res.get('decode_kernels', 'not recorded')}): speed relative to "
         f"**{res['reference']}**, median [min, max] of per-round ratios.",
         "",
