@@ -243,6 +243,11 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _ready(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The loaded library if the kernels may take these tensors now, else None."""
+    return _lib() if _usable(*tensors) else None
+
+
 def _rows_ok(x: torch.Tensor, K: int) -> bool:
     return x.shape[-1] == K and 0 < x.numel() <= MAX_ROWS * K and x.numel() <= _MAX_X
 
@@ -253,9 +258,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return None
     if bias is not None and (bias.shape != (weight.shape[0],) or not _usable(bias)):
         return None
-    if not _usable(x, weight):
-        return None
-    lib = _lib()
+    lib = _ready(x, weight)
     if lib is None:
         return None
     N, K = weight.shape
@@ -273,9 +276,7 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     if (gate.dim() != 2 or gate.shape != up.shape or gate.stride() != up.stride()
             or gate.stride(1) != 1 or not _rows_ok(x, gate.shape[1])):  # fmt: skip
         return None
-    if not _usable(x, gate, up):
-        return None
-    lib = _lib()
+    lib = _ready(x, gate, up)
     if lib is None:
         return None
     N, K = gate.shape
@@ -291,9 +292,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float):
     """hcomposer's RMSNorm (fp32 inside, one bf16 rounding) for bf16 rows, or None."""
     if weight.dim() != 1 or not weight.is_contiguous() or not _rows_ok(x, weight.shape[0]):
         return None
-    if not _usable(x, weight):
-        return None
-    lib = _lib()
+    lib = _ready(x, weight)
     if lib is None:
         return None
     xc = x.contiguous()
@@ -323,9 +322,7 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """
     if q.dim() != 4 or q.shape[2] != 1 or k.shape[2] < 1 or not _kv_ok(q, k, v):
         return None
-    if not _usable(q, k, v):
-        return None
-    lib = _lib()
+    lib = _ready(q, k, v)
     if lib is None:
         return None
     B, H, _, hd = q.shape
@@ -350,9 +347,7 @@ def attn_step(q, k, v, k_cache, v_cache, pos: int, inv_freq: torch.Tensor):
             or q.shape[3] % 2
             or inv_freq.dtype != torch.float32 or inv_freq.numel() * 2 != q.shape[3]):  # fmt: skip
         return None
-    if not _usable(q, k, v, k_cache, v_cache):
-        return None
-    lib = _lib()
+    lib = _ready(q, k, v, k_cache, v_cache)
     if lib is None:
         return None
     B, H, _, hd = q.shape
@@ -397,9 +392,7 @@ def ssm_step(m, zxbcdt: torch.Tensor, cache) -> torch.Tensor | None:
             or not ss.is_contiguous() or not cs.is_contiguous() or m.conv1d.bias is None
             or m.conv_dim > 65536 or not all(t.is_contiguous() for t in params)):  # fmt: skip
         return None
-    if not _usable(zxbcdt, cs, *params):
-        return None
-    lib = _lib()
+    lib = _ready(zxbcdt, cs, *params)
     if lib is None:
         return None
     B = zxbcdt.shape[0]
