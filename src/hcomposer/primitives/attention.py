@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from hcomposer.primitives.base import Linear, Primitive
-from hcomposer.primitives.cpu_kernels import attn_decode as kernel_attn_decode
 from hcomposer.primitives.cpu_kernels import attn_step as kernel_attn_step
 from hcomposer.primitives.cpu_kernels import block_attn as kernel_block_attn
 from hcomposer.primitives.cpu_kernels import enabled as kernels_enabled
@@ -230,8 +229,8 @@ class Attention(_AttentionBase):
         k_all = cache.k[:, :, :end].to(q.dtype)
         v_all = cache.v[:, :, :end].to(q.dtype)
         if T == 1 and fast_decoding() and q.device.type == "cpu":
-            y = kernel_attn_decode(q, k_all, v_all)
-            return self._finish(decode_attention(q, k_all, v_all) if y is None else y)
+            # (bf16 caches the C kernel can read were taken by _kernel_step above)
+            return self._finish(decode_attention(q, k_all, v_all))
         k_pos = torch.arange(0, end, device=x.device)
         return self._finish(self._attend(q, k_all, v_all, q_pos, k_pos))
 
