@@ -191,7 +191,8 @@ def test_a_stalled_run_restarts_from_new_weights_and_the_best_is_kept(monkeypatc
     assert seeds[0] == 3000 and seeds[1] != seeds[0]  # the first attempt's seed is unchanged
     # both stall: the better of the two is kept, and no third attempt with restarts=1
     seeds = _scripted_runs(monkeypatch, [(350, 0.30), (350, 0.24), (350, 0.9)])
-    task = evaluate_proxy(arch, "mad", seed=3, config=_one_task()).tasks["in_context_recall"]
+    cfg = _one_task(restarts=1)
+    task = evaluate_proxy(arch, "mad", seed=3, config=cfg).tasks["in_context_recall"]
     assert len(seeds) == 2 and task["accuracy"] == 0.30
     # restarts=2 allows a third, with a third seed
     seeds = _scripted_runs(monkeypatch, [(350, 0.30), (350, 0.24), (400, 0.995)])

@@ -25,10 +25,10 @@ class ProxyRankRecipe:
     patterns: tuple[str, ...] = PATTERNS
     proxy: str = "mad"
     proxy_shape: str = "proxy"
-    proxy_seeds: tuple[int, ...] = (0, 1)
+    proxy_seeds: tuple[int, ...] = (0, 1, 2)
     # None: the proxy's calibrated defaults (ProxyConfig()); set only to make a smoke run cheap.
     proxy_steps: int | None = None
-    scale_shape: str = "10m"
+    scale_shape: str = "2m"
     scale_layers: int = 12
     scale_seeds: tuple[int, ...] = (0,)
     # A second training seed on two patterns far apart measures the scale runs' noise.
@@ -42,8 +42,10 @@ class ProxyRankRecipe:
 
 
 RECIPES: dict[str, ProxyRankRecipe] = {
-    # 2-core CPU: 8 patterns x 2M tokens at 10m width (2x the proxy width, 12 sublayers)
-    # plus 2 noise runs: about 10 training runs of ~8 minutes each when the machine is quiet.
+    # 2-core CPU: 8 patterns x 3 proxy seeds; each stacked to 12 sublayers at the 2m width
+    # (d_model 128, twice the proxy's 64) and trained on 2M tokens, plus 2 noise runs. One
+    # thread trains 1,500-3,000 tokens/s there (11-22 min a run): about 1.5 h with two
+    # workers (benchmarks/RESULTS.md, "proxy-to-scale"). 10m (d_model 256) would take ~4x.
     "cpu": ProxyRankRecipe(),
     # One GPU: a 350M-class width, 24 sublayers, 2B tokens per pattern (~Chinchilla-scale
     # for its ~350M parameters would be 7B; 2B keeps the ten runs within about two days).
