@@ -202,3 +202,36 @@ def test_proxy_rank_bad_input(extra, tmp_path, capsys):
     assert main(["proxy-rank", "--recipe", "smoke", "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and not out.exists()
+
+
+def test_proxy_rank_refuses_a_folder_made_with_other_settings(tmp_path, capsys):
+    from hcomposer.cli import main
+
+    out = tmp_path / "rank"
+    argv = ["proxy-rank", "--recipe", "smoke", "--out", str(out)]
+    assert main([*argv, "--tokens", "256"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # Other training tokens would mix two budgets into one correlation: refused, nothing moves.
+    assert main([*argv, "--tokens", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "train_config.tokens" in err and "new --out" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    settings = json.loads((out / "study.json").read_text())
+    assert settings["train_config"]["tokens"] == 256 and "seed" not in settings["train_config"]
+
+
+def test_proxy_rank_trains_on_the_data_it_is_given(tmp_path, capsys):
+    from hcomposer.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "rank"
+    argv = ["proxy-rank", "--recipe", "smoke", "--out", str(out), "--data", str(text)]
+    assert main([*argv, "--tokens", "256"]) == 0
+    capsys.readouterr()
+    run = json.loads((out / "runs" / "AFAF" / "run.json").read_text())
+    assert run["config"]["train"]["data"] == str(text)
+    assert json.loads((out / "study.json").read_text())["train_config"]["data"] == str(text)
+    assert main([*argv[:-1], str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -39,6 +39,9 @@ class ProxyRankRecipe:
     batch_size: int = 16
     lr: float = 2e-3
     dtype: str = "auto"
+    # Training text (None: the embedded corpus, about 4M byte tokens) and tokenizer.
+    data: str | None = None
+    tokenizer: str = "byte"
 
 
 RECIPES: dict[str, ProxyRankRecipe] = {
@@ -58,6 +61,11 @@ RECIPES: dict[str, ProxyRankRecipe] = {
         batch_size=64,
         lr=1e-3,
         noise_seeds=(1, 2),
+        # 2B tokens would be 500 passes over the embedded corpus: a web-text sample instead
+        # (downloaded on first use; --data names another source), with a BPE of the 350m
+        # shape's 32,768 ids trained on it.
+        data="hf:HuggingFaceFW/fineweb-edu:sample-10BT",
+        tokenizer="bpe:32768",
     ),
     # Seconds: for tests and trying the command.
     "smoke": ProxyRankRecipe(
@@ -86,6 +94,14 @@ def add_arguments(p) -> None:
         "--scale-seeds", default=None, help="training seeds at scale (default: recipe's)"
     )
     p.add_argument("--tokens", default=None, type=int, help="training tokens at scale")
+    p.add_argument(
+        "--data", default=None,
+        help="training text at scale: a file, folder or hf:NAME[:CONFIG][@SPLIT] "
+        "(default: the recipe's; cpu: the embedded corpus)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None, help="byte, bpe:N or a tokenizer.json (default: recipe's)"
+    )
     p.add_argument("--out", default="runs/proxy_rank", help="study folder (resumable)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -124,10 +140,16 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a folder")
+    data = r.data if args.data is None else args.data
+    if data:
+        from hcomposer.data.sources import resolve_source
+
+        resolve_source(data)  # a missing path is refused before anything runs
     tcfg = TrainConfig(
         tokens=tokens, seq_len=r.seq_len, batch_size=r.batch_size, lr=r.lr, min_lr=r.lr / 10,
         dtype=r.dtype, eval_every=10**9, eval_tokens=min(65536, tokens), log_every=50,
-        checkpoint_every=200,
+        checkpoint_every=200, data=data or None,
+        tokenizer=r.tokenizer if args.tokenizer is None else args.tokenizer,
     )  # fmt: skip
     pcfg = None if r.proxy_steps is None else ProxyConfig().replace(steps=r.proxy_steps)
     con = console()

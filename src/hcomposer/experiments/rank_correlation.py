@@ -24,6 +24,7 @@ atomically at the end.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,39 @@ def _run_name(pattern: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
+def _study_settings(proxy, proxy_shape, proxy_config, scale_shape, scale_layers, train_config):
+    """What makes two calls' logged runs comparable: everything but the seeds and patterns."""
+    train = {k: v for k, v in train_config.to_dict().items() if k != "seed"}
+    return {
+        "proxy": proxy,
+        "proxy_shape": proxy_shape,
+        "proxy_config": None if proxy_config is None else proxy_config.to_dict(),
+        "scale_shape": Architecture.parse("AF", scale_shape).shape.to_dict(),
+        "scale_layers": scale_layers,
+        "train_config": train,
+    }
+
+
+def _check_study(out: Path, *settings) -> None:
+    """Refuse to add runs to a study folder made with other settings (they would be mixed
+    into one correlation); record the settings on a folder's first call."""
+    want = json.loads(json.dumps(_study_settings(*settings)))
+    path = out / "study.json"
+    if path.is_file():
+        have = json.loads(path.read_text())
+        diff = [k for k in want if k != "train_config" and have.get(k) != want[k]]
+        old_t, new_t = have.get("train_config") or {}, want["train_config"]
+        diff += [f"train_config.{k}" for k in sorted({*old_t, *new_t}) if old_t.get(k) != new_t.get(k)]
+        if diff:
+            raise UserError(
+                f"{out} holds a study made with other settings ({', '.join(diff)}); "
+                "give a new --out, or the same settings to resume it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, want)
+
+
 def run_proxy_rank(
     patterns: list[str],
     out_dir: str | Path,
@@ -123,8 +157,8 @@ def run_proxy_rank(
 ) -> dict[str, Any]:
     """The recipe in the module docstring; returns the result dict (also written to out_dir)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train_config = train_config or TrainConfig(tokens=500_000, seq_len=128, batch_size=8)
+    _check_study(out, proxy, proxy_shape, proxy_config, scale_shape, scale_layers, train_config)
     proxy_seeds = tuple(proxy_seeds) if proxy_seeds else (seed,)
     scale_seeds = tuple(scale_seeds) if scale_seeds else (train_config.seed,)
     t0 = time.perf_counter()
