@@ -33,10 +33,12 @@ def _accuracy(task) -> float:
     return task["accuracy"] if isinstance(task, dict) else float(task[0])
 
 
-def _restarts(task) -> int:
-    if not isinstance(task, dict):
-        return 0
-    return sum(1 for g in task.get("grid", []) if g.get("restart"))
+def _restarts(task) -> int | None:
+    """Restarts taken on one task; None where the row does not list its runs (an imported
+    summary row)."""
+    if not isinstance(task, dict) or "grid" not in task:
+        return None
+    return sum(1 for g in task["grid"] if g.get("restart"))
 
 
 def rows_by_pattern(lines: list[dict]) -> dict[str, list[dict]]:
@@ -57,7 +59,9 @@ def table(by: dict[str, list[dict]]) -> list[str]:
         for name, _ in TASKS:
             accs = [_accuracy(r["tasks"][name]) for r in rows if name in r["tasks"]]
             cells.append("/".join(f"{a:.2f}" for a in accs))
-        restarts = sum(_restarts(t) for r in rows for t in r["tasks"].values())
+        counts = [_restarts(t) for r in rows for t in r["tasks"].values()]
+        known = [c for c in counts if c is not None]
+        restarts = str(sum(known)) + ("" if len(known) == len(counts) else " (+ unlisted)")
         secs = [r.get("wall_seconds", 0.0) for r in rows]
         lines.append(
             f"| `{pat}` | {','.join(str(r['seed']) for r in rows)} | "

@@ -32,7 +32,7 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 from hcomposer.reporting.plots import pyplot, save_png
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.stats import seed_std, spearman_ci
@@ -110,7 +110,8 @@ def _study_settings(proxy, proxy_shape, proxy_config, scale_shape, scale_layers,
     return {
         "proxy": proxy,
         "proxy_shape": proxy_shape,
-        "proxy_config": None if proxy_config is None else proxy_config.to_dict(),
+        # Resolved: a study resumed after the proxy's defaults changed would mix two proxies.
+        "proxy_config": (proxy_config or ProxyConfig()).to_dict(),
         "scale_shape": Architecture.parse("AF", scale_shape).shape.to_dict(),
         "scale_layers": scale_layers,
         "train_config": train,
