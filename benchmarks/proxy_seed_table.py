@@ -80,8 +80,10 @@ def targets(by: dict[str, list[dict]]) -> list[str]:
     def row(what: str, measured: str, ok: bool | None) -> None:
         out.append(f"| {what} | {measured} | {'-' if ok is None else ('yes' if ok else 'no')} |")
 
-    a, f, s = task("AFAFAF", "in_context_recall"), task("FFFFFF", "in_context_recall"), task(
-        "SFSFSF", "in_context_recall"
+    a, f, s = (
+        task("AFAFAF", "in_context_recall"),
+        task("FFFFFF", "in_context_recall"),
+        task("SFSFSF", "in_context_recall"),
     )
     if a and f and s:
         row(

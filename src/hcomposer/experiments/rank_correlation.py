@@ -127,7 +127,9 @@ def _check_study(out: Path, *settings) -> None:
         have = json.loads(path.read_text())
         diff = [k for k in want if k != "train_config" and have.get(k) != want[k]]
         old_t, new_t = have.get("train_config") or {}, want["train_config"]
-        diff += [f"train_config.{k}" for k in sorted({*old_t, *new_t}) if old_t.get(k) != new_t.get(k)]
+        diff += [
+            f"train_config.{k}" for k in sorted({*old_t, *new_t}) if old_t.get(k) != new_t.get(k)
+        ]
         if diff:
             raise UserError(
                 f"{out} holds a study made with other settings ({', '.join(diff)}); "
