@@ -180,6 +180,15 @@ def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
     assert "AFAF" in doc["noise"]["scale_seed_std"]
     mean = sum(points["AFAF"]["proxy_scores"]) / 2
     assert points["AFAF"]["proxy_score"] == pytest.approx(mean)
+    # The pair count is the study's own: 3 patterns, 3 pairs, each counted from its points.
+    from hcomposer.stats import pair_agreement
+
+    pairs = doc["pairs"]
+    want = pair_agreement(
+        {k: p["proxy_scores"] for k, p in points.items()},
+        {k: list(p["scale_losses"].values()) for k, p in points.items()},
+    )
+    assert pairs["pairs"] == 3 and pairs == json.loads(json.dumps(want))
     lines = (out / "scale_losses.jsonl").read_text().splitlines()
     assert len(lines) == 4
     # Rerun: nothing is trained or scored again.
@@ -189,6 +198,7 @@ def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
     assert len((out / "proxy_scores.jsonl").read_text().splitlines()) == 6
     assert (out / "proxy_rank.png").read_bytes()[:4] == b"\x89PNG"
     assert "bootstrap interval" in (out / "result.md").read_text()
+    assert "Pairs the proxy separates" in (out / "result.md").read_text()
 
 
 @pytest.mark.parametrize(

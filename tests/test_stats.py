@@ -74,3 +74,34 @@ def test_tied_with_best_known_answer():
     # With one seed there is no noise estimate: only the best itself.
     tied1, _ = tied_with_best({"A": [1.0], "B": [0.99]})
     assert tied1 == {"A"}
+
+
+def test_pair_agreement_known_answer():
+    from hcomposer.stats import pair_agreement
+
+    proxy = {
+        "A": [1.0, 1.1, 0.9],
+        "B": [0.95, 1.05, 0.85],
+        "C": [0.5, 0.6, 0.4],
+        "D": [0.0, 0.1, -0.1],
+    }
+    # Pooled proxy s = 0.1 on 8 dof; two-sided 95% t = 2.306; margin 2.306 * 0.1 * sqrt(2/3)
+    # = 0.188: A-B (0.05 apart) is not separated, the other 5 pairs are.
+    scale = {"A": [2.0, 2.02], "B": [1.9], "C": [2.5], "D": [1.0]}
+    out = pair_agreement(proxy, scale)
+    assert out["pairs"] == 6 and out["proxy_separated"] == 5
+    assert out["proxy_dof"] == 8 and out["proxy_std"] == pytest.approx(0.1)
+    # The scale runs agree on A > C and B > C (lower loss); D, last on the proxy, has the
+    # lowest loss: three discordant pairs.
+    assert out["proxy_concordant"] == 2
+    assert sorted(map(tuple, out["discordant"])) == [("A", "D"), ("B", "D"), ("C", "D")]
+    # Scale noise from A alone: s = 0.01414 on 1 dof, t = 12.706; margin for n = 2 vs 1 is
+    # 12.706 * 0.01414 * sqrt(1.5) = 0.220, for 1 vs 1 0.254: every proxy-separated pair's
+    # losses differ by more (smallest: A-C 0.49), so all 5 are separated by both.
+    assert out["both_separated"] == 5 and out["both_concordant"] == 2
+    # Noisier scale runs: A's two seeds 0.2 apart; now A-C (0.4 apart, margin 2.2) is not.
+    out = pair_agreement(proxy, {**scale, "A": [2.0, 2.2]})
+    assert out["proxy_separated"] == 5 and out["both_separated"] == 0
+    # Without a pattern trained on two seeds the scale side has no noise estimate.
+    out = pair_agreement(proxy, {k: v[:1] for k, v in scale.items()})
+    assert out["both_separated"] == 0 and math.isnan(out["scale_std"])

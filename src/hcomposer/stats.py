@@ -33,6 +33,8 @@ __all__ = [
     "noise_floor",
     "pooled_seed_std",
     "tied_with_best",
+    "separated",
+    "pair_agreement",
 ]
 
 
@@ -169,3 +171,59 @@ def tied_with_best(
         if means[best] - m <= margin + 1e-12:
             tied.add(p)
     return frozenset(tied), margins
+
+
+def separated(
+    per_seed: Mapping[str, Sequence[float]], a: str, b: str, s: float, dof: int, level: float
+) -> bool:
+    """Whether the means of ``a`` and ``b`` differ beyond a two-sided t test at ``level``,
+    with the pooled within-pattern standard deviation ``s`` on ``dof`` degrees of freedom."""
+    if math.isnan(s) or dof < 1:
+        return False
+    t = float(scipy.stats.t.ppf(0.5 + level / 2, dof))
+    na, nb = len(per_seed[a]), len(per_seed[b])
+    gap = abs(float(np.mean(per_seed[a])) - float(np.mean(per_seed[b])))
+    return gap > t * s * math.sqrt(1 / na + 1 / nb)
+
+
+def _dof(per_seed: Mapping[str, Sequence[float]]) -> int:
+    return sum(len(v) - 1 for v in per_seed.values() if len(v) > 1)
+
+
+def pair_agreement(
+    proxy: Mapping[str, Sequence[float]],
+    scale: Mapping[str, Sequence[float]],
+    level: float = 0.95,
+) -> dict:
+    """Do the scale runs order the pairs that the proxy separates the same way?
+
+    ``proxy`` maps each pattern to its proxy scores per seed (higher is better), ``scale`` to
+    its validation losses per seed (lower is better). A pair is *separated* by one side when
+    its means differ beyond that side's pooled seed noise (``separated``; the scale side's
+    noise comes from the patterns trained on more than one seed). Returns the number of
+    pairs, how many the proxy separates, how many both separate, how many of each set the
+    scale runs order as the proxy does (*concordant*), and the discordant pairs. A rank
+    correlation counts every pair, including those inside the proxy's noise, whose order is a
+    coin flip; this counts only the orders the proxy claims.
+    """
+    pats = sorted(set(proxy) & set(scale))
+    sp, dp = pooled_seed_std({p: proxy[p] for p in pats}), _dof({p: proxy[p] for p in pats})
+    ss, ds = pooled_seed_std({p: scale[p] for p in pats}), _dof({p: scale[p] for p in pats})
+    out = {"pairs": 0, "proxy_separated": 0, "proxy_concordant": 0, "both_separated": 0,
+           "both_concordant": 0, "discordant": [], "proxy_std": sp, "proxy_dof": dp,
+           "scale_std": ss, "scale_dof": ds, "level": level}  # fmt: skip
+    for i, a in enumerate(pats):
+        for b in pats[i + 1 :]:
+            out["pairs"] += 1
+            if not separated(proxy, a, b, sp, dp, level):
+                continue
+            hi, lo = (a, b) if np.mean(proxy[a]) > np.mean(proxy[b]) else (b, a)
+            agree = float(np.mean(scale[hi])) < float(np.mean(scale[lo]))
+            out["proxy_separated"] += 1
+            out["proxy_concordant"] += agree
+            if not agree:
+                out["discordant"].append([hi, lo])
+            if separated(scale, a, b, ss, ds, level):
+                out["both_separated"] += 1
+                out["both_concordant"] += agree
+    return out

@@ -35,7 +35,7 @@ from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, rea
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 from hcomposer.reporting.plots import pyplot, save_png
 from hcomposer.scaling.extrapolate import stack
-from hcomposer.stats import seed_std, spearman_ci
+from hcomposer.stats import pair_agreement, seed_std, spearman_ci
 from hcomposer.training.trainer import TrainConfig, train
 
 __all__ = ["select_across_range", "rank_correlation", "run_proxy_rank", "plot_proxy_rank"]
@@ -218,6 +218,10 @@ def run_proxy_rank(
         return {"points": points, "correlation": None}
     corr = rank_correlation([p["proxy_score"] for p in valid], [p["scale_val_loss"] for p in valid])
     multi = [p for p in valid if len([v for v in p["scale_losses"].values() if v]) > 1]
+    pairs = pair_agreement(
+        {p["pattern"]: p["proxy_scores"] for p in valid},
+        {p["pattern"]: [v for v in p["scale_losses"].values() if v is not None] for p in valid},
+    )
     result = {
         "proxy": proxy,
         "proxy_shape": proxy_shape,
@@ -229,6 +233,7 @@ def run_proxy_rank(
         "pool": [{"pattern": p, "score": s} for p, s in scored],
         "points": points,
         "correlation": corr,
+        "pairs": pairs,
         "noise": {
             "proxy_seed_std_median": (
                 sorted(p["proxy_std"] for p in valid)[len(valid) // 2]
@@ -261,6 +266,7 @@ def proxy_rank_markdown(result: dict[str, Any]) -> str:
         + f"p = {c['spearman_p']:.3g}), Kendall tau = {c['kendall']:.3f}, n = {c['n']}.",
         "",
         *_noise_lines(result),
+        *_pair_lines(result),
         "| pattern | proxy score (seed std) | scale pattern | params | val loss at scale "
         "(seed std) |",
         "|---|---|---|---|---|",
@@ -279,6 +285,30 @@ def proxy_rank_markdown(result: dict[str, Any]) -> str:
             f"{p['scale_params']:,} | {loss} |"
         )
     return "\n".join(lines)
+
+
+def _pair_lines(result: dict[str, Any]) -> list[str]:
+    a = result.get("pairs")
+    if not a or not a["pairs"]:
+        return []
+    lines = [
+        f"Pairs the proxy separates beyond its seed noise (two-sided t test at "
+        f"{a['level']:.0%}, pooled std {a['proxy_std']:.4f}): {a['proxy_separated']} of "
+        f"{a['pairs']}; the scale runs order {a['proxy_concordant']} of them the same way."
+    ]
+    if a["scale_dof"]:
+        lines.append(
+            f"Pairs separated on both sides (scale noise: pooled std {a['scale_std']:.4f} on "
+            f"{a['scale_dof']} dof): {a['both_separated']}, of which {a['both_concordant']} "
+            "agree."
+        )
+    if a["discordant"]:
+        lines.append(
+            "Ordered the other way at scale: "
+            + ", ".join(f"`{hi}` > `{lo}`" for hi, lo in a["discordant"]).replace("|", "\\|")
+            + " (proxy order)."
+        )
+    return [*lines, ""]
 
 
 def _noise_lines(result: dict[str, Any]) -> list[str]:
