@@ -189,6 +189,10 @@ def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
         {k: list(p["scale_losses"].values()) for k, p in points.items()},
     )
     assert pairs["pairs"] == 3 and pairs == json.loads(json.dumps(want))
+    # One task: its accuracy is the score, so its correlation is the study's own.
+    by_task = doc["task_correlations"]["in_context_recall"]
+    assert by_task["spearman"] == pytest.approx(corr["spearman"])
+    assert by_task["accuracy"]["AFAF"] == pytest.approx(points["AFAF"]["proxy_score"])
     lines = (out / "scale_losses.jsonl").read_text().splitlines()
     assert len(lines) == 4
     # Rerun: nothing is trained or scored again.

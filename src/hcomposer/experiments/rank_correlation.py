@@ -25,6 +25,7 @@ atomically at the end.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def run_proxy_rank(
     proxy_log = out / "proxy_scores.jsonl"
     # Lines written before seeds were recorded were made with ``seed``.
     done = {(r["pattern"], r.get("seed", seed)): r for r in read_jsonl(proxy_log)}
-    scored, proxy_runs = [], {}
+    scored, proxy_runs, proxy_tasks = [], {}, {}
     for pat in patterns:
         arch = Architecture.parse(pat, proxy_shape)
         for s in proxy_seeds:
@@ -180,6 +181,9 @@ def run_proxy_rank(
                 done[(arch.pattern, s)] = rec
                 log(f"proxy {arch.pattern} seed {s}: {res.score:.4f} ({res.wall_seconds:.0f}s)")
         proxy_runs[arch.pattern] = [done[(arch.pattern, s)]["score"] for s in proxy_seeds]
+        proxy_tasks[arch.pattern] = [
+            done[(arch.pattern, s)].get("tasks") or {} for s in proxy_seeds
+        ]
         scored.append((arch.pattern, sum(proxy_runs[arch.pattern]) / len(proxy_seeds)))
     chosen = select_across_range(scored, k)
     noisy = {Architecture.parse(p, proxy_shape).pattern for p in noise_patterns}
@@ -222,6 +226,8 @@ def run_proxy_rank(
         {p["pattern"]: p["proxy_scores"] for p in valid},
         {p["pattern"]: [v for v in p["scale_losses"].values() if v is not None] for p in valid},
     )
+    by_task = task_correlations({p["pattern"]: proxy_tasks[p["pattern"]] for p in valid},
+                                {p["pattern"]: p["scale_val_loss"] for p in valid})  # fmt: skip
     result = {
         "proxy": proxy,
         "proxy_shape": proxy_shape,
@@ -234,6 +240,7 @@ def run_proxy_rank(
         "points": points,
         "correlation": corr,
         "pairs": pairs,
+        "task_correlations": by_task,
         "noise": {
             "proxy_seed_std_median": (
                 sorted(p["proxy_std"] for p in valid)[len(valid) // 2]
@@ -267,6 +274,7 @@ def proxy_rank_markdown(result: dict[str, Any]) -> str:
         "",
         *_noise_lines(result),
         *_pair_lines(result),
+        *_task_lines(result),
         "| pattern | proxy score (seed std) | scale pattern | params | val loss at scale "
         "(seed std) |",
         "|---|---|---|---|---|",
@@ -285,6 +293,49 @@ def proxy_rank_markdown(result: dict[str, Any]) -> str:
             f"{p['scale_params']:,} | {loss} |"
         )
     return "\n".join(lines)
+
+
+def task_correlations(
+    tasks: dict[str, list[dict[str, Any]]], losses: dict[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Spearman (with its bootstrap interval) of each proxy task's mean accuracy against
+    minus the loss at scale: which task carries the ranking. ``tasks`` maps a pattern to its
+    per-seed task results (``{task: {"accuracy": ...}}``); tasks some pattern lacks are
+    left out."""
+    pats = sorted(losses)
+    names = [t for t in (tasks[pats[0]][0] if pats and tasks[pats[0]] else {})]
+    out = {}
+    for name in names:
+        if not all(all(name in r for r in tasks[p]) for p in pats):
+            continue
+        acc = [statistics.fmean(_accuracy(r[name]) for r in tasks[p]) for p in pats]
+        if len(set(acc)) < 2:
+            continue
+        rho, lo, hi = spearman_ci(acc, [-losses[p] for p in pats])
+        out[name] = {"spearman": rho, "spearman_ci": [lo, hi],
+                     "accuracy": dict(zip(pats, acc))}  # fmt: skip
+    return out
+
+
+def _accuracy(task: Any) -> float:
+    return float(task["accuracy"] if isinstance(task, dict) else task)
+
+
+def _task_lines(result: dict[str, Any]) -> list[str]:
+    by_task = result.get("task_correlations") or {}
+    if len(by_task) < 2:
+        return []
+    return [
+        "Each proxy task's mean accuracy against minus the loss at scale (Spearman, 95% "
+        "bootstrap interval; exploratory: one test per task, read with the number of tasks "
+        "in mind): "
+        + "; ".join(
+            f"{name} {v['spearman']:.2f} [{v['spearman_ci'][0]:.2f}, {v['spearman_ci'][1]:.2f}]"
+            for name, v in by_task.items()
+        )
+        + ".",
+        "",
+    ]
 
 
 def _pair_lines(result: dict[str, Any]) -> list[str]:
