@@ -303,7 +303,7 @@ def task_correlations(
     per-seed task results (``{task: {"accuracy": ...}}``); tasks some pattern lacks are
     left out."""
     pats = sorted(losses)
-    names = [t for t in (tasks[pats[0]][0] if pats and tasks[pats[0]] else {})]
+    names = list(tasks[pats[0]][0]) if pats and tasks[pats[0]] else []
     out = {}
     for name in names:
         if not all(all(name in r for r in tasks[p]) for p in pats):
