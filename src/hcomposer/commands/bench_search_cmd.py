@@ -20,10 +20,11 @@ __all__ = ["HELP", "add_arguments", "run"]
 def add_arguments(p) -> None:
     p.add_argument(
         "--table",
-        default="af6",
+        default="af6q",
         help="a committed table (af6q: all 64 six-position A/F patterns on the calibrated "
-        "proxy, 3 seeds; af6: the same on the old 20-step proxy, 1 seed), "
-        "synthetic[:CHOICES:N:SEED], or a table JSON path (default af6)",
+        "proxy, 3 seeds; afs4q: all 81 four-position A/F/S patterns, 2 seeds; af6: the 64 "
+        "A/F patterns on the old 20-step proxy, 1 seed, kept for the record), "
+        "synthetic[:CHOICES:N:SEED], or a table JSON path (default af6q)",
     )
     p.add_argument(
         "--seeds", type=int, default=100, help="replays (seeds) per sampler (default 100)"
