@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -265,3 +266,17 @@ def test_bench_search_defaults_to_a_seeded_table():
     bench_search_cmd.add_arguments(p)
     default = p.parse_args([]).table
     assert len(load_table(default).meta.get("seeds", [])) >= 2
+
+
+def test_random_expected_evals_matches_enumeration():
+    """(n + 1) / (k + 1), against every order of a small space, and random's replays."""
+    from hcomposer.experiments.tabular import random_expected_evals
+
+    for n, k in [(5, 1), (5, 2), (6, 3), (4, 4)]:
+        firsts = [
+            min(i for i, item in enumerate(order, 1) if item < k)
+            for order in itertools.permutations(range(n))
+        ]
+        assert random_expected_evals(n, k) == pytest.approx(statistics.fmean(firsts))
+    with pytest.raises(ValueError):
+        random_expected_evals(3, 0)

@@ -62,6 +62,7 @@ __all__ = [
     "summarise",
     "markdown_report",
     "plot_regret",
+    "random_expected_evals",
 ]
 
 FORMAT = "hcomposer.tabular/1"
@@ -514,6 +515,17 @@ def _fmt_hit(v: float, budget: int) -> str:
     return f">{budget}" if v > budget else f"{v:g}"
 
 
+def random_expected_evals(n: int, k: int) -> float:
+    """Mean evaluations random sampling without repeats needs to meet one of ``k`` in ``n``.
+
+    The first of ``k`` marked items in a random order of ``n`` sits at position
+    ``(n + 1) / (k + 1)`` on average (the ``k`` items cut the order into ``k + 1`` gaps of
+    equal mean length)."""
+    if not 1 <= k <= n:
+        raise ValueError("need 1 <= k <= n")
+    return (n + 1) / (k + 1)
+
+
 def markdown_report(
     table: Table, summary: dict[str, dict[str, Any]], budget: int, command: str
 ) -> str:
@@ -573,10 +585,30 @@ def markdown_report(
             else "One seed per pattern: no noise model, and the tied set is the top-1."
         ),
     ]
+    expected = random_expected_evals(len(ranked), len(tied))
+    lines.append(
+        f"- Random sampling without repeats needs {expected:.1f} "
+        f"evaluations on average to meet one of the {len(tied)} tied patterns among "
+        f"{len(ranked)} ((N + 1) / (k + 1)); with a large tied set that is little, and the "
+        "model-based samplers spend their first trials on random start-up."
+    )
     if "random" in summary:
         base = summary["random"]
+        last = checkpoints[-1] if checkpoints else None
         for name in [n for n in summary if n != "random"]:
             s = summary[name]
+            if last is not None and base["mean_regret"][last] > 0:
+                lo, hi = s["regret_ci"][last]
+                blo, bhi = base["regret_ci"][last]
+                lines.append(
+                    f"- {name}: regret after {last} evaluations "
+                    f"{s['mean_regret'][last] / base['mean_regret'][last]:.2f}x random's; "
+                    + (
+                        "the intervals overlap, so the difference is inside the noise."
+                        if not (hi < blo or lo > bhi)
+                        else "the intervals do not overlap."
+                    )
+                )
             ratio = s["median_evals_to_tied"] / base["median_evals_to_tied"]
             overlap = not (
                 s["evals_to_tied_ci"][1] < base["evals_to_tied_ci"][0]
