@@ -105,3 +105,19 @@ def test_pair_agreement_known_answer():
     # Without a pattern trained on two seeds the scale side has no noise estimate.
     out = pair_agreement(proxy, {k: v[:1] for k, v in scale.items()})
     assert out["both_separated"] == 0 and math.isnan(out["scale_std"])
+
+
+def test_bootstrap_diff_ci_known_answers():
+    from hcomposer.stats import bootstrap_diff_ci
+
+    # No spread: the difference is exact and so is its interval.
+    assert bootstrap_diff_ci([1.0, 1.0, 1.0], [0.25, 0.25]) == (0.75, 0.75, 0.75)
+    # Half ones against zeros, 100 each: 0.5 with standard error sqrt(0.25 / 100) = 0.05,
+    # so the 95% interval is about 0.5 +- 1.96 * 0.05.
+    diff, lo, hi = bootstrap_diff_ci([0.0, 1.0] * 50, [0.0] * 100)
+    assert diff == 0.5
+    assert lo == pytest.approx(0.5 - 1.96 * 0.05, abs=0.02)
+    assert hi == pytest.approx(0.5 + 1.96 * 0.05, abs=0.02)
+    # Swapping the samples mirrors the interval.
+    d2, lo2, hi2 = bootstrap_diff_ci([0.0] * 100, [0.0, 1.0] * 50)
+    assert d2 == -0.5 and lo2 <= -0.5 <= hi2 and lo2 < -0.35 and hi2 > -0.65

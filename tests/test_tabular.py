@@ -240,6 +240,13 @@ def test_tied_set_and_summary_intervals():
     mean4 = statistics.fmean(r.regret[3] for r in reps["random"])
     assert s["mean_regret"]["4"] == pytest.approx(mean4)
     assert s["regret_ci"]["4"][0] <= mean4 <= s["regret_ci"]["4"][1]
+    # A second sampler: its regret minus random's, per checkpoint, with an interval.
+    reps["tpe"] = [replay(table, "tpe", s, 4) for s in range(12)]
+    both = summarise(reps, budget=4)
+    assert "regret_minus_random" not in both["random"]
+    diff, lo, hi = both["tpe"]["regret_minus_random"]["4"]
+    want = both["tpe"]["mean_regret"]["4"] - both["random"]["mean_regret"]["4"]
+    assert diff == pytest.approx(want) and lo <= diff <= hi
 
 
 @pytest.mark.parametrize("name", ["af6", "af6q", "afs4q"])

@@ -48,7 +48,14 @@ from hcomposer.pattern import format_pattern, parse_pattern
 from hcomposer.reporting.plots import pyplot, save_png
 from hcomposer.reporting.report import markdown_table
 from hcomposer.search.samplers import make_sampler
-from hcomposer.stats import bootstrap_ci, bootstrap_mean_band, noise_floor, spearman, tied_with_best
+from hcomposer.stats import (
+    bootstrap_ci,
+    bootstrap_diff_ci,
+    bootstrap_mean_band,
+    noise_floor,
+    spearman,
+    tied_with_best,
+)
 
 __all__ = [
     "FORMAT",
@@ -508,6 +515,19 @@ def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[s
             "mean_regret": {str(t): float(mean[t - 1]) for t in checkpoints},
             "regret_ci": {str(t): [float(lo[t - 1]), float(hi[t - 1])] for t in checkpoints},
         }
+    if "random" in results:
+        # Mean regret minus random's, with a bootstrap interval of the difference (replays
+        # of two samplers are independent): the test the overlap of two intervals is not.
+        base = results["random"]
+        for name, reps in results.items():
+            if name != "random":
+                out[name]["regret_minus_random"] = {
+                    str(t): list(
+                        bootstrap_diff_ci([r.regret[t - 1] for r in reps],
+                                          [r.regret[t - 1] for r in base])
+                    )
+                    for t in checkpoints
+                }  # fmt: skip
     return out
 
 
@@ -594,19 +614,18 @@ def markdown_report(
     )
     if "random" in summary:
         base = summary["random"]
-        last = checkpoints[-1] if checkpoints else None
         for name in [n for n in summary if n != "random"]:
             s = summary[name]
-            if last is not None and base["mean_regret"][last] > 0:
-                lo, hi = s["regret_ci"][last]
-                blo, bhi = base["regret_ci"][last]
+            for t, (diff, lo, hi) in s.get("regret_minus_random", {}).items():
+                if int(t) < 16 and int(t) != budget:
+                    continue
                 lines.append(
-                    f"- {name}: regret after {last} evaluations "
-                    f"{s['mean_regret'][last] / base['mean_regret'][last]:.2f}x random's; "
+                    f"- {name}: regret after {t} evaluations minus random's: {diff:+.3g} "
+                    f"[{lo:+.3g}, {hi:+.3g}]; "
                     + (
-                        "the intervals overlap, so the difference is inside the noise."
-                        if not (hi < blo or lo > bhi)
-                        else "the intervals do not overlap."
+                        "the interval holds zero, so the difference is inside the noise."
+                        if lo <= 0 <= hi
+                        else ("lower than random's." if hi < 0 else "higher than random's.")
                     )
                 )
             ratio = s["median_evals_to_tied"] / base["median_evals_to_tied"]
