@@ -51,14 +51,20 @@ def bootstrap_ci(
     if x.size < 2:
         v = float(stat(x)) if x.size else math.nan
         return v, v
+    return _percentile_bootstrap((x,), stat, n_boot, level, seed)
+
+
+def _percentile_bootstrap(samples, stat, n_boot, level, seed, **options) -> tuple[float, float]:
+    """scipy's percentile bootstrap interval of ``stat`` over ``samples``."""
     res = scipy.stats.bootstrap(
-        (x,),
+        samples,
         stat,
         n_resamples=n_boot,
         confidence_level=level,
         method="percentile",
         vectorized=False,
         rng=np.random.default_rng(seed),
+        **options,
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -76,17 +82,10 @@ def bootstrap_diff_ci(
     diff = float(x.mean() - y.mean())
     if x.size < 2 or y.size < 2:
         return diff, diff, diff
-    res = scipy.stats.bootstrap(
-        (x, y),
-        lambda u, v: np.mean(u) - np.mean(v),
-        n_resamples=n_boot,
-        confidence_level=level,
-        method="percentile",
-        paired=False,
-        vectorized=False,
-        rng=np.random.default_rng(seed),
+    lo, hi = _percentile_bootstrap(
+        (x, y), lambda u, v: np.mean(u) - np.mean(v), n_boot, level, seed, paired=False
     )
-    return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return diff, lo, hi
 
 
 def bootstrap_mean_band(
