@@ -13,7 +13,7 @@ import torch
 import hcomposer.training.checkpoint as checkpoint_module
 from hcomposer.architecture import Architecture
 from hcomposer.data import embedded_corpus_text
-from hcomposer.io import current_umask, read_jsonl
+from hcomposer.io import append_jsonl, current_umask, read_jsonl
 from hcomposer.model import build_model
 from hcomposer.search import SearchConfig, load_trials, run_search
 from hcomposer.search.objectives import synthetic_score
@@ -128,3 +128,19 @@ def test_eight_workers_on_one_sqlite_study(tmp_path):
     assert len({t["pattern"] for t in done}) == 24  # none trained twice
     assert len({t["number"] for t in trials}) == len(trials)
     assert not [t for t in trials if t["state"] in ("RUNNING", "WAITING")]
+
+
+def test_an_append_after_a_torn_line_is_not_lost(tmp_path):
+    """A kill mid-write leaves a fragment with no newline; the next record must start its own
+    line (glued to the fragment, it would be skipped as damaged with it)."""
+    log = tmp_path / "log.jsonl"
+    append_jsonl(log, {"n": 1})
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"n": 2, "tor')
+    append_jsonl(log, {"n": 3})
+    append_jsonl(log, {"n": 4})
+    assert [r["n"] for r in read_jsonl(log)] == [1, 3, 4]
+    assert log.read_text().count("\n") == 4
+    empty = tmp_path / "new.jsonl"
+    append_jsonl(empty, {"n": 0})
+    assert empty.read_text() == '{"n": 0}\n'

@@ -144,6 +144,50 @@ def test_command_writes_report_and_plot(tmp_path, capsys):
     assert "| random |" in report and "bench-search" in report
 
 
+def test_command_resumes_from_its_replay_log(tmp_path, capsys):
+    """A killed bench-search keeps its finished replays: a rerun reads them back (not run
+    again), runs the rest, and gives what one uninterrupted run gives."""
+    base = ["bench-search", "--table", "synthetic:AF:4:1", "--samplers", "random,tpe"]
+    base += ["--budget", "8", "--json"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main([*base, "--seeds", "4", "--out", str(whole)]) == 0
+    assert main([*base, "--seeds", "2", "--out", str(part)]) == 0
+    capsys.readouterr()
+    log = part / "replays.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4
+    # Mark one logged replay: if the rerun ran it again, the mark would be gone.
+    first = json.loads(lines[0])
+    marked = (first["replay"]["sampler"], first["replay"]["seed"])
+    first["replay"]["regret"] = [0.125] * 8
+    log.write_text("\n".join([json.dumps(first), *lines[1:]]) + '\n{"torn": ')
+    assert main([*base, "--seeds", "4", "--out", str(part)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["resumed_replays"] == 4
+    got = json.loads((part / "results.json").read_text())["replays"]
+    want = json.loads((whole / "results.json").read_text())["replays"]
+    for name in want:
+        for g, w in zip(got[name], want[name], strict=True):
+            if (g["sampler"], g["seed"]) == marked:
+                assert g["regret"] == [0.125] * 8
+                g["regret"] = w["regret"]
+            assert g == w
+    # 4 first replays + the torn line + 4 new ones: nothing ran twice.
+    assert len(log.read_text().splitlines()) == 9
+
+
+def test_command_refuses_a_log_of_other_settings(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench-search", "--table", "synthetic:AF:3:0", "--seeds", "2", "--out", str(out)]
+    assert main([*argv, "--budget", "4"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*argv, "--budget", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget" in err[0] and "--out" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 @pytest.mark.parametrize(
     "extra",
     [

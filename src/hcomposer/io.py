@@ -89,9 +89,18 @@ def read_json(path: str | Path) -> Any:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk (a killed run keeps every whole line)."""
-    line = json.dumps(record, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    """Append one JSON line and flush it to disk (a killed run keeps every whole line).
+
+    A line torn by a kill (no newline at the end of the file) is closed first, so the new
+    record starts a line of its own instead of being glued to the fragment and lost with it.
+    """
+    line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

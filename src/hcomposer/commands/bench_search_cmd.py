@@ -10,7 +10,13 @@ from pathlib import Path
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
-from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
+from hcomposer.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    run_metadata,
+)
 
 HELP = "Compare search samplers on a precomputed table of scores (no training)."
 
@@ -43,9 +49,45 @@ def add_arguments(p) -> None:
         "--workers", type=int, default=1, help="replay in N processes (same results; default 1)"
     )
     p.add_argument(
-        "--out", default=None, help="folder for results.json, report.md, regret.png (default: none)"
+        "--out",
+        default=None,
+        help="folder for results.json, report.md, regret.png and replays.jsonl, the log a "
+        "killed run resumes from (default: none)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+REPLAY_LOG = "replays.jsonl"
+
+
+def _finished_replays(log: Path, settings: dict, names: list[str], seeds: list[int]) -> list:
+    """Replays a killed run with the same settings already logged (those asked for again).
+
+    A log made with another table, budget or start-up count is refused: its replays are not
+    comparable, and appending to it would mix two benchmarks in one file.
+    """
+    from hcomposer.experiments.tabular import Replay
+
+    want = {(n, s) for n in names for s in seeds}
+    finished = {}
+    for rec in read_jsonl(log):
+        have = rec.get("settings")
+        if have != settings:
+            diff = sorted(
+                k for k in settings if not isinstance(have, dict) or have.get(k) != settings[k]
+            )
+            raise UserError(
+                f"--out {log.parent} holds replays made with other settings "
+                f"({', '.join(diff) or 'unreadable'}); give a new --out, or the same --table, "
+                "--budget and --n-startup to resume it"
+            )
+        try:
+            r = Replay.from_dict(rec["replay"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{log}: a line is not a replay ({e}); move the file away") from None
+        if (r.sampler, r.seed) in want:
+            finished[(r.sampler, r.seed)] = r
+    return list(finished.values())
 
 
 def _check(args) -> list[str]:
@@ -82,6 +124,7 @@ def run(args) -> int:
         markdown_report,
         plot_regret,
         summarise,
+        table_digest,
     )
     from hcomposer.search.samplers import default_n_startup
 
@@ -90,15 +133,33 @@ def run(args) -> int:
     n_startup = args.n_startup if args.n_startup is not None else default_n_startup(args.budget)
     command = shlex.join(args.argv) if getattr(args, "argv", None) else "hcomposer bench-search"
     seeds = list(range(args.seeds))
+    settings = {
+        "table": table.name,
+        "table_digest": table_digest(table),
+        "budget": args.budget,
+        "n_startup": n_startup,
+    }
+    log = Path(args.out) / REPLAY_LOG if args.out is not None else None
+    finished = _finished_replays(log, settings, names, seeds) if log is not None else []
     start = time.perf_counter()
     with Progress(console=console(), transient=True) as bar:
-        task = bar.add_task("replaying", total=len(names) * len(seeds))
+        task = bar.add_task("replaying", total=len(names) * len(seeds), completed=len(finished))
 
         def tick(r) -> None:
+            if log is not None:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                append_jsonl(log, {"settings": settings, "replay": r.to_dict()})
             bar.update(task, advance=1, description=f"{r.sampler} seed {r.seed}")
 
         results = bench(
-            table, names, seeds, args.budget, n_startup, on_replay=tick, workers=args.workers
+            table,
+            names,
+            seeds,
+            args.budget,
+            n_startup,
+            on_replay=tick,
+            workers=args.workers,
+            finished=finished,
         )
     wall = time.perf_counter() - start
     summary = summarise(results, args.budget)
@@ -114,6 +175,7 @@ def run(args) -> int:
         "seeds": seeds,
         "n_startup": n_startup,
         "workers": args.workers,
+        "resumed_replays": len(finished),
         "samplers": summary,
         "wall_seconds": wall,
         "command": command,
@@ -129,7 +191,9 @@ def run(args) -> int:
         atomic_write_json(out / "results.json", full)
         atomic_write_text(out / "report.md", report)
         plot_regret(results, table, args.budget, out / "regret.png")
-        doc["files"] = [str(out / n) for n in ("results.json", "report.md", "regret.png")]
+        doc["files"] = [
+            str(out / n) for n in ("results.json", "report.md", "regret.png", REPLAY_LOG)
+        ]
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -28,6 +28,7 @@ hit times are known, so the curve is completed with zeros.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -35,7 +36,7 @@ import random
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,17 @@ class Replay:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Replay:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def table_digest(table: Table) -> str:
+    """A short hash of everything a replay reads from ``table`` (scores, seeds, space)."""
+    text = json.dumps(table.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 def _quiet_optuna() -> None:
     import optuna
@@ -454,14 +466,17 @@ def bench(
     n_startup: int | None = None,
     on_replay: Callable[[Replay], None] | None = None,
     workers: int = 1,
+    finished: Sequence[Replay] = (),
 ) -> dict[str, list[Replay]]:
     """Every sampler over every seed: sampler name -> replays (in seed order).
 
     ``workers > 1`` runs the replays in that many processes; each replay depends only on
-    its sampler and seed, so the results are the same as with one.
+    its sampler and seed, so the results are the same as with one. ``finished`` replays
+    (read back from a killed run's log) are kept and not run again; ``on_replay`` is called
+    only for the new ones.
     """
-    jobs = [(name, seed) for name in samplers for seed in seeds]
-    done: dict[tuple[str, int], Replay] = {}
+    done: dict[tuple[str, int], Replay] = {(r.sampler, r.seed): r for r in finished}
+    jobs = [(name, seed) for name in samplers for seed in seeds if (name, seed) not in done]
     if workers <= 1:
         for name, seed in jobs:
             done[(name, seed)] = r = replay(table, name, seed, budget, n_startup)
