@@ -121,3 +121,10 @@ def test_bootstrap_diff_ci_known_answers():
     # Swapping the samples mirrors the interval.
     d2, lo2, hi2 = bootstrap_diff_ci([0.0] * 100, [0.0, 1.0] * 50)
     assert d2 == -0.5 and lo2 <= -0.5 <= hi2 and lo2 < -0.35 and hi2 > -0.65
+    # The median instead of the mean: one outlier moves the mean by 45/11, not the median.
+    # (A resample's median is 50 only if 6 of its 11 draws hit the 1-in-11 outlier: p ~ 1e-4.)
+    import numpy as np
+
+    a, b = [5.0] * 10 + [50.0], [2.0] * 11
+    assert bootstrap_diff_ci(a, b, stat=np.median) == (3.0, 3.0, 3.0)
+    assert bootstrap_diff_ci(a, b)[0] == pytest.approx(3.0 + 45.0 / 11)

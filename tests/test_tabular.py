@@ -291,6 +291,10 @@ def test_tied_set_and_summary_intervals():
     diff, lo, hi = both["tpe"]["regret_minus_random"]["4"]
     want = both["tpe"]["mean_regret"]["4"] - both["random"]["mean_regret"]["4"]
     assert diff == pytest.approx(want) and lo <= diff <= hi
+    # And the median evaluations to the tied set minus random's (a miss counts budget + 1).
+    diff, lo, hi = both["tpe"]["evals_to_tied_minus_random"]
+    want = both["tpe"]["median_evals_to_tied"] - both["random"]["median_evals_to_tied"]
+    assert diff == want and lo <= diff <= hi
 
 
 @pytest.mark.parametrize("name", ["af6", "af6q", "afs4q"])

@@ -75,15 +75,16 @@ def bootstrap_diff_ci(
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    stat: Callable[[np.ndarray], float] = np.mean,
 ) -> tuple[float, float, float]:
-    """``mean(a) - mean(b)`` of two independent samples with its percentile bootstrap interval
-    (each sample resampled on its own; scipy's ``bootstrap``, unpaired)."""
+    """``stat(a) - stat(b)`` (default the mean) of two independent samples with its percentile
+    bootstrap interval (each sample resampled on its own; scipy's ``bootstrap``, unpaired)."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diff = float(x.mean() - y.mean())
+    diff = float(stat(x) - stat(y))
     if x.size < 2 or y.size < 2:
         return diff, diff, diff
     lo, hi = _percentile_bootstrap(
-        (x, y), lambda u, v: np.mean(u) - np.mean(v), n_boot, level, seed, paired=False
+        (x, y), lambda u, v: stat(u) - stat(v), n_boot, level, seed, paired=False
     )
     return diff, lo, hi
 

@@ -533,9 +533,17 @@ def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[s
     if "random" in results:
         # Mean regret minus random's, with a bootstrap interval of the difference (replays
         # of two samplers are independent): the test the overlap of two intervals is not.
+        # The same for the median evaluations to the tied set (a miss counts budget + 1).
         base = results["random"]
+
+        def tied_hits(reps):
+            return [budget + 1 if r.evals_to_tied is None else r.evals_to_tied for r in reps]
+
         for name, reps in results.items():
             if name != "random":
+                out[name]["evals_to_tied_minus_random"] = list(
+                    bootstrap_diff_ci(tied_hits(reps), tied_hits(base), stat=np.median)
+                )
                 out[name]["regret_minus_random"] = {
                     str(t): list(
                         bootstrap_diff_ci([r.regret[t - 1] for r in reps],
@@ -644,17 +652,14 @@ def markdown_report(
                     )
                 )
             ratio = s["median_evals_to_tied"] / base["median_evals_to_tied"]
-            overlap = not (
-                s["evals_to_tied_ci"][1] < base["evals_to_tied_ci"][0]
-                or s["evals_to_tied_ci"][0] > base["evals_to_tied_ci"][1]
-            )
+            diff, lo, hi = s["evals_to_tied_minus_random"]
             lines.append(
                 f"- {name}: {ratio:.2f}x the evaluations of random to reach the tied-with-best "
-                "set; "
+                f"set; median minus random's {diff:+g} [{lo:+g}, {hi:+g}]: "
                 + (
-                    "the intervals overlap, so the difference is inside the noise."
-                    if overlap
-                    else "the intervals do not overlap."
+                    "the interval holds zero, so the difference is inside the noise."
+                    if lo <= 0 <= hi
+                    else ("fewer than random." if hi < 0 else "more than random.")
                 )
             )
     lines += ["", *_structure_lines(table)]
