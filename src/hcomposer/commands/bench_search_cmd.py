@@ -141,13 +141,14 @@ def run(args) -> int:
     }
     log = Path(args.out) / REPLAY_LOG if args.out is not None else None
     finished = _finished_replays(log, settings, names, seeds) if log is not None else []
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with Progress(console=console(), transient=True) as bar:
         task = bar.add_task("replaying", total=len(names) * len(seeds), completed=len(finished))
 
         def tick(r) -> None:
             if log is not None:
-                log.parent.mkdir(parents=True, exist_ok=True)
                 append_jsonl(log, {"settings": settings, "replay": r.to_dict()})
             bar.update(task, advance=1, description=f"{r.sampler} seed {r.seed}")
 

@@ -364,7 +364,8 @@ class Replay:
 
 
 def table_digest(table: Table) -> str:
-    """A short hash of everything a replay reads from ``table`` (scores, seeds, space)."""
+    """A short hash of the whole table (space, scores, per-seed scores and its metadata): a
+    replay log is reused only against the very table it was made with."""
     text = json.dumps(table.to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -499,6 +500,11 @@ def _median_hit(values: list[int | None], budget: int) -> float:
     return statistics.median(budget + 1 if v is None else v for v in values)
 
 
+def _tied_hits(reps: list[Replay], budget: int) -> list[int]:
+    """Evaluations to the tied set per replay, a miss counted as ``budget + 1``."""
+    return [budget + 1 if r.evals_to_tied is None else r.evals_to_tied for r in reps]
+
+
 def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[str, Any]]:
     """Per sampler: evaluations to the top-1/top-3/tied-with-best set, misses, regret.
 
@@ -511,7 +517,7 @@ def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[s
     for name, reps in results.items():
         curves = [r.regret for r in reps]
         mean, lo, hi = bootstrap_mean_band(curves)
-        tied = [budget + 1 if r.evals_to_tied is None else r.evals_to_tied for r in reps]
+        tied = _tied_hits(reps, budget)
         out[name] = {
             "seeds": len(reps),
             "median_evals_to_top3": _median_hit([r.evals_to_top3 for r in reps], budget),
@@ -535,14 +541,12 @@ def summarise(results: dict[str, list[Replay]], budget: int) -> dict[str, dict[s
         # of two samplers are independent): the test the overlap of two intervals is not.
         # The same for the median evaluations to the tied set (a miss counts budget + 1).
         base = results["random"]
-
-        def tied_hits(reps):
-            return [budget + 1 if r.evals_to_tied is None else r.evals_to_tied for r in reps]
-
         for name, reps in results.items():
             if name != "random":
                 out[name]["evals_to_tied_minus_random"] = list(
-                    bootstrap_diff_ci(tied_hits(reps), tied_hits(base), stat=np.median)
+                    bootstrap_diff_ci(
+                        _tied_hits(reps, budget), _tied_hits(base, budget), stat=np.median
+                    )
                 )
                 out[name]["regret_minus_random"] = {
                     str(t): list(
