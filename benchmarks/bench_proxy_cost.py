@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patterns", default="AFAFAF")
     p.add_argument("--seeds", default="0")
     p.add_argument("--configs", default="previous,default")
-    p.add_argument("--proxies", default=f"mad,{QUICKSTART_PROXY}")
+    # Proxies are separated by ";": a proxy such as the quickstart's has commas in it.
+    p.add_argument("--proxies", default=f"mad;{QUICKSTART_PROXY}")
     p.add_argument("--shape", default="proxy")
     p.add_argument("--out", type=Path, default=Path("proxy_cost.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     state = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
-    for proxy in args.proxies.split(","):
+    for proxy in args.proxies.split(";"):
         for name in args.configs.split(","):
             for pattern in args.patterns.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):

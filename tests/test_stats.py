@@ -15,6 +15,7 @@ from hcomposer.stats import (
     seed_std,
     spearman,
     spearman_ci,
+    spearman_diff_ci,
     tied_with_best,
 )
 
@@ -55,6 +56,25 @@ def test_spearman_ci_covers_rho():
     assert lo <= rho <= hi and 0.6 < rho < 1.0 and hi - lo < 0.4
     rho, lo, hi = spearman_ci([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])
     assert rho == pytest.approx(1.0) and lo == pytest.approx(1.0)
+
+
+def test_spearman_diff_ci_known_answers():
+    y = [1, 2, 3, 4, 5, 6]
+    # The same score twice: every resample's difference is exactly 0.
+    assert spearman_diff_ci(y, y, y) == (0.0, 0.0, 0.0)
+    # A perfect score against a reversed one: rho 1 - (-1) = 2 in every resample.
+    d, lo, hi = spearman_diff_ci(y, y[::-1], y)
+    assert (d, lo, hi) == pytest.approx((2.0, 2.0, 2.0))
+    # Swapping the two scores mirrors the difference and its interval.
+    rng = np.random.default_rng(1)
+    a, b, out = rng.normal(size=(3, 30))
+    d1, lo1, hi1 = spearman_diff_ci(a, b, out)
+    d2, lo2, hi2 = spearman_diff_ci(b, a, out)
+    assert d1 == pytest.approx(spearman(a, out) - spearman(b, out))
+    assert (d2, lo2, hi2) == pytest.approx((-d1, -hi1, -lo1))
+    assert lo1 <= d1 <= hi1
+    with pytest.raises(ValueError):
+        spearman_diff_ci([1, 2, 3], [1, 2], [1, 2, 3])
 
 
 def test_seed_noise_known_answers():

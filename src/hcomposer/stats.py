@@ -137,18 +137,46 @@ def spearman_ci(
     """
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     rho = spearman(a, b)
+    lo, hi = _resampled_interval(a.size, lambda i: spearman(a[i], b[i]), n_boot, level, seed)
+    return rho, lo, hi
+
+
+def spearman_diff_ci(
+    x1: Sequence[float],
+    x2: Sequence[float],
+    y: Sequence[float],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``rho(x1, y) - rho(x2, y)``: two scores of the same items against one outcome, with a
+    paired percentile bootstrap interval (the items are resampled together for both)."""
+    a1, a2, b = (np.asarray(v, dtype=float) for v in (x1, x2, y))
+    if not a1.size == a2.size == b.size:
+        raise ValueError("spearman_diff_ci needs three sequences of the same length")
+    diff = spearman(a1, b) - spearman(a2, b)
+    lo, hi = _resampled_interval(
+        b.size, lambda i: spearman(a1[i], b[i]) - spearman(a2[i], b[i]), n_boot, level, seed
+    )
+    return diff, lo, hi
+
+
+def _resampled_interval(
+    n: int, stat: Callable[[np.ndarray], float], n_boot: int, level: float, seed: int
+) -> tuple[float, float]:
+    """Percentile interval of ``stat(indices)`` over ``n_boot`` resamples of ``range(n)``
+    with replacement; resamples where ``stat`` is NaN (a constant side) are dropped."""
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
-        i = rng.integers(0, a.size, size=a.size)
-        r = spearman(a[i], b[i])
+        r = stat(rng.integers(0, n, size=n))
         if not math.isnan(r):
             boots.append(r)
     if not boots:
-        return rho, math.nan, math.nan
+        return math.nan, math.nan
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
-    return rho, float(lo), float(hi)
+    return float(lo), float(hi)
 
 
 def seed_std(values: Sequence[float]) -> float:
