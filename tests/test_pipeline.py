@@ -244,7 +244,36 @@ def test_run_cli_bad_input_writes_nothing(tmp_path: Path):
     out = tmp_path / "x"
     assert main(["run", "--recipe", "nope", "--out", str(out)]) == 2
     assert main(["run", "--trials", "0", "--out", str(out)]) == 2
+    assert main(["run", "--proxy", "mad:nope", "--out", str(out)]) == 2
+    assert main(["run", "--proxy", "bogus", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_run_proxy_override_reaches_the_search_and_is_recorded(tmp_path: Path):
+    """`hcomposer run --proxy` changes the search's proxy, nothing else, and the resolved
+    recipe says so: a run folder made with one proxy refuses to resume with another."""
+    import argparse
+
+    from hcomposer.commands.run_cmd import _recipe
+    from hcomposer.recipes import get_recipe
+
+    def args(**kw):
+        base = dict(recipe="quickstart", trials=None, tokens=None, seed=None, proxy=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    plain = _recipe(args())
+    assert plain == get_recipe("quickstart")
+    fuzzy = _recipe(args(proxy="mad:fuzzy"))
+    assert fuzzy.search.proxy == "mad:fuzzy"
+    assert fuzzy.replace(search=fuzzy.search.replace(proxy=plain.search.proxy)) == plain
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"recipe": plain.to_dict(), "stages": {}}))
+    from hcomposer.experiments.pipeline import _State
+
+    assert _State(out, plain, None).data["recipe"]["search"]["proxy"] == plain.search.proxy
+    with pytest.raises(UserError, match="another configuration"):
+        _State(out, fuzzy, None)
 
 
 def test_compare_cli(tmp_path: Path, capsys):

@@ -21,6 +21,13 @@ def add_arguments(p) -> None:
     p.add_argument("--trials", type=int, default=None, help="override the search's trial count")
     p.add_argument("--tokens", type=int, default=None, help="override the training token budget")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument(
+        "--proxy",
+        default=None,
+        help="override the search's proxy (mad, mad:TASK[,TASK], mqar, text); the quickstart "
+        "searches on mad:recall,copy,memorize (docs/proxies.md says which tasks rank as "
+        "scale does)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
 
@@ -40,6 +47,11 @@ def _recipe(args):
         if args.tokens < 1:
             raise UserError(f"--tokens must be at least 1, got {args.tokens}")
         train["tokens"] = args.tokens
+    if args.proxy is not None:
+        from hcomposer.proxies.proxy import parse_proxy
+
+        parse_proxy(args.proxy)  # an unknown proxy or task: exit 2, one line
+        search["proxy"] = args.proxy
     if args.seed is not None:
         search["seed"] = args.seed
         changes["seed"] = args.seed
