@@ -120,6 +120,8 @@ def test_pipeline_resumes_after_kill_and_reports(tmp_path: Path):
     report = (out / "report.md").read_text()
     scale = state["stages"]["scale"]
     assert scale["composite"] in report and scale["baseline"] in report
+    # The report names what the search ranked on.
+    assert "Proxy `synthetic` at shape `tiny`, random sampler, 4 positions of A/F/S." in report
     # Efficiency of both models timed together: paired ratios with their spread.
     assert "Efficiency, paired" in report and "decode@64" in report
     paired = json.loads((out / "compare/compare.json").read_text())["efficiency_interleaved"]

@@ -247,6 +247,11 @@ def _stage_report(state: _State, recipe: Recipe) -> dict:
         "",
         "## Search",
         "",
+        f"Proxy `{recipe.search.proxy}` at shape "
+        f"`{getattr(recipe.search.shape, 'name', recipe.search.shape)}`, "
+        f"{recipe.search.sampler} sampler, {recipe.search.layers} positions of "
+        f"{'/'.join(recipe.search.primitives)}.",
+        "",
         f"![trials]({folder.plot('trials').name})",
         "",
         markdown_table(["trial", "pattern", "score"], top),
