@@ -169,6 +169,12 @@ def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
 
     out = tmp_path / "rank"
     argv = ["proxy-rank", "--recipe", "smoke", "--out", str(out), "--json"]
+    # A worker's share first (fewer than 3 patterns): logs only, no report.
+    assert main(["proxy-rank", "--recipe", "smoke", "--out", str(out), "--patterns", "AFAF"]) == 0
+    assert "a worker's share" in capsys.readouterr().err
+    assert not (out / "result.md").exists()
+    share = (out / "scale_losses.jsonl").read_text().splitlines()
+    assert len(share) == 2 and len((out / "proxy_scores.jsonl").read_text().splitlines()) == 2
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
     corr = doc["correlation"]
@@ -194,7 +200,7 @@ def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
     assert by_task["spearman"] == pytest.approx(corr["spearman"])
     assert by_task["accuracy"]["AFAF"] == pytest.approx(points["AFAF"]["proxy_score"])
     lines = (out / "scale_losses.jsonl").read_text().splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 4 and lines[:2] == share  # the share's runs were kept, not repeated
     # Rerun: nothing is trained or scored again.
     assert main(argv) == 0
     capsys.readouterr()
@@ -207,7 +213,7 @@ def test_proxy_rank_study_resumes_and_reports_intervals(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--recipe", "nope"], ["--seeds", "a"], ["--patterns", "AF,FF"], ["--patterns", "AX,FF,AA"]],
+    [["--recipe", "nope"], ["--seeds", "a"], ["--patterns", "AF,,FF"], ["--patterns", "AX,FF,AA"]],
 )
 def test_proxy_rank_bad_input(extra, tmp_path, capsys):
     from hcomposer.cli import main

@@ -128,8 +128,8 @@ def run(args) -> int:
         raise UserError(f"--recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")
     r = RECIPES[args.recipe]
     patterns = tuple(p.strip() for p in args.patterns.split(",")) if args.patterns else r.patterns
-    if len(patterns) < 3 or any(not p for p in patterns):
-        raise UserError("--patterns: give at least 3 non-empty patterns (comma-separated)")
+    if not patterns or any(not p for p in patterns):
+        raise UserError("--patterns: give non-empty patterns, comma-separated")
     for p in patterns:
         Architecture.parse(p, r.proxy_shape)  # a bad pattern is refused before anything runs
     proxy_seeds = _seeds(args.seeds, "--seeds", r.proxy_seeds)
@@ -163,6 +163,16 @@ def run(args) -> int:
     )  # fmt: skip
     if args.json:
         print(json.dumps(res, indent=2))
+    elif len(patterns) < 3:
+        # A worker's share of a study (two workers on one folder): its logs are the result,
+        # and the study's report is left as it was.
+        con.print(
+            f"{len(patterns)} pattern(s): a worker's share of the study, logged in {out}. "
+            "A call with 3 or more patterns computes the correlation.",
+            markup=False,
+            highlight=False,
+        )
+        return 0
     else:
         print((out / "result.md").read_text() if (out / "result.md").exists() else res)
-    return 0 if res.get("correlation") is not None else 1
+    return 0 if res.get("correlation") is not None or len(patterns) < 3 else 1
