@@ -138,8 +138,9 @@ def measure(pattern: str, *, batch: int, steps: int, k: int) -> dict:
     )
     row["stacked_speedup"] = k * eager / row["stacked"]
     row["bf16_speedup"] = eager / row["bf16"]
-    # Time per sequence at 8 against 3 x batch sequences: near 1 means the step is
-    # dominated by per-op overhead, near 24 / (3 batch / 8) means compute-bound.
+    # The share of a batch-8 step that is fixed overhead, taking the batch-(3 x batch) step's
+    # time per sequence as pure compute: 0 when compute-bound, at most 1 - 8 / (3 x batch)
+    # when the step costs the same whatever the batch.
     row["overhead_share_b8"] = 1 - (row[f"eager_b{3 * batch}"] / (3 * batch) * 8) / row["eager_b8"]
     return row
 

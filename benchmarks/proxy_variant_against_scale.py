@@ -12,6 +12,11 @@ paired bootstrap interval of the difference (patterns resampled together).
     python benchmarks/proxy_variant_against_scale.py --study ... --proxy mad:fuzzy \
         --config cand.json --seeds 0 --out cand.jsonl --report cand.json   # no training
 
+The study's values and the candidate's share the data of each seed but not the initial
+weights: a task's weights are seeded by its place in the evaluation (fuzzy recall is second
+of six in the study, first in ``mad:fuzzy``). To separate the config change from that, score
+the default config the same way (no ``--config``) as a control.
+
 Each evaluation is appended to ``--out`` as it finishes (with the config's digest); a rerun
 skips what is there, so a killed run resumes and shards may share the file. The study's
 value for a task and seed is that task's accuracy in the study's six-task evaluation (for
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = list(names) or None  # None: the whole of MAD, compared on the score
         seeds = [int(s) for s in args.seeds.split(",")]
         i, n = (int(x) for x in args.shard.split("/"))
+        if not 0 <= i < n:
+            raise UserError(f"--shard {args.shard}: give I/N with 0 <= I < N")
     except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -127,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     have = [
         q
         for q in pats
-        if all((q, s) in done for s in seeds) and all(s in study.get(q, {}) for s in seeds)
+        if q in losses
+        and all((q, s) in done for s in seeds)
+        and all(s in study.get(q, {}) for s in seeds)
     ]
     if len(have) < 3:
         print(f"error: {len(have)} patterns scored on every seed; need 3", file=sys.stderr)

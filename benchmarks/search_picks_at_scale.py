@@ -28,7 +28,7 @@ tables = {
 af = sorted((p for p in loss if set(p) <= {"A", "F"} and len(p) == 6), key=lambda p: loss[p])
 out = {"scale_loss": {p: loss[p] for p in af}, "tops": {}}
 for name, t in tables.items():
-    top = sorted(t.scores, key=lambda p: -t.scores[p])[:3]
+    top = [p for p, _ in t.ranked[:3]]  # ties: by pattern, as the table ranks
     m = statistics.fmean(loss[p] for p in top)
     out["tops"][name] = {
         "patterns": top,

@@ -266,7 +266,8 @@ def test_run_proxy_override_reaches_the_search_and_is_recorded(tmp_path: Path):
     plain = _recipe(args())
     assert plain == get_recipe("quickstart")
     fuzzy = _recipe(args(proxy="mad:fuzzy"))
-    assert fuzzy.search.proxy == "mad:fuzzy"
+    assert fuzzy.search.proxy == "mad:fuzzy_in_context_recall"
+    assert _recipe(args(proxy=" mad: fuzzy_in_context_recall")) == fuzzy  # one spelling
     assert fuzzy.replace(search=fuzzy.search.replace(proxy=plain.search.proxy)) == plain
     out = tmp_path / "run"
     out.mkdir()

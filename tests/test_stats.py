@@ -73,6 +73,18 @@ def test_spearman_diff_ci_known_answers():
     assert d1 == pytest.approx(spearman(a, out) - spearman(b, out))
     assert (d2, lo2, hi2) == pytest.approx((-d1, -hi1, -lo1))
     assert lo1 <= d1 <= hi1
+    # Pairing matters: two nearly identical scores (one neighbour pair swapped) move
+    # together in every resample, so the paired interval is far narrower than the one the
+    # two separate intervals would give.
+    x = rng.normal(size=40)
+    out = x + rng.normal(scale=1.0, size=40)
+    x2 = x.copy()
+    i, j = np.argsort(x)[20:22]
+    x2[i], x2[j] = x[j], x[i]
+    _, plo, phi = spearman_diff_ci(x, x2, out)
+    _, lo_a, hi_a = spearman_ci(x, out)
+    _, lo_b, hi_b = spearman_ci(x2, out)
+    assert phi - plo < 0.1 * ((hi_a - lo_b) - (lo_a - hi_b))
     with pytest.raises(ValueError):
         spearman_diff_ci([1, 2, 3], [1, 2], [1, 2, 3])
 

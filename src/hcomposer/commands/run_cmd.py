@@ -50,8 +50,10 @@ def _recipe(args):
     if args.proxy is not None:
         from hcomposer.proxies.proxy import parse_proxy
 
-        parse_proxy(args.proxy)  # an unknown proxy or task: exit 2, one line
-        search["proxy"] = args.proxy
+        # An unknown proxy or task: exit 2, one line. Stored in one spelling (aliases and
+        # spaces resolved), so `mad:fuzzy` and `mad: fuzzy_in_context_recall` resume alike.
+        kind, names = parse_proxy(args.proxy)
+        search["proxy"] = f"{kind}:{','.join(names)}" if names else kind
     if args.seed is not None:
         search["seed"] = args.seed
         changes["seed"] = args.seed
