@@ -16,15 +16,15 @@ overall and for each of the table's tasks. Nothing is trained.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     from hcomposer.errors import UserError
+    from hcomposer.experiments.rank_correlation import study_scale_losses
     from hcomposer.experiments.tabular import load_table
-    from hcomposer.io import atomic_write_json, read_jsonl
+    from hcomposer.io import atomic_write_json
     from hcomposer.stats import spearman_ci
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,12 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(args.study) / "scale_losses.jsonl"
         if not log.is_file():
             raise UserError(f"--study {args.study}: no scale_losses.jsonl; give a study folder")
-        losses: dict[str, list[float]] = {}
-        for r in read_jsonl(log):
-            if r.get("val_loss") is not None:
-                losses.setdefault(r["pattern"], []).append(float(r["val_loss"]))
+        loss = study_scale_losses(args.study)
         table = load_table(args.table)
-        pats = sorted(p for p in losses if p in table.scores)
+        pats = sorted(p for p in loss if p in table.scores)
         if len(pats) < 3:
             raise UserError(
                 f"--table {args.table} holds {len(pats)} of the study's patterns; need 3"
@@ -49,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    loss = {p: statistics.fmean(losses[p]) for p in pats}
     neg = [-loss[p] for p in pats]
     rho, lo, hi = spearman_ci([table.scores[p] for p in pats], neg)
     by_task = {}

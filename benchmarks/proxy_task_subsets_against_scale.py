@@ -46,6 +46,7 @@ SUBSETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hcomposer.experiments.rank_correlation import study_scale_losses
     from hcomposer.io import read_jsonl
     from hcomposer.stats import spearman_ci, spearman_diff_ci
 
@@ -56,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.study / "scale_losses.jsonl").is_file():
         print(f"error: --study {args.study}: no scale_losses.jsonl", file=sys.stderr)
         return 2
-    losses: dict[str, list[float]] = {}
-    for r in read_jsonl(args.study / "scale_losses.jsonl"):
-        if r.get("val_loss") is not None:
-            losses.setdefault(r["pattern"], []).append(float(r["val_loss"]))
+    losses = study_scale_losses(args.study)
     acc: dict[str, list[dict[str, float]]] = {}
     for r in read_jsonl(args.study / "proxy_scores.jsonl"):
         acc.setdefault(r["pattern"], []).append({t: v["accuracy"] for t, v in r["tasks"].items()})
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| patterns | n | tasks | Spearman vs -loss | minus the quickstart's three |")
     print("|---|---|---|---|---|")
     for group, qs in groups.items():
-        neg = [-statistics.fmean(losses[q]) for q in qs]
+        neg = [-losses[q] for q in qs]
         base = [score(q, QUICK) for q in qs]
         for name, tasks in SUBSETS.items():
             x = [score(q, tasks) for q in qs]

@@ -34,16 +34,6 @@ import time
 from pathlib import Path
 
 
-def _study_losses(study: Path) -> dict[str, float]:
-    from hcomposer.io import read_jsonl
-
-    losses: dict[str, list[float]] = {}
-    for r in read_jsonl(study / "scale_losses.jsonl"):
-        if r.get("val_loss") is not None:
-            losses.setdefault(r["pattern"], []).append(float(r["val_loss"]))
-    return {p: statistics.fmean(v) for p, v in losses.items()}
-
-
 def _study_values(study: Path, tasks: list[str] | None) -> dict[str, dict[int, float]]:
     """pattern -> seed -> the study's value (mean accuracy over ``tasks``, else the score)."""
     from hcomposer.io import read_jsonl
@@ -61,6 +51,7 @@ def _study_values(study: Path, tasks: list[str] | None) -> dict[str, dict[int, f
 def main(argv: list[str] | None = None) -> int:
     from hcomposer.architecture import Architecture
     from hcomposer.errors import UserError
+    from hcomposer.experiments.rank_correlation import study_scale_losses
     from hcomposer.io import append_jsonl, atomic_write_json, read_jsonl
     from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
     from hcomposer.stats import spearman_ci, spearman_diff_ci
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    losses = _study_losses(args.study)
+    losses = study_scale_losses(args.study)
     study = _study_values(args.study, tasks)
     pats = sorted(args.patterns.split(",") if args.patterns else (q for q in losses if q in study))
     digest = hashlib.sha256(

@@ -9,18 +9,13 @@ benchmarks/results/search_af6f/result.json. Nothing is trained:
 
 import statistics
 
+from hcomposer.experiments.rank_correlation import study_scale_losses
 from hcomposer.experiments.tabular import load_table
-from hcomposer.io import atomic_write_json, read_jsonl
+from hcomposer.io import atomic_write_json
 
-loss = {}
-for f in (
-    "benchmarks/results/proxy_rank_cpu/scale_losses.jsonl",
-    "benchmarks/results/proxy_rank_cpu_picks/scale_losses.jsonl",
-):
-    for r in read_jsonl(f):
-        if r.get("val_loss") is not None:
-            loss.setdefault(r["pattern"], []).append(r["val_loss"])
-loss = {p: statistics.fmean(v) for p, v in loss.items()}
+loss = study_scale_losses(
+    "benchmarks/results/proxy_rank_cpu", "benchmarks/results/proxy_rank_cpu_picks"
+)
 tables = {
     "af6q (recall, copying, memorisation)": load_table("af6q"),
     "af6f (fuzzy recall alone)": load_table("benchmarks/results/search_af6f/af6f.json"),

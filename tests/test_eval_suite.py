@@ -255,3 +255,22 @@ def test_proxy_rank_trains_on_the_data_it_is_given(tmp_path, capsys):
     assert json.loads((out / "study.json").read_text())["train_config"]["data"] == str(text)
     assert main([*argv[:-1], str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_study_scale_losses_means_finished_runs_across_folders(tmp_path):
+    from hcomposer.experiments.rank_correlation import study_scale_losses
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "scale_losses.jsonl").write_text(
+        '{"pattern": "AF", "seed": 0, "val_loss": 1.0}\n'
+        '{"pattern": "AF", "seed": 1, "val_loss": 2.0}\n'
+        '{"pattern": "FF", "seed": 0, "val_loss": null}\n'
+        '{"pattern": "SF", "se'  # a torn last line is skipped
+    )
+    (b / "scale_losses.jsonl").write_text('{"pattern": "AF", "seed": 2, "val_loss": 4.5}\n')
+    # A failed run (no loss) gives the pattern no entry; folders pool their runs.
+    assert study_scale_losses(a) == {"AF": 1.5}
+    assert study_scale_losses(a, b) == {"AF": 2.5}
+    assert study_scale_losses(tmp_path / "missing") == {}

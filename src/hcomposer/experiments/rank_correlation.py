@@ -39,7 +39,13 @@ from hcomposer.scaling.extrapolate import stack
 from hcomposer.stats import pair_agreement, seed_std, spearman_ci
 from hcomposer.training.trainer import TrainConfig, train
 
-__all__ = ["select_across_range", "rank_correlation", "run_proxy_rank", "plot_proxy_rank"]
+__all__ = [
+    "select_across_range",
+    "rank_correlation",
+    "run_proxy_rank",
+    "plot_proxy_rank",
+    "study_scale_losses",
+]
 
 
 def select_across_range(scored: list[tuple[str, float]], k: int) -> list[tuple[str, float]]:
@@ -51,6 +57,20 @@ def select_across_range(scored: list[tuple[str, float]], k: int) -> list[tuple[s
         return [ranked[-1]]
     idx = sorted({round(i * (len(ranked) - 1) / (k - 1)) for i in range(k)})
     return [ranked[i] for i in idx]
+
+
+def study_scale_losses(*folders: str | Path) -> dict[str, float]:
+    """Mean validation loss at scale per pattern, over every finished run in the
+    ``scale_losses.jsonl`` of one or more study folders (runs without a loss are skipped).
+
+    Lets another proxy be checked against a study's scale runs without training again.
+    """
+    losses: dict[str, list[float]] = {}
+    for folder in folders:
+        for r in read_jsonl(Path(folder) / "scale_losses.jsonl"):
+            if r.get("val_loss") is not None:
+                losses.setdefault(r["pattern"], []).append(float(r["val_loss"]))
+    return {p: statistics.fmean(v) for p, v in losses.items()}
 
 
 def rank_correlation(proxy_scores: list[float], scale_losses: list[float]) -> dict[str, float]:
