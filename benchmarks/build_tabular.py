@@ -95,8 +95,8 @@ def _read_logs(work: Path, key: str) -> dict[tuple[str, int], dict]:
 
 
 def _assemble(args, config, patterns, seeds, done, out: Path, argv: list[str]) -> None:
-    from hcomposer.experiments.tabular import Table
     from hcomposer.io import atomic_write_json, git_revision
+    from hcomposer.search.tabular import Table
 
     per_seed = {p: {str(s): done[(p, s)]["score"] for s in seeds} for p in patterns}
     tasks: dict[str, dict] = {}

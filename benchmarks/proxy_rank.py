@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32")
     args = p.parse_args(argv)
 
-    from hcomposer.experiments.rank_correlation import run_proxy_rank
     from hcomposer.proxies.proxy import ProxyConfig
+    from hcomposer.proxies.rank_correlation import run_proxy_rank
     from hcomposer.shapes import resolve_shape
     from hcomposer.training.trainer import TrainConfig
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from hcomposer.errors import UserError
-    from hcomposer.experiments.rank_correlation import study_scale_losses
-    from hcomposer.experiments.tabular import load_table
     from hcomposer.io import atomic_write_json
+    from hcomposer.proxies.rank_correlation import study_scale_losses
+    from hcomposer.search.tabular import load_table
     from hcomposer.stats import spearman_ci
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

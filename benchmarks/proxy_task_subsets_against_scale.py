@@ -46,8 +46,8 @@ SUBSETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hcomposer.experiments.rank_correlation import study_scale_losses
     from hcomposer.io import read_jsonl
+    from hcomposer.proxies.rank_correlation import study_scale_losses
     from hcomposer.stats import spearman_ci, spearman_diff_ci
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -51,9 +51,9 @@ def _study_values(study: Path, tasks: list[str] | None) -> dict[str, dict[int, f
 def main(argv: list[str] | None = None) -> int:
     from hcomposer.architecture import Architecture
     from hcomposer.errors import UserError
-    from hcomposer.experiments.rank_correlation import study_scale_losses
     from hcomposer.io import append_jsonl, atomic_write_json, read_jsonl
     from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
+    from hcomposer.proxies.rank_correlation import study_scale_losses
     from hcomposer.stats import spearman_ci, spearman_diff_ci
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hcomposer.io import atomic_write_json, read_json, read_jsonl
-from hcomposer.proxies.ruler import RulerConfig, _family, plan, run_ruler, split_patterns
+from hcomposer.proxies.ruler import RulerConfig, family, plan, run_ruler, split_patterns
 
 OUT = Path(__file__).parent / "results" / "ruler_v3"
 
@@ -44,8 +44,8 @@ SPLIT_SEED = 20261207
 def make_split() -> dict:
     split = split_patterns(AFWE + SD, heldout_afwe=14, heldout_sd=8, seed=SPLIT_SEED)
     rng = np.random.default_rng(SPLIT_SEED + 1)
-    dev_afwe = [p for p in split["dev"] if _family(p) == "afwe"]
-    dev_sd = [p for p in split["dev"] if _family(p) == "sd"]
+    dev_afwe = [p for p in split["dev"] if family(p) == "afwe"]
+    dev_sd = [p for p in split["dev"] if family(p) == "sd"]
     check = [dev_afwe[i] for i in sorted(rng.choice(len(dev_afwe), 3, replace=False))] + [
         dev_sd[i] for i in sorted(rng.choice(len(dev_sd), 2, replace=False))
     ]

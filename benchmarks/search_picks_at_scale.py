@@ -9,9 +9,9 @@ benchmarks/results/search_af6f/result.json. Nothing is trained:
 
 import statistics
 
-from hcomposer.experiments.rank_correlation import study_scale_losses
-from hcomposer.experiments.tabular import load_table
 from hcomposer.io import atomic_write_json
+from hcomposer.proxies.rank_correlation import study_scale_losses
+from hcomposer.search.tabular import load_table
 
 loss = study_scale_losses(
     "benchmarks/results/proxy_rank_cpu", "benchmarks/results/proxy_rank_cpu_picks"

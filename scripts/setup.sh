@@ -10,8 +10,10 @@
 #   - a torch that already imports is kept as it is (your CUDA build keeps working);
 #   - else, with an NVIDIA GPU (nvidia-smi answers), the default PyPI build (CUDA);
 #   - else the CPU build: "torch==X+cpu" from wherever pip is configured to look
-#     (a local wheel, a mirror); failing that, the PyTorch CPU index.
+#     (a local wheel, a mirror); failing that, it stops with one line saying how to
+#     point TORCH_INDEX_URL at an index of CPU wheels (it never falls back to a CUDA build).
 # Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0") and TORCH_INDEX_URL.
+# No package-index address is written here: pip uses its own configuration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,9 +48,9 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 elif pip install -q "${cpu_torch}+cpu" 2>/dev/null; then
   echo "setup: no GPU; installed ${cpu_torch}+cpu"
 else
-  echo "setup: no GPU; installing $cpu_torch from the PyTorch CPU index"
-  pip install -q "$cpu_torch" --index-url https://download.pytorch.org/whl/cpu \
-    --extra-index-url https://pypi.org/simple
+  echo "setup: no GPU, and pip's configured index has no CPU build ${cpu_torch}+cpu; set" \
+    "TORCH_INDEX_URL to an index of PyTorch CPU wheels (see the README, 'Set-up') and rerun" >&2
+  exit 2
 fi
 
 pip install -q -e ".${extras}"

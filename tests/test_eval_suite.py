@@ -15,8 +15,8 @@ from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import EfficiencyConfig, run_efficiency
 from hcomposer.evaluation.niah import NIAHConfig, _build_prompt, run_niah
 from hcomposer.evaluation.suite import load_eval_results, parse_suite, run_suite
-from hcomposer.experiments.rank_correlation import rank_correlation, select_across_range
 from hcomposer.model import build_model
+from hcomposer.proxies.rank_correlation import rank_correlation, select_across_range
 
 ByteTok = ByteTokenizer
 
@@ -258,7 +258,7 @@ def test_proxy_rank_trains_on_the_data_it_is_given(tmp_path, capsys):
 
 
 def test_study_scale_losses_means_finished_runs_across_folders(tmp_path):
-    from hcomposer.experiments.rank_correlation import study_scale_losses
+    from hcomposer.proxies.rank_correlation import study_scale_losses
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

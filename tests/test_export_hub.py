@@ -17,7 +17,7 @@ import torch
 from hcomposer import Architecture
 from hcomposer.errors import UserError
 from hcomposer.export import export_model, resolve_kind
-from hcomposer.export_remote import module_source, remote_code_files, shipped_modules
+from hcomposer.export.remote import module_source, remote_code_files, shipped_modules
 from hcomposer.model import build_model
 
 transformers = pytest.importorskip("transformers")

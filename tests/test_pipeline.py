@@ -15,7 +15,7 @@ import pytest
 from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import EfficiencyConfig
 from hcomposer.evaluation.niah import NIAHConfig
-from hcomposer.experiments.pipeline import matched_baseline, rescore, run_pipeline, seed_noise
+from hcomposer.pipeline import matched_baseline, rescore, run_pipeline, seed_noise
 from hcomposer.recipes import EvalConfig, Recipe
 from hcomposer.search import SearchConfig, load_trials
 from hcomposer.search.objectives import synthetic_objective, synthetic_score
@@ -58,7 +58,7 @@ SMOKE = Recipe(
 
 _SCRIPT = """
 import sys, json
-from hcomposer.experiments.pipeline import run_pipeline
+from hcomposer.pipeline import run_pipeline
 from hcomposer.recipes import Recipe
 recipe = Recipe.from_dict(json.loads(sys.argv[2]))
 run_pipeline(recipe, sys.argv[1], progress=False)
@@ -272,11 +272,11 @@ def test_run_proxy_override_reaches_the_search_and_is_recorded(tmp_path: Path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "pipeline.json").write_text(json.dumps({"recipe": plain.to_dict(), "stages": {}}))
-    from hcomposer.experiments.pipeline import _State
+    from hcomposer.pipeline import State
 
-    assert _State(out, plain, None).data["recipe"]["search"]["proxy"] == plain.search.proxy
+    assert State(out, plain, None).data["recipe"]["search"]["proxy"] == plain.search.proxy
     with pytest.raises(UserError, match="another configuration"):
-        _State(out, fuzzy, None)
+        State(out, fuzzy, None)
 
 
 def test_compare_cli(tmp_path: Path, capsys):

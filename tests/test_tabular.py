@@ -11,7 +11,7 @@ import pytest
 
 from hcomposer.cli import main
 from hcomposer.errors import UserError
-from hcomposer.experiments.tabular import (
+from hcomposer.search.tabular import (
     Table,
     load_table,
     replay,
@@ -208,7 +208,7 @@ def test_command_bad_input(extra, tmp_path, capsys):
 
 
 def test_describe_table_known_answers():
-    from hcomposer.experiments.tabular import describe_table
+    from hcomposer.search.tabular import describe_table
 
     scores = {"AA": 4.0, "AF": 3.0, "FA": 1.0, "FF": 0.0}
     per_seed = {
@@ -228,7 +228,7 @@ def test_describe_table_known_answers():
 
 
 def test_workers_give_the_same_replays():
-    from hcomposer.experiments.tabular import bench
+    from hcomposer.search.tabular import bench
 
     table = synthetic_table("AF", 4, seed=2)
     one = bench(table, ["random", "evolution"], [0, 1, 2], 10)
@@ -325,7 +325,7 @@ def test_bench_search_defaults_to_a_seeded_table():
 
 def test_random_expected_evals_matches_enumeration():
     """(n + 1) / (k + 1), against every order of a small space, and random's replays."""
-    from hcomposer.experiments.tabular import random_expected_evals
+    from hcomposer.search.tabular import random_expected_evals
 
     for n, k in [(5, 1), (5, 2), (6, 3), (4, 4)]:
         firsts = [

@@ -18,12 +18,12 @@ from hcomposer.guards import check_args
 from hcomposer.threads import apply_thread_policy
 from hcomposer.version import __version__
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "ALIASES"]
 
 # command name -> module in hcomposer.commands
 COMMANDS: dict[str, str] = {
     "inspect": "inspect_cmd",
-    "evaluate": "evaluate_cmd",
+    "score": "score_cmd",
     "search": "search_cmd",
     "dashboard": "dashboard_cmd",
     "aggregate": "aggregate_cmd",
@@ -35,8 +35,20 @@ COMMANDS: dict[str, str] = {
     "run": "run_cmd",
     "bench-search": "bench_search_cmd",
     "proxy-rank": "proxy_rank_cmd",
-    "scaling": "scaling_cmd",
+    "isoflop": "isoflop_cmd",
 }
+
+# Old names kept working for one release, not listed by --help: one command per concept
+# ("eval" a run folder vs "evaluate" a pattern collided; "scale" a pattern vs "scaling" sweeps).
+ALIASES: dict[str, str] = {"evaluate": "score", "scaling": "isoflop"}
+
+
+def _resolve_alias(argv: list[str]) -> list[str]:
+    """``argv`` with an old command name replaced by its new one."""
+    for i, a in enumerate(argv):
+        if not a.startswith("-"):
+            return [*argv[:i], ALIASES.get(a, a), *argv[i + 1 :]] if a in ALIASES else argv
+    return argv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +84,7 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _resolve_alias(sys.argv[1:] if argv is None else list(argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     # Before torch loads: OpenMP reads its wait policy once (see hcomposer.threads).
     apply_thread_policy(command)

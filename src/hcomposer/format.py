@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from hcomposer.errors import UserError
 from hcomposer.guards import check_cap
 
-__all__ = ["human", "human_bytes", "parse_count", "console", "progress_bar"]
+__all__ = ["human", "human_bytes", "parse_count", "console", "progress_bar", "markdown_table"]
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -70,3 +71,16 @@ def progress_bar(enabled: bool = True, field: str = "info"):
         disable=not enabled,
         transient=False,
     )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; floats printed with 4 significant digits."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -66,7 +66,7 @@ def _finished_replays(log: Path, settings: dict, names: list[str], seeds: list[i
     A log made with another table, budget or start-up count is refused: its replays are not
     comparable, and appending to it would mix two benchmarks in one file.
     """
-    from hcomposer.experiments.tabular import Replay
+    from hcomposer.search.tabular import Replay
 
     want = {(n, s) for n in names for s in seeds}
     finished = {}
@@ -118,7 +118,8 @@ def run(args) -> int:
     # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
     from rich.progress import Progress
 
-    from hcomposer.experiments.tabular import (
+    from hcomposer.search.samplers import default_n_startup
+    from hcomposer.search.tabular import (
         bench,
         load_table,
         markdown_report,
@@ -126,7 +127,6 @@ def run(args) -> int:
         summarise,
         table_digest,
     )
-    from hcomposer.search.samplers import default_n_startup
 
     names = _check(args)
     table = load_table(args.table)

@@ -120,8 +120,8 @@ def _seeds(text: str | None, flag: str, default: tuple[int, ...]) -> tuple[int, 
 
 def run(args) -> int:
     # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.experiments.rank_correlation import run_proxy_rank
     from hcomposer.proxies.proxy import ProxyConfig
+    from hcomposer.proxies.rank_correlation import run_proxy_rank
     from hcomposer.training.trainer import TrainConfig
 
     if args.recipe not in RECIPES:

@@ -67,7 +67,7 @@ def _recipe(args):
 
 def run(args) -> int:
     # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.experiments.pipeline import run_pipeline
+    from hcomposer.pipeline import run_pipeline
 
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
@@ -120,7 +120,7 @@ def _print_noise(con, noise: dict | None) -> None:
         return
     from rich.table import Table
 
-    from hcomposer.experiments.pipeline import noise_sentence
+    from hcomposer.pipeline import noise_sentence
 
     t = Table(title="seed noise (mean ± std over seeds)")
     t.add_column("what")

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
 from hcomposer.evaluation.interleave import measure_interleaved
+from hcomposer.plots import pyplot, save_png
 from hcomposer.primitives import cpu_kernels
-from hcomposer.reporting.plots import pyplot, save_png
 from hcomposer.training.step import make_optimizer, train_step
 from hcomposer.training.trainer import load_run
 

@@ -24,8 +24,8 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.data.mqar import MQARConfig
 from hcomposer.errors import UserError
+from hcomposer.plots import pyplot, save_png
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
-from hcomposer.reporting.plots import pyplot, save_png
 
 __all__ = ["MQARCurveConfig", "run_mqar_curve", "plot_mqar_curve", "mqar_markdown"]
 

@@ -25,7 +25,7 @@ import torch
 
 from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
-from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.plots import pyplot, save_png
 
 __all__ = ["NIAHConfig", "run_niah", "niah_lengths", "plot_niah", "niah_markdown", "CITIES"]
 

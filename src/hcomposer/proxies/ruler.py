@@ -39,10 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
+from hcomposer.data import load_tokenizer
+from hcomposer.data.sources import embedded_corpus_documents
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, sha256_file
+from hcomposer.runs import RunDir
+from hcomposer.scaling.extrapolate import stack
+from hcomposer.shapes import Shape
+from hcomposer.training.step import evaluate
+from hcomposer.training.trainer import TrainConfig, load_run, train
 
 __all__ = [
     "RulerConfig",
@@ -53,6 +62,7 @@ __all__ = [
     "run_ruler",
     "ruler_losses",
     "flag_run",
+    "family",
 ]
 
 # The ruler's width: d_model 64 (the search proxy's width with the usual 0.02 init), so
@@ -110,7 +120,9 @@ class RulerConfig:
         return self.batch_size * self.seq_len
 
     def select_tokens(self) -> int:
-        steps = max(self.warmup_steps + 5, round(self.select_fraction * self.tokens / self.step_tokens))
+        steps = max(
+            self.warmup_steps + 5, round(self.select_fraction * self.tokens / self.step_tokens)
+        )
         return steps * self.step_tokens
 
 
@@ -130,8 +142,6 @@ def prepare_text(folder: str | Path, fractions: tuple[float, float] = (0.9, 0.05
     validation below ``sum(fractions)``, else to test: the same text always lands in the
     same split, and no chapter is in two.
     """
-    from hcomposer.data.sources import embedded_corpus_documents
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -159,7 +169,7 @@ def prepare_text(folder: str | Path, fractions: tuple[float, float] = (0.9, 0.05
     return info
 
 
-def _family(pattern: str) -> str:
+def family(pattern: str) -> str:
     """``afwe`` for patterns made of A/F/W/E only (where has-S/D rules are blind), else ``sd``."""
     return "afwe" if set(re.sub(r"[\[\]|]", "", pattern)) <= set("AFWE") else "sd"
 
@@ -171,7 +181,7 @@ def split_patterns(
     rng = np.random.default_rng(seed)
     out: dict[str, list[str]] = {"dev": [], "heldout": []}
     for fam, k in (("afwe", heldout_afwe), ("sd", heldout_sd)):
-        members = sorted(p for p in patterns if _family(p) == fam)
+        members = sorted(p for p in patterns if family(p) == fam)
         if k > len(members):
             raise UserError(f"only {len(members)} {fam} patterns; cannot hold out {k}")
         pick = set(rng.choice(len(members), size=k, replace=False).tolist())
@@ -184,9 +194,6 @@ def split_patterns(
 
 
 def _arch(pattern: str, cfg: RulerConfig) -> Architecture:
-    from hcomposer.scaling.extrapolate import stack
-    from hcomposer.shapes import Shape
-
     return Architecture.parse(stack(pattern, cfg.layers), Shape(**cfg.shape))
 
 
@@ -200,8 +207,6 @@ def _run_name(pattern: str, lr: float, tokens: int, seed: int) -> str:
 
 
 def _train_config(cfg: RulerConfig, lr: float, tokens: int, seed: int, data: str):
-    from hcomposer.training.trainer import TrainConfig
-
     return TrainConfig(
         tokens=tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=lr,
         min_lr=lr * cfg.min_lr_ratio, warmup=cfg.warmup_steps, schedule="wsd",
@@ -232,8 +237,6 @@ def flag_run(metrics: list[dict], status: str, loss: float | None, unigram: floa
 
 
 def _token_windows(tokens: np.ndarray, seq_len: int) -> list[tuple[Any, Any]]:
-    import torch
-
     n = (len(tokens) - 1) // seq_len
     x = torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len)
     y = torch.from_numpy(tokens[1 : n * seq_len + 1].astype(np.int64)).view(n, seq_len)
@@ -252,11 +255,6 @@ def _split_tokens(tokenizer, path: str) -> np.ndarray:
 
 def _score(run_dir: Path, text: dict, splits: tuple[str, ...], cache: dict) -> dict[str, float]:
     """Mean next-token loss of the run's final weights over each whole split."""
-    import torch
-
-    from hcomposer.training.step import evaluate
-    from hcomposer.training.trainer import load_run
-
     model, _, tokenizer, _ = load_run(run_dir)
     out = {}
     for split in splits:
@@ -311,13 +309,12 @@ class Ruler:
             atomic_write_json(path, want)
 
     def done(self) -> dict[tuple, dict]:
-        return {(r["pattern"], r["lr"], r["tokens"], r["seed"]): r for r in read_jsonl(self.runs_log)}
+        return {
+            (r["pattern"], r["lr"], r["tokens"], r["seed"]): r for r in read_jsonl(self.runs_log)
+        }
 
     def train_one(self, pattern: str, lr: float, tokens: int, seed: int, role: str) -> dict:
         """One run (or its logged record), scored on validation (and test for full runs)."""
-        from hcomposer.runs import RunDir
-        from hcomposer.training.trainer import train
-
         key = (pattern, float(_lr_key(lr)), tokens, seed)
         prior = self.done().get(key)
         if prior is not None:
@@ -328,8 +325,6 @@ class Ruler:
         tcfg = _train_config(cfg, lr, tokens, seed, self.text["train"]["path"])
         res = train(_arch(pattern, cfg), tcfg, run_dir, resume=run_dir.exists(), progress=False)
         metrics = list(read_jsonl(RunDir(run_dir).metrics)) if res.status != "diverged" else []
-        from hcomposer.data import load_tokenizer
-
         tokenizer = load_tokenizer(RunDir(run_dir).tokenizer)
         unigram = _unigram(tokenizer, self.text["train"]["path"], self.cache)
         losses: dict[str, float] = {}
@@ -401,8 +396,6 @@ class Ruler:
 
 def plan(patterns: list[str], cfg: RulerConfig) -> dict[str, Any]:
     """Non-embedding (active) parameters per pattern and what the budget means for them."""
-    from hcomposer.accounting import count_costs
-
     rows = {}
     for p in patterns:
         c = count_costs(_arch(p, cfg))
@@ -416,9 +409,16 @@ def plan(patterns: list[str], cfg: RulerConfig) -> dict[str, Any]:
     }
 
 
-def run_ruler(out: str | Path, patterns: list[str], cfg: RulerConfig, *,
-              check_patterns: tuple[str, ...] = (), shard: tuple[int, int] = (0, 1),
-              work_dir: str | Path | None = None, log: Callable[[str], None] = print) -> None:  # fmt: skip
+def run_ruler(
+    out: str | Path,
+    patterns: list[str],
+    cfg: RulerConfig,
+    *,
+    check_patterns: tuple[str, ...] = (),
+    shard: tuple[int, int] = (0, 1),
+    work_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Every pattern of this worker's share (pattern ``k`` goes to worker ``k % n``)."""
     ruler = Ruler(out, cfg, work_dir, log)
     i, n = shard
@@ -437,6 +437,4 @@ def ruler_losses(out: str | Path) -> dict[str, dict[str, Any]]:
     for r in read_jsonl(Path(out) / "runs.jsonl"):
         if r.get("role") == "final" and r.get("flag") is None and r.get("test_loss") is not None:
             final.setdefault(r["pattern"], {})[int(r["seed"])] = float(r["test_loss"])
-    return {
-        p: {"seeds": v, "mean": statistics.fmean(v.values())} for p, v in final.items()
-    }
+    return {p: {"seeds": v, "mean": statistics.fmean(v.values())} for p, v in final.items()}

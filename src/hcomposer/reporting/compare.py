@@ -17,8 +17,9 @@ from hcomposer.evaluation.efficiency import interleaved_markdown, plot_efficienc
 from hcomposer.evaluation.mqar_curve import plot_mqar_curve
 from hcomposer.evaluation.niah import plot_niah
 from hcomposer.evaluation.suite import load_eval_results
+from hcomposer.format import markdown_table
 from hcomposer.io import atomic_write_json, atomic_write_text
-from hcomposer.reporting.report import markdown_table, plot_loss_curves, plot_pattern_strips
+from hcomposer.reporting.report import plot_loss_curves, plot_pattern_strips
 from hcomposer.runs import RunDir
 
 __all__ = ["collect_run", "compare_runs", "comparison_rows", "comparison_markdown"]

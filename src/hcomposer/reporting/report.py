@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hcomposer.pattern import parse_pattern
-from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.plots import pyplot, save_png
 
 __all__ = [
     "PRIMITIVE_COLORS",
@@ -19,7 +19,6 @@ __all__ = [
     "plot_pareto",
     "plot_pattern_strips",
     "plot_loss_curves",
-    "markdown_table",
     "pareto_front",
 ]
 
@@ -155,16 +154,3 @@ def plot_loss_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_png(fig, path)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub Markdown table; floats printed with 4 significant digits."""
-
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hcomposer.reporting.plots import pyplot, save_png
+from hcomposer.plots import pyplot, save_png
 
 __all__ = ["plot_isoflop", "plot_frontier"]
 

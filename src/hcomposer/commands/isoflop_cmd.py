@@ -1,4 +1,5 @@
-"""hcomposer scaling: IsoFLOP sweeps and the compute-optimal frontier of each pattern."""
+"""hcomposer isoflop (formerly `scaling`, still accepted): IsoFLOP sweeps and each pattern's
+compute-optimal frontier."""
 
 from __future__ import annotations
 

@@ -33,8 +33,8 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from hcomposer.plots import pyplot, save_png
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
-from hcomposer.reporting.plots import pyplot, save_png
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.stats import pair_agreement, seed_std, spearman_ci
 from hcomposer.training.trainer import TrainConfig, train

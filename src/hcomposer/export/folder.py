@@ -7,11 +7,11 @@ Three kinds of folder (``kind="auto"`` picks the first that fits):
   uses Llama's half-split convention and our RMSNorm matches Llama's, so the
   weights map one to one (only the names change).
 - ``bamba``: ``(XF)*n`` with X in {A, S} becomes a native ``BambaForCausalLM``
-  (``export_native``): stock ``transformers``, no remote code.
+  (``export.native``): stock ``transformers``, no remote code.
 - ``hcomposer``: every other pattern becomes ``HComposerForCausalLM``
   (``model_type`` "hcomposer"). ``import hcomposer.hf`` registers it with the
   Auto classes; the folder also carries self-contained remote code generated from
-  the package's own modules (``export_remote``) with an ``auto_map``, so
+  the package's own modules (``export.remote``) with an ``auto_map``, so
   ``trust_remote_code=True`` loads it with only ``torch`` and ``transformers``.
 
 Every folder gets ``tokenizer.json`` + ``tokenizer_config.json`` (the byte-level
@@ -36,11 +36,11 @@ import torch
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.evaluation.suite import eval_markdown, load_eval_results
-from hcomposer.export_native import bamba_model, is_bamba_pattern
-from hcomposer.export_remote import write_remote_code
+from hcomposer.export.model_card import model_card
+from hcomposer.export.native import bamba_model, is_bamba_pattern
+from hcomposer.export.remote import write_remote_code
 from hcomposer.hf import HComposerConfig, HComposerForCausalLM
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
-from hcomposer.model_card import model_card
 from hcomposer.training.trainer import load_run
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""hcomposer evaluate: score one pattern with a cheap proxy (MAD, MQAR, text loss)."""
+"""hcomposer score (formerly `evaluate`, still accepted): score one pattern with a cheap
+proxy (MAD, MQAR, text loss)."""
 
 from __future__ import annotations
 

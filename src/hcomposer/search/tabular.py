@@ -45,9 +45,9 @@ import numpy as np
 
 from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
+from hcomposer.format import markdown_table
 from hcomposer.pattern import format_pattern, parse_pattern
-from hcomposer.reporting.plots import pyplot, save_png
-from hcomposer.reporting.report import markdown_table
+from hcomposer.plots import pyplot, save_png
 from hcomposer.search.samplers import make_sampler
 from hcomposer.stats import (
     bootstrap_ci,

@@ -1,0 +1,201 @@
+"""Stage ``report``: Markdown and PNG plots for the run, with the seed noise stated."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hcomposer.evaluation.efficiency import measure_runs_interleaved
+from hcomposer.format import markdown_table
+from hcomposer.io import atomic_write_text
+from hcomposer.pipeline.state import State, fmt_pm, mean_std
+from hcomposer.pipeline.train import seed_losses
+from hcomposer.recipes import Recipe
+from hcomposer.reporting.compare import compare_runs, comparison_markdown
+from hcomposer.reporting.report import (
+    plot_pareto,
+    plot_pattern_strips,
+    plot_trials,
+)
+from hcomposer.search import load_trials
+
+__all__ = [
+    "stage_report",
+    "NOISE_RULE",
+    "seed_noise",
+    "noise_summary",
+    "noise_sentence",
+    "noise_markdown",
+]
+
+
+def stage_report(state: State, recipe: Recipe) -> dict:
+    folder = state.dir
+    st = state.data["stages"]
+    trials = load_trials(folder.search.root)
+    done = sorted(
+        (t for t in trials if t.get("state") == "COMPLETE" and t.get("score") is not None),
+        key=lambda t: -t["score"],
+    )
+    plot_trials(trials, folder.plot("trials"), title=f"Search ({recipe.search.sampler})")
+    pareto = None
+    if len(recipe.search.objective) > 1:
+        cost = recipe.search.objective[1]
+        pts = [dict(t, cost=(t.get("values") or [None, None])[1]) for t in done]
+        pareto = plot_pareto(pts, folder.plot("pareto"), cost_label=cost)
+    sc = st["scale"]
+    strips = [(f"#{t['number']} {t['score']:.3f}", t["pattern"]) for t in done[:6]]
+    strips += [
+        ("aggregated", st["aggregate"]["pattern"]),
+        ("composite", sc["composite"]),
+        ("baseline", sc["baseline"]),
+    ]
+    plot_pattern_strips(strips, folder.plot("patterns"), title="Top trials, aggregate, scaled")
+    roles = ["baseline", "composite"]
+    runs = [folder.train(role).root for role in roles]
+    eff = None
+    if "efficiency" in recipe.eval.suites:
+        # Both models timed in turn in this process, so outside load cannot favour one.
+        eff = measure_runs_interleaved(runs, roles, recipe.eval.efficiency)
+    cmp = compare_runs(runs, folder.compare, labels=roles, efficiency=eff,
+                       title="Composite against the Llama-style baseline")  # fmt: skip
+    top = [[t["number"], t["pattern"], t["score"]] for t in done[:10]]
+    lines = [
+        f"# hcomposer run — recipe `{recipe.name}`",
+        "",
+        markdown_table(
+            ["stage", "result"],
+            [
+                [
+                    "search",
+                    f"{st['search']['n_trials']} trials, best `{done[0]['pattern']}` "
+                    f"({done[0]['score']:.4f})"
+                    if done
+                    else "no completed trial",
+                ],
+                ["aggregate", f"`{st['aggregate']['pattern']}` ({recipe.aggregate_method})"],
+                [
+                    "scale",
+                    f"`{sc['composite']}` ({sc['strategy']}, {sc['composite_params']:,} params)",
+                ],
+                ["baseline", f"`{sc['baseline']}` ({sc['baseline_params']:,} params)"],
+            ],
+        ),
+        "",
+        "## Search",
+        "",
+        f"Proxy `{recipe.search.proxy}` at shape "
+        f"`{getattr(recipe.search.shape, 'name', recipe.search.shape)}`, "
+        f"{recipe.search.sampler} sampler, {recipe.search.layers} positions of "
+        f"{'/'.join(recipe.search.primitives)}.",
+        "",
+        f"![trials]({folder.plot('trials').name})",
+        "",
+        markdown_table(["trial", "pattern", "score"], top),
+        "",
+    ]
+    if pareto is not None:
+        lines += [f"![Pareto front]({folder.plot('pareto').name})", ""]
+    lines += ["## Patterns", "", f"![patterns]({folder.plot('patterns').name})", ""]
+    noise = noise_summary(state.data, recipe)
+    lines += noise_markdown(noise)
+    lines += [comparison_markdown(cmp["sections"], images=f"{folder.compare.name}/", level=2)]
+    atomic_write_text(folder.report, "\n".join(lines) + "\n")
+    return state.finish("report", {"report": str(folder.report),
+                                   "table_header": cmp["table_header"],
+                                   "table": cmp["table"], "noise": noise})  # fmt: skip
+
+
+NOISE_RULE = (
+    "a difference is inside the noise when |diff| < 2 * s_p * sqrt(1/n_a + 1/n_b), with s_p "
+    "the pooled standard deviation over seeds (n - 1 in the denominators)"
+)
+
+
+def seed_noise(baseline: list[float], composite: list[float]) -> dict[str, Any]:
+    """Means, seed standard deviations, the difference (composite - baseline) and whether it
+    is inside the noise (:data:`NOISE_RULE`). ``inside_noise`` is None with one seed per arm."""
+    mb, sb = mean_std(baseline)
+    mc, sc = mean_std(composite)
+    nb, nc = len(baseline), len(composite)
+    diff = mc - mb
+    out: dict[str, Any] = {
+        "baseline": baseline, "composite": composite,
+        "baseline_mean": mb, "baseline_std": sb, "composite_mean": mc, "composite_std": sc,
+        "diff": diff, "pooled_std": None, "threshold": None, "inside_noise": None,
+    }  # fmt: skip
+    if nb + nc > 2 and nb >= 1 and nc >= 1 and max(nb, nc) > 1:
+        ss = sum((x - mb) ** 2 for x in baseline) + sum((x - mc) ** 2 for x in composite)
+        pooled = math.sqrt(ss / (nb + nc - 2))
+        threshold = 2 * pooled * math.sqrt(1 / nb + 1 / nc)
+        out.update(pooled_std=pooled, threshold=threshold, inside_noise=abs(diff) < threshold)
+    return out
+
+
+def noise_summary(state_data: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The seed-noise numbers the report states (also kept in the report stage's result)."""
+    st = state_data["stages"]
+    out: dict[str, Any] = {"rescore": (st.get("rescore") or {}).get("top", [])}
+    out["loss"] = seed_noise(
+        seed_losses(st, recipe, "baseline"), seed_losses(st, recipe, "composite")
+    )
+    return out
+
+
+def noise_sentence(loss: dict[str, Any]) -> str:
+    """One plain sentence on the composite-baseline loss difference."""
+    diff = f"composite - baseline validation loss = {loss['diff']:+.4f}"
+    if loss["inside_noise"] is None:
+        return f"{diff} (one seed each: the seed noise is not measured)."
+    if loss["inside_noise"]:
+        return f"{diff}, threshold {loss['threshold']:.4f}: the difference is inside the noise."
+    better = "composite" if loss["diff"] < 0 else "baseline"
+    return (
+        f"{diff}, threshold {loss['threshold']:.4f}: outside the noise; the {better} has "
+        "the lower loss."
+    )
+
+
+def noise_markdown(noise: dict[str, Any]) -> list[str]:
+    """The report's "Seed noise" section."""
+    lines = ["## Seed noise", ""]
+    if noise["rescore"]:
+        lines += [
+            "The search's top patterns, scored again on extra proxy seeds "
+            "(mean ± standard deviation over seeds):",
+            "",
+            markdown_table(
+                ["pattern", "scores by proxy seed", "mean ± std"],
+                [
+                    [
+                        f"`{r['pattern']}`",
+                        ", ".join(f"{s}: {v:.4f}" for s, v in r["scores"].items()),
+                        fmt_pm(r["mean"], r["std"]),
+                    ]
+                    for r in noise["rescore"]
+                ],
+            ),
+            "",
+        ]
+    loss = noise["loss"]
+    lines += [
+        "Validation loss of each training seed:",
+        "",
+        markdown_table(
+            ["model", "loss by seed", "mean ± std"],
+            [
+                [
+                    role,
+                    ", ".join(f"{v:.4f}" for v in loss[role]),
+                    fmt_pm(loss[f"{role}_mean"], loss[f"{role}_std"]),
+                ]
+                for role in ("baseline", "composite")
+            ],
+        ),
+        "",
+        noise_sentence(loss),
+        "",
+        f"Rule: {NOISE_RULE}.",
+        "",
+    ]
+    return lines

@@ -1,0 +1,63 @@
+"""``hcomposer run``: every stage in order, resumable stage by stage (see the package docstring)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hcomposer.pipeline.aggregate import stage_aggregate
+from hcomposer.pipeline.evaluate import stage_eval
+from hcomposer.pipeline.report import stage_report
+from hcomposer.pipeline.scale import stage_scale
+from hcomposer.pipeline.search import stage_rescore, stage_search
+from hcomposer.pipeline.state import State
+from hcomposer.pipeline.train import stage_train, stage_train_seed
+from hcomposer.recipes import Recipe
+
+__all__ = ["run_pipeline"]
+
+
+def run_pipeline(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    argv: list[str] | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every stage; returns pipeline.json's content."""
+    say = say or (lambda _text: None)
+    state = State(Path(out_dir), recipe, argv)
+    t0 = time.perf_counter()
+
+    def stage(name: str, fn: Callable[[], dict]) -> dict:
+        prev = state.done(name)
+        if prev is not None:
+            say(f"[{name}] done earlier, skipped")
+            return prev
+        say(f"[{name}] ...")
+        s = time.perf_counter()
+        res = fn()
+        say(f"[{name}] finished in {time.perf_counter() - s:.0f}s")
+        return res
+
+    stage("search", lambda: stage_search(state, recipe, progress))
+    agg = stage("aggregate", lambda: stage_aggregate(state, recipe))
+    stage("scale", lambda: stage_scale(state, recipe, agg["pattern"]))
+    for role in ("baseline", "composite"):
+        stage(f"train_{role}", lambda r=role: stage_train(state, recipe, r, argv, progress))
+    for role in ("baseline", "composite"):
+        stage(f"eval_{role}", lambda r=role: stage_eval(state, recipe, r, argv, progress))
+    for k in range(1, recipe.train_seeds):
+        for role in ("baseline", "composite"):
+            run = functools.partial(stage_train_seed, state, recipe, role, k, argv, progress)
+            stage(f"train_{role}_seed{k}", run)
+    if recipe.rescore_top:
+        stage("rescore", lambda: stage_rescore(state, recipe))
+    stage("report", lambda: stage_report(state, recipe))
+    state.data["wall_seconds_last_call"] = time.perf_counter() - t0
+    state.save()
+    return state.data

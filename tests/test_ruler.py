@@ -1,0 +1,133 @@
+"""The scale ruler (hcomposer.proxies.ruler): flags, the text and pattern splits, the rate
+rule, seeds, resume, and the committed study split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from hcomposer.errors import UserError
+from hcomposer.io import read_jsonl
+from hcomposer.proxies.ruler import (
+    RULER_SHAPE,
+    RulerConfig,
+    family,
+    flag_run,
+    prepare_text,
+    run_ruler,
+    ruler_losses,
+    split_patterns,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _m(step, loss):
+    return {"step": step, "loss": loss}
+
+
+def test_flag_run_known_answers():
+    ok = [_m(5, 6.0), _m(10, 5.5), _m(15, 5.0), _m(20, 5.1)]
+    assert flag_run(ok, "completed", 4.9, 6.3, warmup=2, spike_nats=0.5) is None
+    spike = [_m(5, 6.0), _m(10, 5.0), _m(15, 5.7), _m(20, 5.0)]
+    assert flag_run(spike, "completed", 4.9, 6.3, warmup=2, spike_nats=0.5) == "spiked"
+    # A jump during warmup (step <= 2 x warmup) is not a spike.
+    early = [_m(2, 6.0), _m(3, 5.0), _m(4, 5.9), _m(20, 5.0)]
+    assert flag_run(early, "completed", 4.9, 6.3, warmup=2, spike_nats=0.5) is None
+    assert flag_run(ok, "diverged", None, 6.3, warmup=2, spike_nats=0.5) == "diverged"
+    assert flag_run([_m(5, math.nan)], "completed", 4.0, 6.3, warmup=2, spike_nats=0.5) == (
+        "diverged"
+    )
+    assert flag_run(ok, "completed", 6.4, 6.3, warmup=2, spike_nats=0.5) == "above-unigram"
+
+
+def test_split_patterns_is_seeded_stratified_and_disjoint():
+    pats = ["AF", "FA", "AAF", "FFA", "WF", "EF", "SF", "DF", "SSF", "[A|S]F"]
+    a = split_patterns(pats, heldout_afwe=3, heldout_sd=2, seed=1)
+    assert a == split_patterns(pats, heldout_afwe=3, heldout_sd=2, seed=1)
+    assert sorted(a["dev"] + a["heldout"]) == sorted(pats)
+    assert not set(a["dev"]) & set(a["heldout"])
+    assert sum(family(p) == "afwe" for p in a["heldout"]) == 3
+    assert sum(family(p) == "sd" for p in a["heldout"]) == 2
+    assert family("[A|W]F") == "afwe" and family("[A|D]F") == "sd"
+    with pytest.raises(UserError, match="cannot hold out"):
+        split_patterns(pats, heldout_afwe=7, heldout_sd=0)
+
+
+def test_prepare_text_splits_chapters_disjointly(tmp_path):
+    info = prepare_text(tmp_path)
+    chapters = {
+        s: [json.loads(line)["text"] for line in open(info[s]["path"], encoding="utf-8")]
+        for s in ("train", "val", "test")
+    }
+    assert all(chapters[s] for s in chapters)
+    assert not set(chapters["train"]) & set(chapters["val"])
+    assert not set(chapters["train"]) & set(chapters["test"])
+    assert not set(chapters["val"]) & set(chapters["test"])
+    total = sum(info[s]["bytes"] for s in info)
+    assert 0.8 < info["train"]["bytes"] / total < 0.97
+    again = prepare_text(tmp_path)  # the same text: the same files, nothing rewritten
+    assert {s: again[s]["sha256"] for s in again} == {s: info[s]["sha256"] for s in info}
+
+
+def test_committed_study_split_is_reproducible_and_big_enough():
+    spec = importlib.util.spec_from_file_location("ruler_v3", ROOT / "benchmarks" / "ruler_v3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    committed = json.loads((ROOT / "benchmarks/results/ruler_v3/split.json").read_text())
+    assert committed == mod.make_split()
+    held = committed["heldout"]
+    assert len(set(held) | set(committed["dev"])) >= 40
+    assert len(held) >= 20 and sum(family(p) == "afwe" for p in held) >= 12
+    letters = set("".join(held + committed["dev"]))
+    assert {"W", "E", "D", "S", "|"} <= letters
+    assert set(committed["check"]) <= set(committed["dev"]) and len(committed["check"]) == 5
+
+
+TINY = {**RULER_SHAPE, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
+        "vocab_size": 256, "max_seq_len": 64, "window": 16, "expert_ffn_dim": 32}  # fmt: skip
+
+
+def test_ruler_chooses_a_rate_trains_seeds_and_resumes(tmp_path):
+    cfg = RulerConfig(shape=TINY, layers=2, tokens=8 * 64 * 160, batch_size=8, seq_len=64,
+                      base_lr=1e-2, warmup_steps=3, tokenizer="byte")  # fmt: skip
+    out = tmp_path / "study"
+    run_ruler(out, ["AF"], cfg, log=lambda m: None)
+    recs = list(read_jsonl(out / "runs.jsonl"))
+    select = [r for r in recs if r["role"] == "select"]
+    final = [r for r in recs if r["role"] == "final"]
+    assert len(select) >= 3 and all(r["tokens"] == cfg.select_tokens() for r in select)
+    ok = [r for r in select if r["flag"] is None]
+    best = min(ok, key=lambda r: (r["val_loss"], r["lr"]))
+    # An edge winner of the 3-rate grid is checked against the next rate beyond it.
+    factors = sorted(round(r["lr"] / cfg.base_lr, 3) for r in select)
+    if round(best["lr"] / cfg.base_lr, 3) in (min(factors), max(factors)):
+        assert len(factors) == 3 or factors in ([0.25, 0.5, 1, 2], [0.5, 1, 2, 4])
+    assert {r["seed"] for r in final} == {0, 1}
+    assert all(r["lr"] == best["lr"] and r["test_loss"] is not None for r in final)
+    losses = ruler_losses(out)
+    assert set(losses["AF"]["seeds"]) == {0, 1}
+    assert losses["AF"]["mean"] == pytest.approx(sum(r["test_loss"] for r in final) / 2)
+    # Resume: nothing is trained or logged again.
+    run_ruler(out, ["AF"], cfg, log=lambda m: None)
+    assert len(list(read_jsonl(out / "runs.jsonl"))) == len(recs)
+    # Another config on the same folder is refused before anything runs.
+    with pytest.raises(UserError, match="other settings"):
+        run_ruler(out, ["AF"], cfg.__class__(**{**cfg.__dict__, "base_lr": 2e-2}))
+
+
+def test_flagged_runs_never_enter_the_losses(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    rows = [
+        {"pattern": "AF", "role": "final", "seed": 0, "flag": None, "test_loss": 3.0},
+        {"pattern": "AF", "role": "final", "seed": 1, "flag": "spiked", "test_loss": 9.0},
+        {"pattern": "AF", "role": "final", "seed": 1, "flag": None, "test_loss": 3.2},
+        {"pattern": "FF", "role": "select", "seed": 0, "flag": None, "test_loss": None},
+    ]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ruler_losses(out) == {"AF": {"seeds": {0: 3.0, 1: 3.2}, "mean": pytest.approx(3.1)}}
