@@ -18,8 +18,8 @@ from hcomposer.proxies.ruler import (
     family,
     flag_run,
     prepare_text,
-    run_ruler,
     ruler_losses,
+    run_ruler,
     split_patterns,
 )
 
@@ -61,7 +61,10 @@ def test_split_patterns_is_seeded_stratified_and_disjoint():
 def test_prepare_text_splits_chapters_disjointly(tmp_path):
     info = prepare_text(tmp_path)
     chapters = {
-        s: [json.loads(line)["text"] for line in open(info[s]["path"], encoding="utf-8")]
+        s: [
+            json.loads(line)["text"]
+            for line in Path(info[s]["path"]).read_text("utf-8").splitlines()
+        ]
         for s in ("train", "val", "test")
     }
     assert all(chapters[s] for s in chapters)
@@ -131,3 +134,49 @@ def test_flagged_runs_never_enter_the_losses(tmp_path):
     ]
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert ruler_losses(out) == {"AF": {"seeds": {0: 3.0, 1: 3.2}, "mean": pytest.approx(3.1)}}
+
+
+def test_reliability_known_answers():
+    from hcomposer.proxies.ruler import reliability
+
+    same = {p: {"seeds": {0: v, 1: v + 0.01}, "mean": v + 0.005}
+            for p, v in zip("abcde", [1.0, 2.0, 3.0, 4.0, 5.0])}  # fmt: skip
+    r = reliability(same)
+    assert r["n"] == 5 and r["seed_spearman"] == pytest.approx(1.0)
+    assert r["spearman_brown"] == pytest.approx(1.0)
+    assert r["spread_median"] == pytest.approx(0.01)
+    flipped = {p: {"seeds": {0: v, 1: -v}, "mean": 0.0}
+               for p, v in zip("abcde", [1.0, 2.0, 3.0, 4.0, 5.0])}  # fmt: skip
+    assert reliability(flipped)["seed_spearman"] == pytest.approx(-1.0)
+    half = {"a": {"seeds": {0: 1.0}, "mean": 1.0}}
+    assert reliability(half) == {"n": 0, "spread": {}}
+
+
+def test_rate_rule_check_compares_the_cheap_pick_with_the_full_grid(tmp_path):
+    from hcomposer.proxies.ruler import rate_rule_check
+
+    cfg = RulerConfig(tokens=1000, base_lr=1.0)
+    rows = [
+        # AF: the cheap rule chose 2.0; the full grid's validation prefers 1.0.
+        {"pattern": "AF", "lr": 0.5, "tokens": 1000, "seed": 0, "role": "grid", "flag": None,
+         "val_loss": 3.3, "test_loss": 3.31},
+        {"pattern": "AF", "lr": 1.0, "tokens": 1000, "seed": 0, "role": "grid", "flag": None,
+         "val_loss": 3.1, "test_loss": 3.12},
+        {"pattern": "AF", "lr": 2.0, "tokens": 1000, "seed": 0, "role": "final", "flag": None,
+         "val_loss": 3.2, "test_loss": 3.25},
+        # FF: agrees.
+        {"pattern": "FF", "lr": 0.5, "tokens": 1000, "seed": 0, "role": "grid", "flag": None,
+         "val_loss": 4.3, "test_loss": 4.3},
+        {"pattern": "FF", "lr": 1.0, "tokens": 1000, "seed": 0, "role": "final", "flag": None,
+         "val_loss": 4.0, "test_loss": 4.0},
+        {"pattern": "FF", "lr": 2.0, "tokens": 1000, "seed": 0, "role": "grid", "flag": "spiked",
+         "val_loss": 3.0, "test_loss": 3.0},
+        {"pattern": "FF", "lr": 2.0, "tokens": 1000, "seed": 0, "role": "grid", "flag": None,
+         "val_loss": 4.2, "test_loss": 4.2},
+    ]  # fmt: skip
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = {r["pattern"]: r for r in rate_rule_check(tmp_path, ["AF", "FF", "SF"], cfg)}
+    assert set(res) == {"AF", "FF"}  # SF has no runs
+    assert res["AF"]["cheap_lr"] == 2.0 and res["AF"]["grid_lr"] == 1.0
+    assert res["AF"]["test_cost"] == pytest.approx(0.13) and not res["AF"]["agree"]
+    assert res["FF"]["agree"] and res["FF"]["test_cost"] == 0.0  # the spiked run is ignored

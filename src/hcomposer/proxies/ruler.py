@@ -50,6 +50,7 @@ from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl,
 from hcomposer.runs import RunDir
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.shapes import Shape
+from hcomposer.stats import spearman_ci
 from hcomposer.training.step import evaluate
 from hcomposer.training.trainer import TrainConfig, load_run, train
 
@@ -63,6 +64,8 @@ __all__ = [
     "ruler_losses",
     "flag_run",
     "family",
+    "reliability",
+    "rate_rule_check",
 ]
 
 # The ruler's width: d_model 64 (the search proxy's width with the usual 0.02 init), so
@@ -438,3 +441,48 @@ def ruler_losses(out: str | Path) -> dict[str, dict[str, Any]]:
         if r.get("role") == "final" and r.get("flag") is None and r.get("test_loss") is not None:
             final.setdefault(r["pattern"], {})[int(r["seed"])] = float(r["test_loss"])
     return {p: {"seeds": v, "mean": statistics.fmean(v.values())} for p, v in final.items()}
+
+
+def reliability(losses: dict[str, dict[str, Any]], seeds: tuple[int, int] = (0, 1)) -> dict:
+    """The ruler's own noise over the patterns with both ``seeds``: Spearman between the two
+    seeds' rankings (with a bootstrap interval; the ceiling any proxy can reach), the
+    Spearman-Brown reliability of the two-seed mean (2r / (1 + r)), and each pattern's seed
+    spread (|loss of seed a - loss of seed b|)."""
+    a, b = seeds
+    both = sorted(p for p, v in losses.items() if a in v["seeds"] and b in v["seeds"])
+    spread = {p: abs(losses[p]["seeds"][a] - losses[p]["seeds"][b]) for p in both}
+    out: dict[str, Any] = {"n": len(both), "spread": spread}
+    if len(both) >= 3:
+        x = [losses[p]["seeds"][a] for p in both]
+        y = [losses[p]["seeds"][b] for p in both]
+        rho, lo, hi = spearman_ci(x, y)
+        out.update(
+            seed_spearman=rho,
+            seed_spearman_ci=[lo, hi],
+            spearman_brown=2 * rho / (1 + rho) if rho > -1 else None,
+            spread_median=statistics.median(spread.values()),
+        )
+    return out
+
+
+def rate_rule_check(out: str | Path, patterns: list[str], cfg: RulerConfig) -> list[dict]:
+    """For each pattern trained at every grid rate at the full budget (seed 0): the rate the
+    cheap rule chose, the one the full grid's validation loss chooses, and the test-loss cost
+    of the cheap pick (its test loss minus the full-grid pick's; 0 when they agree)."""
+    recs = [r for r in read_jsonl(Path(out) / "runs.jsonl") if r.get("flag") is None]
+    rows = []
+    for p in patterns:
+        full = {r["lr"]: r for r in recs
+                if r["pattern"] == p and r["tokens"] == cfg.tokens and r["seed"] == 0}  # fmt: skip
+        chosen = [r["lr"] for r in recs if r["pattern"] == p and r["role"] == "final"
+                  and r["seed"] == 0]  # fmt: skip
+        if not chosen or len(full) < len(cfg.lr_factors):
+            continue
+        grid_pick = min(full, key=lambda lr: (full[lr]["val_loss"], lr))
+        cheap = chosen[0]
+        rows.append({
+            "pattern": p, "cheap_lr": cheap, "grid_lr": grid_pick, "agree": cheap == grid_pick,
+            "test_cost": full[cheap]["test_loss"] - full[grid_pick]["test_loss"],
+            "grid": {str(lr): full[lr]["val_loss"] for lr in sorted(full)},
+        })  # fmt: skip
+    return rows
