@@ -1,4 +1,4 @@
-"""Thread policy: the load arithmetic on hand-made ``/proc/stat`` text (known answers), which
+"""Thread policy: the load arithmetic on hand-made psutil CPU times (known answers), which
 commands get ``OMP_WAIT_POLICY=PASSIVE``, and the trainer's adaptive thread count."""
 
 from __future__ import annotations
@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 
@@ -23,35 +26,38 @@ from hcomposer.threads import (
     apply_thread_policy,
     busy_by_others,
     choose_threads,
+    cpu_sample,
     thread_count,
     usable_cores,
 )
 from hcomposer.training import TrainConfig, Trainer, train
 
-# Column order of /proc/stat: user nice system idle iowait irq softirq steal guest guest_nice.
-COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest")
+# psutil.cpu_times(percpu=True) on Linux: one of these per CPU, in seconds (the ticks of
+# /proc/stat divided by the tick rate). guest and guest_nice are already inside user and nice.
+LinuxTimes = namedtuple(
+    "LinuxTimes", "user nice system idle iowait irq softirq steal guest guest_nice"
+)
+# ... and on macOS.
+MacTimes = namedtuple("MacTimes", "user nice system idle")
 
 
-def stat(*cpus: dict[str, int]) -> str:
-    """/proc/stat text for CPUs given as {column: ticks}; the aggregate line is their sum."""
-    rows = [[c.get(k, 0) for k in COLUMNS] + [0] for c in cpus]
-    total = [sum(col) for col in zip(*rows)]
-    lines = ["cpu  " + " ".join(map(str, total))]
-    lines += [f"cpu{i} " + " ".join(map(str, r)) for i, r in enumerate(rows)]
-    return "\n".join([*lines, "intr 1 2 3", "ctxt 99", "btime 1700000000", ""])
+def stat(*cpus: dict[str, int], hz: int = 100, kind=LinuxTimes) -> tuple:
+    """psutil's per-CPU times for CPUs given as {field: ticks} at ``hz`` ticks per second."""
+    return tuple(kind(*(c.get(k, 0) / hz for k in kind._fields)) for c in cpus)
 
 
 BASE = stat({"user": 1000, "idle": 5000}, {"user": 2000, "idle": 4000, "nice": 300})
 
 
-def after(*deltas: dict[str, int]) -> str:
-    """BASE advanced by ``deltas`` per CPU."""
+def after(*deltas: dict[str, int]) -> tuple:
+    """BASE advanced by ``deltas`` (ticks) per CPU."""
     base = [{"user": 1000, "idle": 5000}, {"user": 2000, "idle": 4000, "nice": 300}]
-    return stat(*({k: b.get(k, 0) + d.get(k, 0) for k in COLUMNS} for b, d in zip(base, deltas)))
+    fields = LinuxTimes._fields
+    return stat(*({k: b.get(k, 0) + d.get(k, 0) for k in fields} for b, d in zip(base, deltas)))
 
 
-def others(text: str, own_seconds: float = 0.0, **kw) -> float | None:
-    return busy_by_others(CpuSample(BASE, 10.0), CpuSample(text, 10.0 + own_seconds), **kw)
+def others(times: tuple, own_seconds: float = 0.0, **kw) -> float | None:
+    return busy_by_others(CpuSample(BASE, 10.0), CpuSample(times, 10.0 + own_seconds), **kw)
 
 
 # 0.2 s at 100 ticks/s: 20 ticks on each CPU.
@@ -94,9 +100,11 @@ def test_niced_processes_count_only_when_we_are_niced():
 
 
 def test_other_ticks_per_second():
-    # 1000 ticks/s: 0.2 s is 200 ticks per CPU; our 0.2 s of CPU is 200 ticks.
-    text = after({"user": 200}, {"user": 200})
-    assert others(text, 0.2, ticks_per_second=1000) == pytest.approx(1.0)
+    # psutil divides by the tick rate: at 1000 ticks/s, 0.2 s is 200 ticks per CPU; our own
+    # 0.2 s of CPU is taken off.
+    before = CpuSample(stat({"idle": 1000}, {"idle": 1000}, hz=1000), 0.0)
+    later = CpuSample(stat({"idle": 1000, "user": 200}, {"idle": 1000, "user": 200}, hz=1000), 0.2)
+    assert busy_by_others(before, later) == pytest.approx(1.0)
 
 
 def test_only_the_cpus_we_may_run_on_are_looked_at():
@@ -117,10 +125,13 @@ def test_too_short_an_interval_decides_nothing():
     assert others(BASE) is None  # no time passed
 
 
-def test_old_kernels_with_fewer_columns():
-    old = "cpu  10 0 10 100\ncpu0 10 0 10 100\n"
-    new = "cpu  30 0 10 100\ncpu0 30 0 10 100\n"
-    assert busy_by_others(CpuSample(old, 0), CpuSample(new, 0)) == pytest.approx(1.0)
+def test_macos_has_fewer_fields():
+    # macOS's psutil gives user nice system idle only: the same arithmetic on what is there.
+    before = CpuSample(stat({"user": 10, "system": 10, "idle": 100}, kind=MacTimes), 0.0)
+    later = CpuSample(stat({"user": 30, "system": 10, "idle": 100}, kind=MacTimes), 0.0)
+    assert busy_by_others(before, later) == pytest.approx(1.0)
+    nice = CpuSample(stat({"user": 10, "system": 10, "idle": 100, "nice": 20}, kind=MacTimes), 0)
+    assert busy_by_others(before, nice, count_nice=False) == pytest.approx(0.0)
 
 
 def test_thread_count_bounds():
@@ -131,33 +142,59 @@ def test_thread_count_bounds():
     assert thread_count(0.0, 1) == 1
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc")
 def test_live_choice_is_within_the_usable_cores():
     n = choose_threads()
     assert n is not None and 1 <= n <= usable_cores()
 
 
-def _fake_proc(monkeypatch, state):
-    """``cpu_sample`` on a fake 2-core machine: each look is ``state["seconds"]`` later, CPU 1
-    busy with another process while ``state["busy"]``; our own CPU time is left out (0)."""
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux only")
+def test_psutil_reads_proc_stat_as_the_arithmetic_expects():
+    """On Linux psutil's per-CPU times are /proc/stat's per-CPU lines, in order, divided by the
+    tick rate, with guest time left inside user (so leaving guest out counts it once)."""
+
+    def proc() -> list[list[int]]:
+        lines = Path("/proc/stat").read_text().splitlines()
+        return [
+            [int(v) for v in line.split()[1:]]
+            for line in lines
+            if line.startswith("cpu") and not line.startswith("cpu ")
+        ]
+
+    hz = os.sysconf("SC_CLK_TCK")
+    before, times, later = proc(), psutil.cpu_times(percpu=True), proc()
+    assert len(times) == len(before) == len(later)
+    for lo, t, hi in zip(before, times, later):
+        for field, a, b in zip(t._fields, lo, hi):
+            # One tick of slack for the division by the tick rate.
+            assert a - 1 <= getattr(t, field) * hz <= b + 1, field
+
+
+def _fake_psutil(monkeypatch, state):
+    """psutil on a fake 2-core machine: each look at the CPU times is ``state["seconds"]``
+    later, CPU 1 busy with another process while ``state["busy"]``, CPU 0 busy with this
+    process while ``state.get("own")`` (its CPU clock advancing by as much); ``sleep`` does not
+    wait."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    tick = int(os.sysconf("SC_CLK_TCK"))
     clock = [{"idle": 0, "user": 0}, {"idle": 0, "user": 0}]
+    own = [0.0]
 
-    def sample():
-        n = round(state["seconds"] * tick)
-        clock[0]["idle"] += n
+    def cpu_times(percpu=False):
+        assert percpu
+        n = round(state["seconds"] * 100)
+        clock[0]["user" if state.get("own") else "idle"] += n
+        own[0] += state["seconds"] if state.get("own") else 0.0
         clock[1]["user" if state["busy"] else "idle"] += n
-        return CpuSample(stat(*clock), 0.0)
+        return list(stat(*clock))
 
-    monkeypatch.setattr(threads, "cpu_sample", sample)
+    monkeypatch.setattr(psutil, "cpu_times", cpu_times)
+    fake_time = SimpleNamespace(process_time=lambda: own[0], sleep=lambda seconds: None)
+    monkeypatch.setattr(threads, "time", fake_time)
 
 
-@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="needs sysconf")
 def test_adaptive_threads_follows_the_load(monkeypatch):
     """The count changes only when the load does; short intervals wait for the next check."""
     state = {"busy": True, "seconds": 0.2}
-    _fake_proc(monkeypatch, state)
+    _fake_psutil(monkeypatch, state)
     calls = []
     chooser = AdaptiveThreads(calls.append, current=2)
     assert chooser.start() == 1 and calls == [1]
@@ -168,9 +205,44 @@ def test_adaptive_threads_follows_the_load(monkeypatch):
     assert chooser.update() == 2 and calls == [1, 2]
 
 
-def test_without_proc_nothing_is_chosen(monkeypatch):
-    monkeypatch.setattr(threads, "cpu_sample", lambda: None)
+def test_choice_from_fake_psutil_readings(monkeypatch):
+    """Through psutil: a core busy with another process costs a thread, a core busy with this
+    process does not (its own CPU time is taken off)."""
+    state = {"busy": False, "seconds": 0.2}
+    _fake_psutil(monkeypatch, state)
+    assert choose_threads() == 2
+    state.update(busy=True)
+    assert choose_threads() == 1
+    state.update(busy=False, own=True)
+    assert choose_threads() == 2
+    sample = cpu_sample()
+    # Three looks (two by choose_threads, this one) while busy ourselves: 0.6 s of our CPU.
+    assert len(sample.cpus) == 2 and sample.own_seconds == pytest.approx(0.6)
+
+
+def test_without_affinity_every_cpu_counts(monkeypatch):
+    """macOS has no sched_getaffinity: all CPUs psutil lists are looked at and usable."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    looks = iter([[{"idle": 0}] * 4, [{"idle": 20}, {"user": 20}, {"system": 20}, {"idle": 20}]])
+    monkeypatch.setattr(psutil, "cpu_times", lambda percpu: list(stat(*next(looks), kind=MacTimes)))
+    monkeypatch.setattr(
+        threads, "time", SimpleNamespace(process_time=lambda: 0.0, sleep=lambda s: None)
+    )
+    assert usable_cores() == 4
+    assert choose_threads() == 2
+
+
+@pytest.mark.parametrize("fails", [OSError("no /proc"), []])
+def test_without_cpu_times_nothing_is_chosen(monkeypatch, fails):
+    def cpu_times(percpu=False):
+        if isinstance(fails, Exception):
+            raise fails
+        return fails
+
+    monkeypatch.setattr(psutil, "cpu_times", cpu_times)
     calls = []
+    assert cpu_sample() is None
     assert choose_threads() is None
     assert AdaptiveThreads(calls.append).start() is None and calls == []
 
@@ -263,12 +335,11 @@ def test_trainer_fixed_and_default_threads(tmp_path, text_file, clean_env):
     assert {r["threads"] for r in read_jsonl(tmp_path / "none" / "metrics.jsonl")} == {before}
 
 
-@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="needs sysconf")
 def test_trainer_adapts_to_the_load_as_it_goes(tmp_path, text_file, clean_env, monkeypatch):
     """Another process busy at set-up (1 thread), gone once training starts: back to 2 threads
     at the first re-check (every 2 steps here)."""
     state = {"busy": True, "seconds": 1.0}
-    _fake_proc(monkeypatch, state)
+    _fake_psutil(monkeypatch, state)
     monkeypatch.setattr("hcomposer.training.trainer.THREADS_EVERY", 2)
     real_step = Trainer.step
 

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from hcomposer.errors import UserError
 
 __all__ = [
@@ -228,16 +230,12 @@ def check_args(args: Any) -> None:
 
 
 def memory_available() -> int | None:
-    """Bytes of memory this process could still use (MemAvailable), or None if unknown."""
+    """Bytes of memory this process could still use, or None if unknown: psutil's
+    ``virtual_memory().available`` (Linux: ``MemAvailable`` of ``/proc/meminfo``; macOS: free
+    plus inactive pages)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, NotImplementedError, ValueError):
         return None
 
 

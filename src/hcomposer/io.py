@@ -11,8 +11,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from hcomposer.version import __version__
 
@@ -28,6 +31,7 @@ __all__ = [
     "append_jsonl",
     "read_jsonl",
     "sha256_file",
+    "entry_lock",
     "current_umask",
     "git_revision",
     "run_metadata",
@@ -63,6 +67,40 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def entry_lock(entry: str | Path) -> Iterator[None]:
+    """Hold the lock of the cache entry ``entry`` (the file ``.NAME.lock`` beside it).
+
+    Parallel processes asking for one entry take it, look for the finished entry again, and
+    build only if it is still missing: the entry is built once. The lock is the operating
+    system's (``flock``), released when its holder dies, so a killed build never blocks the
+    next. A process that has to wait says so once on stderr.
+
+    The empty lock file stays beside a finished entry. Where there is no entry on release (the
+    build failed, or the entry was removed under the lock) it is removed too, so that a refused
+    build leaves nothing behind; a process still waiting on the removed file then finds no
+    entry and builds, at worst beside a newcomer that locked a new file (duplicate work, as
+    without the lock; recent filelock versions re-open the file instead).
+    """
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    path = entry.with_name(f".{entry.name}.lock")
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"hcomposer: waiting for another process building {entry}", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        if not entry.exists():
+            # Windows cannot remove a file held open (its filelock removes it on release).
+            with suppress(OSError):
+                path.unlink()
+        lock.release()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

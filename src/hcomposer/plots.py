@@ -1,33 +1,43 @@
-"""One PNG saver: pyplot on the Agg backend, figures saved at 110 dpi, written atomically.
+"""Figures and one PNG saver: matplotlib's object API, figures saved at 110 dpi, atomically.
 
-matplotlib is imported on the first plot, not at import time: importing pyplot costs about
-0.4 s, which every command that never plots (``hcomposer inspect``, ``search --help``) would pay.
+Every plot is a plain :class:`matplotlib.figure.Figure` drawn by the Agg canvas, never a pyplot
+figure: pyplot is not imported and ``matplotlib.use`` is never called, so a notebook user's
+backend (inline, widget) stays as it was, and no figure is left open in pyplot's registry.
+
+matplotlib is imported on the first plot, not at import time: every command that never plots
+(``hcomposer inspect``, ``search --help``) would otherwise pay for it.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 from hcomposer.io import atomic_write_bytes
 
-__all__ = ["pyplot", "save_png"]
+__all__ = ["subplots", "save_png"]
+
+# Keywords of plt.subplots that belong to the figure rather than to its grid of axes.
+_FIGURE_KEYWORDS = ("figsize", "dpi", "layout", "facecolor", "edgecolor")
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
-    import matplotlib
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]:
+    """A new figure and its axes, as ``matplotlib.pyplot.subplots`` would return them
+    (``figsize`` and the other figure keywords go to the figure, the rest to
+    :meth:`~matplotlib.figure.Figure.subplots`), without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**{k: kwargs.pop(k) for k in _FIGURE_KEYWORDS if k in kwargs})
+    # The Agg canvas draws it (tight_layout and savefig need a renderer).
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save_png(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG (tight bounding box) atomically to ``path``, then close it."""
+    """Write ``fig`` as a PNG (tight bounding box) atomically to ``path``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
-    pyplot().close(fig)
     return Path(path)

@@ -4,7 +4,7 @@ a thread count that follows how many cores other processes are using.
 With OpenMP's default policy, a thread that finishes its share of a parallel region spins for
 a while before it sleeps. On a small machine shared with another busy process, the threads of
 one region then spin while the thread that lost its core to the other process is descheduled.
-Measured on 2 cores (``benchmarks/bench_load.py``, section "load" of ``benchmarks/RESULTS.md``,
+Measured on 2 cores (``benchmarks/bench_load.py``; "load" in ``docs/history/results-log.md``;
 fp32 training of ``(AF)*6`` at shape ``10m``, one round): two threads with the default policy
 keep 0.35 of their quiet throughput beside one busy process; ``OMP_WAIT_POLICY=PASSIVE``
 (threads sleep at once) keeps 0.52 but costs 14% when quiet; one thread keeps 0.56 loaded but
@@ -18,13 +18,15 @@ graceful when loaded, so:
 - Every other command runs under ``OMP_WAIT_POLICY=PASSIVE`` (the proxies run one thread per
   evaluation already, ``ProxyConfig.threads``).
 
-How busy the other processes are: two samples of ``/proc/stat`` (the per-CPU lines of the
-CPUs this process may run on) give the busy CPU time over the interval; this process's own CPU
-time (``time.process_time``) over the same interval is taken off. Time of processes with a
-positive nice value is counted only when this process is niced too: a niced job barely slows
-a process at nice 0 (the scheduler weighs nice 0 about ten times nice 10). Hypervisor steal
-counts as busy. Without ``/proc`` (macOS, Windows) nothing is chosen and torch keeps its
-default. CPU limits set by a container's cgroup quota are not seen.
+How busy the other processes are: two samples of the CPU times (``psutil.cpu_times``, per CPU,
+in seconds; on Linux psutil reads ``/proc/stat``) of the CPUs this process may run on give the
+busy CPU time over the interval; this process's own CPU time (``time.process_time``) over the
+same interval is taken off. Time of processes with a positive nice value is counted only when
+this process is niced too: a niced job barely slows a process at nice 0 (the scheduler weighs
+nice 0 about ten times nice 10). Hypervisor steal counts as busy. Where the affinity is unknown
+(macOS has no ``sched_getaffinity``) every CPU is looked at. Where psutil cannot read the CPU
+times nothing is chosen and torch keeps its default. CPU limits set by a container's cgroup
+quota are not seen.
 
 The knobs: ``hcomposer train --threads N`` fixes the count (0, the default, adapts);
 ``OMP_NUM_THREADS`` in the environment fixes it too (the trainer then leaves torch alone, and
@@ -45,7 +47,9 @@ import os
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
+
+import psutil
 
 __all__ = [
     "AUTO_SPLIT_MAX_CORES",
@@ -69,12 +73,14 @@ WAIT_POLICY = "PASSIVE"
 ADAPTIVE_COMMANDS = frozenset({"train"})
 # Optimiser steps between re-checks of the load (a step of the 10m shape takes ~1.7 s on 2 cores).
 THREADS_EVERY = 50
-# The shortest interval the load is measured over (at 100 ticks/s: 20 ticks per core).
+# The shortest interval the load is measured over (at Linux's 100 ticks/s: 20 ticks per core).
 SAMPLE_SECONDS = 0.2
 
-# /proc/stat columns after the name: user nice system idle iowait irq softirq steal guest
-# guest_nice. guest and guest_nice are already inside user and nice.
-_USER, _NICE, _SYSTEM, _IDLE, _IOWAIT, _IRQ, _SOFTIRQ, _STEAL = range(8)
+# CPU-time fields that are already inside others: Linux's guest and guest_nice (inside user
+# and nice). psutil's own cpu_percent leaves out the same two.
+_COUNTED_ELSEWHERE = frozenset({"guest", "guest_nice"})
+# Time a CPU had nothing to run (waiting for I/O is idle: the CPU could have run us).
+_IDLE_FIELDS = frozenset({"idle", "iowait"})
 
 
 def apply_thread_policy(command: str | None = None) -> None:
@@ -99,14 +105,17 @@ def adapts(command: str | None, environ: dict[str, str] | None = None) -> bool:
 
 @dataclass(frozen=True)
 class CpuSample:
-    """One look at the CPUs: ``/proc/stat``'s text and this process's CPU seconds."""
+    """One look at the CPUs: each CPU's times in seconds, in CPU order, as
+    ``psutil.cpu_times(percpu=True)`` gives them (named tuples whose fields vary by platform:
+    Linux has user nice system idle iowait irq softirq steal guest guest_nice, macOS user nice
+    system idle), and this process's CPU seconds."""
 
-    stat: str
+    cpus: tuple[Any, ...]
     own_seconds: float
 
 
 # The batch split (--batch-threads) is chosen automatically on machines with at most this
-# many usable cores: measured on 2 cores (benchmarks/RESULTS.md, "load"); each batch thread
+# many usable cores: measured on 2 cores (benchmarks/RESULTS.md, row train-load); each batch thread
 # holds its own copy of the gradients, and on larger machines intra-op threads are untested
 # against it, so they keep the adaptive intra-op count.
 AUTO_SPLIT_MAX_CORES = 4
@@ -158,41 +167,43 @@ def _affinity() -> set[int] | None:
 
 
 def cpu_sample() -> CpuSample | None:
-    """``/proc/stat`` and ``time.process_time()`` now; None where there is no ``/proc``."""
+    """The CPUs' times (psutil) and ``time.process_time()`` now; None where psutil cannot read
+    them."""
     try:
-        stat = Path("/proc/stat").read_text()
-    except OSError:
+        times = psutil.cpu_times(percpu=True)
+    except (OSError, NotImplementedError):
         return None
-    return CpuSample(stat, time.process_time())
+    if not times:
+        return None
+    return CpuSample(tuple(times), time.process_time())
 
 
-def _ticks(stat: str, cpus: Collection[int] | None, count_nice: bool) -> tuple[int, int, int]:
-    """``(busy, total, n)``: ticks summed over the per-CPU lines of ``cpus`` (None: the
-    aggregate ``cpu`` line), and over how many CPUs."""
-    rows = {}
-    for line in stat.splitlines():
-        fields = line.split()
-        if fields and fields[0].startswith("cpu"):
-            # Old kernels have fewer columns: the missing ones count 0.
-            rows[fields[0][3:]] = [int(v) for v in fields[1:9]] + [0] * max(0, 9 - len(fields))
-    per_cpu = {int(name): v for name, v in rows.items() if name}
+def _seconds(
+    sample: CpuSample, cpus: Collection[int] | None, count_nice: bool
+) -> tuple[float, float, int]:
+    """``(busy, total, n)``: seconds summed over the CPUs ``cpus`` (None: all of them), and over
+    how many CPUs. A CPU's number is its place in psutil's list (the order of ``/proc/stat``,
+    which lists online CPUs only: with a CPU taken offline the numbers after it shift)."""
     if cpus is None:
-        if "" not in rows:
-            raise ValueError("no aggregate cpu line in /proc/stat")
-        return (*_busy_total(rows[""], count_nice), max(len(per_cpu), 1))
-    chosen = [v for cpu, v in per_cpu.items() if cpu in cpus]
+        chosen = list(sample.cpus)
+    else:
+        chosen = [t for cpu, t in enumerate(sample.cpus) if cpu in cpus]
     if not chosen:
-        raise ValueError(f"none of CPUs {sorted(cpus)} in /proc/stat")
-    sums = [_busy_total(v, count_nice) for v in chosen]
+        raise ValueError(f"none of CPUs {sorted(cpus or ())} among {len(sample.cpus)} CPUs")
+    sums = [_busy_total(t, count_nice) for t in chosen]
     return sum(b for b, _ in sums), sum(t for _, t in sums), len(chosen)
 
 
-def _busy_total(v: list[int], count_nice: bool) -> tuple[int, int]:
-    busy = v[_USER] + v[_SYSTEM] + v[_IRQ] + v[_SOFTIRQ] + v[_STEAL]
-    if count_nice:
-        busy += v[_NICE]
-    # Uncounted nice time is time these CPUs could give us: idle for this purpose.
-    return busy, sum(v[:8])
+def _busy_total(times: Any, count_nice: bool) -> tuple[float, float]:
+    """Busy and total seconds of one CPU's times: every field but idle and I/O wait is busy
+    (user, system, irq, softirq, steal; nice when ``count_nice``)."""
+    fields = {k: float(v) for k, v in times._asdict().items() if k not in _COUNTED_ELSEWHERE}
+    total = sum(fields.values())
+    busy = total - sum(fields.get(k, 0.0) for k in _IDLE_FIELDS)
+    if not count_nice:
+        # Uncounted nice time is time these CPUs could give us: idle for this purpose.
+        busy -= fields.get("nice", 0.0)
+    return busy, total
 
 
 def busy_by_others(
@@ -200,24 +211,24 @@ def busy_by_others(
     after: CpuSample,
     *,
     cpus: Collection[int] | None = None,
-    ticks_per_second: int = 100,
     count_nice: bool = True,
     min_seconds: float = SAMPLE_SECONDS / 2,
 ) -> float | None:
     """Cores kept busy by other processes between two samples (0 or more), or None when the
-    interval is shorter than ``min_seconds`` (too few ticks to tell).
+    interval is shorter than ``min_seconds`` (too little CPU time to tell).
 
-    ``cpus``: the CPUs to look at (None: all of them, the aggregate line).
+    ``cpus``: the CPUs to look at (None: all of them).
     """
-    b0, t0, n = _ticks(before.stat, cpus, count_nice)
-    b1, t1, _ = _ticks(after.stat, cpus, count_nice)
-    d_total = t1 - t0
-    # Ticks that passed on each CPU: the interval's length.
-    per_cpu = d_total / n
-    if per_cpu <= 0 or per_cpu < min_seconds * ticks_per_second:
+    b0, t0, n = _seconds(before, cpus, count_nice)
+    b1, t1, _ = _seconds(after, cpus, count_nice)
+    # Seconds that passed on each CPU: the interval's length.
+    per_cpu = (t1 - t0) / n
+    if per_cpu <= 0 or per_cpu < min_seconds:
         return None
-    own = (after.own_seconds - before.own_seconds) * ticks_per_second
-    return max(0.0, (b1 - b0 - own) / per_cpu)
+    own = after.own_seconds - before.own_seconds
+    # psutil's seconds are whole clock ticks divided by the tick rate: rounding off the float
+    # noise keeps half a core exactly half (thread_count rounds it up).
+    return max(0.0, round((b1 - b0 - own) / per_cpu, 9))
 
 
 def thread_count(others: float, usable: int) -> int:
@@ -232,26 +243,16 @@ def _niced() -> bool:
         return False
 
 
-def _ticks_per_second() -> int:
-    try:
-        return int(os.sysconf("SC_CLK_TCK"))
-    except (AttributeError, ValueError, OSError):
-        return 100
-
-
 def _others(before: CpuSample, after: CpuSample) -> float | None:
     try:
-        return busy_by_others(
-            before, after, cpus=_affinity(), ticks_per_second=_ticks_per_second(),
-            count_nice=_niced(),
-        )  # fmt: skip
-    except (ValueError, IndexError):  # an unexpected /proc/stat: decide nothing
+        return busy_by_others(before, after, cpus=_affinity(), count_nice=_niced())
+    except ValueError:  # the CPUs we may run on are not among psutil's: decide nothing
         return None
 
 
 def choose_threads(seconds: float = SAMPLE_SECONDS) -> int | None:
     """The thread count for the load right now, measured over ``seconds`` (this call sleeps);
-    None where ``/proc`` is missing."""
+    None where the CPU times cannot be read."""
     before = cpu_sample()
     if before is None:
         return None
@@ -267,7 +268,7 @@ class AdaptiveThreads:
     trainer passes ``torch.set_num_threads``).
 
     Each check measures the other processes over the interval since the previous one (this
-    process's own CPU time taken off), so checks cost one read of ``/proc/stat``; an interval
+    process's own CPU time taken off), so checks cost one read of the CPU times; an interval
     shorter than :data:`SAMPLE_SECONDS` is extended to the next check.
     """
 
@@ -277,7 +278,8 @@ class AdaptiveThreads:
         self._last: CpuSample | None = None
 
     def start(self) -> int | None:
-        """Measure for :data:`SAMPLE_SECONDS` (sleeping) and set the count; None without /proc."""
+        """Measure for :data:`SAMPLE_SECONDS` (sleeping) and set the count; None without CPU
+        times."""
         self._last = cpu_sample()
         if self._last is None:
             return None

@@ -4,8 +4,10 @@ A prepared dataset is a folder holding ``train.bin`` and ``val.bin`` (raw little
 uint16 when the vocabulary fits, else uint32; documents packed back to back, each followed by
 the tokenizer's EOS id) and ``manifest.json`` (source description, tokenizer identity, split
 rule, token counts, sha256 of each shard). It is built once into a temporary folder and
-renamed into place, so a killed build leaves nothing half-written. It is reused when the
-stored manifest's source, tokenizer and split agree with the request, rebuilt otherwise.
+renamed into place, so a killed build leaves nothing half-written, and under a lock beside
+the folder (:func:`hcomposer.io.entry_lock`), so parallel jobs build it once. It is reused
+when the stored manifest's source, tokenizer and split agree with the request, rebuilt
+otherwise.
 
 Split: the token stream is cut into blocks of ``SPLIT_BLOCK`` tokens and a block goes to
 validation when a hash of (seed, block index) falls below ``val_fraction``; at least one block
@@ -34,7 +36,7 @@ import torch
 from hcomposer.data.sources import resolve_source
 from hcomposer.data.tokenizers import Tokenizer, cache_root
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, read_json, sha256_file
+from hcomposer.io import atomic_write_json, entry_lock, read_json, sha256_file
 
 __all__ = ["TokenDataset", "prepare_dataset", "load_token_folder", "SPLIT_BLOCK", "FORMAT"]
 
@@ -270,23 +272,37 @@ def prepare_dataset(
     ).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     folder = root / "tokens" / f"{src.kind}-{key}"
-    if (folder / "manifest.json").is_file():
+    found = _cached(folder, request)
+    if found is not None:
+        return found
+    # Parallel jobs (search workers, DDP ranks, two runs) asking for these shards build them
+    # once: the others wait for the lock and then find them.
+    with entry_lock(folder):
+        found = _cached(folder, request)
+        if found is not None:
+            return found
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         try:
-            stored = read_json(folder / "manifest.json")
-            if _matches(stored, request):
-                return _open(folder, stored)
-        except (OSError, ValueError, KeyError, UserError):
-            pass
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+            manifest = _build(src, tokenizer, request, tmp)
+            atomic_write_json(tmp / "manifest.json", manifest)
+            _install(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _open(folder, read_json(folder / "manifest.json"))
+
+
+def _cached(folder: Path, request: dict) -> TokenDataset | None:
+    """The shards in ``folder`` if its manifest matches ``request``, else None."""
+    if not (folder / "manifest.json").is_file():
+        return None
     try:
-        manifest = _build(src, tokenizer, request, tmp)
-        atomic_write_json(tmp / "manifest.json", manifest)
-        _install(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _open(folder, read_json(folder / "manifest.json"))
+        stored = read_json(folder / "manifest.json")
+        if _matches(stored, request):
+            return _open(folder, stored)
+    except (OSError, ValueError, KeyError, UserError):
+        pass
+    return None
 
 
 def _install(tmp: Path, folder: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, read_json
+from hcomposer.io import atomic_write_json, atomic_write_text, entry_lock, read_json
 
 __all__ = [
     "Tokenizer",
@@ -192,10 +192,13 @@ def _bpe(spec: str, source: str | None, cache_dir: Path | None) -> HFTokenizer:
     key = hashlib.sha256(f"bpe/1|{n}|{src.identity()}".encode()).hexdigest()[:16]
     folder = Path(cache_dir or cache_root()) / "tokenizers" / f"bpe{n}-{key}"
     if (folder / "tokenizer.json").is_file():
-        tok = HFTokenizer.from_file(folder / "tokenizer.json", name=f"bpe:{n}")
-        return tok
-    tok = train_bpe(n, src.documents())
-    tok.save(folder)
+        return HFTokenizer.from_file(folder / "tokenizer.json", name=f"bpe:{n}")
+    # Parallel jobs asking for this BPE train it once: the others wait, then read it.
+    with entry_lock(folder):
+        if (folder / "tokenizer.json").is_file():
+            return HFTokenizer.from_file(folder / "tokenizer.json", name=f"bpe:{n}")
+        tok = train_bpe(n, src.documents())
+        tok.save(folder)
     return tok
 
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
 from hcomposer.evaluation.interleave import measure_interleaved
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
 from hcomposer.primitives import cpu_kernels
 from hcomposer.training.step import make_optimizer, train_step
 from hcomposer.training.trainer import load_run
@@ -389,9 +389,7 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
 
 def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     """Prefill and decode tokens/s, and cache bytes, against context (one line per label)."""
-    plt = pyplot()
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = subplots(1, 3, figsize=(12, 3.6))
     for label, res in results.items():
         xs = [p["context"] for p in res["inference"]]
         axes[0].plot(xs, [p["prefill_tokens_per_s"] for p in res["inference"]], "o-", label=label)

@@ -24,7 +24,7 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.data.mqar import MQARConfig
 from hcomposer.errors import UserError
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 
 __all__ = ["MQARCurveConfig", "run_mqar_curve", "plot_mqar_curve", "mqar_markdown"]
@@ -115,9 +115,7 @@ def mqar_markdown(res: dict[str, Any]) -> str:
 
 def plot_mqar_curve(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     """One line per label (e.g. pattern): accuracy against sequence length."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     for label, res in results.items():
         xs = [p["length"] for p in res["points"]]
         ys = [p["accuracy"] for p in res["points"]]

@@ -25,7 +25,7 @@ import torch
 
 from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
 
 __all__ = ["NIAHConfig", "run_niah", "niah_lengths", "plot_niah", "niah_markdown", "CITIES"]
 
@@ -202,11 +202,9 @@ def niah_markdown(res: dict[str, Any]) -> str:
 
 def plot_niah(res: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Heatmap PNG: depth (rows) x length (columns), colour = exact-digit accuracy."""
-    plt = pyplot()
-
     lengths, depths = res["lengths"], res["depths"]
     grid = np.array([[res["accuracy"][str(L)][f"{d:g}"] for L in lengths] for d in depths])
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
+    fig, ax = subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{L}\n{L / res['train_len']:.2g}x" for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])

@@ -33,7 +33,7 @@ from typing import Any
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.stats import pair_agreement, seed_std, spearman_ci
@@ -94,9 +94,7 @@ def rank_correlation(proxy_scores: list[float], scale_losses: list[float]) -> di
 
 
 def plot_proxy_rank(points: list[dict[str, Any]], corr: dict[str, float], path, proxy: str):
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = subplots(figsize=(6, 4.2))
     xs = [p["proxy_score"] for p in points]
     ys = [p["scale_val_loss"] for p in points]
     ax.scatter(xs, ys)

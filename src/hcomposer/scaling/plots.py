@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
 
 __all__ = ["plot_isoflop", "plot_frontier"]
 
@@ -23,11 +23,10 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 def plot_isoflop(results: dict, path: str | Path) -> Path:
     """Loss against parameters per budget, with the fitted parabolas and their minima."""
-    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     patterns = list(results["patterns"])
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1, len(patterns), figsize=(5.2 * len(patterns), 4), squeeze=False, sharey=True
     )
     budgets = sorted({r["budget"] for r in results["runs"]})
@@ -71,8 +70,7 @@ def plot_isoflop(results: dict, path: str | Path) -> Path:
 
 def plot_frontier(results: dict, path: str | Path) -> Path:
     """N* and L* against compute, with the fitted frontier of every pattern."""
-    plt = pyplot()
-    fig, (ax_n, ax_l) = plt.subplots(1, 2, figsize=(10.5, 4))
+    fig, (ax_n, ax_l) = subplots(1, 2, figsize=(10.5, 4))
     for i, (block, res) in enumerate(results["patterns"].items()):
         c = _COLORS[i % len(_COLORS)]
         good = [f for f in res["budgets"] if f["ok"] and f["inside"]]

@@ -47,7 +47,7 @@ from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
 from hcomposer.format import markdown_table
 from hcomposer.pattern import format_pattern, parse_pattern
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
 from hcomposer.search.samplers import make_sampler
 from hcomposer.stats import (
     bootstrap_ci,
@@ -717,8 +717,7 @@ def plot_regret(
     results: dict[str, list[Replay]], table: Table, budget: int, path: str | Path
 ) -> Path:
     """Mean simple regret (95% bootstrap band) and the share of replays at the tied set."""
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(1, budget + 1)
     for name, reps in results.items():
         mean, lo, hi = bootstrap_mean_band([r.regret for r in reps])

@@ -49,6 +49,7 @@ from hcomposer.data import (
 )
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
+from hcomposer.io import entry_lock
 from hcomposer.model import build_model, lm_loss
 from hcomposer.primitives import primitive_class
 from hcomposer.runs import RUN_JSON, RunDir
@@ -410,10 +411,12 @@ def _check_inputs(arch, config, out, dist, resume):
         manifest = Path(dataset.path) / "manifest.json"
         fresh = manifest.is_file() and manifest.stat().st_mtime >= t_data - 1
         if dist.main and fresh and Path(dataset.path) != Path(str(config.data)):
-            shutil.rmtree(dataset.path, ignore_errors=True)
+            # Under the entry's lock, which then goes too.
+            with entry_lock(dataset.path):
+                shutil.rmtree(dataset.path, ignore_errors=True)
         raise
     if has_run:
-        stored = read_run_file(out, "run.json", keys=("config",), versioned=True)["config"]
+        stored = read_run_file(out, RUN_JSON, keys=("config",), versioned=True)["config"]
         started_on = (
             (stored.get("dataset") or {}).get("sha256") if isinstance(stored, dict) else None
         )
