@@ -10,14 +10,17 @@ import random
 import pytest
 import torch
 
+from hcomposer.primitive_specs import SPECS
+
 # Test models are tiny: a second thread gains nothing on them, and on a busy machine the
 # OpenMP workers spin-wait and burn CPU. One thread keeps the suite's CPU time honest.
 torch.set_num_threads(1)
 
-# S (Mamba-2) lives in its own file, built in parallel; its tests run once the file exists.
+# Every registered primitive (hcomposer.primitive_specs, the one registry): random patterns
+# draw from all of them, so a new primitive is in the random-pattern tests at once.
 HAS_MAMBA = importlib.util.find_spec("hcomposer.primitives.mamba2") is not None
-MIXERS = "AWS" if HAS_MAMBA else "AW"
-TOKENS = MIXERS + "FE"
+MIXERS = "".join(t for t, s in SPECS.items() if s.mixer)
+TOKENS = MIXERS + "".join(t for t, s in SPECS.items() if not s.mixer)
 
 requires_mamba = pytest.mark.skipif(
     not HAS_MAMBA, reason="hcomposer.primitives.mamba2 (S) is not there yet"

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 from hcomposer.architecture import Architecture
 from hcomposer.model import build_model
+from hcomposer.primitives import sublayer_param_count
 
-__all__ = ["Costs", "count_costs", "estimate_memory"]
+__all__ = ["Costs", "count_costs", "estimate_memory", "params_from_shape"]
 
 
 @dataclass(frozen=True)
@@ -82,19 +83,13 @@ def count_costs(arch: Architecture, seq_len: int | None = None, dtype_bytes: int
     )
 
 
-def _rough_params(arch: Architecture) -> int:
-    """Parameters from the shape alone, to within a small factor (no model is built)."""
+def params_from_shape(arch: Architecture) -> int:
+    """Exact parameters from the shape alone (no model is built): the embedding (and an
+    untied head), each sublayer's norm and primitive (each primitive's own ``param_count``),
+    and the final norm. Equal to ``count_costs(arch).params_total`` (tested)."""
     s = arch.shape
-    d, inner = s.d_model, s.ssm_expand * s.d_model
-    per_token = {
-        "A": 2 * d * s.n_heads * s.head_dim + 2 * d * s.n_kv_heads * s.head_dim,
-        "W": 2 * d * s.n_heads * s.head_dim + 2 * d * s.n_kv_heads * s.head_dim,
-        "F": 3 * d * s.ffn_dim,
-        "E": (s.n_experts + s.n_shared_experts) * 3 * d * s.expert_ffn_dim + d * s.n_experts,
-        "S": d * (2 * inner + 2 * s.ssm_groups * s.ssm_state) + inner * d,
-    }
-    body = sum(per_token.get(tok, 4 * d * d) for sub in arch.layers for tok in sub)
-    return body + s.vocab_size * d * (1 if s.tie_embeddings else 2)
+    body = sum(s.d_model + sublayer_param_count(sub, s) for sub in arch.layers)
+    return body + s.d_model + s.vocab_size * s.d_model * (1 if s.tie_embeddings else 2)
 
 
 def estimate_memory(
@@ -110,7 +105,7 @@ def estimate_memory(
     """
     s = arch.shape
     tokens = batch * seq_len
-    weights = _rough_params(arch) * 4 * (4 if training else 1)
+    weights = params_from_shape(arch) * 4 * (4 if training else 1)
     widest = max(s.d_model * 4, s.ffn_dim * 3, s.ssm_expand * s.d_model * 2)
     activations = tokens * widest * 4 * (arch.n_sublayers if training else 2)
     logits = tokens * s.vocab_size * 4 * 2

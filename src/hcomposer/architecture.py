@@ -10,11 +10,14 @@ from typing import Any
 from hcomposer.config_io import migrate, parse_json_text, read_json_file, stamp
 from hcomposer.errors import ShapeError, UserError
 from hcomposer.pattern import Sublayer, count_tokens, format_pattern, parse_pattern
+from hcomposer.primitive_specs import SPECS
 from hcomposer.shapes import Shape, resolve_shape
 
 __all__ = ["Architecture", "FORMAT"]
 
 FORMAT = "hcomposer.architecture/1"
+# Derived shape counts and the field a user sets to change them (for ShapeError.field).
+_SETS = {"ssm_heads": "ssm_head_dim"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,34 +114,25 @@ class Architecture:
 
 
 def _check_groups(layers: list[Sublayer], shape: Shape) -> None:
-    """Every branch of a group must get a whole number of heads."""
+    """Every branch of a group must get a whole number of heads: each primitive's
+    ``split_fields`` divide by the number of branches (the registry says which)."""
     for pos, s in enumerate(layers, 1):
         k = len(s)
         if k == 1:
             continue
         where = f"sublayer {pos} {format_pattern([s])}"
         for tok in s:
-            if tok in "AW":
-                for name in ("n_heads", "n_kv_heads"):
-                    if getattr(shape, name) % k:
-                        raise ShapeError(
-                            f"{where}: {name}={getattr(shape, name)} of shape {shape.name!r} "
-                            f"cannot be split evenly into {k} branches",
-                            field=name,
-                        )
-            elif tok == "D":
-                for name in ("dn_heads", "dn_v_heads"):
-                    if getattr(shape, name) % k:
-                        raise ShapeError(
-                            f"{where}: {name}={getattr(shape, name)} of shape {shape.name!r} "
-                            f"cannot be split evenly into {k} branches",
-                            field=name,
-                        )
-            elif tok == "S":
-                heads = shape.ssm_heads
-                if heads % k or (heads // k) % shape.ssm_groups:
-                    raise ShapeError(
-                        f"{where}: the {heads} SSM heads of shape {shape.name!r} cannot be split "
-                        f"evenly into {k} branches of ssm_groups={shape.ssm_groups}",
-                        field="ssm_head_dim",
-                    )
+            facts = SPECS[tok]
+            for name in facts.split_fields:
+                total = getattr(shape, name)
+                multiple = facts.split_multiple_of
+                if total % k == 0 and not (multiple and (total // k) % getattr(shape, multiple)):
+                    continue
+                extra = f" of {multiple}={getattr(shape, multiple)}" if multiple else ""
+                # A derived count (ssm_heads) is reported against the field that sets it.
+                field = name if name in Shape.__dataclass_fields__ else _SETS.get(name, name)
+                raise ShapeError(
+                    f"{where}: {name}={total} of shape {shape.name!r} cannot be split evenly "
+                    f"into {k} branches{extra}",
+                    field=field,
+                )

@@ -13,10 +13,11 @@ is the expanded string, e.g. ``AFAF[A|S]F``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from hcomposer.errors import PatternError
 from hcomposer.guards import cap
+from hcomposer.primitive_specs import SPECS, FfnTokens, MixerTokens, TokenNames
 
 __all__ = [
     "TOKENS",
@@ -31,24 +32,23 @@ __all__ = [
     "count_tokens",
 ]
 
-# Token -> human name. The registry of modules lives in hcomposer.primitives.
-TOKENS: dict[str, str] = {
-    "A": "attention",
-    "W": "sliding-window attention",
-    "F": "SwiGLU MLP",
-    "E": "mixture of experts",
-    "S": "Mamba-2",
-    "D": "Gated DeltaNet",
-}
+# Token -> human name, mixers and feed-forward tokens: live views of the one registry,
+# hcomposer.primitive_specs (a primitive registered later is known here at once).
+TOKENS: Mapping[str, str] = TokenNames()
 # Sequence mixers may appear inside a parallel group; channel mixers may not.
-MIXER_TOKENS = frozenset("AWSD")
-FFN_TOKENS = frozenset("FE")
+MIXER_TOKENS = MixerTokens()
+FFN_TOKENS = FfnTokens()
 
 # A sublayer is a tuple of tokens: ("A",) for a plain sublayer, ("A", "S") for [A|S].
 Sublayer = tuple[str, ...]
 
-_MEGATRON = {"S": "M", "A": "*", "F": "-", "E": "E"}
-_FROM_MEGATRON = {v: k for k, v in _MEGATRON.items()}
+
+def _megatron() -> dict[str, str]:
+    return {t: s.megatron for t, s in SPECS.items() if s.megatron}
+
+
+def _megatron_known() -> str:
+    return ", ".join(f"{m} ({SPECS[t].name})" for t, m in _megatron().items())
 
 
 def _valid_list() -> str:
@@ -219,43 +219,45 @@ def count_tokens(layers: Iterable[Sublayer]) -> dict[str, int]:
 
 
 def to_megatron(text: str | Sequence[Sublayer]) -> str:
-    """Megatron-LM / Nemotron-H ``hybrid_override_pattern`` (M Mamba, * attention, - MLP, E MoE)."""
+    """Megatron-LM / Nemotron-H ``hybrid_override_pattern`` (M Mamba, * attention, - MLP, E MoE:
+    each primitive's ``megatron`` letter in the registry)."""
     layers = parse_pattern(text)
+    table = _megatron()
     out = []
     for pos, s in enumerate(layers, 1):
-        if s == ("D",):
-            # The Nemotron-H hybrid_override_pattern has symbols for Mamba, attention, MLP and
-            # MoE only: no symbol means no conversion, rather than a guessed one.
+        if len(s) == 1 and s[0] not in table:
+            # No symbol means no conversion, rather than a guessed one.
             raise PatternError(
-                f"sublayer {pos} 'D' (Gated DeltaNet) has no symbol in the Nemotron-H "
-                "hybrid_override_pattern (M Mamba, * attention, - MLP, E MoE); a pattern with D "
+                f"sublayer {pos} {s[0]!r} ({SPECS[s[0]].name}) has no symbol in the Nemotron-H "
+                f"hybrid_override_pattern ({_megatron_known()}); a pattern with {s[0]} "
                 "cannot be converted to Megatron",
                 position=pos,
             )
-        if len(s) > 1 or s[0] not in _MEGATRON:
+        if len(s) > 1:
             raise PatternError(
                 f"sublayer {pos} {format_pattern([s])!r} has no Megatron equivalent; "
-                "hybrid_override_pattern knows only S (M), A (*), F (-), E (E)",
+                f"hybrid_override_pattern knows only single sublayers: {_megatron_known()}",
                 position=pos,
             )
-        out.append(_MEGATRON[s[0]])
+        out.append(table[s[0]])
     return "".join(out)
 
 
 def from_megatron(text: str) -> list[Sublayer]:
     """Parse a Megatron ``hybrid_override_pattern`` such as ``M-M*-``."""
+    back = {m: t for t, m in _megatron().items()}
     layers: list[Sublayer] = []
     for i, c in enumerate(text):
         if c.isspace():
             continue
-        if c not in _FROM_MEGATRON:
+        if c not in back:
             raise PatternError(
                 f"hybrid_override_pattern {text!r}: unknown symbol {c!r} at position {i + 1}; "
-                "valid: M (Mamba), * (attention), - (MLP), E (MoE)",
+                f"valid: {_megatron_known()}",
                 pattern=text,
                 position=i + 1,
             )
-        layers.append((_FROM_MEGATRON[c],))
+        layers.append((back[c],))
     if not layers:
         raise PatternError("hybrid_override_pattern is empty", pattern=text, position=1)
     return layers

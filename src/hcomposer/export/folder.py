@@ -37,7 +37,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.evaluation.suite import eval_markdown, load_eval_results
 from hcomposer.export.model_card import model_card
-from hcomposer.export.native import bamba_model, is_bamba_pattern
+from hcomposer.export.native import bamba_model, is_bamba_pattern, native_blocks
 from hcomposer.export.remote import write_remote_code
 from hcomposer.hf import HComposerConfig, HComposerForCausalLM
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
@@ -61,8 +61,7 @@ KINDS = ("auto", "llama", "bamba", "hcomposer")
 
 def is_llama_pattern(arch: Architecture) -> bool:
     """True when the pattern is ``(AF)*n``: exactly a Llama decoder stack."""
-    n = arch.n_sublayers // 2
-    return n >= 1 and arch.pattern == "AF" * n
+    return native_blocks(arch, "llama")
 
 
 def llama_config_kwargs(arch: Architecture) -> dict[str, Any]:

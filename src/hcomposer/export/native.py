@@ -31,20 +31,34 @@ from typing import Any
 import torch
 
 from hcomposer.architecture import Architecture
+from hcomposer.primitive_specs import SPECS
 
-__all__ = ["is_bamba_pattern", "bamba_config_kwargs", "bamba_model", "to_bamba_state_dict"]
+__all__ = [
+    "native_blocks",
+    "is_bamba_pattern",
+    "bamba_config_kwargs",
+    "bamba_model",
+    "to_bamba_state_dict",
+]
+
+
+def native_blocks(arch: Architecture, kind: str) -> bool:
+    """True when the pattern is ``(XY)*n`` of single sublayers, every X a sequence mixer and
+    every Y a feed-forward whose registry entry lists ``kind`` among its native exports: the
+    decoder blocks of that Hugging Face class, one to one."""
+    layers = arch.layers
+    if not layers or len(layers) % 2 or any(len(s) != 1 for s in layers):
+        return False
+    for i, (tok,) in enumerate(layers):
+        facts = SPECS[tok]
+        if facts.mixer != (i % 2 == 0) or kind not in facts.native_export:
+            return False
+    return True
 
 
 def is_bamba_pattern(arch: Architecture) -> bool:
-    """True for ``(XF)*n`` with every X in {A, S} and at least one S."""
-    layers = arch.layers
-    if not layers or len(layers) % 2:
-        return False
-    mixers = [layers[i] for i in range(0, len(layers), 2)]
-    ffns = [layers[i] for i in range(1, len(layers), 2)]
-    if any(f != ("F",) for f in ffns) or any(m not in (("A",), ("S",)) for m in mixers):
-        return False
-    return ("S",) in mixers
+    """True for ``(XF)*n`` with every X in {A, S} and at least one S (all-A is a Llama)."""
+    return native_blocks(arch, "bamba") and not native_blocks(arch, "llama")
 
 
 def bamba_config_kwargs(arch: Architecture) -> dict[str, Any]:

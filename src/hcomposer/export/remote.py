@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from hcomposer.io import atomic_write_text
-from hcomposer.primitives import PRIMITIVES
+from hcomposer.primitive_specs import SPECS
 
 __all__ = [
     "flat_name",
@@ -40,8 +40,9 @@ _FIXED = {
 }
 _IMPORT = re.compile(r"^(\s*)from (hcomposer(?:\.\w+)*) import ", re.MULTILINE)
 # The registry's run-time import by name, rewritten to the flat file of each primitive.
-_REGISTRY_IMPORT = 'importlib.import_module(f"hcomposer.primitives.{module}")'
-_REGISTRY_FLAT = 'importlib.import_module(f"{__package__}.hcomposer_primitives_{module}")'
+_REGISTRY_IMPORT = "importlib.import_module(s.module)"
+_REGISTRY_FLAT = 'importlib.import_module(f"{__package__}." + s.module.replace(".", "_"))'
+_PRIMS = "hcomposer.primitives."
 
 
 def flat_name(module: str) -> str:
@@ -75,7 +76,7 @@ def _imports(source: str) -> list[str]:
 
 def _closure() -> list[str]:
     """The modules to ship: the entries, every primitive, and what they import, sorted."""
-    todo = list(ENTRY_MODULES) + [f"hcomposer.primitives.{m}" for m, _ in PRIMITIVES.values()]
+    todo = list(ENTRY_MODULES) + [s.module for s in SPECS.values() if s.module.startswith(_PRIMS)]
     seen: set[str] = set()
     while todo:
         module = todo.pop()
@@ -102,7 +103,9 @@ def _rewrite(module: str, source: str) -> str:
         text = text.replace(_REGISTRY_IMPORT, _REGISTRY_FLAT)
     if module == "hcomposer.hf.modeling_hcomposer":
         # Static relative imports, so that transformers copies every primitive's file.
-        modules = sorted({m for m, _ in PRIMITIVES.values()})
+        modules = sorted(
+            {s.module.removeprefix(_PRIMS) for s in SPECS.values() if s.module.startswith(_PRIMS)}
+        )
         lines = "".join(
             f"from .hcomposer_primitives_{m} import __all__ as _{m}_names  # noqa: E402\n"
             for m in modules

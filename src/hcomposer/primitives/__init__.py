@@ -1,10 +1,12 @@
-"""The registry of primitives: one token, one class, one file."""
+"""The primitives: one class per token, one file each. Which class a token names is declared
+in the one registry, :mod:`hcomposer.primitive_specs`; this package resolves it."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator, Mapping
 
-from hcomposer.errors import PatternError
+from hcomposer.primitive_specs import SPECS, spec
 from hcomposer.primitives.base import Linear, Primitive, RMSNorm
 from hcomposer.primitives.hybrid import ParallelGroup
 
@@ -16,40 +18,43 @@ __all__ = [
     "ParallelGroup",
     "primitive_class",
     "build_sublayer",
+    "sublayer_param_count",
 ]
-
-# token -> (module in this package, class). Resolved on first use so that a
-# primitive's heavier imports are paid only by patterns that use it.
-PRIMITIVES: dict[str, tuple[str, str]] = {
-    "A": ("attention", "Attention"),
-    "W": ("attention", "SlidingWindowAttention"),
-    "F": ("mlp", "MLP"),
-    "E": ("moe", "MixtureOfExperts"),
-    "S": ("mamba2", "Mamba2"),
-    "D": ("deltanet", "GatedDeltaNet"),
-}
 
 
 def primitive_class(token: str) -> type[Primitive]:
-    """The class behind one token; an unknown token lists the valid ones."""
-    if token not in PRIMITIVES:
-        raise PatternError(f"unknown primitive {token!r}; valid: {', '.join(PRIMITIVES)}")
-    module, name = PRIMITIVES[token]
-    return getattr(importlib.import_module(f"hcomposer.primitives.{module}"), name)
+    """The class behind one token (imported on first use, so a primitive's heavier imports
+    are paid only by patterns that use it); an unknown token lists the valid ones."""
+    s = spec(token)
+    return getattr(importlib.import_module(s.module), s.cls)
 
 
-class _Registry(dict):
-    def __missing__(self, token: str) -> type[Primitive]:
-        cls = primitive_class(token)
-        self[token] = cls
-        return cls
+class _Classes(Mapping):
+    """token -> class, read live from the registry."""
+
+    def __getitem__(self, token: str) -> type[Primitive]:
+        return primitive_class(token)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPECS)
+
+    def __len__(self) -> int:
+        return len(SPECS)
 
 
-_CLASSES = _Registry()
+PRIMITIVES: Mapping[str, type[Primitive]] = _Classes()
 
 
 def build_sublayer(tokens: tuple[str, ...], shape) -> Primitive:
     """One sublayer's primitive: a single token, or a parallel group of mixers."""
     if len(tokens) == 1:
-        return _CLASSES[tokens[0]](shape)
-    return ParallelGroup(shape, tokens, _CLASSES)
+        return primitive_class(tokens[0])(shape)
+    return ParallelGroup(shape, tokens, PRIMITIVES)
+
+
+def sublayer_param_count(tokens: tuple[str, ...], shape) -> int:
+    """Exact parameters of one sublayer's primitive, from the classes' own ``param_count``
+    (no weights are built)."""
+    if len(tokens) == 1:
+        return primitive_class(tokens[0]).param_count(shape)
+    return ParallelGroup.group_param_count(shape, tokens, PRIMITIVES)

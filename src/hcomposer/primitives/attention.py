@@ -133,6 +133,14 @@ class _AttentionBase(Primitive):
             self.o_proj = Linear(self.inner_dim, d, bias=False)
             self.o_proj.is_residual_output = True
 
+    @classmethod
+    def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
+        """q, k, v projections (grouped KV heads), and the output projection when it has one."""
+        nh = _split_heads(shape.n_heads, fraction, "n_heads")
+        nkv = _split_heads(shape.n_kv_heads, fraction, "n_kv_heads")
+        d, hd = shape.d_model, shape.head_dim
+        return d * hd * (nh + 2 * nkv) + (nh * hd * d if project else 0)
+
     def _qkv(self, x: torch.Tensor, start: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)

@@ -57,6 +57,17 @@ class Primitive(nn.Module):
         # Width of the activations before the output projection (mixers only).
         self.inner_dim = shape.d_model
 
+    @classmethod
+    def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
+        """Exact parameters of this primitive at ``shape``, without allocating weights.
+
+        The default builds it on the meta device and counts; the built-in primitives state
+        the closed form instead, and ``tests/test_primitive_contract.py`` holds every
+        registered primitive's answer equal to its built module's."""
+        with torch.device("meta"):
+            module = cls(shape, fraction=fraction, project=project)
+        return sum(p.numel() for p in module.parameters())
+
     def init_cache(
         self, batch_size: int, max_len: int, *, device: Any = None, dtype: Any = None
     ) -> Any:

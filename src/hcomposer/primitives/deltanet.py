@@ -119,6 +119,18 @@ class GatedDeltaNet(Primitive):
         if self.A_log.device.type != "meta":
             self.reset_special_parameters()
 
+    @classmethod
+    def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
+        """in_proj (q, k, v, gate, decay and strength per value head), the depthwise conv
+        (no bias), dt_bias/A_log per value head, the shared norm scale, the output projection."""
+        nh = _split(shape.dn_heads, fraction, "dn_heads", shape)
+        nv = _split(shape.dn_v_heads, fraction, "dn_v_heads", shape)
+        inner = nv * shape.dn_v_head_dim
+        conv = 2 * nh * shape.dn_head_dim + inner
+        d = shape.d_model
+        total = d * (conv + inner + 2 * nv) + conv * shape.dn_conv + 2 * nv + shape.dn_v_head_dim
+        return total + (inner * d if project else 0)
+
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
         lo, hi = A_INIT_RANGE

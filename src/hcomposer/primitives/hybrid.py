@@ -48,6 +48,13 @@ class ParallelGroup(Primitive):
             for p in self.out_projs:
                 p.is_residual_output = True
 
+    @classmethod
+    def group_param_count(cls, shape: Shape, tokens: tuple[str, ...], registry) -> int:
+        """Exact parameters of ``[X|Y|...]``, counted on the meta device (no weights)."""
+        with torch.device("meta"):
+            group = cls(shape, tokens, registry)
+        return sum(p.numel() for p in group.parameters())
+
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None):
         return [
             b.init_cache(batch_size, max_len, device=device, dtype=dtype) for b in self.branches

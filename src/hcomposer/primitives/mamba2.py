@@ -167,6 +167,17 @@ class Mamba2(Primitive):
             self.reset_special_parameters()
         _announce_once()
 
+    @classmethod
+    def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
+        """in_proj (z, x/B/C, dt), the depthwise conv with bias, dt_bias/A_log/D per head, the
+        gated norm's scale, and the output projection when it has one."""
+        heads = round(shape.ssm_heads * fraction)
+        inner = heads * shape.ssm_head_dim
+        conv = inner + 2 * shape.ssm_groups * shape.ssm_state
+        d = shape.d_model
+        total = d * (inner + conv + heads) + conv * (shape.ssm_conv + 1) + 3 * heads + inner
+        return total + (inner * d if project else 0)
+
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
         lo, hi = A_INIT_RANGE

@@ -41,6 +41,11 @@ class MLP(Primitive):
         super().__init__(shape, fraction=fraction, project=project)
         self.ffn = SwiGLU(shape.d_model, shape.ffn_dim)
 
+    @classmethod
+    def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
+        """gate, up and down projections of the SwiGLU."""
+        return 3 * shape.d_model * shape.ffn_dim
+
     def forward(self, x: torch.Tensor, cache: None = None) -> torch.Tensor:
         return self.ffn(x)
 

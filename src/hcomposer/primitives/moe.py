@@ -111,6 +111,12 @@ class MixtureOfExperts(Primitive):
         """Zero the cumulative load counter."""
         self.load_total.zero_()
 
+    @classmethod
+    def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
+        """The router, every routed expert and the shared experts (one SwiGLU of n x width)."""
+        d, h = shape.d_model, shape.expert_ffn_dim
+        return d * shape.n_experts + (shape.n_experts + shape.n_shared_experts) * 3 * d * h
+
     def inactive_params(self) -> int:
         """Parameters of the experts a token does not use: (n_experts - top_k) experts."""
         per_expert = sum(p.numel() for p in self.experts[0].parameters())

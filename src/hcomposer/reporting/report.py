@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hcomposer.pattern import parse_pattern
-from hcomposer.plots import pyplot, save_png
+from hcomposer.plots import save_png, subplots
+from hcomposer.primitive_specs import SPECS
 
 __all__ = [
     "PRIMITIVE_COLORS",
@@ -22,22 +23,20 @@ __all__ = [
     "pareto_front",
 ]
 
-PRIMITIVE_COLORS = {
-    "A": "#d62728",  # attention: red
-    "W": "#ff9896",  # sliding window: light red
-    "F": "#1f77b4",  # MLP: blue
-    "E": "#9467bd",  # MoE: purple
-    "S": "#2ca02c",  # Mamba-2: green
-    "D": "#ff7f0e",  # Gated DeltaNet: orange
-}
+# Each primitive's colour is declared with its other facts in hcomposer.primitive_specs.
+PRIMITIVE_COLORS = {t: s.colour for t, s in SPECS.items()}
+
+
+def _colour(token: str) -> str:
+    """Read live, so that a primitive registered later gets its own colour."""
+    return SPECS[token].colour if token in SPECS else "#cccccc"
 
 
 def plot_trials(trials: Sequence[dict], path: str | Path, title: str = "Search") -> Path:
     """Score per trial (completed trials) with the best-so-far line."""
-    plt = pyplot()
     done = [t for t in trials if t.get("score") is not None and t.get("state") == "COMPLETE"]
     done.sort(key=lambda t: t["number"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = subplots(figsize=(7, 3.6))
     xs = [t["number"] for t in done]
     ys = [t["score"] for t in done]
     ax.scatter(xs, ys, s=18, color="#555555", label="trial")
@@ -72,13 +71,12 @@ def plot_pareto(
     trials: Sequence[dict], path: str | Path, cost_key: str = "cost", cost_label: str = "cost"
 ) -> Path:
     """Score against cost with the Pareto front highlighted."""
-    plt = pyplot()
     pts = [
         (t["score"], t[cost_key])
         for t in trials
         if t.get("score") is not None and t.get(cost_key) is not None
     ]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     if pts:
         front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[1])
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], s=16, color="#999999", label="trial")
@@ -100,22 +98,17 @@ def plot_pattern_strips(
     rows: Sequence[tuple[str, str]], path: str | Path, title: str = "Patterns"
 ) -> Path:
     """One coloured bar per architecture: a cell per sublayer, split for parallel groups."""
-    plt = pyplot()
     from matplotlib.patches import Patch, Rectangle
 
     parsed = [(label, parse_pattern(p)) for label, p in rows]
     width = max((len(layers) for _, layers in parsed), default=1)
-    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.28 * width), 0.45 * len(parsed) + 0.9))
+    fig, ax = subplots(figsize=(min(16, 2 + 0.28 * width), 0.45 * len(parsed) + 0.9))
     for r, (_, layers) in enumerate(parsed):
         y = len(parsed) - 1 - r
         for i, sub in enumerate(layers):
             h = 0.8 / len(sub)
             for j, tok in enumerate(sub):
-                ax.add_patch(
-                    Rectangle(
-                        (i, y + 0.1 + j * h), 0.95, h, color=PRIMITIVE_COLORS.get(tok, "#cccccc")
-                    )
-                )
+                ax.add_patch(Rectangle((i, y + 0.1 + j * h), 0.95, h, color=_colour(tok)))
     ax.set_xlim(0, width)
     ax.set_ylim(0, len(parsed))
     ax.set_yticks([len(parsed) - 1 - r + 0.5 for r in range(len(parsed))])
@@ -124,7 +117,7 @@ def plot_pattern_strips(
     ax.set_title(title)
     used = sorted({t for _, layers in parsed for s in layers for t in s})
     ax.legend(
-        handles=[Patch(color=PRIMITIVE_COLORS[t], label=t) for t in used if t in PRIMITIVE_COLORS],
+        handles=[Patch(color=_colour(t), label=t) for t in used if t in SPECS],
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),
         fontsize=8,
@@ -138,8 +131,7 @@ def plot_loss_curves(
     runs: dict[str, Sequence[dict]], path: str | Path, title: str = "Training loss"
 ) -> Path:
     """Training loss (and validation loss where logged) against tokens, one colour per run."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for (label, records), color in zip(runs.items(), colors * 4):
         tr = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
