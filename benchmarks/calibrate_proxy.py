@@ -27,7 +27,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.data.mad import default_task_config, generate_task
 from hcomposer.io import atomic_write_text
 from hcomposer.proxies.proxy import ProxyConfig
-from hcomposer.proxies.task import train_and_score
+from hcomposer.proxies.task import TaskHooks, TaskRun, train_and_score
 
 
 def _cell_key(cell: dict) -> str:
@@ -50,17 +50,21 @@ def run_cell(cell: dict) -> dict:
     run = train_and_score(
         arch,
         data,
-        lr=cell["lr"],
-        weight_decay=cell.get("weight_decay", 0.0),
-        steps=cell["steps"],
-        batch_size=cell["batch_size"],
-        warmup_steps=cell["warmup_steps"],
-        grad_clip=1.0,
-        dtype=cell.get("dtype", "fp32"),
-        schedule=cell.get("schedule", "cosine"),
-        seed=cell["seed"] * 1000,
-        check_every=cell["check_every"],
-        on_check=lambda step, acc: _progress(cell, step, acc, cpu0) or acc >= solved,
+        TaskRun(
+            lr=cell["lr"],
+            weight_decay=cell.get("weight_decay", 0.0),
+            steps=cell["steps"],
+            batch_size=cell["batch_size"],
+            warmup_steps=cell["warmup_steps"],
+            grad_clip=1.0,
+            dtype=cell.get("dtype", "fp32"),
+            schedule=cell.get("schedule", "cosine"),
+            seed=cell["seed"] * 1000,
+            check_every=cell["check_every"],
+        ),
+        hooks=TaskHooks(
+            on_check=lambda step, acc: _progress(cell, step, acc, cpu0) or acc >= solved
+        ),
     )
     return {
         "curve": run.curve,

@@ -124,7 +124,7 @@ def test_grid_is_chosen_on_validation_and_scored_on_test(monkeypatch):
         1e-3: proxy_train.RunResult(1e-3, 0.0, 0.40, 1.0, 3, 10, 0.1, val_accuracy=0.9),
         3e-3: proxy_train.RunResult(3e-3, 0.0, 0.95, 0.5, 3, 10, 0.1, val_accuracy=0.5),
     }
-    monkeypatch.setattr(proxy_mod, "train_and_score", lambda arch, data, *, lr, **kw: fake[lr])
+    monkeypatch.setattr(proxy_mod, "train_and_score", lambda arch, data, run, **kw: fake[run.lr])
     cfg = _tiny_config(mad_tasks=_tiny_config().mad_tasks[:1], stop_when_perfect=False)
     r = evaluate_proxy(Architecture.parse("AF", "tiny"), "mad", config=cfg)
     task = r.tasks["in_context_recall"]
@@ -166,11 +166,11 @@ def _scripted_runs(monkeypatch, script):
     seeds it was called with are returned."""
     seeds: list[int] = []
 
-    def fake(arch, data, *, lr, weight_decay, steps, seed, **kw):
+    def fake(arch, data, run, **kw):
         done, val = script[len(seeds)]
-        seeds.append(seed)
+        seeds.append(run.seed)
         return proxy_train.RunResult(
-            lr, weight_decay, val, 1.0 - val, done, 10, 0.1, val_accuracy=val
+            run.lr, run.weight_decay, val, 1.0 - val, done, 10, 0.1, val_accuracy=val
         )
 
     monkeypatch.setattr(proxy_mod, "train_and_score", fake)
@@ -235,9 +235,11 @@ def test_per_task_batch_sizes_and_old_configs_keep_their_behaviour(monkeypatch):
     # the batch size reaches the training run
     seen = []
 
-    def fake(arch, data, *, lr, weight_decay, batch_size, **kw):
-        seen.append(batch_size)
-        return proxy_train.RunResult(lr, weight_decay, 1.0, 0.0, 3, 10, 0.1, val_accuracy=1.0)
+    def fake(arch, data, run, **kw):
+        seen.append(run.batch_size)
+        return proxy_train.RunResult(
+            run.lr, run.weight_decay, 1.0, 0.0, 3, 10, 0.1, val_accuracy=1.0
+        )
 
     monkeypatch.setattr(proxy_mod, "train_and_score", fake)
     tasks = _tiny_config().mad_tasks
@@ -385,8 +387,8 @@ def test_text_proxy_on_a_local_file(tmp_path, monkeypatch):
     assert loss < 4.0 and r.tokens == 4096 and not r.failures
 
 
-# Known answers at the calibrated defaults (issue 9): `proxy` shape, ProxyConfig(), what the
-# calibration measured (docs/proxies.md, benchmarks/RESULTS.md "MAD proxy calibration"),
+# Known answers at the calibrated defaults: `proxy` shape, ProxyConfig(), what the
+# calibration measured (docs/proxies.md, docs/history/results-log.md "MAD proxy calibration"),
 # asserted with margins. One test per pattern so that xdist spreads them over the workers;
 # about 5 CPU-minutes in all.
 def _at_defaults(pattern: str, proxy: str, seeds: tuple[int, ...]) -> dict[str, list[float]]:

@@ -57,9 +57,9 @@ def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> 
     asked += [("--mqar-lengths", n) for n in options["mqar"]["lengths"] or () if "mqar" in names]
     if max_len is not None and "efficiency" in names:
         asked.append(("--max-len", max_len))
-    if not asked or not (run_dir / "architecture.json").is_file():
+    if not asked or not RunDir(run_dir).architecture.is_file():
         return
-    arch = Architecture.from_json(run_dir / "architecture.json")
+    arch = Architecture.from_json(RunDir(run_dir).architecture)
     flag, longest = max(asked, key=lambda a: a[1])
     check_memory(estimate_memory(arch, batch=1, seq_len=longest), f"{flag} {longest:,}")
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,15 @@ from hcomposer.runs import RunDir
 from hcomposer.training.step import evaluate
 from hcomposer.training.trainer import load_run
 
-__all__ = ["PARTS", "parse_suite", "run_suite", "load_eval_results", "eval_markdown"]
-
-PARTS = ("loss", "mad", "mqar", "niah", "efficiency", "lm-eval")
+__all__ = [
+    "PARTS",
+    "Part",
+    "EvalContext",
+    "parse_suite",
+    "run_suite",
+    "load_eval_results",
+    "eval_markdown",
+]
 
 
 def parse_suite(text: str) -> list[tuple[str, list[str]]]:
@@ -136,103 +144,138 @@ def validation_loss(
     }
 
 
+@dataclass
+class EvalContext:
+    """What every part may use: the loaded run, its training length, the parts' configs,
+    the caller's options, and the results stored so far (lm-eval adds to earlier tasks)."""
+
+    model: Any
+    arch: Any
+    tokenizer: Any
+    info: dict[str, Any]
+    train_len: int
+    configs: dict[str, Any]
+    options: dict[str, Any]
+    # results.json as it will be written; its "parts" are the results stored so far.
+    results: dict[str, Any]
+    data: str | None = None
+    include_path: str | None = None
+    limit: int | float | None = None
+    device: str = "cpu"
+    progress: bool = False
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        return self.results.setdefault("parts", {})
+
+
+@dataclass(frozen=True)
+class Part:
+    """One evaluation part: ``run(ctx, tasks)`` returns its result (stored under its name in
+    results.json), ``markdown(result)`` its section of results.md, ``plot(result, path,
+    pattern)`` its PNG (``<name>.png`` beside the results) when it has one."""
+
+    name: str
+    run: Callable[[EvalContext, list[str]], dict[str, Any]]
+    markdown: Callable[[dict[str, Any]], list[str]]
+    plot: Callable[[dict[str, Any], Path, str], Any] | None = None
+
+
 def run_suite(
     run_dir: str | Path,
     suite: str | list[tuple[str, list[str]]],
     *,
-    data: str | None = None,
-    include_path: str | None = None,
-    limit: int | float | None = None,
-    device: str = "cpu",
     options: dict[str, Any] | None = None,
     argv: list[str] | None = None,
-    progress: bool = False,
     loaded: tuple | None = None,
+    **context: Any,
 ) -> dict[str, Any]:
     """Run the parts on a run folder; write and return the merged results.
 
     ``options`` tunes parts: ``niah`` (NIAHConfig fields), ``mqar`` (MQARCurveConfig
     fields), ``efficiency`` (EfficiencyConfig fields), ``lm_eval`` (num_fewshot,
-    batch_size). ``loaded`` = (model, arch, tokenizer, info) skips ``load_run``.
+    batch_size). ``loaded`` = (model, arch, tokenizer, info) skips ``load_run``. The other
+    keywords (``data``, ``include_path``, ``limit``, ``device``, ``progress``) are
+    :class:`EvalContext` fields.
     """
     parts = parse_suite(suite) if isinstance(suite, str) else suite
-    options = options or {}
     run = RunDir(run_dir)
-    run_dir = run.root
-    if loaded is None:
-        model, arch, tokenizer, info = load_run(run_dir, device=device)
-    else:
-        model, arch, tokenizer, info = loaded
+    device = context.get("device", "cpu")
+    model, arch, tokenizer, info = loaded or load_run(run.root, device=device)
+    ctx = _context(run, parts, model, arch, tokenizer, info, options or {}, context)
+    results = ctx.results
+    timings = results.setdefault("wall_seconds", {})
+    for name, tasks in parts:
+        t0 = time.perf_counter()
+        _say(ctx.progress, f"eval {name} ...")
+        ctx.stored[name] = PARTS[name].run(ctx, tasks)
+        timings[name] = time.perf_counter() - t0
+        _say(ctx.progress, f"eval {name} done in {timings[name]:.1f}s")
+    results["meta"] = run_metadata(argv)
+    atomic_write_json(run.eval_results, results)
+    for name, _ in parts:
+        if PARTS[name].plot is not None:
+            PARTS[name].plot(ctx.stored[name], run.eval_plot(name), arch.pattern)
+    atomic_write_text(run.eval_markdown, eval_markdown(results))
+    return results
+
+
+def _context(run, parts, model, arch, tokenizer, info, options, context) -> EvalContext:
+    """Check every input (before any part runs or anything is written), read the stored
+    results, and gather what the parts use."""
     configs = _configs(options)
-    tm_tasks = dict(parts).get("lm-eval")
-    if tm_tasks:
-        check_tasks(tm_tasks, include_path)
+    tasks = dict(parts).get("lm-eval")
+    if tasks:
+        check_tasks(tasks, context.get("include_path"))
+    data = context.get("data")
     if data is not None and not Path(data).exists() and ":" not in data:
         raise UserError(f"--data {data!r} does not exist (a file, folder, or hf:NAME)")
-
     train_len = _train_len(info, arch)
     if "niah" in dict(parts):
         niah_lengths(tokenizer, configs["niah"], train_len)
-    results = load_eval_results(run_dir) or {}
-    results.update(
-        {
-            "run": str(run_dir),
-            "pattern": arch.pattern,
-            "shape": arch.shape.name,
-            "step": info.get("step"),
-            "tokens": info.get("tokens"),
-            "train_len": train_len,
-        }
-    )
-    stored = results.setdefault("parts", {})
-    timings = results.setdefault("wall_seconds", {})
-    plots: list[tuple[str, Any]] = []
-    for name, tasks in parts:
-        t0 = time.perf_counter()
-        _say(progress, f"eval {name} ...")
-        if name == "loss":
-            stored["loss"] = validation_loss(model, tokenizer, info, data)
-        elif name == "mad":
-            stored["mad"] = evaluate_proxy(
-                arch.with_shape("proxy"), "mad", config=configs["mad"], progress=progress,
-                device=device,
-            ).to_dict()  # fmt: skip
-        elif name == "mqar":
-            stored["mqar"] = run_mqar_curve(arch, configs["mqar"], progress=progress)
-            plots.append(("mqar", lambda p: plot_mqar_curve({arch.pattern: stored["mqar"]}, p)))
-        elif name == "niah":
-            stored["niah"] = run_niah(model, tokenizer, train_len=train_len,
-                                      haystack_text=options.get("haystack_text"),
-                                      config=configs["niah"])  # fmt: skip
-            plots.append(("niah", lambda p: plot_niah(stored["niah"], p, arch.pattern)))
-        elif name == "efficiency":
-            stored["efficiency"] = run_efficiency(
-                model, train_len=train_len, config=configs["efficiency"]
-            )
-            plots.append(
-                (
-                    "efficiency",
-                    lambda p: plot_efficiency({arch.pattern: stored["efficiency"]}, p),
-                )
-            )
-        elif name == "lm-eval":
-            lm = options.get("lm_eval", {})
-            res = run_lm_eval(model, tokenizer, tasks, include_path=include_path, limit=limit,
-                              num_fewshot=lm.get("num_fewshot"),
-                              batch_size=lm.get("batch_size", 8))  # fmt: skip
-            prev = stored.get("lm-eval", {"tasks": {}, "n_samples": {}})
-            prev["tasks"].update(res["tasks"])
-            prev["n_samples"].update(res["n_samples"])
-            prev["limit"] = limit
-            stored["lm-eval"] = prev
-        timings[name] = time.perf_counter() - t0
-        _say(progress, f"eval {name} done in {timings[name]:.1f}s")
-    results["meta"] = run_metadata(argv)
-    atomic_write_json(run.eval_results, results)
-    for name, draw in plots:
-        draw(run.eval_plot(name))
-    atomic_write_text(run.eval_markdown, eval_markdown(results))
-    return results
+    results = load_eval_results(run.root) or {}
+    results.update({
+        "run": str(run.root), "pattern": arch.pattern, "shape": arch.shape.name,
+        "step": info.get("step"), "tokens": info.get("tokens"), "train_len": train_len,
+    })  # fmt: skip
+    return EvalContext(model=model, arch=arch, tokenizer=tokenizer, info=info,
+                       train_len=train_len, configs=configs, options=options, results=results,
+                       **context)  # fmt: skip
+
+
+def _run_loss(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
+    return validation_loss(ctx.model, ctx.tokenizer, ctx.info, ctx.data)
+
+
+def _run_mad(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
+    return evaluate_proxy(ctx.arch.with_shape("proxy"), "mad", config=ctx.configs["mad"],
+                          progress=ctx.progress, device=ctx.device).to_dict()  # fmt: skip
+
+
+def _run_mqar(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
+    return run_mqar_curve(ctx.arch, ctx.configs["mqar"], progress=ctx.progress)
+
+
+def _run_niah(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
+    return run_niah(ctx.model, ctx.tokenizer, train_len=ctx.train_len,
+                    haystack_text=ctx.options.get("haystack_text"),
+                    config=ctx.configs["niah"])  # fmt: skip
+
+
+def _run_efficiency(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
+    return run_efficiency(ctx.model, train_len=ctx.train_len, config=ctx.configs["efficiency"])
+
+
+def _run_lm_eval(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
+    lm = ctx.options.get("lm_eval", {})
+    res = run_lm_eval(ctx.model, ctx.tokenizer, tasks, include_path=ctx.include_path,
+                      limit=ctx.limit, num_fewshot=lm.get("num_fewshot"),
+                      batch_size=lm.get("batch_size", 8))  # fmt: skip
+    prev = ctx.stored.get("lm-eval", {"tasks": {}, "n_samples": {}})
+    prev["tasks"].update(res["tasks"])
+    prev["n_samples"].update(res["n_samples"])
+    prev["limit"] = ctx.limit
+    return prev
 
 
 def _configs(options: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +311,7 @@ def load_eval_results(run_dir: str | Path) -> dict[str, Any]:
 
 
 def eval_markdown(results: dict[str, Any]) -> str:
-    """The whole results.md: one section per part."""
+    """The whole results.md: one section per part, in the registry's order."""
     parts = results.get("parts", {})
     out = [
         f"# Evaluation of `{results.get('pattern')}` ({results.get('shape')})",
@@ -276,29 +319,53 @@ def eval_markdown(results: dict[str, Any]) -> str:
         f"Run `{results.get('run')}`, step {results.get('step')}, "
         f"{results.get('tokens')} training tokens, training length {results.get('train_len')}.",
     ]
-    if "loss" in parts:
-        lo = parts["loss"]
-        out += ["", "## Validation loss", "",
-                f"loss {lo['loss']:.4f}, perplexity {lo['perplexity']:.3f} "
-                f"({lo['tokens']:,} tokens of {lo['data']}, length {lo['seq_len']})."]  # fmt: skip
-    if "mad" in parts:
-        m = parts["mad"]
-        out += ["", "## MAD (fresh copies at the proxy shape)", "", f"score {m['score']:.4f}", "",
-                "| task | accuracy |", "|---|---|"]  # fmt: skip
-        out += [f"| {k} | {v['accuracy']:.3f} |" for k, v in m["tasks"].items()]
-    if "mqar" in parts:
-        out += ["", "## MQAR accuracy against length (fresh copy per length)", "",
-                mqar_markdown(parts["mqar"]), "", "![mqar](mqar.png)"]  # fmt: skip
-    if "niah" in parts:
-        out += ["", "## Needle in a haystack (exact 7 digits, greedy)", "",
-                niah_markdown(parts["niah"]), "", "![niah](niah.png)"]  # fmt: skip
-    if "efficiency" in parts:
-        out += ["", "## Efficiency", "", efficiency_markdown(parts["efficiency"]), "",
-                "![efficiency](efficiency.png)"]  # fmt: skip
-    if "lm-eval" in parts:
-        out += ["", "## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---|"]
-        for task, metrics in parts["lm-eval"]["tasks"].items():
-            out += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items()]
-        if parts["lm-eval"].get("limit"):
-            out += ["", f"(limit {parts['lm-eval']['limit']} documents per task)"]
+    for name, part in PARTS.items():
+        if name in parts:
+            out += ["", *part.markdown(parts[name])]
     return "\n".join(out) + "\n"
+
+
+def _md_loss(lo: dict[str, Any]) -> list[str]:
+    return ["## Validation loss", "",
+            f"loss {lo['loss']:.4f}, perplexity {lo['perplexity']:.3f} "
+            f"({lo['tokens']:,} tokens of {lo['data']}, length {lo['seq_len']})."]  # fmt: skip
+
+
+def _md_mad(m: dict[str, Any]) -> list[str]:
+    return ["## MAD (fresh copies at the proxy shape)", "", f"score {m['score']:.4f}", "",
+            "| task | accuracy |", "|---|---|",
+            *(f"| {k} | {v['accuracy']:.3f} |" for k, v in m["tasks"].items())]  # fmt: skip
+
+
+def _md_lm_eval(r: dict[str, Any]) -> list[str]:
+    out = ["## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---|"]
+    for task, metrics in r["tasks"].items():
+        out += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items()]
+    if r.get("limit"):
+        out += ["", f"(limit {r['limit']} documents per task)"]
+    return out
+
+
+def _md_section(title: str, body: Callable[[dict[str, Any]], str], image: str):
+    return lambda r: [f"## {title}", "", body(r), "", f"![{image}]({image}.png)"]
+
+
+PARTS: dict[str, Part] = {
+    p.name: p
+    for p in (
+        Part(name="loss", run=_run_loss, markdown=_md_loss),
+        Part(name="mad", run=_run_mad, markdown=_md_mad),
+        Part(name="mqar", run=_run_mqar,
+             markdown=_md_section("MQAR accuracy against length (fresh copy per length)",
+                                  mqar_markdown, "mqar"),
+             plot=lambda r, path, pattern: plot_mqar_curve({pattern: r}, path)),
+        Part(name="niah", run=_run_niah,
+             markdown=_md_section("Needle in a haystack (exact 7 digits, greedy)",
+                                  niah_markdown, "niah"),
+             plot=lambda r, path, pattern: plot_niah(r, path, pattern)),
+        Part(name="efficiency", run=_run_efficiency,
+             markdown=_md_section("Efficiency", efficiency_markdown, "efficiency"),
+             plot=lambda r, path, pattern: plot_efficiency({pattern: r}, path)),
+        Part(name="lm-eval", run=_run_lm_eval, markdown=_md_lm_eval),
+    )
+}  # fmt: skip

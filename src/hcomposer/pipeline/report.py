@@ -30,13 +30,35 @@ __all__ = [
 
 
 def stage_report(state: State, recipe: Recipe) -> dict:
+    """Plots, the comparison of composite and baseline, and report.md."""
     folder = state.dir
-    st = state.data["stages"]
     trials = load_trials(folder.search.root)
     done = sorted(
         (t for t in trials if t.get("state") == "COMPLETE" and t.get("score") is not None),
         key=lambda t: -t["score"],
     )
+    pareto = _plots(state, recipe, trials, done)
+    roles = ["baseline", "composite"]
+    runs = [folder.train(role).root for role in roles]
+    eff = None
+    if "efficiency" in recipe.eval.suites:
+        # Both models timed in turn in this process, so outside load cannot favour one.
+        eff = measure_runs_interleaved(runs, roles, recipe.eval.efficiency)
+    cmp = compare_runs(runs, folder.compare, labels=roles, efficiency=eff,
+                       title="Composite against the Llama-style baseline")  # fmt: skip
+    lines = _summary_lines(state, recipe, done, pareto)
+    noise = noise_summary(state.data, recipe)
+    lines += noise_markdown(noise)
+    lines += [comparison_markdown(cmp["sections"], images=f"{folder.compare.name}/", level=2)]
+    atomic_write_text(folder.report, "\n".join(lines) + "\n")
+    return state.finish("report", {"report": str(folder.report),
+                                   "table_header": cmp["table_header"],
+                                   "table": cmp["table"], "noise": noise})  # fmt: skip
+
+
+def _plots(state: State, recipe: Recipe, trials: list[dict], done: list[dict]):
+    """Score per trial, the Pareto front (two objectives) and the pattern strips."""
+    folder, st = state.dir, state.data["stages"]
     plot_trials(trials, folder.plot("trials"), title=f"Search ({recipe.search.sampler})")
     pareto = None
     if len(recipe.search.objective) > 1:
@@ -51,59 +73,39 @@ def stage_report(state: State, recipe: Recipe) -> dict:
         ("baseline", sc["baseline"]),
     ]
     plot_pattern_strips(strips, folder.plot("patterns"), title="Top trials, aggregate, scaled")
-    roles = ["baseline", "composite"]
-    runs = [folder.train(role).root for role in roles]
-    eff = None
-    if "efficiency" in recipe.eval.suites:
-        # Both models timed in turn in this process, so outside load cannot favour one.
-        eff = measure_runs_interleaved(runs, roles, recipe.eval.efficiency)
-    cmp = compare_runs(runs, folder.compare, labels=roles, efficiency=eff,
-                       title="Composite against the Llama-style baseline")  # fmt: skip
+    return pareto
+
+
+def _summary_lines(state: State, recipe: Recipe, done: list[dict], pareto) -> list[str]:
+    """The report's head: the stage table, the search section and the patterns."""
+    folder, st = state.dir, state.data["stages"]
+    sc = st["scale"]
+    best = (
+        f"{st['search']['n_trials']} trials, best `{done[0]['pattern']}` ({done[0]['score']:.4f})"
+        if done
+        else "no completed trial"
+    )
+    stages = [
+        ["search", best],
+        ["aggregate", f"`{st['aggregate']['pattern']}` ({recipe.aggregate_method})"],
+        ["scale", f"`{sc['composite']}` ({sc['strategy']}, {sc['composite_params']:,} params)"],
+        ["baseline", f"`{sc['baseline']}` ({sc['baseline_params']:,} params)"],
+    ]
+    search = recipe.search
     top = [[t["number"], t["pattern"], t["score"]] for t in done[:10]]
     lines = [
-        f"# hcomposer run — recipe `{recipe.name}`",
-        "",
-        markdown_table(
-            ["stage", "result"],
-            [
-                [
-                    "search",
-                    f"{st['search']['n_trials']} trials, best `{done[0]['pattern']}` "
-                    f"({done[0]['score']:.4f})"
-                    if done
-                    else "no completed trial",
-                ],
-                ["aggregate", f"`{st['aggregate']['pattern']}` ({recipe.aggregate_method})"],
-                [
-                    "scale",
-                    f"`{sc['composite']}` ({sc['strategy']}, {sc['composite_params']:,} params)",
-                ],
-                ["baseline", f"`{sc['baseline']}` ({sc['baseline_params']:,} params)"],
-            ],
-        ),
-        "",
-        "## Search",
-        "",
-        f"Proxy `{recipe.search.proxy}` at shape "
-        f"`{getattr(recipe.search.shape, 'name', recipe.search.shape)}`, "
-        f"{recipe.search.sampler} sampler, {recipe.search.layers} positions of "
-        f"{'/'.join(recipe.search.primitives)}.",
-        "",
-        f"![trials]({folder.plot('trials').name})",
-        "",
-        markdown_table(["trial", "pattern", "score"], top),
-        "",
-    ]
+        f"# hcomposer run — recipe `{recipe.name}`", "",
+        markdown_table(["stage", "result"], stages), "",
+        "## Search", "",
+        f"Proxy `{search.proxy}` at shape `{getattr(search.shape, 'name', search.shape)}`, "
+        f"{search.sampler} sampler, {search.layers} positions of "
+        f"{'/'.join(search.primitives)}.", "",
+        f"![trials]({folder.plot('trials').name})", "",
+        markdown_table(["trial", "pattern", "score"], top), "",
+    ]  # fmt: skip
     if pareto is not None:
         lines += [f"![Pareto front]({folder.plot('pareto').name})", ""]
-    lines += ["## Patterns", "", f"![patterns]({folder.plot('patterns').name})", ""]
-    noise = noise_summary(state.data, recipe)
-    lines += noise_markdown(noise)
-    lines += [comparison_markdown(cmp["sections"], images=f"{folder.compare.name}/", level=2)]
-    atomic_write_text(folder.report, "\n".join(lines) + "\n")
-    return state.finish("report", {"report": str(folder.report),
-                                   "table_header": cmp["table_header"],
-                                   "table": cmp["table"], "noise": noise})  # fmt: skip
+    return lines + ["## Patterns", "", f"![patterns]({folder.plot('patterns').name})", ""]
 
 
 NOISE_RULE = (

@@ -33,7 +33,7 @@ from hcomposer.data.mad import MAD_TASKS, MADData, MADTaskConfig, default_task_c
 from hcomposer.data.mqar import DEFAULT_MQAR, MQARConfig, generate_mqar
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
-from hcomposer.proxies.task import RunResult, count_params, train_and_score
+from hcomposer.proxies.task import RunResult, TaskHooks, TaskRun, count_params, train_and_score
 from hcomposer.proxies.text import evaluate_text
 from hcomposer.training.schedule import SCHEDULES
 from hcomposer.training.step import DTYPES, resolve_device
@@ -53,7 +53,6 @@ __all__ = [
 # ``report(step, value) -> bool``: the proxy's intermediate values (see evaluate_proxy).
 Report = Callable[[int, float], bool]
 
-PROXIES = ("mad", "mqar", "text")
 # The quickstart's three-task subset: what separates attention, Mamba and MLP.
 QUICKSTART_PROXY = "mad:in_context_recall,selective_copying,memorization"
 
@@ -127,8 +126,8 @@ class ProxyConfig:
         ("memorization", 50),
     )
     # Noisy recall trains on batches of 64: at 32 the induction circuit of AFAFAF formed on
-    # about 4 of 10 initialisations within 600 steps, at 64 on 5 of 6 (benchmarks/RESULTS.md,
-    # "restarts"). Fuzzy recall stays at 32: at 64 (or 300 steps) Mamba-2 patterns start to
+    # about 4 of 10 initialisations within 600 steps, at 64 on 5 of 6 (docs/history/results-log.md,
+    # calibration round 3). Fuzzy recall stays at 32: at 64 (or 300 steps) Mamba-2 patterns start to
     # solve it on some seeds and not others (AFSAFS 0.48-0.93), a new source of seed noise.
     task_batch_sizes: tuple[tuple[str, int], ...] = (("noisy_in_context_recall", 64),)
     check_every: int = 50
@@ -137,7 +136,7 @@ class ProxyConfig:
     # stalled: a non-learner (FFFFFF on recall) stops there instead of running its 600
     # steps, and a learner stuck on the plateau is restarted, up to twice: with one restart
     # AFSAFS's noisy recall stalled on both tries on seed 2 and solved on the third
-    # (docs/proxies.md, "Stalls and restarts"; benchmarks/RESULTS.md, round 4).
+    # (docs/proxies.md, "Stalls and restarts"; docs/history/results-log.md, round 4).
     patience: int = 6
     min_delta: float = 0.05
     restarts: int = 2
@@ -199,6 +198,16 @@ class ProxyConfig:
 
     def replace(self, **changes: Any) -> ProxyConfig:
         return dataclasses.replace(self, **changes)
+
+    def task_run(self, task: str, lr: float, weight_decay: float, seed: int) -> TaskRun:
+        """How one grid point of ``task`` is trained under this config."""
+        return TaskRun(
+            lr=lr, weight_decay=weight_decay, steps=self.steps_for(task),
+            batch_size=self.batch_for(task), warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip, dtype=self.dtype, seed=seed,
+            eval_batch_size=self.eval_batch_size, check_every=self.check_every,
+            schedule=self.schedule,
+        )  # fmt: skip
 
     def steps_for(self, task: str) -> int:
         """Training steps of one task: ``steps``, capped by ``task_steps``."""
@@ -384,90 +393,127 @@ def evaluate_proxy(
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    job = ProxyJob(arch=arch, proxy=proxy, kind=kind, names=names, seed=seed, config=config,
+                   data=data, progress=progress, report=report, device=device)  # fmt: skip
     try:
-        return _evaluate(arch, proxy, kind, names, seed, data, config, progress, report, device)
+        return PROXY_KINDS[kind](job)
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(
-    arch, proxy, kind, names, seed, data, config, progress, report, device
-) -> ProxyResult:
-    t0 = time.perf_counter()
-    if kind == "text":
-        score, task, tokens, failures = evaluate_text(
-            arch, data=data, config=config, progress=progress, device=device
-        )
-        return _result(arch, proxy, score, {"text": task}, tokens, failures, config, t0)
+@dataclass(frozen=True)
+class ProxyJob:
+    """One proxy evaluation's inputs, resolved (what :func:`evaluate_proxy` was given)."""
 
-    tasks = _task_list(kind, names, config)
+    arch: Architecture
+    proxy: str
+    kind: str
+    names: tuple[str, ...]
+    seed: int
+    config: ProxyConfig
+    data: str | Path | None = None
+    progress: bool = False
+    report: Report | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def _evaluate_text(job: ProxyJob) -> ProxyResult:
+    """The text proxy: validation loss of a short language-model run (``proxies.text``)."""
+    t0 = time.perf_counter()
+    score, task, tokens, failures = evaluate_text(
+        job.arch, data=job.data, config=job.config, progress=job.progress, device=job.device
+    )
+    return _result(job.arch, job.proxy, score, {"text": task}, tokens, failures, job.config, t0)
+
+
+class _Bar:
+    """The progress bar of a synthetic proxy: steps, tokens per second, the grid point."""
+
+    def __init__(self, bar, label: str, total: int):
+        self.bar, self.total = bar, total
+        self.handle = bar.add_task(label, total=total, rate="")
+        self.started = time.perf_counter()
+        self.tokens = 0
+
+    def on_step(self, steps: int, n_tok: int) -> None:
+        self.tokens += n_tok
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.started)
+        self.bar.update(self.handle, advance=steps, rate=f"{rate:,.0f} tok/s")
+
+    def describe(self, text: str) -> None:
+        self.bar.update(self.handle, description=text)
+
+    def add_total(self, steps: int) -> None:
+        self.total += steps
+        self.bar.update(self.handle, total=self.total)
+
+    def skip(self, steps: int) -> None:
+        self.bar.update(self.handle, advance=steps)
+
+
+def _evaluate_synthetic(job: ProxyJob) -> ProxyResult:
+    """MAD or MQAR: each task's grid of rates and weight decays, the best point's accuracy
+    per task (chosen on validation), their mean the score; pruners asked after each task."""
+    t0 = time.perf_counter()
+    config = job.config
+    tasks = _task_list(job.kind, job.names, config)
     grid = [(lr, wd) for lr in config.lrs for wd in config.weight_decays]
     results: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     tokens = 0
-    total_steps = len(grid) * sum(config.steps_for(name) for name, _ in tasks)
-    with progress_bar(progress, field="rate") as p:
-        handle = p.add_task(proxy, total=total_steps, rate="")
-        started = time.perf_counter()
-        seen_tokens = [0]
-
-        def on_step(steps: int, n_tok: int) -> None:
-            seen_tokens[0] += n_tok
-            rate = seen_tokens[0] / max(1e-9, time.perf_counter() - started)
-            p.update(handle, advance=steps, rate=f"{rate:,.0f} tok/s")
-
+    total = len(grid) * sum(config.steps_for(name) for name, _ in tasks)
+    with progress_bar(job.progress, field="rate") as p:
+        bar = _Bar(p, job.proxy, total)
         for i, (name, cfg) in enumerate(tasks):
-            task_data = _generate(kind, cfg, seed)
-            runs: list[RunResult] = []
-            cap = config.steps_for(name)
-            for j, (lr, wd) in enumerate(grid):
-                for attempt in range(config.restarts + 1):
-                    p.update(
-                        handle,
-                        description=f"{name} lr={lr:g} wd={wd:g}"
-                        + (f" restart {attempt}" if attempt else ""),
-                    )
-                    run = train_and_score(
-                        arch,
-                        task_data,
-                        lr=lr,
-                        weight_decay=wd,
-                        steps=cap,
-                        batch_size=config.batch_for(name),
-                        warmup_steps=config.warmup_steps,
-                        grad_clip=config.grad_clip,
-                        dtype=config.dtype,
-                        seed=_run_seed(seed, i, attempt),
-                        eval_batch_size=config.eval_batch_size,
-                        on_step=on_step,
-                        check_every=config.check_every,
-                        on_check=early_stop(config),
-                        device=device,
-                        schedule=config.schedule,
-                    )
-                    run.restart = attempt
-                    runs.append(run)
-                    tokens += run.tokens
-                    if run.failure:
-                        failures.append(f"{name}: {run.failure}")
-                    solved = _selection_accuracy(run) >= min(1.0, config.solved_accuracy)
-                    stalled = not solved and run.failure is None and run.steps_done < cap
-                    if not stalled or attempt == config.restarts:
-                        break
-                    total_steps += cap
-                    p.update(handle, total=total_steps)
-                if config.stop_when_perfect and solved:
-                    p.update(handle, advance=cap * (len(grid) - j - 1))
-                    break
-            results[name] = _best(runs, count_params(arch, task_data))
-            if report is not None:
+            task_data = _generate(job.kind, cfg, job.seed)
+            runs = _task_runs(job, i, name, task_data, grid, bar)
+            tokens += sum(r.tokens for r in runs)
+            failures += [f"{name}: {r.failure}" for r in runs if r.failure]
+            results[name] = _best(runs, count_params(job.arch, task_data))
+            if job.report is not None:
                 value = sum(r["accuracy"] for r in results.values()) / len(results)
                 # After the last task the score is known: stopping there would save nothing
                 # and lose it, so the answer is only heeded before.
-                if report(len(results), value) and len(results) < len(tasks):
+                if job.report(len(results), value) and len(results) < len(tasks):
                     raise ProxyPruned(len(results), value)
     score = sum(r["accuracy"] for r in results.values()) / len(results)
-    return _result(arch, proxy, score, results, tokens, failures, config, t0)
+    return _result(job.arch, job.proxy, score, results, tokens, failures, config, t0)
+
+
+def _task_runs(job: ProxyJob, i: int, name: str, task_data: MADData, grid, bar: _Bar):
+    """Every grid point of one task (a stalled run restarts from new weights, up to
+    ``config.restarts`` times); with ``stop_when_perfect`` the grid ends at a solved point."""
+    config = job.config
+    cap = config.steps_for(name)
+    runs: list[RunResult] = []
+    hooks = TaskHooks(on_step=bar.on_step)
+    for j, (lr, wd) in enumerate(grid):
+        for attempt in range(config.restarts + 1):
+            bar.describe(f"{name} lr={lr:g} wd={wd:g}" + (f" restart {attempt}" if attempt else ""))
+            hooks.on_check = early_stop(config)
+            run = train_and_score(job.arch, task_data,
+                                  config.task_run(name, lr, wd, _run_seed(job.seed, i, attempt)),
+                                  hooks=hooks, device=job.device)  # fmt: skip
+            run.restart = attempt
+            runs.append(run)
+            solved = _selection_accuracy(run) >= min(1.0, config.solved_accuracy)
+            stalled = not solved and run.failure is None and run.steps_done < cap
+            if not stalled or attempt == config.restarts:
+                break
+            bar.add_total(cap)
+        if config.stop_when_perfect and solved:
+            bar.skip(cap * (len(grid) - j - 1))
+            break
+    return runs
+
+
+# Each proxy kind and how it is evaluated (``parse_proxy`` checks names against it).
+PROXY_KINDS: dict[str, Callable[[ProxyJob], ProxyResult]] = {
+    "mad": _evaluate_synthetic,
+    "mqar": _evaluate_synthetic,
+    "text": _evaluate_text,
+}
+PROXIES = tuple(PROXY_KINDS)
 
 
 def _result(arch, proxy, score, tasks, tokens, failures, config, t0) -> ProxyResult:

@@ -25,6 +25,8 @@ from hcomposer.training.step import evaluate, make_optimizer, set_lr, train_step
 
 __all__ = [
     "RunResult",
+    "TaskRun",
+    "TaskHooks",
     "PooledDecoder",
     "train_and_score",
     "evaluate_split",
@@ -167,122 +169,129 @@ def evaluate_split(
     return result.accuracy, result.loss
 
 
+@dataclass(frozen=True, kw_only=True)
+class TaskRun:
+    """How one model is trained on one task: one grid point of a proxy's search."""
+
+    lr: float
+    weight_decay: float
+    steps: int
+    batch_size: int
+    warmup_steps: int
+    grad_clip: float
+    dtype: str
+    seed: int
+    eval_batch_size: int = 256
+    # Every check_every steps (0: never) the validation accuracy is measured.
+    check_every: int = 0
+    schedule: str = "cosine"
+
+
+@dataclass
+class TaskHooks:
+    """``on_step(steps, tokens)`` after every step (progress bars); ``on_check(step,
+    validation accuracy) -> stop?`` at every check (early stopping)."""
+
+    on_step: Callable[[int, int], None] | None = None
+    on_check: Callable[[int, float], bool] | None = None
+
+    def advance(self, steps: int, tokens: int) -> None:
+        if self.on_step is not None and steps > 0:
+            self.on_step(steps, tokens)
+
+
+@dataclass
+class _Progress:
+    done: int = 0
+    tokens: int = 0
+    failure: str | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
 def train_and_score(
     arch: Architecture,
     data: MADData,
+    run: TaskRun,
     *,
-    lr: float,
-    weight_decay: float,
-    steps: int,
-    batch_size: int,
-    warmup_steps: int,
-    grad_clip: float,
-    dtype: str,
-    seed: int,
-    eval_batch_size: int = 256,
-    on_step: Callable[[int, int], None] | None = None,
-    check_every: int = 0,
-    on_check: Callable[[int, float], bool] | None = None,
+    hooks: TaskHooks | None = None,
     device: torch.device | str = "cpu",
-    schedule: str = "cosine",
 ) -> RunResult:
-    """Train a fresh model on ``data`` for ``steps`` AdamW steps, then score it.
+    """Train a fresh model on ``data`` for ``run.steps`` AdamW steps, then score it.
 
-    ``on_step(steps, tokens)`` is called after every step (for progress bars); a run
-    stopped by a non-finite loss reports its remaining steps at once. Every
-    ``check_every`` steps (0: never) the validation accuracy is measured, recorded in
-    the result's ``curve`` and passed to ``on_check(step, accuracy)``; when that returns
-    True training stops there (early stopping) and the run is scored as it stands.
-    The result's ``accuracy`` and ``loss`` are on the test split, ``val_accuracy`` on
-    the validation split (the test split when the data has none).
+    A run stopped by a non-finite loss reports its remaining steps to ``hooks.on_step`` at
+    once. Every ``run.check_every`` steps the validation accuracy is measured, recorded in
+    the result's ``curve`` and passed to ``hooks.on_check``; when that returns True
+    training stops there (early stopping) and the run is scored as it stands. The result's
+    ``accuracy`` and ``loss`` are on the test split, ``val_accuracy`` on the validation
+    split (the test split when the data has none).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    model, head = build_task_model(arch, data, seed, device)
+    hooks = hooks or TaskHooks()
+    model, head = build_task_model(arch, data, run.seed, device)
     modules: list[nn.Module] = [model] + ([head] if head is not None else [])
     opt = make_optimizer(
-        modules, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), device=device
+        modules, lr=run.lr, weight_decay=run.weight_decay, betas=(0.9, 0.98), device=device
     )
+    x_va, y_va = (torch.from_numpy(a) for a in data.val_split())
+    prog = _fit(model, head, opt, data, run, hooks, device, (x_va, y_va))
+
+    def result(acc: float, loss: float, failure: str | None, **extra) -> RunResult:
+        return RunResult(run.lr, run.weight_decay, acc, loss, prog.done, prog.tokens,
+                         time.perf_counter() - t0, failure, **extra)  # fmt: skip
+
+    if prog.failure is not None:
+        hooks.advance(run.steps - prog.done, 0)
+        return result(0.0, float("nan"), prog.failure)
+    val_acc, _ = evaluate_split(model, head, x_va, y_va, run.eval_batch_size, run.dtype)
+    if run.check_every and (not prog.curve or prog.curve[-1][0] != prog.done):
+        prog.curve.append((prog.done, val_acc))
+    x_te, y_te = torch.from_numpy(data.test_inputs), torch.from_numpy(data.test_targets)
+    acc, loss_v = evaluate_split(model, head, x_te, y_te, run.eval_batch_size, run.dtype)
+    if not math.isfinite(loss_v):
+        where = f"(lr={run.lr:g}, wd={run.weight_decay:g})"
+        return result(0.0, float("nan"), f"non-finite held-out loss {where}")
+    return result(acc, loss_v, None, val_accuracy=val_acc, curve=prog.curve)
+
+
+def _fit(model, head, opt, data: MADData, run: TaskRun, hooks: TaskHooks, device,
+         val) -> _Progress:  # fmt: skip
+    """The training loop: shuffled epochs of the training split, checks on ``val``."""
     x_tr = torch.from_numpy(data.train_inputs).to(device)
     y_tr = torch.from_numpy(data.train_targets).to(device)
     n = x_tr.shape[0]
-    bs = min(batch_size, n)
-    gen = torch.Generator().manual_seed(seed)
+    bs = min(run.batch_size, n)
+    gen = torch.Generator().manual_seed(run.seed)
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    tokens = 0
-    failure = None
-    done = 0
-    x_va, y_va = (torch.from_numpy(a) for a in data.val_split())
-    curve: list[tuple[int, float]] = []
-    for step in range(steps):
+    prog = _Progress()
+    for step in range(run.steps):
         if cursor + bs > n:  # next epoch, new order
             order = torch.randperm(n, generator=gen)
             cursor = 0
         idx = order[cursor : cursor + bs].to(device)
         cursor += bs
-        set_lr(opt, proxy_lr(step, steps, lr, warmup_steps, schedule))
+        set_lr(opt, proxy_lr(step, run.steps, run.lr, run.warmup_steps, run.schedule))
         loss, _ = train_step(
             lambda x, y: lm_loss(*_logits_at_targets(model, head, x, y)),
-            [(x_tr[idx], y_tr[idx])],
-            opt,
-            device=device,
-            dtype=dtype,
-            grad_clip=grad_clip,
-        )
+            [(x_tr[idx], y_tr[idx])], opt, device=device, dtype=run.dtype,
+            grad_clip=run.grad_clip,
+        )  # fmt: skip
         if not math.isfinite(loss):
-            failure = f"non-finite training loss at step {step} (lr={lr:g}, wd={weight_decay:g})"
-            break
-        tokens += int(idx.numel() * x_tr.shape[1])
-        done = step + 1
-        if on_step is not None:
-            on_step(1, int(idx.numel() * x_tr.shape[1]))
-        if check_every and done % check_every == 0 and done < steps:
-            acc_va, _ = evaluate_split(model, head, x_va, y_va, eval_batch_size, dtype)
-            curve.append((done, acc_va))
-            if on_check is not None and on_check(done, acc_va):
-                if on_step is not None:
-                    on_step(steps - done, 0)
-                break
-    if failure is not None:
-        if on_step is not None:
-            on_step(steps - done, 0)
-        return RunResult(
-            lr, weight_decay, 0.0, float("nan"), done, tokens, time.perf_counter() - t0, failure
-        )
-    val_acc, _ = evaluate_split(model, head, x_va, y_va, eval_batch_size, dtype)
-    if check_every and (not curve or curve[-1][0] != done):
-        curve.append((done, val_acc))
-    acc, loss_v = evaluate_split(
-        model,
-        head,
-        torch.from_numpy(data.test_inputs),
-        torch.from_numpy(data.test_targets),
-        eval_batch_size,
-        dtype,
-    )
-    if not math.isfinite(loss_v):
-        return RunResult(
-            lr,
-            weight_decay,
-            0.0,
-            float("nan"),
-            done,
-            tokens,
-            time.perf_counter() - t0,
-            f"non-finite held-out loss (lr={lr:g}, wd={weight_decay:g})",
-        )
-    return RunResult(
-        lr,
-        weight_decay,
-        acc,
-        loss_v,
-        done,
-        tokens,
-        time.perf_counter() - t0,
-        val_accuracy=val_acc,
-        curve=curve,
-    )
+            where = f"(lr={run.lr:g}, wd={run.weight_decay:g})"
+            prog.failure = f"non-finite training loss at step {step} {where}"
+            return prog
+        n_tok = int(idx.numel() * x_tr.shape[1])
+        prog.tokens += n_tok
+        prog.done = step + 1
+        hooks.advance(1, n_tok)
+        if run.check_every and prog.done % run.check_every == 0 and prog.done < run.steps:
+            acc_va, _ = evaluate_split(model, head, *val, run.eval_batch_size, run.dtype)
+            prog.curve.append((prog.done, acc_va))
+            if hooks.on_check is not None and hooks.on_check(prog.done, acc_va):
+                hooks.advance(run.steps - prog.done, 0)
+                return prog
+    return prog
 
 
 def count_params(arch: Architecture, data: MADData) -> int:

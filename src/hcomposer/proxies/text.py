@@ -24,11 +24,34 @@ from hcomposer.training.step import evaluate, make_optimizer, set_lr, train_step
 __all__ = ["evaluate_text"]
 
 
+def _train(model, opt, dataset, config, steps: int, device, progress: bool):
+    """``steps`` steps on the training split: ``(tokens, failure or None)``."""
+    t0 = time.perf_counter()
+    T, B = config.text_seq_len, config.text_batch_size
+    warmup = min(config.warmup_steps, steps // 4)
+    tokens = 0
+    batches = dataset.batches("train", B, T, seed=config.seed)
+    with progress_bar(progress, field="rate") as p:
+        handle = p.add_task("text", total=steps, rate="")
+        for step in range(steps):
+            x, y = next(batches)
+            set_lr(opt, proxy_lr(step, steps, config.text_lr, warmup))
+            loss, _ = train_step(
+                model.loss, [(x.to(device), y.to(device))], opt, device=device,
+                dtype=config.dtype, grad_clip=config.grad_clip,
+            )  # fmt: skip
+            if not math.isfinite(loss):
+                return tokens, f"text: non-finite training loss at step {step}"
+            tokens += x.numel()
+            rate = tokens / max(1e-9, time.perf_counter() - t0)
+            p.update(handle, advance=1, rate=f"{rate:,.0f} tok/s")
+    return tokens, None
+
+
 def evaluate_text(
     arch: Architecture, *, data, config, progress: bool, device: torch.device
 ) -> tuple[float, dict, int, list[str]]:
     """Run the text proxy (see the module docstring): ``(score, task record, tokens, failures)``."""
-    t0 = time.perf_counter()
     tokenizer = get_tokenizer(config.tokenizer)
     source = None if data is None else str(Path(data))
     dataset = prepare_dataset(source, tokenizer, seed=config.seed)
@@ -38,29 +61,7 @@ def evaluate_text(
     with torch.random.fork_rng(devices=[]):
         model = build_model(arch.with_shape(shape), seed=config.seed * 1000).to(device)
     opt = make_optimizer(model, lr=config.text_lr, weight_decay=0.1, device=device)
-    warmup = min(config.warmup_steps, steps // 4)
-    failure = None
-    tokens = 0
-    batches = dataset.batches("train", B, T, seed=config.seed)
-    with progress_bar(progress, field="rate") as p:
-        handle = p.add_task("text", total=steps, rate="")
-        for step in range(steps):
-            x, y = next(batches)
-            set_lr(opt, proxy_lr(step, steps, config.text_lr, warmup))
-            loss, _ = train_step(
-                model.loss,
-                [(x.to(device), y.to(device))],
-                opt,
-                device=device,
-                dtype=config.dtype,
-                grad_clip=config.grad_clip,
-            )
-            if not math.isfinite(loss):
-                failure = f"text: non-finite training loss at step {step}"
-                break
-            tokens += x.numel()
-            rate = tokens / max(1e-9, time.perf_counter() - t0)
-            p.update(handle, advance=1, rate=f"{rate:,.0f} tok/s")
+    tokens, failure = _train(model, opt, dataset, config, steps, device, progress)
     val_loss, val_acc = math.nan, 0.0
     if failure is None:
         val = evaluate(

@@ -24,6 +24,7 @@ from hcomposer.data import get_tokenizer
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
 from hcomposer.io import atomic_write_json, read_json, run_metadata
+from hcomposer.runs import RunDir
 from hcomposer.scaling.fits import fit_frontier
 from hcomposer.scaling.ladder import Ladder, PlannedRun, pattern_block, plan_runs
 from hcomposer.scaling.plots import plot_frontier, plot_isoflop
@@ -99,7 +100,7 @@ class SweepConfig:
 
 def cpu() -> SweepConfig:
     """Two patterns in about an hour on 2 idle CPU cores (one pattern per core, fp32, the
-    embedded corpus); run in full, with its frontier, in benchmarks/RESULTS.md.
+    embedded corpus); run in full, with its frontier, in benchmarks/RESULTS.md (row isoflop).
 
     Widths 8-128 (head dim 8, at least 3 blocks so that AAFFFF is itself up to width 80; about
     4.5K-900K parameters with the byte vocabulary), five budgets 1e11-1e12 (a decade, about a
@@ -213,12 +214,13 @@ def _check_folder(out: Path, config: SweepConfig) -> None:
 
 
 def _status(folder: Path) -> str:
-    if (folder / "summary.json").is_file():
+    run = RunDir(folder)
+    if run.summary_json.is_file():
         try:
-            return read_json(folder / "summary.json").get("status", "unknown")
+            return read_json(run.summary_json).get("status", "unknown")
         except (OSError, ValueError):
             return "unknown"
-    return "started" if (folder / "run.json").is_file() else "new"
+    return "started" if run.run_json.is_file() else "new"
 
 
 def collect(out: Path, runs: Sequence[PlannedRun]) -> list[dict]:
@@ -228,10 +230,9 @@ def collect(out: Path, runs: Sequence[PlannedRun]) -> list[dict]:
         row = r.describe()
         folder = out / r.key
         row["status"] = _status(folder)
+        summary_json = RunDir(folder).summary_json
         summary = (
-            read_json(folder / "summary.json")
-            if row["status"] != "new" and (folder / "summary.json").is_file()
-            else {}
+            read_json(summary_json) if row["status"] != "new" and summary_json.is_file() else {}
         )
         row["loss"] = summary.get("val_loss")
         row["train_loss"] = summary.get("loss")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from typing import Any
 
 from hcomposer.errors import UserError
+from hcomposer.runs import SearchDir
 from hcomposer.search.results import read_config
 from hcomposer.search.storage import check_storage, open_storage, storage_url
 
@@ -43,7 +43,7 @@ def dashboard_storage(folder: str | None, storage: str | None) -> Any:
     if folder is not None:
         config = read_config(folder)
         url = storage_url(config.storage, folder)
-        if config.storage is None and not (Path(folder) / "study.db").is_file():
+        if config.storage is None and not SearchDir(folder).study_db.is_file():
             raise UserError(f"{folder!r} has no study.db yet; start the search first")
     else:
         check_storage(storage, ".")

@@ -128,7 +128,7 @@ def prepare_run_folder(config: SearchConfig, out_dir: str | Path, argv: list[str
     if resuming:
         try:
             stored = read_run_file(
-                out, "search.json", kind="search", keys=("config",), versioned=True
+                out, existing.name, kind="search", keys=("config",), versioned=True
             )
             old = SearchConfig.from_dict(stored["config"]).identity()
         except (KeyError, ValueError, TypeError, UserError) as e:

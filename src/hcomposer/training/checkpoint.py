@@ -32,7 +32,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, current_umask, read_json, sha256_file
-from hcomposer.runs import RunDir
+from hcomposer.runs import RUN_JSON, RunDir
 
 __all__ = [
     "save_checkpoint",
@@ -266,7 +266,7 @@ def check_out_dir(
             f"output folder {str(out)!r} already holds a run (status {status}); pass --resume "
             "to continue it, or choose another --out"
         )
-    stored = read_run_file(out, "run.json", keys=("config",), versioned=True)["config"]
+    stored = read_run_file(out, RUN_JSON, keys=("config",), versioned=True)["config"]
     try:
         stored_arch = Architecture.from_dict(stored["architecture"])
         stored_cfg = dict(stored["train"])
