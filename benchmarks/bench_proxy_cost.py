@@ -25,7 +25,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.io import atomic_write_text
 from hcomposer.proxies.proxy import QUICKSTART_PROXY, ProxyConfig, evaluate_proxy
 
-# The defaults before the calibration (issue 9), on today's generators.
+# The defaults before the calibration of 2026-12-01, on today's generators.
 PREVIOUS = dict(steps=120, lrs=(1e-3, 3e-3), dtype="bf16", warmup_steps=10, check_every=0)
 
 

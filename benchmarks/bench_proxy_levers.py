@@ -1,4 +1,4 @@
-"""Two cost levers for the MAD proxy, measured side by side in one process (issue 9, item 3).
+"""Two cost levers for the MAD proxy, measured side by side in one process (2026-12-02).
 
 The proxy trains small models (the ``proxy`` shape, width 64) one after another. Two ways to
 make that cheaper were proposed and are measured here against the eager fp32 step the proxy

@@ -4,7 +4,7 @@ Scores a pool of 6-sublayer patterns with a proxy, keeps k spread across the sco
 range, trains each (stacked to --layers sublayers, at a wider shape) on the embedded
 text corpus, and reports Spearman's rho between proxy score and validation loss.
 
-CPU-sized run recorded in benchmarks/RESULTS.md (section eval_export):
+CPU-sized run recorded in docs/history/results-log.md (section eval_export):
 
     python benchmarks/proxy_rank.py --out /tmp/proxy_rank --k 6 --proxy text \
         --proxy-shape tiny --text-tokens 32768 --text-seq-len 64 --text-batch-size 8 \

@@ -13,7 +13,7 @@ study's patterns and, with ``--heldout``, on the patterns a held-out test used.
         --heldout benchmarks/results/proxy_rank_cpu/heldout_session8.json
 
 Exploratory: the subsets are not chosen in advance, except fuzzy recall alone, which
-session 8 tested on held-out patterns (`benchmarks/RESULTS.md`, "proxy-to-scale-2").
+was tested on held-out patterns on 2026-12-02 (`benchmarks/RESULTS.md`, row scale-heldout).
 """
 
 from __future__ import annotations

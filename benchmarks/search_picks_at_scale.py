@@ -1,4 +1,4 @@
-"""The top 3 of two tables (af6q, af6f) at scale: mean loss of each proxy's picks (issue 9).
+"""The top 3 of two tables (af6q, af6f) at scale: mean loss of each proxy's picks.
 
 Pre-registered in benchmarks/results/search_af6f/prereg.md. Reads the scale losses of the
 proxy-to-scale study and of its picks folder (same settings), writes

@@ -48,7 +48,7 @@ RECIPES: dict[str, ProxyRankRecipe] = {
     # 2-core CPU: 8 patterns x 3 proxy seeds; each stacked to 12 sublayers at the 2m width
     # (d_model 128, twice the proxy's 64) and trained on 2M tokens, plus 2 noise runs. One
     # thread trains 1,500-3,000 tokens/s there (11-22 min a run): about 1.5 h with two
-    # workers (benchmarks/RESULTS.md, "proxy-to-scale"). 10m (d_model 256) would take ~4x.
+    # workers (docs/history/results-log.md, "proxy-to-scale"). 10m (d_model 256) would take ~4x.
     "cpu": ProxyRankRecipe(),
     # One GPU: a 350M-class width, 24 sublayers, 2B tokens per pattern (~Chinchilla-scale
     # for its ~350M parameters would be 7B; 2B keeps the ten runs within about two days).

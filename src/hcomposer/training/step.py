@@ -53,7 +53,7 @@ def native_bf16(device: torch.device | str) -> bool:
     """True where bf16 arithmetic is native and fast: a CUDA device that supports it, or a CPU
     with AVX512-BF16 or AMX. On a CPU without them (e.g. AVX2 only) bf16 autocast emulates
     the products and trains several times slower than fp32 (60-100 against 1,000+ tokens/s
-    on a 2-core AVX2 host, benchmarks/RESULTS.md)."""
+    on a 2-core AVX2 host, docs/history/results-log.md)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
