@@ -30,6 +30,9 @@ __all__ = [
     "bootstrap_mean_band",
     "spearman",
     "spearman_ci",
+    "spearman_diff_ci",
+    "kendall",
+    "kendall_ci",
     "seed_std",
     "noise_floor",
     "pooled_seed_std",
@@ -139,6 +142,30 @@ def spearman_ci(
     rho = spearman(a, b)
     lo, hi = _resampled_interval(a.size, lambda i: spearman(a[i], b[i]), n_boot, level, seed)
     return rho, lo, hi
+
+
+def kendall(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b (ties handled); NaN if a side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size or a.size < 2:
+        raise ValueError("kendall needs two sequences of the same length, at least 2")
+    if np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan
+    return float(scipy.stats.kendalltau(a, b).statistic)
+
+
+def kendall_ci(
+    x: Sequence[float],
+    y: Sequence[float],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Kendall's tau with a percentile bootstrap interval over resampled pairs."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    tau = kendall(a, b)
+    lo, hi = _resampled_interval(a.size, lambda i: kendall(a[i], b[i]), n_boot, level, seed)
+    return tau, lo, hi
 
 
 def spearman_diff_ci(

@@ -33,6 +33,7 @@ import json
 import math
 import re
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -349,6 +350,20 @@ class Ruler:
             f"{rec['test_loss']} flag {flag} ({res.wall_seconds:.0f}s)"
         )
         return rec
+
+    def text_proxy(self, pattern: str, tokens: int, seed: int) -> dict[str, Any]:
+        """A short run on the ruler's training text at the recipe's base rate (a proxy,
+        not part of the ruler): its validation loss and CPU seconds. Never scored on test."""
+        cfg = self.cfg
+        run_dir = self.work / "proxy" / _run_name(pattern, cfg.base_lr, tokens, seed)
+        tcfg = _train_config(cfg, cfg.base_lr, tokens, seed, self.text["train"]["path"])
+        cpu0 = time.process_time()
+        res = train(_arch(pattern, cfg), tcfg, run_dir, resume=run_dir.exists(), progress=False)
+        val = None
+        if res.status == "completed":
+            val = _score(run_dir, self.text, ("val",), self.cache)["val"]
+        return {"val_loss": val, "status": res.status,
+                "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
 
     def choose_lr(self, pattern: str) -> float:
         """The cheap rule: short cooldown runs over the grid, best validation loss wins."""

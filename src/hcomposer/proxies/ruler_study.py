@@ -1,0 +1,292 @@
+"""The ruler study's reports, computed from its files alone (no training): the ruler's
+reliability and the trivial rankers (``summarise``), the proxies' scores (``run_proxies``
+computes them, resumably) and the zoo table on the development and held-out patterns
+(``write_zoo``). ``benchmarks/ruler_v3.py`` runs the study; ``hcomposer proxy-rank --out
+FOLDER`` on a ruler study folder prints these from its files."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from hcomposer.format import markdown_table
+from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.ruler import (
+    Ruler,
+    RulerConfig,
+    family,
+    rate_rule_check,
+    reliability,
+    ruler_losses,
+)
+from hcomposer.proxies.zoo import judge, plot_zoo, trivial_scores, zoo_markdown
+from hcomposer.stats import spearman, spearman_ci
+
+__all__ = ["PROXY_RUNS", "summarise", "summary_markdown", "run_proxies", "zoo_scores",
+           "write_zoo"]  # fmt: skip
+
+
+def _rank_against(scores: dict[str, float], losses: dict[str, float]) -> dict | None:
+    pats = sorted(set(scores) & set(losses))
+    x = [scores[p] for p in pats]
+    if len(pats) < 3 or len(set(x)) < 2:
+        return None
+    rho, lo, hi = spearman_ci(x, [-losses[p] for p in pats])
+    return {"spearman": rho, "ci": [lo, hi], "n": len(pats)}
+
+
+def summarise(out: Path, split: dict, cfg: RulerConfig) -> dict:
+    losses = ruler_losses(out)
+    params = read_json(out / "plan.json")["non_embedding_active_params"]
+    recs = list(read_jsonl(out / "runs.jsonl"))
+    chosen = {
+        r["pattern"]: r["lr"]
+        for r in recs
+        if r["role"] == "final" and r["seed"] == 0 and r["flag"] is None
+    }
+    res: dict = {"config": cfg.to_dict(), "reliability": {}, "trivial": {}}
+    for name, pats in (
+        ("all", split["dev"] + split["heldout"]),
+        ("dev", split["dev"]),
+        ("heldout", split["heldout"]),
+    ):
+        sub = {p: losses[p] for p in pats if p in losses}
+        rel = reliability(sub)
+        res["reliability"][name] = {k: v for k, v in rel.items() if k != "spread"}
+        mean = {p: v["mean"] for p, v in sub.items()}
+        res["trivial"][name] = {
+            r: _rank_against(sc, mean) for r, sc in trivial_scores(list(mean), params).items()
+        }
+        afwe = {p: m for p, m in mean.items() if family(p) == "afwe"}
+        res["trivial"][name + " (A/F/W/E only)"] = {
+            r: _rank_against(sc, afwe) for r, sc in trivial_scores(list(afwe), params).items()
+        }
+    res["rate_rule"] = rate_rule_check(out, split["check"], cfg)
+    res["patterns"] = [
+        {
+            "pattern": p,
+            "set": "heldout" if p in split["heldout"] else "dev",
+            "lr": chosen.get(p),
+            "seeds": losses[p]["seeds"],
+            "mean": losses[p]["mean"],
+        }
+        for p in sorted(losses, key=lambda q: losses[q]["mean"])
+    ]
+    res["flagged"] = [
+        {k: r[k] for k in ("pattern", "lr", "tokens", "seed", "role", "flag")}
+        for r in recs
+        if r["flag"]
+    ]
+    res["runs"] = len(recs)
+    return res
+
+
+def _fmt_rho(v: dict | None) -> str:
+    return (
+        "-"
+        if v is None
+        else f"{v['spearman']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}] (n {v['n']})"
+    )
+
+
+def summary_markdown(res: dict) -> str:
+    lines = [
+        f"Ruler v3: {res['runs']} runs logged; {len(res['patterns'])} patterns with a test loss.",
+        "",
+    ]
+    rel_rows = []
+    for name, r in res["reliability"].items():
+        if r.get("seed_spearman") is None:
+            rel_rows.append([name, r["n"], "-", "-", "-"])
+            continue
+        lo, hi = r["seed_spearman_ci"]
+        rel_rows.append(
+            [
+                name,
+                r["n"],
+                f"{r['seed_spearman']:.3f} [{lo:.2f}, {hi:.2f}]",
+                f"{r['spearman_brown']:.3f}",
+                f"{r['spread_median']:.4f}",
+            ]
+        )
+    lines += [
+        "## The ruler's reliability (seed 0 against seed 1, test loss)",
+        "",
+        markdown_table(
+            [
+                "patterns",
+                "n",
+                "seed-to-seed Spearman",
+                "Spearman-Brown (2 seeds)",
+                "median seed spread (nats)",
+            ],
+            rel_rows,
+        ),
+        "",
+    ]
+    names = list(next(iter(res["trivial"].values())))
+    lines += [
+        "## Trivial rankers against the ruler (Spearman, 95% bootstrap interval)",
+        "",
+        markdown_table(
+            ["patterns", *names],
+            [[k, *(_fmt_rho(v[n]) for n in names)] for k, v in res["trivial"].items()],
+        ),
+        "",
+    ]
+    if res["rate_rule"]:
+        lines += [
+            "## The cheap rate rule against the full grid (seed 0, full budget)",
+            "",
+            markdown_table(
+                ["pattern", "cheap pick", "full-grid pick", "test cost (nats)"],
+                [
+                    [f"`{r['pattern']}`", r["cheap_lr"], r["grid_lr"], f"{r['test_cost']:+.4f}"]
+                    for r in res["rate_rule"]
+                ],
+            ),
+            "",
+        ]
+    lines += [
+        "## Patterns (test loss, mean of seeds)",
+        "",
+        markdown_table(
+            ["pattern", "set", "rate", "seeds", "mean"],
+            [
+                [
+                    f"`{p['pattern']}`",
+                    p["set"],
+                    p["lr"],
+                    ", ".join(f"{v:.4f}" for v in p["seeds"].values()),
+                    f"{p['mean']:.4f}",
+                ]
+                for p in res["patterns"]
+            ],
+        ),
+        "",
+    ]
+    if res["flagged"]:
+        lines += [
+            "Flagged runs (kept in runs.jsonl, never averaged in): "
+            + "; ".join(
+                f"`{f['pattern']}` lr {f['lr']} seed {f['seed']} ({f['role']}): {f['flag']}"
+                for f in res["flagged"]
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# The zoo's proxies computed per pattern: (kind, seeds). mad6: the six-task MAD proxy with
+# today's defaults (ProxyConfig()), whose per-task accuracies and losses also give "fuzzy
+# recall alone" and "MAD by task loss"; text/K: a run of 1/K of the ruler's tokens on its
+# training text at the base rate, scored on validation.
+PROXY_RUNS = (("mad6", (0, 1, 2)), ("text/32", (0, 1)), ("text/8", (0, 1)))
+
+
+def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -> None:
+    """Seed-major (every pattern's first seed before any second), so a partial log covers
+    every pattern; pattern k goes to worker k % n."""
+
+    log = out / "proxy_scores.jsonl"
+    done = {(r["pattern"], r["kind"], r["seed"]) for r in read_jsonl(log)}
+    ruler = Ruler(out, cfg, work, log=lambda m: None)
+    mine = [p for k, p in enumerate(patterns) if k % shard[1] == shard[0]]
+    for seed in (0, 1, 2):
+        for p in mine:
+            for kind, seeds in PROXY_RUNS:
+                if seed not in seeds or (p, kind, seed) in done:
+                    continue
+                if kind == "mad6":
+                    cpu0 = time.process_time()
+                    res = evaluate_proxy(p, "mad", seed=seed, config=ProxyConfig(), device="cpu")
+                    tasks = {t: {k: v for k, v in r.items() if k != "grid"}
+                             for t, r in res.to_dict()["tasks"].items()}  # fmt: skip
+                    rec = {"score": res.score, "tasks": tasks,
+                           "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
+                else:
+                    k = int(kind.split("/")[1])
+                    steps = max(cfg.warmup_steps + 5, cfg.tokens // k // cfg.step_tokens)
+                    rec = ruler.text_proxy(p, steps * cfg.step_tokens, seed)
+                append_jsonl(log, {"pattern": p, "kind": kind, "seed": seed, **rec})
+                print(f"{kind} {p} seed {seed}: {rec.get('score', rec.get('val_loss'))}",
+                      flush=True)  # fmt: skip
+
+
+def zoo_scores(out: Path, split: dict) -> tuple[dict, dict, dict]:
+    """(ranker -> pattern -> score, ranker -> median CPU-s, design notes): proxies from
+    proxy_scores.jsonl (mean over seeds) and the design choices made on the dev set."""
+
+    recs = list(read_jsonl(out / "proxy_scores.jsonl"))
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in recs:
+        by.setdefault((r["kind"], r["pattern"]), []).append(r)
+    scores: dict[str, dict[str, float]] = {}
+    cpu: dict[str, float] = {}
+
+    def add(name, kind, value):
+        vals = {p: statistics.fmean(value(r) for r in rs) for (k, p), rs in by.items() if k == kind}
+        if vals:
+            scores[name] = vals
+            cpu[name] = statistics.median(r["cpu_seconds"] for (k, _), rs in by.items()
+                                          if k == kind for r in rs)  # fmt: skip
+
+    add("MAD six tasks (accuracy)", "mad6", lambda r: r["score"])
+    add("fuzzy recall alone", "mad6", lambda r: r["tasks"]["fuzzy_in_context_recall"]["accuracy"])
+    add("text, 1/32 of the ruler's tokens", "text/32", lambda r: -r["val_loss"])
+    add("text, 1/8 of the ruler's tokens", "text/8", lambda r: -r["val_loss"])
+    notes: dict = {}
+    losses = {p: v["mean"] for p, v in ruler_losses(out).items()}
+    dev = [p for p in split["dev"] if p in losses and ("mad6", p) in by]
+    if len(dev) >= 5:
+        tasks = _loss_tasks(by, dev, losses)
+        notes["MAD by task loss: tasks kept (chosen on dev)"] = tasks
+        if tasks:
+            add("MAD by task loss", "mad6",
+                lambda r: -statistics.fmean(r["tasks"][t]["loss"] for t in tasks))  # fmt: skip
+    return scores, cpu, notes
+
+
+def _loss_tasks(by: dict, dev: list[str], losses: dict[str, float]) -> list[str]:
+    """Tasks whose loss ranks the dev patterns the right way round (Spearman of minus the
+    task loss with minus the ruler loss > 0) and is not saturated (accuracy below 0.98 on
+    at least one dev pattern): MAD's memorisation is known to rank inverted."""
+
+    first = by[("mad6", dev[0])][0]["tasks"]
+    keep = []
+    for t in first:
+        acc = [statistics.fmean(r["tasks"][t]["accuracy"] for r in by[("mad6", p)]) for p in dev]
+        loss = [statistics.fmean(r["tasks"][t]["loss"] for r in by[("mad6", p)]) for p in dev]
+        if min(acc) >= 0.98 or any(v is None for v in loss):
+            continue
+        if spearman([-v for v in loss], [-losses[p] for p in dev]) > 0:
+            keep.append(t)
+    return keep
+
+
+def write_zoo(out: Path, split: dict, cfg: RulerConfig, n_boot: int = 2000) -> str:
+    """The zoo on the dev and held-out sets: zoo.json, zoo.md, zoo.png (held-out)."""
+
+    losses = {p: v["mean"] for p, v in ruler_losses(out).items()}
+    params = read_json(out / "plan.json")["non_embedding_active_params"]
+    scores, cpu, notes = zoo_scores(out, split)
+    res: dict = {"notes": notes, "sets": {}}
+    lines = ["# The proxy zoo against ruler v3", ""]
+    for name in ("heldout", "dev"):
+        pats = [p for p in split[name] if p in losses]
+        sub = {k: {p: v[p] for p in pats if p in v} for k, v in scores.items()}
+        sub.update(trivial_scores(pats, params))
+        verdicts = judge(sub, {p: losses[p] for p in pats}, cpu=cpu, n_boot=n_boot)
+        res["sets"][name] = [v.to_dict() for v in verdicts]
+        table = zoo_markdown(verdicts) if verdicts else "(not enough patterns yet)"
+        lines += [f"## {name} patterns ({len(pats)} with a ruler loss)", "", table, ""]
+        if name == "heldout" and verdicts:
+            plot_zoo(verdicts, out / "zoo.png", title="held-out patterns")
+    for k, v in notes.items():
+        lines.append(f"{k}: {v}")
+    atomic_write_json(out / "zoo.json", res)
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "zoo.md", text)
+    return text

@@ -1,0 +1,97 @@
+"""The proxy zoo against a ruler: known answers for the judge, and the study's zoo built
+from synthetic files (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from hcomposer.proxies.ruler import RulerConfig
+from hcomposer.proxies.ruler_study import write_zoo
+from hcomposer.proxies.zoo import TRIVIAL, afwe_only, judge, plot_zoo, trivial_scores, zoo_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+PATS = ["AFAFAF", "SFSFSF", "DFDFDF", "AAFFFF", "FFFFFF", "AEAEAE", "WFWFWF", "SSFFAA", "FAFAFA"]
+# Losses at scale: S/D patterns best, then by how much attention comes early.
+LOSS = {"SFSFSF": 4.00, "DFDFDF": 4.02, "SSFFAA": 4.05, "AFAFAF": 4.30, "AAFFFF": 4.35,
+        "WFWFWF": 4.40, "AEAEAE": 4.32, "FAFAFA": 4.45, "FFFFFF": 5.20}  # fmt: skip
+PARAMS = {p: 1000 + 10 * i for i, p in enumerate(PATS)}
+
+
+def test_judge_known_answers():
+    perfect = {p: -LOSS[p] for p in PATS}
+    reversed_ = {p: LOSS[p] for p in PATS}
+    scores = {"perfect": perfect, "reversed": reversed_, **trivial_scores(PATS, PARAMS)}
+    v = {x.name: x for x in judge(scores, LOSS, cpu={"perfect": 12.0}, n_boot=200)}
+    assert v["perfect"].spearman == pytest.approx(1.0)
+    assert v["perfect"].kendall == pytest.approx(1.0)
+    assert v["reversed"].spearman == pytest.approx(-1.0)
+    assert v["perfect"].cpu_seconds == 12.0 and v["perfect"].n == len(PATS)
+    # The best trivial ranker here is has-S/D or count of S+D; the perfect proxy beats it.
+    best = v["perfect"].best_trivial
+    assert best in ("has S/D", "count of S+D")
+    d = v["perfect"].diff_best_trivial
+    assert d[0] == pytest.approx(1.0 - v[best].spearman) and d[1] <= d[0] <= d[2]
+    # Within A/F/W/E only, has-S/D is constant: no Spearman; the perfect proxy keeps 1.
+    assert v["has S/D"].afwe_spearman is None
+    assert v["perfect"].afwe_spearman == pytest.approx(1.0)
+    assert v["perfect"].afwe_n == sum(afwe_only(p) for p in PATS)
+    table = zoo_markdown(list(v.values()))
+    lines = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert lines[0].startswith("| perfect") and all(
+        any(line.startswith(f"| {t}") for line in lines[-len(TRIVIAL) :]) for t in TRIVIAL
+    )
+
+
+def test_plot_zoo_writes_a_png(tmp_path):
+    scores = {"perfect": {p: -LOSS[p] for p in PATS}, **trivial_scores(PATS, PARAMS)}
+    path = plot_zoo(judge(scores, LOSS, n_boot=50), tmp_path / "zoo.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("ruler_v3", ROOT / "benchmarks" / "ruler_v3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_zoo_from_files(tmp_path):
+    """write_zoo reads runs.jsonl, proxy_scores.jsonl and plan.json only; the task choice of
+    'MAD by task loss' is made on the dev patterns (an inverted task is dropped)."""
+    split = {"dev": PATS[:5], "heldout": PATS[5:] + ["SSSSSS"], "check": []}
+    out = tmp_path
+    (out / "plan.json").write_text(json.dumps({"non_embedding_active_params": {
+        **PARAMS, "SSSSSS": 999}}))  # fmt: skip
+    runs, proxies = [], []
+    for p in PATS:
+        for seed in (0, 1):
+            runs.append({"pattern": p, "role": "final", "seed": seed, "flag": None,
+                         "test_loss": LOSS[p] + 0.01 * seed, "lr": 0.003})  # fmt: skip
+        for seed in (0, 1, 2):
+            tasks = {
+                # good: its loss tracks the ruler; inverted: the other way round
+                "good": {"accuracy": 0.5, "loss": LOSS[p] + 0.001 * seed},
+                "inverted": {"accuracy": 0.5, "loss": -LOSS[p]},
+                "fuzzy_in_context_recall": {"accuracy": 1 / LOSS[p], "loss": 1.0},
+            }
+            proxies.append({"pattern": p, "kind": "mad6", "seed": seed, "score": -LOSS[p],
+                            "tasks": tasks, "cpu_seconds": 40.0 + seed})  # fmt: skip
+        proxies.append({"pattern": p, "kind": "text/32", "seed": 0, "val_loss": LOSS[p] + 1,
+                        "cpu_seconds": 9.0, "status": "completed"})  # fmt: skip
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    (out / "proxy_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in proxies))
+    text = write_zoo(out, split, RulerConfig(), n_boot=100)
+    res = json.loads((out / "zoo.json").read_text())
+    assert res["notes"]["MAD by task loss: tasks kept (chosen on dev)"] == ["good"]
+    held = {v["name"]: v for v in res["sets"]["heldout"]}
+    # SSSSSS has no ruler loss: the held-out set is judged on the 4 that have one.
+    assert held["MAD six tasks (accuracy)"]["n"] == 4
+    assert held["MAD by task loss"]["spearman"] == pytest.approx(1.0)
+    assert held["MAD six tasks (accuracy)"]["cpu_seconds"] == 41.0
+    assert held["text, 1/32 of the ruler's tokens"]["cpu_seconds"] == 9.0
+    assert set(TRIVIAL) - {"has S/D", "count of S+D"} <= set(held)
+    assert "## heldout patterns" in text and (out / "zoo.png").is_file()
