@@ -122,6 +122,9 @@ def test_pipeline_resumes_after_kill_and_reports(tmp_path: Path):
     assert scale["composite"] in report and scale["baseline"] in report
     # The report names what the search ranked on.
     assert "Proxy `synthetic` at shape `tiny`, random sampler, 4 positions of A/F/S." in report
+    # It says how far the proxy is known to rank like scale, beside the free rankings.
+    assert "## How far to trust the proxy" in report and "has not been measured" in report
+    assert "rank by has S/D" in report
     # Efficiency of both models timed together: paired ratios with their spread.
     assert "Efficiency, paired" in report and "decode@64" in report
     paired = json.loads((out / "compare/compare.json").read_text())["efficiency_interleaved"]

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from importlib import resources
 from typing import Any
 
+from hcomposer.accounting import count_costs
+from hcomposer.architecture import Architecture
+from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import measure_runs_interleaved
 from hcomposer.format import markdown_table
 from hcomposer.io import atomic_write_text
 from hcomposer.pipeline.state import State, fmt_pm, mean_std
 from hcomposer.pipeline.train import seed_losses
+from hcomposer.proxies.proxy import parse_proxy
+from hcomposer.proxies.zoo import trivial_scores
 from hcomposer.recipes import Recipe
 from hcomposer.reporting.compare import compare_runs, comparison_markdown
 from hcomposer.reporting.report import (
@@ -19,8 +26,14 @@ from hcomposer.reporting.report import (
 )
 from hcomposer.search import load_trials
 
+# What is measured of each proxy's rank agreement with training at scale (figures tested
+# against the study's raw files in tests/test_proxy_validity.py).
+VALIDITY = "assets/proxy_validity.json"
+
 __all__ = [
     "stage_report",
+    "validity_lines",
+    "proxy_key",
     "NOISE_RULE",
     "seed_noise",
     "noise_summary",
@@ -47,6 +60,7 @@ def stage_report(state: State, recipe: Recipe) -> dict:
     cmp = compare_runs(runs, folder.compare, labels=roles, efficiency=eff,
                        title="Composite against the Llama-style baseline")  # fmt: skip
     lines = _summary_lines(state, recipe, done, pareto)
+    lines += validity_lines(recipe.search.proxy, recipe.search.shape, done)
     noise = noise_summary(state.data, recipe)
     lines += noise_markdown(noise)
     lines += [comparison_markdown(cmp["sections"], images=f"{folder.compare.name}/", level=2)]
@@ -106,6 +120,77 @@ def _summary_lines(state: State, recipe: Recipe, done: list[dict], pareto) -> li
     if pareto is not None:
         lines += [f"![Pareto front]({folder.plot('pareto').name})", ""]
     return lines + ["## Patterns", "", f"![patterns]({folder.plot('patterns').name})", ""]
+
+
+def _validity() -> dict[str, Any]:
+    return json.loads(resources.files("hcomposer").joinpath(VALIDITY).read_text())
+
+
+def proxy_key(proxy: str) -> str:
+    """The canonical spelling of a proxy (aliases resolved); a name that is not one of the
+    registered proxies (a test objective) is kept as it is."""
+    try:
+        kind, names = parse_proxy(proxy)
+    except UserError:
+        return proxy
+    return kind if not names else f"{kind}:{','.join(names)}"
+
+
+def validity_lines(proxy: str, shape, done: list[dict], top: int = 5) -> list[str]:
+    """How far the proxy's ranking is known to agree with training at scale, beside the
+    free rankings, and where those would have put the search's top candidates."""
+    v = _validity()
+    entry = v["proxies"].get(proxy_key(proxy))
+    triv = v["trivial"]
+    fmt = lambda f: f"{f['spearman']:.2f} [{f['ci'][0]:.2f}, {f['ci'][1]:.2f}]"  # noqa: E731
+    lines = ["## How far to trust the proxy", ""]
+    free = (f"the free rule \"has an S or D layer\" got {fmt(triv['has S/D'])} and the count "
+            f"of S+D layers {fmt(triv['count of S+D'])}")  # fmt: skip
+    where = f"{v['settings']} (`{v['study']}`, measured {v['measured']})"
+    if entry is None:
+        six = v["proxies"]["mad"]
+        lines.append(
+            f"The rank agreement of `{proxy}` with training at scale has not been measured. "
+            f"On {where}, the six MAD tasks got Spearman {fmt(six)} with the loss at scale; "
+            f"{free}."
+        )
+    else:
+        lines.append(
+            f"On {where}, ranking by {entry['name']} gave Spearman {fmt(entry)} with the loss "
+            f"at scale; {free}."
+        )
+        if entry["ci"][1] < triv["has S/D"]["spearman"]:
+            lines.append(
+                "A one-line rule ranked those patterns better than this proxy did: weigh its "
+                "picks with that in mind."
+            )
+    lines += ["", v["next"], ""]
+    return lines + _trivial_placement(shape, done, top)
+
+
+def _trivial_placement(shape, done: list[dict], top: int) -> list[str]:
+    """The top candidates' ranks among the searched patterns under each free ranking."""
+    unique: dict[str, float] = {}
+    for t in done:
+        unique.setdefault(t["pattern"], t["score"])
+    if len(unique) < 2:
+        return []
+    pats = sorted(unique, key=lambda p: -unique[p])
+    params = {p: count_costs(Architecture.parse(p, shape)).params_non_embedding for p in pats}
+    rankers = {"proxy": unique, **trivial_scores(pats, params)}
+
+    def rank(scores: dict[str, float], p: str) -> int:
+        return 1 + sum(scores[q] > scores[p] for q in pats)
+
+    header = ["pattern", *(f"rank by {name}" for name in rankers)]
+    rows = [[f"`{p}`", *(rank(sc, p) for sc in rankers.values())] for p in pats[:top]]
+    return [
+        f"Where the free rankings would have put the search's top {min(top, len(pats))} of "
+        f"{len(pats)} patterns (1 = ranked best; ties share a rank):",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
 
 
 NOISE_RULE = (
