@@ -138,10 +138,15 @@ def spearman_ci(
 
     Resamples in which one side is constant have no rho and are dropped.
     """
+    return _paired_ci(spearman, x, y, n_boot, level, seed)
+
+
+def _paired_ci(stat, x, y, n_boot: int, level: float, seed: int) -> tuple[float, float, float]:
+    """``stat(x, y)`` and its percentile interval over resampled (x, y) pairs."""
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    rho = spearman(a, b)
-    lo, hi = _resampled_interval(a.size, lambda i: spearman(a[i], b[i]), n_boot, level, seed)
-    return rho, lo, hi
+    value = stat(a, b)
+    lo, hi = _resampled_interval(a.size, lambda i: stat(a[i], b[i]), n_boot, level, seed)
+    return value, lo, hi
 
 
 def kendall(x: Sequence[float], y: Sequence[float]) -> float:
@@ -162,10 +167,7 @@ def kendall_ci(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """Kendall's tau with a percentile bootstrap interval over resampled pairs."""
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    tau = kendall(a, b)
-    lo, hi = _resampled_interval(a.size, lambda i: kendall(a[i], b[i]), n_boot, level, seed)
-    return tau, lo, hi
+    return _paired_ci(kendall, x, y, n_boot, level, seed)
 
 
 def spearman_diff_ci(
