@@ -92,91 +92,53 @@ def _fmt_rho(v: dict | None) -> str:
 
 
 def summary_markdown(res: dict) -> str:
-    lines = [
-        f"Ruler v3: {res['runs']} runs logged; {len(res['patterns'])} patterns with a test loss.",
-        "",
-    ]
-    rel_rows = []
+    """result.md: reliability, trivial rankers, the rate rule, per-pattern losses, flags."""
+    head = f"Ruler v3: {res['runs']} runs logged; {len(res['patterns'])} patterns with a test loss."
+    lines = [head, "", *_reliability_md(res), *_trivial_md(res), *_rate_rule_md(res)]
+    rows = [[f"`{p['pattern']}`", p["set"], p["lr"],
+             ", ".join(f"{v:.4f}" for v in p["seeds"].values()), f"{p['mean']:.4f}"]
+            for p in res["patterns"]]  # fmt: skip
+    lines += ["## Patterns (test loss, mean of seeds)", "",
+              markdown_table(["pattern", "set", "rate", "seeds", "mean"], rows), ""]  # fmt: skip
+    if res["flagged"]:
+        flags = "; ".join(
+            f"`{f['pattern']}` lr {f['lr']} seed {f['seed']} ({f['role']}): {f['flag']}"
+            for f in res["flagged"]
+        )
+        lines += [f"Flagged runs (kept in runs.jsonl, never averaged in): {flags}", ""]
+    return "\n".join(lines)
+
+
+def _reliability_md(res: dict) -> list[str]:
+    rows = []
     for name, r in res["reliability"].items():
         if r.get("seed_spearman") is None:
-            rel_rows.append([name, r["n"], "-", "-", "-"])
+            rows.append([name, r["n"], "-", "-", "-"])
             continue
         lo, hi = r["seed_spearman_ci"]
-        rel_rows.append(
-            [
-                name,
-                r["n"],
-                f"{r['seed_spearman']:.3f} [{lo:.2f}, {hi:.2f}]",
-                f"{r['spearman_brown']:.3f}",
-                f"{r['spread_median']:.4f}",
-            ]
-        )
-    lines += [
-        "## The ruler's reliability (seed 0 against seed 1, test loss)",
-        "",
-        markdown_table(
-            [
-                "patterns",
-                "n",
-                "seed-to-seed Spearman",
-                "Spearman-Brown (2 seeds)",
-                "median seed spread (nats)",
-            ],
-            rel_rows,
-        ),
-        "",
-    ]
+        rows.append([name, r["n"], f"{r['seed_spearman']:.3f} [{lo:.2f}, {hi:.2f}]",
+                     f"{r['spearman_brown']:.3f}", f"{r['spread_median']:.4f}"])  # fmt: skip
+    header = ["patterns", "n", "seed-to-seed Spearman", "Spearman-Brown (2 seeds)",
+              "median seed spread (nats)"]  # fmt: skip
+    title = "## The ruler's reliability (seed 0 against seed 1, test loss)"
+    return [title, "", markdown_table(header, rows), ""]
+
+
+def _trivial_md(res: dict) -> list[str]:
     names = list(next(iter(res["trivial"].values())))
-    lines += [
-        "## Trivial rankers against the ruler (Spearman, 95% bootstrap interval)",
-        "",
-        markdown_table(
-            ["patterns", *names],
-            [[k, *(_fmt_rho(v[n]) for n in names)] for k, v in res["trivial"].items()],
-        ),
-        "",
-    ]
-    if res["rate_rule"]:
-        lines += [
-            "## The cheap rate rule against the full grid (seed 0, full budget)",
-            "",
-            markdown_table(
-                ["pattern", "cheap pick", "full-grid pick", "test cost (nats)"],
-                [
-                    [f"`{r['pattern']}`", r["cheap_lr"], r["grid_lr"], f"{r['test_cost']:+.4f}"]
-                    for r in res["rate_rule"]
-                ],
-            ),
-            "",
-        ]
-    lines += [
-        "## Patterns (test loss, mean of seeds)",
-        "",
-        markdown_table(
-            ["pattern", "set", "rate", "seeds", "mean"],
-            [
-                [
-                    f"`{p['pattern']}`",
-                    p["set"],
-                    p["lr"],
-                    ", ".join(f"{v:.4f}" for v in p["seeds"].values()),
-                    f"{p['mean']:.4f}",
-                ]
-                for p in res["patterns"]
-            ],
-        ),
-        "",
-    ]
-    if res["flagged"]:
-        lines += [
-            "Flagged runs (kept in runs.jsonl, never averaged in): "
-            + "; ".join(
-                f"`{f['pattern']}` lr {f['lr']} seed {f['seed']} ({f['role']}): {f['flag']}"
-                for f in res["flagged"]
-            ),
-            "",
-        ]
-    return "\n".join(lines)
+    rows = [[k, *(_fmt_rho(v[n]) for n in names)] for k, v in res["trivial"].items()]
+    title = "## Trivial rankers against the ruler (Spearman, 95% bootstrap interval)"
+    return [title, "", markdown_table(["patterns", *names], rows), ""]
+
+
+def _rate_rule_md(res: dict) -> list[str]:
+    if not res["rate_rule"]:
+        return []
+    rows = [[f"`{r['pattern']}`", r["cheap_lr"], r["grid_lr"], f"{r['test_cost']:+.4f}"]
+            for r in res["rate_rule"]]  # fmt: skip
+    header = ["pattern", "cheap pick", "full-grid pick", "test cost (nats)"]
+    title = "## The cheap rate rule against the full grid (seed 0, full budget)"
+    return [title, "", markdown_table(header, rows), ""]
 
 
 # The zoo's proxies computed per pattern: (kind, seeds). mad6: the six-task MAD proxy with
