@@ -1,4 +1,5 @@
-"""torchrun FSDP2 on CPU (gloo, two processes): DDP's losses, exact resume, export."""
+"""torchrun FSDP2 on CPU (gloo, two processes): DDP's losses, exact resume, export, and one
+checkpoint path: one process, DDP and FSDP write the same tensors for one model and step."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hcomposer.architecture import Architecture
 from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
 from hcomposer.io import read_json, read_jsonl
-from hcomposer.training.checkpoint import find_checkpoint, read_state
+from hcomposer.model import build_model, lm_loss
+from hcomposer.training.checkpoint import find_checkpoint, read_state, save_checkpoint
+from hcomposer.training.step import make_optimizer, train_step
 from hcomposer.training.trainer import TrainConfig, load_run, train
 
 PATTERN = "SEAF"  # Mamba-2, MoE (a buffer FSDP does not sync by itself), attention, MLP
@@ -109,3 +113,72 @@ def test_fsdp_without_torchrun_is_refused_before_writing(tmp_path):
     with pytest.raises(UserError, match="torchrun"):
         train(Architecture.parse("AF", shape="tiny"), config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# Loads one process's checkpoint into a model replicated by DDP, then into one sharded by FSDP
+# (both from other initial weights), and writes each again.
+RESAVE = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from hcomposer.model import build_model
+from hcomposer.training import fsdp
+from hcomposer.training.checkpoint import load_checkpoint, save_checkpoint
+from hcomposer.training.step import make_optimizer
+
+dist.init_process_group("gloo")
+src, out = Path(sys.argv[1]) / "checkpoint", Path(sys.argv[2])
+for mode in ("ddp", "fsdp"):
+    model = build_model("SEAF", shape="tiny", seed=1 + dist.get_rank())
+    if mode == "fsdp":
+        model = fsdp.shard_model(model, torch.device("cpu"))
+    opt = make_optimizer(model, lr=1.0, weight_decay=0.1)
+    step = load_checkpoint(src, model, opt)["step"]
+    if mode == "ddp":
+        model = DistributedDataParallel(model).module
+    if dist.get_rank() == 0:
+        (out / mode).mkdir(parents=True)
+    dist.barrier()
+    written = save_checkpoint(out / mode, model, opt, {"step": step})
+    assert (written is None) == (dist.get_rank() != 0), written
+    dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_one_process_ddp_and_fsdp_checkpoints_hold_the_same_tensors(tmp_path):
+    torch.set_num_threads(1)
+    model = build_model("SEAF", shape="tiny", seed=0)  # tied head, MoE bias buffer
+    assert model.lm_head.weight is model.embed.weight
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.randint(0, model.arch.shape.vocab_size, (4, 33), generator=g)
+        train_step(lambda a, b: lm_loss(model(a), b), [(x[:, :-1], x[:, 1:])], opt,
+                   device=torch.device("cpu"), dtype="fp32", grad_clip=1.0)  # fmt: skip
+    (tmp_path / "one").mkdir()
+    save_checkpoint(tmp_path / "one", model, opt, {"step": 2})
+    script = tmp_path / "resave.py"
+    script.write_text(RESAVE)
+    _torchrun(tmp_path, str(script), str(tmp_path / "one"), str(tmp_path))
+
+    one = tmp_path / "one" / "checkpoint"
+    assert model.layers[1].mixer.expert_bias.abs().sum() > 0
+    for mode in ("ddp", "fsdp"):
+        again = tmp_path / mode / "checkpoint"
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            ours, theirs = load_file(one / name), load_file(again / name)
+            assert ours.keys() == theirs.keys(), (mode, name)
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), (mode, name)
+            with safe_open(one / name, "pt") as a, safe_open(again / name, "pt") as b:
+                assert a.metadata() == b.metadata(), (mode, name)
+        # Keyed by name, the tied head stored once; the same groups and scalars.
+        assert "layers.0.mixer.in_proj.weight.exp_avg" in theirs
+        assert "lm_head.weight" not in load_file(again / "model.safetensors")
+        ours_state, theirs_state = read_state(one), read_state(again)
+        assert ours_state["optimizer"] == theirs_state["optimizer"], mode

@@ -1,7 +1,9 @@
 """The ``hcomposer`` command line: a small dispatcher over ``hcomposer.commands``.
 
 Each command lives in ``hcomposer/commands/<module>.py`` and exposes ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``. Exit codes: 0 done; 2 bad
+``add_arguments(parser)`` and ``run(args) -> int``, and, where its options set config
+fields, ``option_fields() -> {dest: (ConfigClass, field)}``: those options are checked
+against the fields' declarations before the command runs. Exit codes: 0 done; 2 bad
 input (one line on stderr, no traceback, nothing written); 1 internal error.
 """
 
@@ -14,6 +16,7 @@ import os
 import sys
 
 from hcomposer.errors import UserError
+from hcomposer.fields import field_spec
 from hcomposer.guards import check_args
 from hcomposer.threads import apply_thread_policy
 from hcomposer.version import __version__
@@ -70,7 +73,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         mod = importlib.import_module(f"hcomposer.commands.{module}")
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _fields=getattr(mod, "option_fields", None))
     return parser
 
 
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
         args.argv = ["hcomposer", *argv]
-        check_args(args)
+        # Options that set config fields are checked against the fields' declarations.
+        fields = args._fields() if args._fields else {}
+        check_args(args, {dest: field_spec(*where) for dest, where in fields.items()})
         code = int(args._run(args) or 0)
         sys.stdout.flush()
         return code

@@ -4,8 +4,11 @@
   too large, not UTF-8, not JSON (``NaN`` included) or the wrong kind of value is a
   :class:`~hcomposer.errors.UserError` naming the file.
 - :func:`check_fields` checks a dict against a frozen dataclass's fields: the type from the
-  field's annotation (``bool`` is not an ``int``; floats are finite) and the range declared
-  once per field in :data:`RANGES`. The message names the file and the field.
+  field's annotation (``bool`` is not an ``int``; floats are finite) and the range, choices
+  and cap declared once on the field (:func:`hcomposer.fields.spec`). The message names the
+  file and the field.
+- :class:`Config` is the mixin of the config dataclasses: their constructor checks, ``to_dict``,
+  ``from_dict`` and ``replace`` all come from those declarations.
 - :func:`load_config` is both plus the class's own ``from_dict`` (whose own errors, of any
   kind, become one ``UserError`` naming the file).
 - Format versions: every config file the package writes carries ``format_version``
@@ -18,22 +21,26 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import numbers
 import os
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hcomposer.errors import ShapeError, UserError
+from hcomposer.fields import field_specs, is_number
 from hcomposer.guards import cap
 from hcomposer.io import CONFIG_FORMAT_VERSION
 
 __all__ = [
     "FORMAT_VERSION",
-    "RANGES",
+    "Config",
+    "CONFIGS",
     "read_json_file",
     "parse_json_text",
     "check_fields",
@@ -49,120 +56,6 @@ FORMAT_VERSION = CONFIG_FORMAT_VERSION
 
 # Migrations: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-
-_INF = math.inf
-# Ranges, once per field: class name -> field -> (lowest, highest). Bounds are inclusive
-# except where the tuple has a third element "open" (lowest itself refused).
-# Upper bounds keep a typo (an extra three zeros) from asking for more than any machine has.
-RANGES: dict[str, dict[str, tuple]] = {
-    "Shape": {
-        "d_model": (1, 2**17),
-        "n_heads": (1, 2**12),
-        "n_kv_heads": (1, 2**12),
-        "head_dim": (0, 2**14),
-        "ffn_dim": (1, 2**20),
-        "vocab_size": (1, 2**23),
-        "max_seq_len": (1, 2**24),
-        "n_layers": (0, 2**16),
-        "rope_theta": (0, 1e12, "open"),
-        "norm_eps": (0, 1.0, "open"),
-        "init_std": (0, 10.0, "open"),
-        "window": (1, 2**24),
-        "ssm_state": (1, 2**14),
-        "ssm_expand": (1, 64),
-        "ssm_head_dim": (1, 2**14),
-        "ssm_conv": (1, 1024),
-        "ssm_groups": (1, 2**12),
-        "ssm_chunk": (1, 2**16),
-        "n_experts": (1, 4096),
-        "top_k": (1, 4096),
-        "n_shared_experts": (0, 4096),
-        "expert_ffn_dim": (0, 2**20),
-        "moe_bias_rate": (0, 1.0),
-    },
-    "TrainConfig": {
-        "tokens": (1, 10**14),
-        "batch_size": (1, 2**20),
-        "seq_len": (1, 2**24),
-        "lr": (0, 10.0, "open"),
-        "min_lr": (0, 10.0),
-        "warmup": (0, 10**9),
-        "decay_fraction": (0, 1.0),
-        "weight_decay": (0, 100.0),
-        "grad_clip": (0, _INF),
-        "grad_accum": (1, 2**16),
-        "eval_every": (0, 2**40),
-        "eval_tokens": (1, 10**12),
-        "log_every": (1, 2**40),
-        "checkpoint_every": (0, 2**40),
-        "seed": (0, 2**32 - 1),
-        "val_fraction": (0, 0.5, "open"),
-        "threads": (0, 4096),
-        "batch_threads": (1, 4096),
-    },
-    "ProxyConfig": {
-        "steps": (1, 10**7),
-        "batch_size": (1, 2**16),
-        "warmup_steps": (0, 10**7),
-        "grad_clip": (0, _INF),
-        "eval_batch_size": (1, 2**16),
-        "threads": (0, 4096),
-        "seed": (0, 2**32 - 1),
-        "text_tokens": (1, 10**12),
-        "text_seq_len": (1, 2**20),
-        "text_batch_size": (1, 2**16),
-        "text_lr": (0, 10.0, "open"),
-        "text_eval_tokens": (1, 10**12),
-        "patience": (0, 10**6),
-        "restarts": (0, 100),
-    },
-    "SearchConfig": {
-        "layers": (1, 2**20),
-        "trials": (1, 2**40),
-        "workers": (1, 4096),
-        "seed": (0, 2**32 - 1),
-        "stage_size": (1, 2**20),
-        "n_startup": (1, 2**40),
-        "population_size": (2, 2**20),
-        "max_params": (0, 10**15),
-        "max_kv_bytes": (0, 10**15),
-    },
-    "MADTaskConfig": {
-        "vocab_size": (2, 2**20),
-        "seq_len": (2, 2**20),
-        "num_train_examples": (1, 10**7),
-        "num_test_examples": (1, 10**7),
-        "frac_noise": (0, 1.0),
-        "noise_vocab_size": (0, 2**20),
-        "k_motif_size": (1, 2**10),
-        "v_motif_size": (1, 2**10),
-        "num_tokens_to_copy": (1, 2**20),
-    },
-    "MQARConfig": {
-        "vocab_size": (4, 2**20),
-        "seq_len": (2, 2**20),
-        "num_kv_pairs": (1, 2**20),
-        "num_train_examples": (1, 10**7),
-        "num_test_examples": (1, 10**7),
-        "power_a": (0, 100.0, "open"),
-    },
-}
-# Fields a class also accepts as text and parses itself ("AFS" choices, "A=1" counts,
-# "score,kv"): the annotation checked here instead of the field's own.
-TEXT_FIELDS: dict[str, dict[str, Any]] = {
-    "SearchConfig": {
-        "primitives": str | list[str] | tuple[str, ...],
-        "objective": str | list[str] | tuple[str, ...],
-        "min_count": dict[str, int] | list[str] | tuple[str, ...],
-        "max_count": dict[str, int] | list[str] | tuple[str, ...],
-        "proxy_config": dict[str, Any],
-    },
-}
-# Per-element ranges of tuple fields.
-ELEMENT_RANGES: dict[str, dict[str, tuple]] = {
-    "TrainConfig": {"betas": (0, 1.0)},
-    "ProxyConfig": {"lrs": (0, 10.0, "open"), "weight_decays": (0, 100.0)},
-}
 
 
 class DamagedFolder(UserError):
@@ -264,11 +157,21 @@ def migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # an annotation that cannot be resolved: no type checks for it
-        return {}
+    """The annotations of ``cls``, each replaced by the field's ``accepts`` where declared."""
+    if cls not in _HINTS:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # an annotation that cannot be resolved: no type checks for it
+            hints = {}
+        for name, rules in field_specs(cls).items():
+            if rules.accepts is not None:
+                hints[name] = rules.accepts
+        _HINTS[cls] = hints
+    return _HINTS[cls]
 
 
 def _type_name(tp: Any) -> str:
@@ -284,7 +187,7 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(tp)))
     if origin is tuple or origin is list:
         return "a list"
     if origin is dict or dataclasses.is_dataclass(tp):
@@ -292,18 +195,21 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _type_ok(tp: Any, v: Any, where: str) -> bool:
-    """Whether ``v`` fits annotation ``tp``; nested dataclasses are checked (and raise) too."""
+def _type_ok(tp: Any, v: Any, where: str, objects: bool = True) -> bool:
+    """Whether ``v`` fits annotation ``tp``; nested dataclasses are checked (and raise) too.
+
+    ``objects``: a dict may stand for a dataclass (JSON); in a constructor it may not.
+    """
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
     if tp is bool:
         return isinstance(v, bool)
     if tp is int:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
     if tp is float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if ok and not math.isfinite(v):
+        ok = is_number(v)
+        if ok and not isinstance(v, numbers.Integral) and not math.isfinite(v):
             raise UserError(f"{where} must be a finite number, got {v}")
         return ok
     if tp is str:
@@ -311,7 +217,7 @@ def _type_ok(tp: Any, v: Any, where: str) -> bool:
     if tp is type(None):
         return v is None
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(a, v, where) for a in typing.get_args(tp))
+        return any(_type_ok(a, v, where, objects) for a in typing.get_args(tp))
     if origin is tuple or origin is list:
         if not isinstance(v, (list, tuple)):
             return False
@@ -319,43 +225,39 @@ def _type_ok(tp: Any, v: Any, where: str) -> bool:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(v) != len(args):
                 raise UserError(f"{where} must have {len(args)} elements, got {len(v)}")
-            return all(_type_ok(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
+            return all(
+                _type_ok(a, x, f"{where}[{i}]", objects) for i, (a, x) in enumerate(zip(args, v))
+            )
         elem = args[0] if args else Any
-        return all(_type_ok(elem, x, f"{where}[{i}]") for i, x in enumerate(v))
+        return all(_type_ok(elem, x, f"{where}[{i}]", objects) for i, x in enumerate(v))
     if origin is dict:
         if not isinstance(v, dict):
             return False
         kt, vt = (typing.get_args(tp) or (Any, Any))[:2]
         return all(
-            _type_ok(kt, k, f"{where} key {k!r}") and _type_ok(vt, x, f"{where}[{k!r}]")
+            _type_ok(kt, k, f"{where} key {k!r}", objects)
+            and _type_ok(vt, x, f"{where}[{k!r}]", objects)
             for k, x in v.items()
         )
     if dataclasses.is_dataclass(tp):
         if isinstance(v, tp):
             return True
-        if isinstance(v, dict):
+        if isinstance(v, dict) and objects:
             check_fields(tp, v, where)
             return True
-        # A shape may also be named by its preset, e.g. "shape": "tiny".
-        return isinstance(v, str) and tp.__name__ == "Shape"
+        return False
+    if isinstance(tp, type):
+        return isinstance(v, tp)
     return True
 
 
-def _in_range(v: Any, rng: tuple) -> bool:
-    lo, hi = rng[0], rng[1]
-    if rng[2:] == ("open",) and v <= lo:
-        return False
-    return lo <= v <= hi
-
-
-def _range_text(rng: tuple) -> str:
-    lo, hi = rng[0], rng[1]
-    low = f"above {lo:g}" if rng[2:] == ("open",) else f"at least {lo:g}"
-    return low if hi == _INF else f"{low} and at most {hi:g}"
-
-
 def check_fields(
-    cls: type, data: dict[str, Any], where: str, *, error: type[UserError] = UserError
+    cls: type,
+    data: dict[str, Any],
+    where: str,
+    *,
+    error: type[UserError] = UserError,
+    objects: bool = True,
 ) -> None:
     """Check the fields of ``data`` that ``cls`` declares: type, finiteness, range.
 
@@ -363,7 +265,7 @@ def check_fields(
     is the class raised (a :class:`ShapeError` also gets the field's name).
     """
     try:
-        _check_fields(cls, data, where)
+        _check_fields(cls, data, where, objects)
     except _FieldError as e:
         if issubclass(error, ShapeError):
             raise error(str(e), field=e.field) from None
@@ -376,20 +278,18 @@ class _FieldError(UserError):
         self.field = field
 
 
-def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
+def _check_fields(cls: type, data: dict[str, Any], where: str, objects: bool) -> None:
     if not isinstance(data, dict):
         raise _FieldError(f"{where} must be a JSON object {{...}}, not {_kind(data)}")
     hints = _hints(cls)
-    ranges = RANGES.get(cls.__name__, {})
-    element_ranges = ELEMENT_RANGES.get(cls.__name__, {})
-    hints = {**hints, **TEXT_FIELDS.get(cls.__name__, {})}
+    rules = field_specs(cls)
     for f in dataclasses.fields(cls):
         if f.name not in data or f.name not in hints:
             continue
         v = data[f.name]
         here = f"{where}: field {f.name!r}"
         try:
-            fits = _type_ok(hints[f.name], v, here)
+            fits = _type_ok(hints[f.name], v, here, objects)
         except _FieldError:
             raise
         except UserError as e:  # a nested check (a finite number, a tuple's length)
@@ -397,17 +297,9 @@ def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
         if not fits:
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
             raise _FieldError(f"{here} must be {_type_name(hints[f.name])}, got {shown}", f.name)
-        rng = ranges.get(f.name)
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if rng is not None and number and not _in_range(v, rng):
-            raise _FieldError(f"{here} must be {_range_text(rng)}, got {v!r}", f.name)
-        rng = element_ranges.get(f.name)
-        if rng is not None and isinstance(v, (list, tuple)):
-            for x in v:
-                if isinstance(x, (int, float)) and not _in_range(x, rng):
-                    raise _FieldError(
-                        f"{here}: every value must be {_range_text(rng)}, got {x!r}", f.name
-                    )
+        problem = rules[f.name].problem(v, f.name, where) if f.name in rules else None
+        if problem:
+            raise _FieldError(problem, f.name)
 
 
 def load_config(cls: type, source: Any, where: str) -> Any:
@@ -427,6 +319,129 @@ def load_config(cls: type, source: Any, where: str) -> Any:
         raise UserError(f"{where}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise UserError(f"{where}: {_one_line(e)}") from None
+
+
+@functools.cache
+def _annotations(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _json_value(v: Any) -> Any:
+    """A field's value in its JSON form: tuples as lists, configs as their dicts."""
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return v.to_dict() if hasattr(v, "to_dict") else dataclasses.asdict(v)
+    return v
+
+
+def _from_json(tp: Any, v: Any) -> Any:
+    """A JSON value turned into the form annotation ``tp`` holds (lists to tuples, objects to
+    configs); a value of another form is left for the class to parse or refuse."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is not type(None) and _json_shaped(arg, v):
+                return _from_json(arg, v)
+        return v
+    if origin is tuple and isinstance(v, list):
+        args = typing.get_args(tp)
+        if args and args[-1] is Ellipsis:
+            return tuple(_from_json(args[0], x) for x in v)
+        if len(args) == len(v):
+            return tuple(_from_json(a, x) for a, x in zip(args, v))
+        return tuple(v)
+    if isinstance(tp, type) and issubclass(tp, Config) and isinstance(v, dict):
+        return tp.from_dict(v)
+    if dataclasses.is_dataclass(tp) and isinstance(v, dict):  # a dataclass of another kind
+        hints = _annotations(tp)
+        return tp(**{k: _from_json(hints.get(k, Any), x) for k, x in v.items()})
+    return v
+
+
+def _json_shaped(tp: Any, v: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return isinstance(v, (list, tuple))
+    return dataclasses.is_dataclass(tp) and isinstance(v, dict)
+
+
+# Every config class (a subclass of Config), in the order they were defined.
+CONFIGS: list[type] = []
+_C = typing.TypeVar("_C", bound="Config")
+
+
+class Config:
+    """The mixin of the frozen config dataclasses: checks, JSON and ``replace``, all read from
+    the fields' declarations (:func:`hcomposer.fields.spec`).
+
+    - The constructor (``dataclasses.replace`` and :meth:`replace` go through it) checks
+      every field as given: its type (``accepts`` where declared), range, choices and cap,
+      with the same messages as a JSON file. A subclass's own ``__post_init__`` calls
+      ``super().__post_init__()`` first, then normalises and checks what spans fields.
+    - :meth:`to_dict` is each field's JSON form in field order; :meth:`from_dict` migrates
+      the format version, refuses unknown fields, checks every field and builds nested
+      configs and tuples. :meth:`_upgrade` (a class's older layouts) and a :meth:`to_dict`
+      override (a class whose file has another layout) are the only per-class code.
+    """
+
+    # How messages name the config ("train config: field 'lr' ...").
+    _what: ClassVar[str] = "config"
+    # The error raised (a ShapeError also names the field).
+    _error: ClassVar[type[UserError]] = UserError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        CONFIGS.append(cls)
+
+    def __post_init__(self) -> None:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        check_fields(type(self), data, self._where(), error=self._error, objects=False)
+
+    def _where(self) -> str:
+        return self._what
+
+    def replace(self: _C, **changes: Any) -> _C:
+        """A copy with some fields changed (checked again)."""
+        self._refuse_unknown(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` in this class's current layout (files of older layouts load as before)."""
+        return data
+
+    @classmethod
+    def _refuse_unknown(cls, data: dict[str, Any]) -> None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise cls._error(f"unknown {cls._what} field(s) {unknown}; valid: {sorted(names)}")
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        data = cls._upgrade(migrate(data, cls._what))
+        cls._refuse_unknown(data)
+        check_fields(cls, data, cls._what, error=cls._error)
+        fields = dataclasses.fields(cls)
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            if issubclass(cls._error, ShapeError):
+                raise cls._error(f"{cls._what} is missing field(s) {missing}", field=missing[0])
+            raise cls._error(f"{cls._what} is missing field(s) {missing}")
+        hints = _annotations(cls)
+        return cls(**{k: _from_json(hints[k], v) for k, v in data.items()})
 
 
 def read_run_file(

@@ -22,6 +22,8 @@ __all__ = [
     "check_output_file",
     "check_device",
     "check_args",
+    "cap_error",
+    "check_cap",
     "memory_available",
     "check_memory",
     "MAX_SEED",
@@ -160,55 +162,49 @@ def check_device(spec: str, flag: str = "--device") -> str:
     return text
 
 
-# Option checks by argparse destination, shared by every command:
-# dest -> (lowest, highest, lowest allowed itself). Only int/float values are checked here;
-# string options are parsed (and checked) by their commands.
+# Checks of options that set no config field, by argparse destination: dest -> (lowest,
+# highest, lowest allowed itself). An option that sets a config field is checked against that
+# field's declaration instead (each command's ``option_fields``; see check_args). Only int/float
+# values are checked here; string options are parsed (and checked) by their commands.
 _INF = math.inf
 _ARG_RANGES: dict[str, tuple[float, float, bool]] = {
-    "seed": (0, MAX_SEED, True),
-    "lr": (0, _INF, False),
-    "min_lr": (0, _INF, True),
-    "warmup": (0, _INF, True),
-    "weight_decay": (0, _INF, True),
-    "grad_clip": (0, _INF, True),
+    # eval: lm-eval documents per task; efficiency and compare --interleaved: longest context.
     "limit": (0, _INF, False),
-    "batch_size": (1, 2**20, True),
-    "seq_len": (1, 2**24, True),
-    "grad_accum": (1, 2**16, True),
-    "eval_every": (0, 2**40, True),
-    "log_every": (1, 2**40, True),
-    "checkpoint_every": (0, 2**40, True),
     "max_len": (1, 2**24, True),
-    "niah_trials": (1, 10_000, True),
-    "mqar_steps": (1, 10**7, True),
-    "num_fewshot": (0, 1_000, True),
-    "steps": (1, 10**7, True),
-    "threads": (0, 4_096, True),
-    "batch_threads": (0, 4_096, True),
-    "stage_size": (1, _INF, True),
-    "n_startup": (1, _INF, True),
+    # bench-search: replays per sampler, trials per replay.
     "seeds": (1, 100_000, True),
     "budget": (1, 100_000, True),
-    "c": (0, 1_024, True),
+    # aggregate: k-means clusters.
     "k": (1, 1_024, True),
-    "workers": (1, 4_096, True),
-    "trials": (1, _INF, True),
-    "layers": (1, _INF, True),
-    "tokens": (1, _INF, True),
+    # train: 0 asks for the automatic count, so the option is not the field (at least 1).
+    "batch_threads": (0, 4_096, True),
 }
-# dest -> cap checked after the range
-_ARG_CAPS = {"trials": "trials", "layers": "search_layers", "tokens": "tokens"}
 
 
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def check_args(args: Any) -> None:
-    """Check every numeric option and the device of a parsed command line (before any work)."""
+def check_args(args: Any, fields: dict[str, Any] | None = None) -> None:
+    """Check every numeric option and the device of a parsed command line (before any work).
+
+    ``fields`` maps an argparse destination to the declaration of the config field that
+    option sets (a :class:`hcomposer.fields.FieldSpec`): the option is checked against it
+    (range, choices, cap), so the command line and a JSON file refuse the same values.
+    """
+    fields = fields or {}
+    for dest, rules in fields.items():
+        value = getattr(args, dest, None)
+        if value is None or isinstance(value, (bool, list, tuple)):
+            continue
+        if isinstance(value, str) and rules.choices is None:
+            continue  # text the command parses itself (a count such as 2M, a path)
+        problem = rules.problem(value, _flag(dest))
+        if problem:
+            raise UserError(problem)
     for dest, (lo, hi, closed) in _ARG_RANGES.items():
         value = getattr(args, dest, None)
-        if value is None or isinstance(value, (str, bool, list, tuple)):
+        if dest in fields or value is None or isinstance(value, (str, bool, list, tuple)):
             continue
         flag = _flag(dest)
         if isinstance(value, float) and not math.isfinite(value):
@@ -218,8 +214,6 @@ def check_args(args: Any) -> None:
             raise UserError(f"{flag} must be {bound} {lo:g}, got {value:g}")
         if value > hi:
             raise UserError(f"{flag} must be at most {hi:g}, got {value:g}")
-        if dest in _ARG_CAPS and isinstance(value, int):
-            check_cap(_ARG_CAPS[dest], value, flag)
     for dest in ("out", "data", "storage", "config", "shape", "table", "tokenizer", "include_path"):
         value = getattr(args, dest, None)
         if isinstance(value, str) and not value.strip():

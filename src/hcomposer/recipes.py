@@ -8,16 +8,20 @@ flags override single fields (``hcomposer search --recipe paper --trials 50``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from hcomposer.config_io import Config
 from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import EfficiencyConfig
 from hcomposer.evaluation.mqar_curve import MQARCurveConfig
 from hcomposer.evaluation.niah import NIAHConfig
+from hcomposer.fields import spec
+from hcomposer.guards import MAX_SEED
 from hcomposer.proxies import ProxyConfig
+from hcomposer.scaling.aggregate import METHODS
+from hcomposer.scaling.extrapolate import STRATEGIES
 from hcomposer.search.space import SearchConfig
 from hcomposer.training import TrainConfig
 
@@ -30,16 +34,18 @@ def _typed(cls, data: dict[str, Any]):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig:
+class EvalConfig(Config):
     """The evaluation suite run on each trained model, and the options of its parts."""
 
-    suites: tuple[str, ...] = ("loss", "niah", "efficiency")
-    niah: NIAHConfig = field(default_factory=NIAHConfig)
-    mqar: MQARCurveConfig = field(default_factory=MQARCurveConfig)
-    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
-    mad: ProxyConfig = field(default_factory=ProxyConfig)
-    lm_eval_fewshot: int | None = None
-    lm_eval_batch_size: int = 8
+    _what: ClassVar[str] = "eval config"
+
+    suites: tuple[str, ...] = spec(("loss", "niah", "efficiency"), help="parts of the suite")
+    niah: NIAHConfig = spec(factory=NIAHConfig)
+    mqar: MQARCurveConfig = spec(factory=MQARCurveConfig)
+    efficiency: EfficiencyConfig = spec(factory=EfficiencyConfig)
+    mad: ProxyConfig = spec(factory=ProxyConfig)
+    lm_eval_fewshot: int | None = spec(None, ge=0, le=1_000, help="lm-eval few-shot examples")
+    lm_eval_batch_size: int = spec(8, ge=1, le=2**16)
 
     def options(self) -> dict[str, Any]:
         """The options of ``hcomposer.evaluation.suite.run_suite``."""
@@ -56,8 +62,8 @@ class EvalConfig:
         lm = options.get("lm_eval", {})
         return cls(
             suites=tuple(suites),
-            niah=_typed(NIAHConfig, options.get("niah", {})),
-            mqar=_typed(MQARCurveConfig, options.get("mqar", {})),
+            niah=NIAHConfig.from_dict(options.get("niah", {})),
+            mqar=MQARCurveConfig.from_dict(options.get("mqar", {})),
             efficiency=_typed(EfficiencyConfig, options.get("efficiency", {})),
             mad=ProxyConfig.from_dict(options.get("mad", {})),
             lm_eval_fewshot=lm.get("num_fewshot"),
@@ -66,34 +72,27 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Recipe:
+class Recipe(Config):
     """Everything ``hcomposer run`` does, typed (stored in the run folder's pipeline.json)."""
 
-    name: str
-    search: SearchConfig
-    aggregate_method: str = "n0"
-    aggregate_c: int = 1
-    scale_strategy: str = "stack"
-    target_shape: str = "10m"
-    target_layers: int = 0  # 0: the target shape's reference depth
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    _what: ClassVar[str] = "recipe"
+
+    name: str = spec(help="the recipe's name")
+    search: SearchConfig = spec(help="the search")
+    aggregate_method: str = spec("n0", choices=METHODS, help="how the winner is aggregated")
+    aggregate_c: int = spec(1, ge=0, le=1_024, help="nc: positions each vote conditions on")
+    scale_strategy: str = spec("stack", choices=STRATEGIES, help="how the winner is scaled")
+    target_shape: str = spec("10m", help="preset or JSON file of the scaled model")
+    target_layers: int = spec(0, ge=0, le=2**16, help="0: the target shape's reference depth")
+    train: TrainConfig = spec(factory=TrainConfig)
+    eval: EvalConfig = spec(factory=EvalConfig)
+    seed: int = spec(0, ge=0, le=MAX_SEED)
     # Seed noise: composite and baseline are each trained ``train_seeds`` times (train seed
     # + 0, 1, ...; NIAH and efficiency on the first run only), and the search's top
     # ``rescore_top`` patterns are scored again on ``rescore_seeds`` extra proxy seeds.
-    train_seeds: int = 1
-    rescore_top: int = 0
-    rescore_seeds: int = 2
-
-    def __post_init__(self) -> None:
-        for name, least in (("train_seeds", 1), ("rescore_top", 0), ("rescore_seeds", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise UserError(f"recipe: {name} must be a whole number >= {least}, got {value!r}")
-
-    def replace(self, **changes: Any) -> Recipe:
-        return dataclasses.replace(self, **changes)
+    train_seeds: int = spec(1, ge=1, le=1_000, help="trainings of each model (seed noise)")
+    rescore_top: int = spec(0, ge=0, le=10_000, help="top search patterns scored again")
+    rescore_seeds: int = spec(2, ge=0, le=1_000, help="extra proxy seeds of each re-score")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,25 +113,20 @@ class Recipe:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        d = dict(d)
-        seed = d.get("seed", 0)
-        return cls(
-            name=d["name"],
-            search=SearchConfig.from_dict(d["search"]),
-            aggregate_method=d.get("aggregate_method", "n0"),
-            aggregate_c=d.get("aggregate_c", 1),
-            scale_strategy=d.get("scale_strategy", "stack"),
-            target_shape=d.get("target_shape", "10m"),
-            target_layers=d.get("target_layers", 0),
-            # Files written before the train config was typed hold only the changed fields.
-            train=TrainConfig.from_dict({"seed": seed, **d.get("train", {})}),
-            eval=EvalConfig.from_options(d.get("eval_suites", ()), d.get("eval_options", {})),
-            seed=seed,
-            train_seeds=d.get("train_seeds", 1),
-            rescore_top=d.get("rescore_top", 0),
-            rescore_seeds=d.get("rescore_seeds", 2),
-        )
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        # pipeline.json keeps the evaluation as its suites and the options of its parts.
+        d = {k: v for k, v in data.items() if k not in ("eval_suites", "eval_options")}
+        if "eval" in data and ("eval_suites" in data or "eval_options" in data):
+            raise UserError("recipe: give eval, or eval_suites and eval_options, not both")
+        if "eval_suites" in data or "eval_options" in data:
+            suites, options = data.get("eval_suites", ()), data.get("eval_options", {})
+            if not isinstance(suites, list) or not isinstance(options, dict):
+                raise UserError("recipe: eval_suites must be a list and eval_options an object")
+            d["eval"] = EvalConfig.from_options(suites, options)
+        # Files written before the train config was typed hold only the changed fields.
+        if isinstance(d.get("train", {}), dict):
+            d["train"] = {"seed": d.get("seed", 0), **d.get("train", {})}
+        return d
 
 
 def quickstart() -> Recipe:

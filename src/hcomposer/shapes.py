@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from hcomposer.config_io import check_fields, migrate, read_json_file
+from hcomposer.config_io import Config, migrate, read_json_file
 from hcomposer.errors import ShapeError, UserError
+from hcomposer.fields import spec
 
 __all__ = ["Shape", "PRESETS", "get_shape", "resolve_shape"]
 
@@ -17,8 +17,13 @@ _BALANCE = ("bias", "none")
 _FUSIONS = ("diff", "concat", "add")
 
 
+# Widths: a typo of three extra zeros is refused rather than allocated.
+_HEADS = 2**12
+_DIM = 2**14
+
+
 @dataclass(frozen=True, kw_only=True)
-class Shape:
+class Shape(Config):
     """Every width of a model. Frozen, keyword-only, round-trips to JSON.
 
     ``n_layers`` is the reference depth in sublayers (the Llama baseline at this
@@ -26,74 +31,78 @@ class Shape:
     the real depth of any given model.
     """
 
-    name: str = "custom"
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int = 0  # 0: d_model // n_heads
-    ffn_dim: int
-    vocab_size: int
-    max_seq_len: int
-    n_layers: int = 0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    _what: ClassVar[str] = "shape"
+    _error: ClassVar[type[UserError]] = ShapeError
+
+    name: str = spec("custom", help="preset name, or 'custom'")
+    d_model: int = spec(ge=1, le=2**17, help="residual width")
+    n_heads: int = spec(ge=1, le=_HEADS, help="attention query heads")
+    n_kv_heads: int = spec(ge=1, le=_HEADS, help="attention key/value heads (GQA)")
+    head_dim: int = spec(0, ge=0, le=_DIM, help="attention head width; 0: d_model // n_heads")
+    ffn_dim: int = spec(ge=1, le=2**20, help="SwiGLU hidden width")
+    vocab_size: int = spec(ge=1, le=2**23, unit="tokens")
+    max_seq_len: int = spec(ge=1, le=2**24, unit="tokens")
+    n_layers: int = spec(0, ge=0, le=2**16, help="reference depth in sublayers")
+    tie_embeddings: bool = spec(True, help="output head shares the embedding matrix")
+    rope_theta: float = spec(10000.0, gt=0, le=1e12, help="RoPE base")
+    norm_eps: float = spec(1e-5, gt=0, le=1.0, help="RMSNorm epsilon")
+    init_std: float = spec(0.02, gt=0, le=10.0, help="standard deviation of the initial weights")
     # W: each query sees itself and the window - 1 tokens before it.
-    window: int = 128
+    window: int = spec(128, ge=1, le=2**24, unit="tokens", help="W: sliding window")
     # S: Mamba-2.
-    ssm_state: int = 64
-    ssm_expand: int = 2
-    ssm_head_dim: int = 64
-    ssm_conv: int = 4
-    ssm_groups: int = 1
-    ssm_chunk: int = 64
+    ssm_state: int = spec(64, ge=1, le=_DIM, help="S: state size per head")
+    ssm_expand: int = spec(2, ge=1, le=64, help="S: inner width / d_model")
+    ssm_head_dim: int = spec(64, ge=1, le=_DIM, help="S: head width")
+    ssm_conv: int = spec(4, ge=1, le=1024, help="S: causal conv width")
+    ssm_groups: int = spec(1, ge=1, le=_HEADS, help="S: B/C groups")
+    ssm_chunk: int = spec(64, ge=1, le=2**16, unit="tokens", help="S: scan chunk")
     # D: Gated DeltaNet. 0 = derived from the width in __post_init__: head dim min(64,
     # d_model/4); q/k heads d_model / (2 head dim), so keys are d_model/2 wide; v heads = q/k
     # heads; v head dim 2x the q/k one (values twice as wide as keys, as in the paper and
     # Qwen3-Next). The layer then holds about 4 d_model^2 weights, like MHA attention.
-    dn_heads: int = 0
-    dn_head_dim: int = 0
-    dn_v_heads: int = 0
-    dn_v_head_dim: int = 0
-    dn_conv: int = 4
-    dn_chunk: int = 64
+    dn_heads: int = spec(0, ge=0, le=_HEADS, help="D: q/k heads; 0: derived")
+    dn_head_dim: int = spec(0, ge=0, le=_DIM, help="D: q/k head width; 0: derived")
+    dn_v_heads: int = spec(0, ge=0, le=_HEADS, help="D: value heads; 0: dn_heads")
+    dn_v_head_dim: int = spec(0, ge=0, le=_DIM, help="D: value head width; 0: derived")
+    dn_conv: int = spec(4, ge=1, le=1024, help="D: short conv width")
+    dn_chunk: int = spec(64, ge=1, le=2**16, unit="tokens", help="D: scan chunk")
     # E: mixture of experts (hybrid paper: 1 shared + top-1 of 8, halved experts, sigmoid).
-    n_experts: int = 8
-    top_k: int = 1
-    n_shared_experts: int = 1
-    expert_ffn_dim: int = 0  # 0: ffn_dim // 2
-    router: str = "sigmoid"
-    moe_balance: str = "bias"
-    moe_bias_rate: float = 1e-3
+    n_experts: int = spec(8, ge=1, le=4096, help="E: routed experts")
+    top_k: int = spec(1, ge=1, le=4096, help="E: experts per token")
+    n_shared_experts: int = spec(1, ge=0, le=4096, help="E: always-on experts")
+    expert_ffn_dim: int = spec(0, ge=0, le=2**20, help="E: expert hidden width; 0: ffn_dim // 2")
+    router: str = spec("sigmoid", choices=_ROUTERS, help="E: router gate")
+    moe_balance: str = spec("bias", choices=_BALANCE, help="E: load balancing")
+    moe_bias_rate: float = spec(1e-3, ge=0, le=1.0, help="E: balance-bias update rate")
     # [X|Y]: intra-layer hybrid fusion.
-    fusion: str = "diff"
+    fusion: str = spec("diff", choices=_FUSIONS, help="[X|Y]: how the branches are fused")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.head_dim == 0:
-            if self.n_heads > 0 and self.d_model % self.n_heads:
+            if self.d_model % self.n_heads:
                 raise ShapeError(
                     f"shape {self.name!r}: n_heads={self.n_heads} does not divide "
                     f"d_model={self.d_model}; set head_dim or change n_heads",
                     field="n_heads",
                 )
-            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.expert_ffn_dim == 0:
             object.__setattr__(self, "expert_ffn_dim", max(self.ffn_dim // 2, 1))
         self._derive_deltanet()
         self._validate()
+
+    def _where(self) -> str:
+        return f"shape {self.name!r}"
 
     def _derive_deltanet(self) -> None:
         def put(name: str, value: int) -> None:
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, value)
 
-        if not isinstance(self.d_model, int) or isinstance(self.d_model, bool):
-            return  # _validate names the bad field
         put("dn_head_dim", max(1, min(64, self.d_model // 4)))
-        if isinstance(self.dn_head_dim, int) and self.dn_head_dim > 0:
-            put("dn_heads", max(1, self.d_model // (2 * self.dn_head_dim)))
-            put("dn_v_head_dim", 2 * self.dn_head_dim)
+        put("dn_heads", max(1, self.d_model // (2 * self.dn_head_dim)))
+        put("dn_v_head_dim", 2 * self.dn_head_dim)
         put("dn_v_heads", self.dn_heads)
 
     def _fail(self, field_name: str, why: str) -> None:
@@ -101,20 +110,8 @@ class Shape:
         raise ShapeError(f"shape {self.name!r}: {field_name}{sep}{why}", field=field_name)
 
     def _validate(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-                self._fail(f.name, f"must be an integer, got {v!r}")
-        positive = (
-            "d_model n_heads n_kv_heads head_dim ffn_dim vocab_size max_seq_len window ssm_state "
-            "ssm_expand ssm_head_dim ssm_conv ssm_groups ssm_chunk n_experts top_k expert_ffn_dim "
-            "dn_head_dim dn_heads dn_v_head_dim dn_v_heads dn_conv dn_chunk"
-        )
-        for name in positive.split():
-            if getattr(self, name) < 1:
-                self._fail(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.n_layers < 0 or self.n_shared_experts < 0:
-            self._fail("n_layers/n_shared_experts", "must not be negative")
+        # Types and ranges are the fields' declarations (checked by Config); here what
+        # spans several fields.
         if self.n_heads % self.n_kv_heads:
             self._fail(
                 "n_kv_heads",
@@ -138,14 +135,6 @@ class Shape:
             )
         if self.top_k > self.n_experts:
             self._fail("top_k", f"={self.top_k} must not exceed n_experts={self.n_experts}")
-        if self.router not in _ROUTERS:
-            self._fail("router", f"={self.router!r}; choose one of {list(_ROUTERS)}")
-        if self.moe_balance not in _BALANCE:
-            self._fail("moe_balance", f"={self.moe_balance!r}; choose one of {list(_BALANCE)}")
-        if self.fusion not in _FUSIONS:
-            self._fail("fusion", f"={self.fusion!r}; choose one of {list(_FUSIONS)}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
-            self._fail("rope_theta/norm_eps/init_std", "must be positive")
 
     @property
     def ssm_inner(self) -> int:
@@ -154,34 +143,6 @@ class Shape:
     @property
     def ssm_heads(self) -> int:
         return self.ssm_inner // self.ssm_head_dim
-
-    def replace(self, **changes: Any) -> Shape:
-        """A copy with some fields changed (validated again)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ShapeError(f"unknown shape field(s) {unknown}; fields: {sorted(names)}")
-        check_fields(Shape, changes, "shape", error=ShapeError)
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Shape:
-        check_fields(cls, data, "shape", error=ShapeError)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ShapeError(f"unknown shape field(s) {unknown}; valid fields: {sorted(names)}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in data]
-        if missing:
-            raise ShapeError(f"shape is missing field(s) {missing}", field=missing[0])
-        try:
-            return cls(**data)
-        except TypeError as e:  # wrong value types that dataclass init rejects
-            raise ShapeError(f"bad shape: {e}") from None
 
 
 def _llama(name: str, d: int, heads: int, kv: int, ffn: int, layers: int, tie: bool) -> Shape:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hcomposer.architecture import Architecture
-from hcomposer.errors import PatternError, UserError
+from hcomposer.errors import PatternError
 from hcomposer.format import console, human, human_bytes
 from hcomposer.pattern import TOKENS, to_megatron
 
@@ -19,12 +19,18 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+def option_fields() -> dict:
+    """argparse dest -> (config class, field): each option is checked against the field."""
+    from hcomposer.shapes import Shape
+
+    # A sequence length of the FLOPs count: the range of the lengths a shape declares.
+    return {"seq_len": (Shape, "max_seq_len")}
+
+
 def run(args) -> int:
     # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
     from hcomposer.accounting import count_costs
 
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UserError(f"--seq-len must be at least 1, got {args.seq_len}")
     arch = Architecture.parse(args.pattern, shape=args.shape)
     costs = count_costs(arch, seq_len=args.seq_len)
     try:

@@ -47,6 +47,14 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+def option_fields() -> dict:
+    """argparse dest -> (config class, field): each option is checked against the field."""
+    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
+    from hcomposer.training.trainer import TrainConfig
+
+    return {name: (TrainConfig, name) for name in ("lr", "batch_size", "seq_len", "seed")}
+
+
 def _floats(text: str, what: str) -> tuple[float, ...]:
     out = []
     for part in str(text).split(","):

@@ -106,6 +106,14 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+def option_fields() -> dict:
+    """argparse dest -> (config class, field): each option is checked against the field."""
+    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
+    from hcomposer.training.trainer import TrainConfig
+
+    return {"tokens": (TrainConfig, "tokens")}
+
+
 def _seeds(text: str | None, flag: str, default: tuple[int, ...]) -> tuple[int, ...]:
     if text is None:
         return default

@@ -25,13 +25,14 @@ non-noise ids into a key half and a value half; noise ids and special tokens
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from hcomposer.config_io import Config
 from hcomposer.errors import UserError
+from hcomposer.fields import spec
 
 __all__ = [
     "IGNORE",
@@ -55,7 +56,7 @@ MAD_TASKS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True, kw_only=True)
-class MADTaskConfig:
+class MADTaskConfig(Config):
     """One MAD task at one difficulty. Frozen; round-trips to JSON.
 
     The knobs are MAD's: ``vocab_size``, ``seq_len``, ``num_train_examples``,
@@ -66,57 +67,32 @@ class MADTaskConfig:
     held-out test set (the reported score).
     """
 
-    task: str
-    vocab_size: int = 16
-    seq_len: int = 64
-    num_train_examples: int = 4096
-    num_test_examples: int = 256
-    num_val_examples: int = 256
-    frac_noise: float = 0.0
-    noise_vocab_size: int = 0
-    k_motif_size: int = 1
-    v_motif_size: int = 1
-    num_tokens_to_copy: int = 8
+    _what: ClassVar[str] = "MAD task"
+
+    task: str = spec(choices=MAD_TASKS, help="which MAD task")
+    vocab_size: int = spec(16, ge=2, le=2**20, unit="tokens")
+    seq_len: int = spec(64, ge=2, le=2**20, unit="tokens")
+    num_train_examples: int = spec(4096, ge=1, le=10**7)
+    num_test_examples: int = spec(256, ge=1, le=10**7, help="the held-out set scored")
+    num_val_examples: int = spec(256, ge=1, le=10**7, help="chooses the lr, decides early stops")
+    frac_noise: float = spec(0.0, ge=0, lt=1.0, help="noisy recall: share of noise tokens")
+    noise_vocab_size: int = spec(0, ge=0, le=2**20, help="noisy recall: noise tokens")
+    k_motif_size: int = spec(1, ge=1, le=2**10, help="fuzzy recall: tokens per key")
+    v_motif_size: int = spec(1, ge=1, le=2**10, help="fuzzy recall: tokens per value")
+    num_tokens_to_copy: int = spec(8, ge=1, le=2**20, help="selective copying: content tokens")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_task(self)
-
-    def replace(self, **changes: Any) -> MADTaskConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MADTaskConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown MAD task field(s) {unknown}; valid: {sorted(names)}")
-        return cls(**data)
 
 
 def _check_task(c: MADTaskConfig) -> None:
+    # Ranges and the task name are the fields' declarations; here what spans fields.
     def bad(why: str) -> None:
         raise UserError(f"MAD task {c.task!r}: {why}")
 
-    if c.task not in MAD_TASKS:
-        raise UserError(f"unknown MAD task {c.task!r}; valid: {', '.join(MAD_TASKS)}")
-    for name in (
-        "vocab_size",
-        "seq_len",
-        "num_train_examples",
-        "num_test_examples",
-        "num_val_examples",
-    ):
-        if getattr(c, name) < 1:
-            bad(f"{name} must be at least 1")
-    if not 0.0 <= c.frac_noise < 1.0:
-        bad(f"frac_noise={c.frac_noise} must be in [0, 1)")
     if c.frac_noise > 0 and c.noise_vocab_size < 1:
         bad("frac_noise > 0 needs noise_vocab_size >= 1")
-    if c.k_motif_size < 1 or c.v_motif_size < 1:
-        bad("k_motif_size and v_motif_size must be at least 1")
     free = c.vocab_size - c.noise_vocab_size - _n_special(c.task)
     if free < (2 if c.task not in ("selective_copying", "compression") else 1):
         bad(f"vocab_size={c.vocab_size} leaves no room for keys/values or content tokens")
@@ -127,8 +103,6 @@ def _check_task(c: MADTaskConfig) -> None:
             bad("seq_len must hold at least two key-value pairs")
         if free // 2 < c.k_motif_size or free - free // 2 < c.v_motif_size:
             bad("a key or value motif needs that many distinct key or value tokens")
-    if c.seq_len < 2:
-        bad("seq_len must be at least 2")
 
 
 def _n_special(task: str) -> int:

@@ -14,20 +14,21 @@ scored), generated at once from a ``numpy.random.Generator`` seeded by the calle
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from hcomposer.config_io import Config
 from hcomposer.data.mad import IGNORE, MADData
 from hcomposer.errors import UserError
+from hcomposer.fields import spec
 
 __all__ = ["MQARConfig", "generate_mqar", "DEFAULT_MQAR"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class MQARConfig:
+class MQARConfig(Config):
     """One MQAR difficulty. Frozen; round-trips to JSON.
 
     ``vocab_size`` (keys from ids 1..V/2-1, values from V/2..V-1), ``seq_len``,
@@ -35,48 +36,35 @@ class MQARConfig:
     Zoology's 0.01 strongly favours short gaps).
     """
 
-    vocab_size: int = 128
-    seq_len: int = 64
-    num_kv_pairs: int = 8
-    num_train_examples: int = 4096
-    num_test_examples: int = 256
-    num_val_examples: int = 256
-    power_a: float = 0.01
-    name: str = ""
+    _what: ClassVar[str] = "MQAR"
+
+    vocab_size: int = spec(128, ge=4, le=2**20, unit="tokens")
+    seq_len: int = spec(64, ge=2, le=2**20, unit="tokens", help="an even length")
+    num_kv_pairs: int = spec(8, ge=1, le=2**20, help="key-value pairs per sequence")
+    num_train_examples: int = spec(4096, ge=1, le=10**7)
+    num_test_examples: int = spec(256, ge=1, le=10**7)
+    num_val_examples: int = spec(256, ge=1, le=10**7)
+    power_a: float = spec(0.01, gt=0, le=100.0, help="query-gap power law (1.0: uniform)")
+    name: str = spec("", help="'' names it mqar_T<seq_len>_kv<pairs>")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.seq_len % 2:
             raise UserError(f"MQAR seq_len={self.seq_len} must be even")
         if 4 * self.num_kv_pairs > self.seq_len:
             raise UserError(
                 f"MQAR: num_kv_pairs={self.num_kv_pairs} needs seq_len >= {4 * self.num_kv_pairs}"
             )
-        if self.num_kv_pairs >= self.vocab_size // 2 - 1 or self.num_kv_pairs < 1:
+        if self.num_kv_pairs >= self.vocab_size // 2 - 1:
             raise UserError(
                 f"MQAR: num_kv_pairs={self.num_kv_pairs} must be in 1..{self.vocab_size // 2 - 2} "
                 f"for vocab_size={self.vocab_size}"
             )
-        if (
-            self.power_a <= 0
-            or min(self.num_train_examples, self.num_test_examples, self.num_val_examples) < 1
-        ):
-            raise UserError("MQAR: power_a and example counts must be positive")
         if not self.name:
             object.__setattr__(self, "name", f"mqar_T{self.seq_len}_kv{self.num_kv_pairs}")
 
     def replace(self, **changes: Any) -> MQARConfig:
-        return dataclasses.replace(self, **{"name": "", **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MQARConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown MQAR field(s) {unknown}; valid: {sorted(names)}")
-        return cls(**data)
+        return super().replace(**{"name": "", **changes})
 
 
 # Growing sequence lengths with proportionally more pairs (Zoology varies both).

@@ -1,8 +1,11 @@
 """Efficiency: training, prefill and decode throughput against context length, peak memory,
 and KV / state bytes from the accounting.
 
-- training tokens/s: forward + backward + AdamW step on a copy of the model
-  (the evaluated weights are never touched), batch ``train_batch`` x ``train_len``;
+- training tokens/s: one step of the training core (``hcomposer.training.step.train_step``, the
+  trainer's step) on a copy of the model (the evaluated weights are never touched), batch
+  ``train_batch`` x ``train_len``, with the trainer's loss, AdamW (parameter groups, weight
+  decay, betas), autocast dtype and gradient clipping, read from a ``TrainConfig`` (the run's,
+  in the suite; the trainer's defaults otherwise);
 - prefill tokens/s at context length L: one forward of ``batch`` x L tokens into
   a fresh cache;
 - decode tokens/s at context length L: ``decode_steps`` single-token steps of the
@@ -29,10 +32,10 @@ Each timing is the median of ``repeats`` runs after one warm-up.
 
 Comparisons (``compare_efficiency``, used by ``hcomposer compare --interleaved`` and the
 pipeline's report) measure the models of a comparison in one process, interleaved: each
-round times one training step, one prefill and ``decode_steps`` decode steps of every model
-in turn (see ``evaluation/interleave.py``), on the suite's clock. Medians and [min, max]
-come with every figure, and each ratio to the first model is the median of per-round ratios,
-so load from other processes cancels out of it.
+round times one training step (the same settings for every model), one prefill and
+``decode_steps`` decode steps of every model in turn (see ``evaluation/interleave.py``), on the
+suite's clock. Medians and [min, max] come with every figure, and each ratio to the first
+model is the median of per-round ratios, so load from other processes cancels out of it.
 """
 
 from __future__ import annotations
@@ -47,15 +50,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
 from hcomposer.evaluation.interleave import measure_interleaved
+from hcomposer.model import lm_loss
 from hcomposer.plots import save_png, subplots
 from hcomposer.primitives import cpu_kernels
-from hcomposer.training.step import make_optimizer, train_step
-from hcomposer.training.trainer import load_run
+from hcomposer.training import step as core
+from hcomposer.training.step import make_optimizer, resolve_dtype
+from hcomposer.training.trainer import TrainConfig, load_run
 
 __all__ = [
     "EfficiencyConfig",
@@ -210,25 +214,54 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _train_throughput(model, cfg: EfficiencyConfig, train_len: int, device) -> dict[str, Any]:
+def _training_step(model, cfg: EfficiencyConfig, train_len: int, device, train: TrainConfig):
+    """One step of the training core on a copy of ``model``, as a closure: the trainer's loss,
+    optimiser, autocast and clipping (from ``train``); ``train_optimizer="none"`` computes the
+    gradients only."""
     m = copy.deepcopy(model).to(device).train()
     opt = None
     if cfg.train_optimizer == "adamw":
-        opt = make_optimizer(m, lr=1e-4, weight_decay=0.0, device=device)
+        opt = make_optimizer(
+            m, lr=train.lr, weight_decay=train.weight_decay, betas=train.betas, device=device
+        )
     g = torch.Generator().manual_seed(cfg.seed)
     V = m.arch.shape.vocab_size
     x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
+    batch = [(x[:, :-1], x[:, 1:])]
+
+    def loss_fn(inputs, targets):
+        return lm_loss(m(inputs), targets)
 
     def step():
-        # The trainer's step at the model's own dtype (no autocast); "none": gradients only.
-        train_step(m.loss, [(x[:, :-1], x[:, 1:])], opt, device=device, dtype="fp32")
+        if opt is None:
+            # Gradients only: each step starts from none, as after the optimiser's zero_grad.
+            m.zero_grad(set_to_none=True)
+        # Looked up on the module at every call: the trainer's step, whatever it is now.
+        core.train_step(
+            loss_fn, batch, opt, device=device, dtype=train.dtype, grad_clip=train.grad_clip
+        )
 
+    return step
+
+
+def _train_settings(cfg: EfficiencyConfig, train: TrainConfig, device) -> dict[str, Any]:
+    return {
+        "optimizer": cfg.train_optimizer,
+        "precision": resolve_dtype(train.dtype, device),
+        "grad_clip": train.grad_clip,
+    }
+
+
+def _train_throughput(
+    model, cfg: EfficiencyConfig, train_len: int, device, train: TrainConfig
+) -> dict[str, Any]:
+    step = _training_step(model, cfg, train_len, device, train)
     with _PeakMemory(device) as mem:
         t = _timed(step, device, cfg.repeats)
     return {
         "batch": cfg.train_batch,
         "seq_len": train_len,
-        "optimizer": cfg.train_optimizer,
+        **_train_settings(cfg, train, device),
         "seconds_per_step": t,
         "tokens_per_s": cfg.train_batch * train_len / t,
         "peak_bytes": mem.peak,
@@ -277,9 +310,15 @@ def _inference_point(model, L: int, cfg: EfficiencyConfig, device) -> dict[str, 
 
 
 def run_efficiency(
-    model, *, train_len: int, config: EfficiencyConfig | None = None, progress=None
+    model,
+    *,
+    train_len: int,
+    config: EfficiencyConfig | None = None,
+    progress=None,
+    train: TrainConfig | None = None,
 ) -> dict[str, Any]:
-    """The efficiency sweep for ``model``; returns a JSON-ready dict (see module docstring)."""
+    """The efficiency sweep for ``model``; returns a JSON-ready dict (see module docstring).
+    ``train``: the settings of its training step (the trainer's defaults if None)."""
     cfg = config or EfficiencyConfig()
     device = _device(cfg.device)
     arch = model.arch
@@ -289,7 +328,8 @@ def run_efficiency(
     lengths = _lengths(cfg, train_len)
     weight_bytes = _weight_bytes(model)
     torch.manual_seed(cfg.seed)
-    train = _train_throughput(model, cfg, cfg.train_len or train_len, device)
+    train = train or TrainConfig()
+    train_res = _train_throughput(model, cfg, cfg.train_len or train_len, device, train)
     # KV bytes per token and state bytes per sequence do not depend on the length.
     costs = count_costs(arch, seq_len=train_len, dtype_bytes=dtype_bytes)
     points, stopped = [], None
@@ -304,16 +344,7 @@ def run_efficiency(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             break
-        p["kv_bytes"] = costs.kv_bytes_per_token * L * cfg.batch
-        p["state_bytes"] = costs.state_bytes * cfg.batch
-        if p.get("read_bandwidth_Bps"):
-            # One decode step of the batch reads every weight once and every cache once.
-            step_bytes = weight_bytes + p["kv_bytes"] + p["state_bytes"]
-            roof = cfg.batch * p["read_bandwidth_Bps"] / step_bytes
-            p["decode_bytes_per_step"] = step_bytes
-            p["decode_roofline_tokens_per_s"] = roof
-            p["decode_roofline_fraction"] = p["decode_tokens_per_s"] / roof
-        points.append(p)
+        points.append(_add_cache_bytes(p, L, cfg, costs, weight_bytes))
         if progress is not None:
             progress()
         if time.perf_counter() - t0 > cfg.max_seconds:
@@ -332,10 +363,24 @@ def run_efficiency(
         "kv_bytes_per_token": costs.kv_bytes_per_token,
         "state_bytes_per_sequence": costs.state_bytes,
         "flops_per_token": costs.flops_per_token,
-        "train": train,
+        "train": train_res,
         "inference": points,
         "stopped": stopped,
     }
+
+
+def _add_cache_bytes(p: dict, L: int, cfg: EfficiencyConfig, costs, weight_bytes: int) -> dict:
+    """Point ``p`` at context ``L`` with its KV and state bytes and its decode roofline."""
+    p["kv_bytes"] = costs.kv_bytes_per_token * L * cfg.batch
+    p["state_bytes"] = costs.state_bytes * cfg.batch
+    if p.get("read_bandwidth_Bps"):
+        # One decode step of the batch reads every weight once and every cache once.
+        step_bytes = weight_bytes + p["kv_bytes"] + p["state_bytes"]
+        roof = cfg.batch * p["read_bandwidth_Bps"] / step_bytes
+        p["decode_bytes_per_step"] = step_bytes
+        p["decode_roofline_tokens_per_s"] = roof
+        p["decode_roofline_fraction"] = p["decode_tokens_per_s"] / roof
+    return p
 
 
 def _kernels(device: torch.device) -> str:
@@ -367,8 +412,8 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
         f"CPU decode kernels (bf16 models): {res.get('decode_kernels', 'not recorded')}.",
         "",
         f"Training: {t['tokens_per_s']:,.0f} tokens/s (batch {t['batch']} x {t['seq_len']}, "
-        f"peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} B/token, "
-        f"state {res['state_bytes_per_sequence']} B/sequence.",
+        f"{_step_text(t)}peak {_mib(t['peak_bytes'])} MiB). KV {res['kv_bytes_per_token']} "
+        f"B/token, state {res['state_bytes_per_sequence']} B/sequence.",
         "",
         "| context | prefill tok/s | decode tok/s | decode roofline | prefill peak MiB "
         "| decode peak MiB | KV MiB | state MiB |",
@@ -385,6 +430,13 @@ def efficiency_markdown(res: dict[str, Any]) -> str:
     if res.get("stopped"):
         lines += ["", f"Sweep stopped: {res['stopped']}."]
     return "\n".join(lines)
+
+
+def _step_text(t: dict[str, Any]) -> str:
+    """The training step's settings (results written before they were recorded have none)."""
+    if "precision" not in t:
+        return ""
+    return f"{t['optimizer']}, {t['precision']}, clip {t['grad_clip']:g}; "
 
 
 def plot_efficiency(results: dict[str, dict[str, Any]], path: str | Path) -> None:
@@ -473,58 +525,86 @@ def _context_fns(model, L: int, cfg: EfficiencyConfig, device, rounds: int):
     return prefill, decode
 
 
+class _Rounds:
+    """Interleaved measurements of every model, and each one's paired ratios to the first."""
+
+    def __init__(self, labels: list[str], device: torch.device, repeats: int):
+        self.labels, self.repeats = labels, repeats
+        self.timer, self.sync = _clock(device)
+        self.ratios: dict[str, dict[str, Any]] = {lab: {} for lab in labels[1:]}
+
+    def speeds(self, metric: str, fns: dict[str, Any], work: float) -> dict[str, Any]:
+        """Time ``fns`` interleaved; ``work`` units per call -> each label's speed spread."""
+        res = measure_interleaved(fns, repeats=self.repeats, timer=self.timer, sync=self.sync)
+        for lab in self.labels[1:]:
+            self.ratios[lab][metric] = res.ratio(self.labels[0], lab).to_dict()
+        return {lab: res.summary(lab).map(lambda t: work / t) for lab in self.labels}
+
+
 def compare_efficiency(
-    models: dict[str, Any], *, train_len: int, config: EfficiencyConfig | None = None
+    models: dict[str, Any],
+    *,
+    train_len: int,
+    config: EfficiencyConfig | None = None,
+    train: TrainConfig | None = None,
 ) -> dict[str, Any]:
     """Training, prefill and decode speed of several models measured interleaved (see above).
 
     Returns ``{"models": {label: run_efficiency-like dict}, "ratios": {label: {metric: spread}},
-    "clock", "config"}``; ratios are speeds relative to the first label (> 1: faster).
+    "clock", "config"}``; ratios are speeds relative to the first label (> 1: faster). Every
+    model's training step uses ``train``'s settings (the trainer's defaults if None), so the
+    ratios compare architectures, not settings.
     """
     if not models:
         raise UserError("compare_efficiency: no models")
     cfg = config or EfficiencyConfig()
+    train = train or TrainConfig()
     device = _device(cfg.device)
-    timer, sync = _clock(device)
     labels = list(models)
-    ref = labels[0]
-    rounds = cfg.repeats + 1  # one warm-up round
-    out: dict[str, Any] = {"models": {}, "ratios": {lab: {} for lab in labels[1:]}}
+    rounds = _Rounds(labels, device, cfg.repeats)
     costs = {lab: count_costs(m.arch, seq_len=train_len, dtype_bytes=_dtype_bytes(m))
              for lab, m in models.items()}  # fmt: skip
     models = {lab: m.to(device).eval() for lab, m in models.items()}
     tl = cfg.train_len or train_len
-
-    def record(metric: str, res, work: float) -> dict[str, Any]:
-        speeds = {lab: res.summary(lab).map(lambda t: work / t) for lab in labels}
-        for lab in labels[1:]:
-            out["ratios"][lab][metric] = res.ratio(ref, lab).to_dict()
-        return speeds
-
     torch.manual_seed(cfg.seed)
-    steps = {lab: _train_step(m, cfg, tl, device) for lab, m in models.items()}
-    res = measure_interleaved(steps, repeats=cfg.repeats, timer=timer, sync=sync)
-    train = record("train", res, cfg.train_batch * tl)
-    for lab in labels:
-        out["models"][lab] = {
-            "train": {"batch": cfg.train_batch, "seq_len": tl, "tokens_per_s": train[lab].median,
-                      "tokens_per_s_spread": train[lab].to_dict()},
+    steps = {lab: _training_step(m, cfg, tl, device, train) for lab, m in models.items()}
+    speeds = rounds.speeds("train", steps, cfg.train_batch * tl)
+    results = {
+        lab: {
+            "train": {
+                "batch": cfg.train_batch,
+                "seq_len": tl,
+                **_train_settings(cfg, train, device),
+                "tokens_per_s": speeds[lab].median,
+                "tokens_per_s_spread": speeds[lab].to_dict(),
+            },
             "inference": [],
             "kv_bytes_per_token": costs[lab].kv_bytes_per_token,
             "state_bytes_per_sequence": costs[lab].state_bytes,
-        }  # fmt: skip
-    stopped = None
+        }
+        for lab in labels
+    }
+    stopped = _compare_contexts(models, cfg, train_len, device, rounds, costs, results)
+    return {"models": results, "ratios": rounds.ratios, "config": cfg.to_dict(),
+            "device": str(device), "clock": _clock_name(device), "stopped": stopped,
+            "threads": torch.get_num_threads(), "reference": labels[0],
+            "decode_kernels": _kernels(device)}  # fmt: skip
+
+
+def _compare_contexts(models, cfg, train_len, device, rounds: _Rounds, costs, results):
+    """Prefill and decode of every model at each context length, interleaved, into
+    ``results[label]["inference"]``; returns why the sweep stopped early (None if it did not)."""
     for L in _lengths(cfg, train_len):
         t0 = time.perf_counter()
-        fns = {lab: _context_fns(m, L, cfg, device, rounds) for lab, m in models.items()}
-        pre = measure_interleaved({lab: f[0] for lab, f in fns.items()}, repeats=cfg.repeats,
-                                  timer=timer, sync=sync)  # fmt: skip
-        prefill = record(f"prefill@{L}", pre, cfg.batch * L)
-        dec = measure_interleaved({lab: f[1] for lab, f in fns.items()}, repeats=cfg.repeats,
-                                  timer=timer, sync=sync)  # fmt: skip
-        decode = record(f"decode@{L}", dec, cfg.batch * cfg.decode_steps)
-        for lab in labels:
-            out["models"][lab]["inference"].append({
+        # One warm-up round before the timed ones: the decode cache holds them all.
+        fns = {lab: _context_fns(m, L, cfg, device, cfg.repeats + 1) for lab, m in models.items()}
+        prefill = rounds.speeds(
+            f"prefill@{L}", {lab: f[0] for lab, f in fns.items()}, cfg.batch * L
+        )
+        decode = rounds.speeds(f"decode@{L}", {lab: f[1] for lab, f in fns.items()},
+                               cfg.batch * cfg.decode_steps)  # fmt: skip
+        for lab, out in results.items():
+            out["inference"].append({
                 "context": L,
                 "prefill_tokens_per_s": prefill[lab].median,
                 "decode_tokens_per_s": decode[lab].median,
@@ -534,49 +614,29 @@ def compare_efficiency(
                 "state_bytes": costs[lab].state_bytes * cfg.batch,
             })  # fmt: skip
         if time.perf_counter() - t0 > cfg.max_seconds:
-            stopped = f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
-            break
-    clock = _clock_name(device)
-    out.update(config=cfg.to_dict(), device=str(device), clock=clock, stopped=stopped,
-               threads=torch.get_num_threads(), reference=ref,
-               decode_kernels=_kernels(device))  # fmt: skip
-    return out
+            return f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
+    return None
 
 
 def _dtype_bytes(model) -> int:
     return torch.finfo(next(model.parameters()).dtype).bits // 8
 
 
-def _train_step(model, cfg: EfficiencyConfig, train_len: int, device):
-    """One training step (forward, backward, optimizer) on a copy of ``model``, as a closure."""
-    m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4) if cfg.train_optimizer == "adamw" else None
-    g = torch.Generator().manual_seed(cfg.seed)
-    V = m.arch.shape.vocab_size
-    x = torch.randint(0, V, (cfg.train_batch, train_len + 1), generator=g).to(device)
-
-    def step():
-        loss = F.cross_entropy(m(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
-        m.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-
-    return step
-
-
 def measure_runs_interleaved(
     run_dirs: list[str | Path], labels: list[str], config: EfficiencyConfig | None = None
 ) -> dict[str, Any]:
-    """``compare_efficiency`` of the latest checkpoints of several run folders."""
-    models, train_len = {}, 0
+    """``compare_efficiency`` of the latest checkpoints of several run folders; every model's
+    training step uses the first (reference) run's training settings."""
+    models, train_len, train = {}, 0, None
     for d, lab in zip(run_dirs, labels, strict=True):
         model, arch, _tok, info = load_run(d)
         cfg = info.get("config") or {}
-        seq = (cfg.get("train", cfg) or {}).get("seq_len") or arch.shape.max_seq_len
+        stored = cfg.get("train", cfg) or {}
+        seq = stored.get("seq_len") or arch.shape.max_seq_len
         train_len = max(train_len, int(seq))
+        train = train or TrainConfig.from_dict(stored)
         models[lab] = model
-    return compare_efficiency(models, train_len=train_len, config=config)
+    return compare_efficiency(models, train_len=train_len, config=config, train=train)
 
 
 def _spread_text(d: dict[str, Any], fmt: str = "{:.2f}") -> str:

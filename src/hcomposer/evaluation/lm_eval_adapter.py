@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,14 @@ try:
 except ImportError:  # lm-eval is an optional dependency
     LM = object  # type: ignore[misc,assignment]
 
-__all__ = ["HComposerLM", "run_lm_eval", "check_tasks", "score_continuations", "rolling_windows"]
+__all__ = [
+    "HComposerLM",
+    "LMEvalOptions",
+    "run_lm_eval",
+    "check_tasks",
+    "score_continuations",
+    "rolling_windows",
+]
 
 
 @torch.no_grad()
@@ -264,29 +272,40 @@ def check_tasks(tasks: list[str], include_path=None):
     return tm
 
 
+@dataclass(frozen=True, kw_only=True)
+class LMEvalOptions:
+    """How ``run_lm_eval`` runs the tasks: ``limit`` examples per task (a fraction below 1;
+    None: all), ``num_fewshot`` (None: each task's default), the batch size, the longest
+    generation, and the seed of every random choice lm-eval makes."""
+
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    max_gen_toks: int = 256
+    seed: int = 0
+
+
 def run_lm_eval(
     model,
     tokenizer,
     tasks: list[str],
     *,
     include_path: str | Path | list | None = None,
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-    max_gen_toks: int = 256,
-    seed: int = 0,
+    options: LMEvalOptions | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval tasks on an in-memory model; returns {"tasks": {task: {metric: value}}, ...}."""
     from lm_eval import simple_evaluate
 
+    opts = options or LMEvalOptions()
+    seed, limit = opts.seed, opts.limit
     tm = check_tasks(tasks, include_path)
-    lm = HComposerLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
+    lm = HComposerLM(model, tokenizer, batch_size=opts.batch_size, max_gen_toks=opts.max_gen_toks)
     res = simple_evaluate(
         model=lm,
         tasks=list(tasks),
         task_manager=tm,
         limit=limit,
-        num_fewshot=num_fewshot,
+        num_fewshot=opts.num_fewshot,
         bootstrap_iters=0,
         log_samples=False,
         random_seed=seed,
@@ -294,7 +313,12 @@ def run_lm_eval(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    out: dict[str, Any] = {"tasks": {}, "n_samples": {}, "limit": limit, "num_fewshot": num_fewshot}
+    out: dict[str, Any] = {
+        "tasks": {},
+        "n_samples": {},
+        "limit": limit,
+        "num_fewshot": opts.num_fewshot,
+    }
     for name, metrics in (res or {}).get("results", {}).items():
         clean = {}
         for key, value in metrics.items():

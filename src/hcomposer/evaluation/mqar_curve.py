@@ -17,13 +17,16 @@ scales the pairs with the length in the same way).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hcomposer.architecture import Architecture
+from hcomposer.config_io import Config
 from hcomposer.data.mqar import MQARConfig
 from hcomposer.errors import UserError
+from hcomposer.fields import spec
+from hcomposer.guards import MAX_SEED
 from hcomposer.plots import save_png, subplots
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 
@@ -31,29 +34,29 @@ __all__ = ["MQARCurveConfig", "run_mqar_curve", "plot_mqar_curve", "mqar_markdow
 
 
 @dataclass(frozen=True, kw_only=True)
-class MQARCurveConfig:
+class MQARCurveConfig(Config):
     """Lengths, pairs per length, training budget per length, and the training shape."""
 
-    lengths: tuple[int, ...] = (64, 128, 256)
-    kv_ratio: int = 16
-    vocab_size: int = 128
-    steps: int = 200
-    batch_size: int = 32
-    lrs: tuple[float, ...] = (3e-3,)
-    num_train_examples: int = 2048
-    num_test_examples: int = 256
-    shape: str | None = "proxy"
-    seed: int = 0
-    dtype: str = "bf16"
+    _what: ClassVar[str] = "mqar"
+
+    lengths: tuple[int, ...] = spec(
+        (64, 128, 256), ge=8, le=2**20, each=True, unit="tokens", help="even lengths"
+    )
+    kv_ratio: int = spec(16, ge=4, le=2**20, help="tokens per key-value pair (pairs = len / it)")
+    vocab_size: int = spec(128, ge=8, le=2**20, unit="tokens")
+    steps: int = spec(200, ge=1, le=10**7, help="training steps per length")
+    batch_size: int = spec(32, ge=1, le=2**16)
+    lrs: tuple[float, ...] = spec((3e-3,), gt=0, le=10.0, each=True, help="learning-rate grid")
+    num_train_examples: int = spec(2048, ge=1, le=10**7)
+    num_test_examples: int = spec(256, ge=1, le=10**7)
+    shape: str | None = spec("proxy", help="shape of the fresh copies (None: the run's)")
+    seed: int = spec(0, ge=0, le=MAX_SEED)
+    dtype: str = spec("bf16", help="autocast dtype of the proxy runs")
 
     def __post_init__(self) -> None:
-        if not self.lengths or any(n < 8 or n % 2 for n in self.lengths):
+        super().__post_init__()
+        if not self.lengths or any(n % 2 for n in self.lengths):
             raise UserError("mqar lengths must be even and at least 8")
-        if self.kv_ratio < 4:
-            raise UserError("mqar kv_ratio must be at least 4 (MQAR needs 4 tokens per pair)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _tasks(cfg: MQARCurveConfig):

@@ -18,13 +18,16 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from hcomposer.config_io import Config
 from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
+from hcomposer.fields import spec
+from hcomposer.guards import MAX_SEED
 from hcomposer.plots import save_png, subplots
 
 __all__ = ["NIAHConfig", "run_niah", "niah_lengths", "plot_niah", "niah_markdown", "CITIES"]
@@ -38,29 +41,28 @@ _DIGITS = re.compile(r"\d{7}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class NIAHConfig:
+class NIAHConfig(Config):
     """Lengths (tokens; None: factors of the training length), depths, trials per cell."""
 
-    lengths: tuple[int, ...] | None = None
-    length_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    trials: int = 3
-    seed: int = 0
-    max_new_tokens: int = 12
+    _what: ClassVar[str] = "niah"
 
-    def __post_init__(self) -> None:
-        if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise UserError("niah depths must lie in [0, 1]")
-        if self.trials < 1:
-            raise UserError("niah trials must be at least 1")
+    lengths: tuple[int, ...] | None = spec(
+        None, ge=1, each=True, unit="tokens", help="prompt lengths (None: length_factors)"
+    )
+    length_factors: tuple[float, ...] = spec(
+        (0.25, 0.5, 1.0, 1.5, 2.0), gt=0, le=1024, each=True, help="x the training length"
+    )
+    depths: tuple[float, ...] = spec(
+        (0.0, 0.25, 0.5, 0.75, 1.0), ge=0, le=1.0, each=True, help="0: start, 1: end"
+    )
+    trials: int = spec(3, ge=1, le=10_000, help="trials per (length, depth)")
+    seed: int = spec(0, ge=0, le=MAX_SEED)
+    max_new_tokens: int = spec(12, ge=1, le=2**16, unit="tokens", help="greedy continuation")
 
     def resolve_lengths(self, train_len: int) -> list[int]:
         if self.lengths:
             return sorted({int(n) for n in self.lengths})
         return sorted({max(64, int(round(f * train_len))) for f in self.length_factors})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

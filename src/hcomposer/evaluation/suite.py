@@ -39,7 +39,7 @@ from hcomposer.evaluation.efficiency import (
     plot_efficiency,
     run_efficiency,
 )
-from hcomposer.evaluation.lm_eval_adapter import check_tasks, run_lm_eval
+from hcomposer.evaluation.lm_eval_adapter import LMEvalOptions, check_tasks, run_lm_eval
 from hcomposer.evaluation.mqar_curve import (
     MQARCurveConfig,
     mqar_markdown,
@@ -51,7 +51,7 @@ from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
 from hcomposer.runs import RunDir
 from hcomposer.training.step import evaluate
-from hcomposer.training.trainer import load_run
+from hcomposer.training.trainer import TrainConfig, load_run
 
 __all__ = [
     "PARTS",
@@ -263,14 +263,17 @@ def _run_niah(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
 
 
 def _run_efficiency(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
-    return run_efficiency(ctx.model, train_len=ctx.train_len, config=ctx.configs["efficiency"])
+    # The training step with the run's own settings (optimiser, autocast, clipping).
+    train = TrainConfig.from_dict(_train_config(ctx.info))
+    return run_efficiency(ctx.model, train_len=ctx.train_len, config=ctx.configs["efficiency"],
+                          train=train)  # fmt: skip
 
 
 def _run_lm_eval(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
     lm = ctx.options.get("lm_eval", {})
-    res = run_lm_eval(ctx.model, ctx.tokenizer, tasks, include_path=ctx.include_path,
-                      limit=ctx.limit, num_fewshot=lm.get("num_fewshot"),
-                      batch_size=lm.get("batch_size", 8))  # fmt: skip
+    opts = LMEvalOptions(limit=ctx.limit, num_fewshot=lm.get("num_fewshot"),
+                         batch_size=lm.get("batch_size", 8))  # fmt: skip
+    res = run_lm_eval(ctx.model, ctx.tokenizer, tasks, include_path=ctx.include_path, options=opts)
     prev = ctx.stored.get("lm-eval", {"tasks": {}, "n_samples": {}})
     prev["tasks"].update(res["tasks"])
     prev["n_samples"].update(res["n_samples"])

@@ -15,24 +15,25 @@ recorded; it never raises.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
-from hcomposer.config_io import check_fields, load_config, migrate, stamp
+from hcomposer.config_io import Config, load_config, stamp
 from hcomposer.data.mad import MAD_TASKS, MADData, MADTaskConfig, default_task_config, generate_task
 from hcomposer.data.mqar import DEFAULT_MQAR, MQARConfig, generate_mqar
 from hcomposer.errors import UserError
+from hcomposer.fields import spec
 from hcomposer.format import progress_bar
+from hcomposer.guards import MAX_SEED
 from hcomposer.proxies.task import RunResult, TaskHooks, TaskRun, count_params, train_and_score
 from hcomposer.proxies.text import evaluate_text
 from hcomposer.training.schedule import SCHEDULES
@@ -72,7 +73,7 @@ def _default_mad() -> tuple[MADTaskConfig, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProxyConfig:
+class ProxyConfig(Config):
     """How a proxy trains and scores. Frozen; round-trips to JSON.
 
     ``lrs`` x ``weight_decays`` is the grid: per task the point with the best accuracy on
@@ -100,85 +101,75 @@ class ProxyConfig:
     The text proxy trains for ``text_tokens`` tokens at ``text_lr``.
     """
 
+    _what: ClassVar[str] = "proxy config"
+
     # Calibrated defaults (docs/proxies.md, benchmarks/calibrate_proxy.py): at most 600
     # steps per run (the recall tasks' induction circuit forms at 200-500 at the proxy
     # shape, depending on the seed), checked every 50, stopped once solved; the tasks that
     # are not solved at this budget (fuzzy recall, copying, compression) 200; memorisation 50.
-    steps: int = 600
-    batch_size: int = 32
-    lrs: tuple[float, ...] = (1e-3,)
-    weight_decays: tuple[float, ...] = (0.0,)
-    warmup_steps: int = 10
+    steps: int = spec(600, ge=1, le=10**7, help="training steps per task and grid point")
+    batch_size: int = spec(32, ge=1, le=2**16, help="training sequences per step")
+    lrs: tuple[float, ...] = spec((1e-3,), gt=0, le=10.0, each=True, help="learning-rate grid")
+    weight_decays: tuple[float, ...] = spec(
+        (0.0,), ge=0, le=100.0, each=True, help="weight-decay grid"
+    )
+    warmup_steps: int = spec(10, ge=0, le=10**7)
     # wsd: the learning rate stays at its peak until the last fifth of the steps. With a
     # cosine decay the recall tasks' induction circuit formed later or not at all within the
     # budget (the rate had fallen by the time it would form; docs/proxies.md).
-    schedule: str = "wsd"
-    grad_clip: float = 1.0
-    eval_batch_size: int = 256
-    dtype: str = "fp32"
-    threads: int = 1
-    seed: int = 0
-    stop_when_perfect: bool = True
-    task_steps: tuple[tuple[str, int], ...] = (
-        ("fuzzy_in_context_recall", 200),
-        ("selective_copying", 200),
-        ("compression", 200),
-        ("memorization", 50),
+    schedule: str = spec("wsd", choices=SCHEDULES, help="MAD/MQAR learning-rate schedule")
+    grad_clip: float = spec(1.0, ge=0, help="gradient-norm clip (0: none)")
+    eval_batch_size: int = spec(256, ge=1, le=2**16)
+    dtype: str = spec("fp32", choices=DTYPES, help="autocast dtype")
+    threads: int = spec(1, ge=0, le=4096, help="torch threads (0: leave torch's setting)")
+    seed: int = spec(0, ge=0, le=MAX_SEED, help="data, initialisation and batch-order seed")
+    stop_when_perfect: bool = spec(True, help="skip the rest of a task's grid once solved")
+    task_steps: tuple[tuple[str, int], ...] = spec(
+        (
+            ("fuzzy_in_context_recall", 200),
+            ("selective_copying", 200),
+            ("compression", 200),
+            ("memorization", 50),
+        ),
+        accepts=tuple[tuple[str, int], ...] | dict[str, int],
+        help="[task, steps] pairs: a task's steps below `steps`",
     )
     # Noisy recall trains on batches of 64: at 32 the induction circuit of AFAFAF formed on
     # about 4 of 10 initialisations within 600 steps, at 64 on 5 of 6 (docs/history/results-log.md,
     # calibration round 3). Fuzzy recall stays at 32: at 64 (or 300 steps) Mamba-2 patterns start to
     # solve it on some seeds and not others (AFSAFS 0.48-0.93), a new source of seed noise.
-    task_batch_sizes: tuple[tuple[str, int], ...] = (("noisy_in_context_recall", 64),)
-    check_every: int = 50
-    solved_accuracy: float = 0.99
+    task_batch_sizes: tuple[tuple[str, int], ...] = spec(
+        (("noisy_in_context_recall", 64),),
+        accepts=tuple[tuple[str, int], ...] | dict[str, int],
+        help="[task, batch size] pairs: a task's batch size instead of `batch_size`",
+    )
+    check_every: int = spec(50, ge=0, le=10**7, unit="steps", help="validation every N steps")
+    solved_accuracy: float = spec(0.99, gt=0, le=1.0, help="validation accuracy that stops a run")
     # A run that gains less than 0.05 validation accuracy over 6 checks (300 steps) has
     # stalled: a non-learner (FFFFFF on recall) stops there instead of running its 600
     # steps, and a learner stuck on the plateau is restarted, up to twice: with one restart
     # AFSAFS's noisy recall stalled on both tries on seed 2 and solved on the third
     # (docs/proxies.md, "Stalls and restarts"; docs/history/results-log.md, round 4).
-    patience: int = 6
-    min_delta: float = 0.05
-    restarts: int = 2
-    mad_tasks: tuple[MADTaskConfig, ...] = field(default_factory=_default_mad)
-    mqar_tasks: tuple[MQARConfig, ...] = DEFAULT_MQAR
-    text_tokens: int = 262_144
-    text_seq_len: int = 128
-    text_batch_size: int = 16
-    text_lr: float = 3e-3
-    text_eval_tokens: int = 32_768
-    tokenizer: str = "byte"
+    patience: int = spec(6, ge=0, le=10**6, help="checks without a gain of min_delta: a stall")
+    min_delta: float = spec(0.05, ge=0, le=1.0, help="the accuracy gain that is progress")
+    restarts: int = spec(2, ge=0, le=100, help="new starts of a stalled run per grid point")
+    mad_tasks: tuple[MADTaskConfig, ...] = spec(factory=_default_mad)
+    mqar_tasks: tuple[MQARConfig, ...] = spec(DEFAULT_MQAR)
+    text_tokens: int = spec(262_144, ge=1, le=10**12, unit="tokens")
+    text_seq_len: int = spec(128, ge=1, le=2**20, unit="tokens")
+    text_batch_size: int = spec(16, ge=1, le=2**16)
+    text_lr: float = spec(3e-3, gt=0, le=10.0, help="the text proxy's learning rate")
+    text_eval_tokens: int = spec(32_768, ge=1, le=10**12, unit="tokens")
+    tokenizer: str = spec("byte", help="the text proxy's tokenizer")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "lrs", tuple(float(v) for v in self.lrs))
         object.__setattr__(self, "weight_decays", tuple(float(v) for v in self.weight_decays))
         object.__setattr__(self, "mad_tasks", tuple(self.mad_tasks))
         object.__setattr__(self, "mqar_tasks", tuple(self.mqar_tasks))
-        if self.dtype not in DTYPES:
-            raise UserError(f"proxy dtype {self.dtype!r}; choose one of {list(DTYPES)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"proxy schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
-        for name in (
-            "steps",
-            "batch_size",
-            "eval_batch_size",
-            "text_tokens",
-            "text_seq_len",
-            "text_batch_size",
-            "text_eval_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise UserError(f"proxy config: {name} must be at least 1")
-        if not all(math.isfinite(v) for v in (*self.lrs, *self.weight_decays, self.text_lr)):
-            raise UserError("proxy config: learning rates and weight decays must be finite")
-        if not self.lrs or any(v <= 0 for v in self.lrs) or self.text_lr <= 0:
-            raise UserError("proxy config: learning rates must be positive (lrs non-empty)")
-        if not self.weight_decays or any(v < 0 for v in self.weight_decays):
-            raise UserError("proxy config: weight_decays must be non-empty and >= 0")
-        if self.threads < 0:
-            raise UserError("proxy config: threads must be >= 0 (0: leave torch's setting)")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise UserError("proxy config: warmup_steps and grad_clip must be >= 0")
+        if not self.lrs or not self.weight_decays:
+            raise UserError("proxy config: lrs and weight_decays need at least one value each")
         for name, what in (("task_steps", "step counts"), ("task_batch_sizes", "batch sizes")):
             given = getattr(self, name)
             pairs = given.items() if isinstance(given, dict) else given
@@ -189,15 +180,14 @@ class ProxyConfig:
                     f"proxy config: {name} takes MAD task names ({', '.join(MAD_TASKS)}) "
                     f"and {what} >= 1; got {getattr(self, name)}"
                 )
-        if self.check_every < 0 or self.patience < 0 or self.min_delta < 0 or self.restarts < 0:
-            raise UserError(
-                "proxy config: check_every, patience, min_delta and restarts must be >= 0"
-            )
-        if not 0.0 < self.solved_accuracy <= 1.0:
-            raise UserError("proxy config: solved_accuracy must be in (0, 1]")
 
-    def replace(self, **changes: Any) -> ProxyConfig:
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "mad_tasks" in data and "restarts" not in data:
+            # A whole config written before restarts and per-task batch sizes existed
+            # (a search or run folder resumed): it keeps the behaviour it was run with.
+            return {**data, "restarts": 0, "task_batch_sizes": data.get("task_batch_sizes", [])}
+        return data
 
     def task_run(self, task: str, lr: float, weight_decay: float, seed: int) -> TaskRun:
         """How one grid point of ``task`` is trained under this config."""
@@ -216,40 +206,6 @@ class ProxyConfig:
     def batch_for(self, task: str) -> int:
         """Training batch size of one task: ``task_batch_sizes``' entry, else ``batch_size``."""
         return dict(self.task_batch_sizes).get(task, self.batch_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["lrs"] = list(self.lrs)
-        d["weight_decays"] = list(self.weight_decays)
-        # [task, steps] pairs: the field's JSON form (a list), which load_config checks.
-        d["task_steps"] = [list(p) for p in self.task_steps]
-        d["task_batch_sizes"] = [list(p) for p in self.task_batch_sizes]
-        d["mad_tasks"] = [t.to_dict() for t in self.mad_tasks]
-        d["mqar_tasks"] = [t.to_dict() for t in self.mqar_tasks]
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProxyConfig:
-        data = migrate(data, "proxy config")
-        check_fields(cls, data, "proxy config")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown proxy config field(s) {unknown}; valid: {sorted(names)}")
-        d = dict(data)
-        if "mad_tasks" in d and "restarts" not in d:
-            # A whole config written before restarts and per-task batch sizes existed
-            # (a search or run folder resumed): it keeps the behaviour it was run with.
-            d.setdefault("restarts", 0)
-            d.setdefault("task_batch_sizes", [])
-        if "mad_tasks" in d:
-            d["mad_tasks"] = tuple(MADTaskConfig.from_dict(t) for t in d["mad_tasks"])
-        if "mqar_tasks" in d:
-            d["mqar_tasks"] = tuple(MQARConfig.from_dict(t) for t in d["mqar_tasks"])
-        for key in ("lrs", "weight_decays"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(stamp(self.to_dict()), indent=indent)

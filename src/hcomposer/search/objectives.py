@@ -81,16 +81,17 @@ def proxy_objective(
     proxy: str = "mad",
     *,
     seed: int = 0,
-    config: dict | None = None,
+    config: ProxyConfig | dict | None = None,
     report: Report | None = None,
 ) -> Any:
     """The real evaluator: ``hcomposer.proxies.proxy.evaluate_proxy``.
 
-    ``config`` holds ``ProxyConfig`` fields that differ from the defaults (steps, tasks,
-    learning-rate grid), as stored in the search's ``proxy_config``.
+    ``config`` is the search's ``proxy_config`` (or a dict of the ``ProxyConfig`` fields
+    that differ from the defaults: steps, tasks, learning-rate grid).
     """
-    cfg = ProxyConfig.from_dict(config) if config else None
-    return evaluate_proxy(arch, proxy, seed=seed, config=cfg, report=report)
+    if isinstance(config, dict):
+        config = ProxyConfig.from_dict(config) if config else None
+    return evaluate_proxy(arch, proxy, seed=seed, config=config, report=report)
 
 
 def _unit(*parts: Any) -> float:
@@ -149,7 +150,7 @@ def synthetic_objective(
 
 
 def resolve_objective(
-    proxy: str, objective: Objective | None, proxy_config: dict | None = None
+    proxy: str, objective: Objective | None, proxy_config: ProxyConfig | dict | None = None
 ) -> Objective:
     """The callable a search uses: the injected one, the synthetic one or the proxy."""
     if objective is not None:
@@ -166,7 +167,7 @@ def resolve_objective(
         return synthetic_objective
     if proxy_config:
         # A partial of a module-level function stays picklable for spawned workers.
-        return functools.partial(proxy_objective, config=dict(proxy_config))
+        return functools.partial(proxy_objective, config=proxy_config)
     return proxy_objective
 
 

@@ -21,13 +21,15 @@ possible (earlier stages get the remainder).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
-from hcomposer.config_io import check_fields, migrate
+from hcomposer.config_io import Config
 from hcomposer.errors import PatternError, UserError
+from hcomposer.fields import spec
+from hcomposer.guards import MAX_SEED
 from hcomposer.pattern import TOKENS, format_pattern, parse_pattern
 from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.search.pruners import PRUNERS
@@ -57,6 +59,9 @@ OBJECTIVES: dict[str, str] = {
     "flops": "minimize",
     "throughput": "maximize",
 }
+# proxy_config is stored as its changes from these.
+_DEFAULT_PROXY = ProxyConfig()
+_DEFAULT_PROXY_DICT = _DEFAULT_PROXY.to_dict()
 
 
 def parse_choices(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -133,42 +138,66 @@ def parse_counts(items: list[str] | dict[str, int] | None, flag: str) -> dict[st
     return out
 
 
+_CHOICES = str | list[str] | tuple[str, ...]
+_COUNTS = dict[str, int] | list[str] | tuple[str, ...]
+
+
 @dataclass(frozen=True, kw_only=True)
-class SearchConfig:
+class SearchConfig(Config):
     """Everything that defines a search; stored as ``search.json`` in the run folder.
 
     Two runs with equal configs (``workers`` aside) are the same search: re-running
-    resumes it. ``storage=None`` means ``sqlite:///<out>/study.db``.
+    resumes it. ``storage=None`` means ``sqlite:///<out>/study.db``. ``proxy_config`` is
+    the proxy's :class:`ProxyConfig` (None: its defaults); in JSON it is written as the
+    fields that differ from the defaults, as it always was (``{}`` for None).
     """
 
-    primitives: tuple[str, ...] = ("A", "F", "S")
-    layers: int = 6
-    trials: int = 30
-    sampler: str = "gp"
-    strategy: str = "one-shot"
-    stage_size: int | None = None
-    proxy: str = "mad"
-    shape: Shape = field(default_factory=lambda: resolve_shape("proxy"))
-    objective: tuple[str, ...] = ("score",)
-    max_params: int | None = None
-    max_kv_bytes: int | None = None
-    min_count: dict[str, int] = field(default_factory=dict)
-    max_count: dict[str, int] = field(default_factory=dict)
-    seed: int = 0
-    n_startup: int | None = None
-    population_size: int | None = None
-    storage: str | None = None
-    workers: int = 1
-    # ProxyConfig fields that differ from the proxy's defaults (e.g. fewer steps or tasks).
-    proxy_config: dict[str, Any] = field(default_factory=dict)
+    _what: ClassVar[str] = "search config"
+
+    primitives: tuple[str, ...] = spec(
+        ("A", "F", "S"), accepts=_CHOICES, help="choices per position: AFS or A,F,[A|S]"
+    )
+    layers: int = spec(6, ge=1, le=2**20, cap="search_layers", help="positions searched")
+    trials: int = spec(30, ge=1, le=2**40, cap="trials", help="trained trials in total")
+    sampler: str = spec("gp", choices=tuple(SAMPLERS), help="Optuna sampler")
+    strategy: str = spec("one-shot", choices=STRATEGIES, help="how the positions are staged")
+    stage_size: int | None = spec(
+        None, ge=1, le=2**20, help="positions per stage of an incremental strategy"
+    )
+    proxy: str = spec("mad", help="mad, mad:TASK[,TASK], mqar, text or synthetic[:SECONDS]")
+    shape: Shape = spec(
+        factory=lambda: resolve_shape("proxy"),
+        accepts=Shape | str | dict[str, Any],
+        help="search shape: a Shape, a preset name or a JSON file",
+    )
+    objective: tuple[str, ...] = spec(
+        ("score",), accepts=_CHOICES, help="score, or score and one cost (kv, flops, throughput)"
+    )
+    max_params: int | None = spec(None, ge=0, le=10**15, help="parameter budget")
+    max_kv_bytes: int | None = spec(None, ge=0, le=10**15, unit="bytes per token")
+    min_count: dict[str, int] = spec(factory=dict, accepts=_COUNTS, help="TOKEN -> at least N")
+    max_count: dict[str, int] = spec(factory=dict, accepts=_COUNTS, help="TOKEN -> at most N")
+    seed: int = spec(0, ge=0, le=MAX_SEED, help="sampler and proxy seed")
+    n_startup: int | None = spec(None, ge=1, le=2**40, help="initial random trials of gp/tpe")
+    population_size: int | None = spec(None, ge=2, le=2**20, help="evolution: population")
+    storage: str | None = spec(None, help="SQLAlchemy URL or journal:PATH")
+    workers: int = spec(1, ge=1, le=4096, help="local worker processes")
+    # The proxy's config (None: its defaults). A dict of changed fields is accepted too.
+    proxy_config: ProxyConfig | None = spec(
+        None, accepts=ProxyConfig | dict[str, Any] | None, help="the proxy's settings"
+    )
     # Optuna pruner of the proxy's per-task values (hcomposer.search.pruners). A stored
     # config without the field predates pruning and loads as "none".
-    pruner: str = "none"
+    pruner: str = spec("none", choices=tuple(PRUNERS), help="pruner of weak trials")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         set_ = object.__setattr__
-        if self.proxy_config:
-            ProxyConfig.from_dict(self.proxy_config)  # a bad field fails here, before any work
+        pc = self.proxy_config
+        if isinstance(pc, dict):
+            pc = ProxyConfig.from_dict(pc) if pc else None  # a bad field fails here
+        # The defaults are stored as None: one value, one JSON form, one study name.
+        set_(self, "proxy_config", None if pc == _DEFAULT_PROXY else pc)
         set_(self, "primitives", parse_choices(self.primitives))
         set_(self, "shape", resolve_shape(self.shape))
         obj = self.objective
@@ -178,26 +207,13 @@ class SearchConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("layers", "trials", "workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"--{name} must be a whole number of at least 1, got {value!r}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(
-                f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}"
-            )
-        if self.pruner not in PRUNERS:
-            raise UserError(f"unknown pruner {self.pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        # Types, ranges and choices are the fields' declarations; here what spans fields.
         if self.pruner != "none" and len(self.objective) > 1:
             raise UserError(
                 f"--pruner {self.pruner}: Optuna prunes single-objective searches only; "
                 "use --pruner none with several objectives"
             )
-        if self.strategy not in STRATEGIES:
-            raise UserError(
-                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
-            )
-        if self.stage_size is not None and not (1 <= self.stage_size <= self.layers):
+        if self.stage_size is not None and self.stage_size > self.layers:
             raise UserError(f"--stage-size must be between 1 and --layers ({self.layers})")
         bad = [o for o in self.objective if o not in OBJECTIVES]
         if (
@@ -212,10 +228,6 @@ class SearchConfig:
             )
         if len(self.objective) > 2:
             raise UserError("--objective: at most two objectives, the score and one cost")
-        for name in ("max_params", "max_kv_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UserError(f"--{name.replace('_', '-')} cannot be negative")
         for tok, n in self.min_count.items():
             if n > self.layers:
                 raise UserError(f"--min-count {tok}={n} exceeds --layers {self.layers}")
@@ -227,10 +239,6 @@ class SearchConfig:
             # A group must split the shape's heads evenly; say so now, not in trial 17.
             Architecture(pattern=choice, shape=self.shape)
         self._check_budgets_reachable()
-        if self.n_startup is not None and self.n_startup < 1:
-            raise UserError("--n-startup must be at least 1")
-        if self.population_size is not None and self.population_size < 2:
-            raise UserError("--population-size must be at least 2")
 
     def _check_budgets_reachable(self) -> None:
         """Refuse a --max-params / --max-kv-bytes that even the cheapest pattern exceeds.
@@ -268,12 +276,6 @@ class SearchConfig:
             return self.layers
         return self.stage_size or max(1, self.layers // 2)
 
-    def replace(self, **changes: Any) -> SearchConfig:
-        data = self.to_dict()
-        data.pop("format", None)
-        data.update(changes)
-        return SearchConfig.from_dict(data)
-
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same search (``workers`` is not one)."""
         data = self.to_dict()
@@ -283,24 +285,26 @@ class SearchConfig:
         return data
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["shape"] = self.shape.to_dict()
-        data["primitives"] = list(self.primitives)
-        data["objective"] = list(self.objective)
+        data = super().to_dict()
+        # The proxy's settings as the fields that differ from its defaults: the form
+        # search.json always had (study names are a hash of it).
+        pc = {} if self.proxy_config is None else self.proxy_config.to_dict()
+        changed = {k: v for k, v in pc.items() if v != _DEFAULT_PROXY_DICT[k]}
+        # Changes that hold mad_tasks and no restarts load with restarts 0 and no per-task
+        # batch sizes (configs from before those existed): such a config is written without
+        # the two, as it was then.
+        older = {k: v for k, v in changed.items() if k not in ("restarts", "task_batch_sizes")}
+        if "mad_tasks" in older and older != changed:
+            changed = older if ProxyConfig.from_dict(older) == self.proxy_config else changed
+        data["proxy_config"] = changed
         return {"format": FORMAT, **data}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
-        data = migrate(data, "search config")
-        check_fields(cls, data, "search config")
-        fmt = data.pop("format", FORMAT)
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        fmt = data.get("format", FORMAT)
         if fmt != FORMAT:
             raise UserError(f"search config format {fmt!r} is not known; expected {FORMAT!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"search config: unknown fields {', '.join(unknown)}")
-        return cls(**data)
+        return {k: v for k, v in data.items() if k != "format"}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -3,11 +3,29 @@ reusing an output folder.
 
 A checkpoint is the folder ``RUN/checkpoint``:
 
-- ``model.safetensors``: the model's state dict (tied weights stored once);
-- ``optimizer.safetensors``: every tensor of the optimiser state, keyed ``"{param}.{name}"``;
+- ``model.safetensors``: the model's state dict (a tied parameter once, under the first of its
+  names in sorted order, the others in the file's metadata, as ``safetensors.torch.save_model``
+  stores it);
+- ``optimizer.safetensors``: every tensor of the optimiser state, keyed
+  ``"{parameter name}.{state name}"`` (e.g. ``layers.0.mixer.q_proj.weight.exp_avg``);
 - ``rng.safetensors``: the torch CPU (and CUDA) generator states;
-- ``state.json``: step, tokens, data position, the optimiser's scalar state (param groups),
-  Python and numpy RNG states, and the sha256 of each file above, checked on load.
+- ``state.json``: step, tokens, data position, the optimiser's scalar state and parameter groups
+  (each group's parameters by name), Python and numpy RNG states, and the sha256 of each file
+  above, checked on load.
+
+One path serves one process, DDP and FSDP: the state is taken and put back through
+``torch.distributed.checkpoint.state_dict`` (``get_state_dict`` / ``set_state_dict`` with
+``full_state_dict=True``), which names every parameter by its fully qualified name whatever
+wraps or shards the model, gathers FSDP's shards whole onto rank 0's host (rank 0 writes) and
+cuts each rank's shard again on load. Only that module's in-memory state-dict API is used:
+its file format (``torch.distributed.checkpoint.save``) writes pickled metadata, and this
+project never unpickles. Rank 0 therefore needs host memory for the whole weights and
+optimiser state (16 bytes per parameter in fp32 with AdamW).
+
+Keyed by name, an optimiser state cannot land on the wrong parameter: a model whose parameters
+were renamed, added or removed is refused with the names that differ. Checkpoints of format
+``hcomposer.checkpoint/1`` keyed the optimiser state by parameter index (the optimiser's
+order); they are still read, the indices mapped to the names of the optimiser's parameters.
 
 It is written into a temporary folder that is renamed into place. The previous checkpoint is
 first renamed to ``.checkpoint.old`` and removed afterwards, so a kill at any moment leaves
@@ -26,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_run_file
@@ -36,18 +54,21 @@ from hcomposer.runs import RUN_JSON, RunDir
 
 __all__ = [
     "save_checkpoint",
-    "save_checkpoint_state",
     "load_checkpoint",
     "read_optimizer_state",
+    "param_names",
     "find_checkpoint",
     "rng_state",
     "read_state",
     "check_out_dir",
     "set_rng_state",
     "FORMAT",
+    "FORMAT_V1",
 ]
 
-FORMAT = "hcomposer.checkpoint/1"
+FORMAT = "hcomposer.checkpoint/2"
+# The optimiser state keyed by parameter index (the optimiser's order); still read.
+FORMAT_V1 = "hcomposer.checkpoint/1"
 _FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
@@ -78,24 +99,94 @@ def set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _state_dict_api():
+    """``torch.distributed.checkpoint.state_dict``, imported on first use: it imports torch's
+    FSDP modules (about a second of start-up CPU time), which importing the trainer, the
+    evaluation or the export should not pay before a checkpoint is read or written."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The fully qualified name of every parameter of each of ``optimizer``'s groups, as
+    ``get_state_dict`` keys them (a tied parameter under its first name in ``model``).
+
+    ``model`` is the module itself (sharded by FSDP or not), not a DDP or compile wrapper.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    try:
+        return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    except KeyError:
+        raise ValueError("param_names: the optimiser holds a parameter the model has not") from None
+
+
+def _tie_groups(entries: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names of a model's state-dict entries (``state_dict(keep_vars=True)``) that are one
+    tensor (a tied embedding and head), each group sorted, for groups of more than one name."""
+    groups: dict[int, list[str]] = {}
+    for name, value in entries.items():
+        groups.setdefault(id(value), []).append(name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
+
+
+def _gather(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state, optimiser state keyed by name), whole, on rank 0's host; empty elsewhere."""
+    api = _state_dict_api()
+    options = api.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer.state:
+        return api.get_state_dict(model, optimizer, options=options)
+    # No step taken yet: get_state_dict would first create AdamW's state by a step with zero
+    # gradients (lr 0), which the run and a resumed run would then count as a step taken.
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": names}
+        for group, names in zip(optimizer.param_groups, param_names(model, optimizer))
+    ]
+    return api.get_model_state_dict(model, options=options), {"state": {}, "param_groups": groups}
+
+
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for idx, per_param in state["state"].items():
+    for param, per_param in state["state"].items():
         for name, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{param}.{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{idx}.{name}"] = value
+                scalars[f"{param}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    # A parameter's name has dots, AdamW's state names ("step", "exp_avg", "exp_avg_sq") none.
+    state: dict[str, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        param, name = key.rsplit(".", 1)
+        state.setdefault(param, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _names_for_indices(folder: Path, state: dict, flat: list[str]) -> dict:
+    """A format-1 optimiser state (keyed by index in the optimiser's order) keyed by name."""
+    try:
+        groups = [[int(i) for i in group["params"]] for group in state["param_groups"]]
+        per_index = {int(i): per for i, per in state["state"].items()}
+    except (KeyError, ValueError, TypeError) as e:
+        raise _damaged(folder, f"its optimiser state does not read ({e})") from None
+    indices = [i for group in groups for i in group]
+    if sorted(indices) != list(range(len(flat))) or not set(per_index) <= set(indices):
+        raise _misfit(
+            folder, f"its optimiser state has {len(indices)} parameters, this optimiser {len(flat)}"
+        )
+    return {
+        "state": {flat[i]: per for i, per in per_index.items()},
+        "param_groups": [
+            {**group, "params": [flat[i] for i in ids]}
+            for group, ids in zip(state["param_groups"], groups)
+        ],
+    }
 
 
 def save_checkpoint(
@@ -103,34 +194,36 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
-) -> Path:
-    """Write ``RUN/checkpoint`` atomically; ``state`` (step, tokens, data...) goes to state.json."""
-    return save_checkpoint_state(
-        run_dir, lambda path: save_model(model, path), optimizer.state_dict(), state
-    )
+) -> Path | None:
+    """Write ``RUN/checkpoint`` atomically; ``state`` (step, tokens, data...) goes to state.json.
+
+    ``model`` is the module itself, whole or sharded by FSDP (not a DDP or compile wrapper).
+    In a distributed run every process must call it (FSDP gathers each tensor from its
+    shards); rank 0 writes and returns the folder, the other ranks return None.
+    """
+    ties = _tie_groups(model.state_dict(keep_vars=True))
+    tensors, optim_state = _gather(model, optimizer)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    # Each tied tensor once, under its first name; the others point at it (save_model's way).
+    aliases = {name: group[0] for group in ties for name in group[1:]}
+    tensors = {k: v.contiguous() for k, v in tensors.items() if k not in aliases}
+    return _write(Path(run_dir), tensors, aliases, optim_state, state)
 
 
-def save_checkpoint_state(
-    run_dir: str | Path,
-    model_tensors: dict[str, torch.Tensor] | Any,
+def _write(
+    run_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    aliases: dict[str, str],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
 ) -> Path:
-    """``save_checkpoint`` from state dicts (the FSDP path gathers them on rank 0).
-
-    ``model_tensors``: the weights as ``save_model`` would store them (a tied parameter
-    once), or a function writing ``model.safetensors`` to the path it is given.
-    """
-    run_dir = Path(run_dir)
     final = RunDir(run_dir).checkpoint
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
     # mkdtemp makes the folder 0700; a run folder follows the user's umask.
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
-        if callable(model_tensors):
-            model_tensors(str(tmp / "model.safetensors"))
-        else:
-            save_file(model_tensors, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=aliases or None)
         opt_tensors, opt_meta = _split_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_json, rng_tensors = rng_state()
@@ -173,6 +266,21 @@ def _damaged(folder: Path, what: str) -> UserError:
     )
 
 
+def _misfit(folder: Path, what: str) -> UserError:
+    return UserError(
+        f"checkpoint {str(folder)!r} does not fit this model: {what}; load it into the "
+        "architecture (and hcomposer version) that wrote it"
+    )
+
+
+def _differ(ours: set[str], theirs: set[str], owner: str = "the model") -> str:
+    """Which names one side has and the other lacks (a parameter renamed or removed)."""
+    lacks, extra = sorted(ours - theirs), sorted(theirs - ours)
+    parts = [f"it lacks {owner}'s {lacks[:4]}"] if lacks else []
+    parts += [f"it holds {extra[:4]}, which {owner} lacks"] if extra else []
+    return " and ".join(parts) + " (a parameter renamed, added or removed)"
+
+
 def read_state(folder: str | Path) -> dict[str, Any]:
     """``state.json`` of a checkpoint after checking every file's sha256."""
     folder = Path(folder)
@@ -180,7 +288,7 @@ def read_state(folder: str | Path) -> dict[str, Any]:
         state = read_json(folder / "state.json")
     except (OSError, ValueError) as e:
         raise _damaged(folder, f"state.json cannot be read ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_V1):
         raise _damaged(folder, "state.json is not an hcomposer checkpoint record")
     sums = state.get("sha256")
     if not isinstance(sums, dict):
@@ -197,11 +305,78 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     return state
 
 
-def read_optimizer_state(folder: str | Path) -> dict[str, Any]:
-    """A checkpoint's optimiser state dict (``torch.optim`` form, tensors on the CPU)."""
+def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(folder / name))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(folder, f"{name} cannot be read ({e})") from None
+
+
+def read_optimizer_state(
+    folder: str | Path, names: list[list[str]] | None = None
+) -> dict[str, Any]:
+    """A checkpoint's optimiser state dict keyed by parameter name (``get_state_dict``'s
+    form, tensors on the CPU). ``names`` (:func:`param_names`) reads a format-1 checkpoint,
+    whose state is keyed by index."""
     folder = Path(folder)
-    state = read_state(folder)
-    return _join_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+    return _read_optimizer(folder, read_state(folder), names)
+
+
+def _read_optimizer(folder: Path, state: dict[str, Any], names: list[list[str]] | None) -> dict:
+    try:
+        osd = _join_optimizer(_load_tensors(folder, "optimizer.safetensors"), state["optimizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _damaged(folder, f"its optimiser state does not read ({e})") from None
+    if state["format"] == FORMAT_V1:
+        if names is None:
+            raise ValueError("read_optimizer_state: a format-1 checkpoint needs the names")
+        osd = _names_for_indices(folder, osd, [n for group in names for n in group])
+    return osd
+
+
+def _read_weights(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.safetensors as a full state dict of ``model`` (every name of a tied tensor),
+    refused unless its names and shapes are the model's."""
+    tensors = _load_tensors(folder, "model.safetensors")
+    expected = model.state_dict(keep_vars=True)
+    for group in _tie_groups(expected):
+        stored = next((name for name in group if name in tensors), None)
+        for name in group if stored is not None else ():
+            tensors.setdefault(name, tensors[stored])
+    if set(tensors) != set(expected):
+        raise _misfit(folder, _differ(set(expected), set(tensors)))
+    wrong = [k for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise _misfit(
+            folder, f"{k} is {tuple(tensors[k].shape)} in it, {tuple(expected[k].shape)} here"
+        )
+    return tensors
+
+
+def _check_optimizer(folder: Path, osd: dict, model: torch.nn.Module, names: list[list[str]]):
+    """Refuse an optimiser state whose names, groups or shapes are not this optimiser's."""
+    ours = {n for group in names for n in group}
+    try:
+        groups = [set(group["params"]) for group in osd["param_groups"]]
+        theirs = set().union(*groups, osd["state"])
+    except (KeyError, TypeError) as e:
+        raise _damaged(folder, f"its optimiser parameter groups do not read ({e})") from None
+    if theirs != ours:
+        raise _misfit(folder, "optimiser state: " + _differ(ours, theirs, "this optimiser"))
+    if groups != [set(group) for group in names]:
+        raise _misfit(
+            folder, "its optimiser groups its parameters otherwise (another weight-decay rule)"
+        )
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for param, per in osd["state"].items():
+        for key, value in per.items():
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+            if shape and shape != shapes[param]:
+                raise _misfit(
+                    folder,
+                    f"optimiser state {param}.{key} is {shape}, the parameter {shapes[param]}",
+                )
 
 
 def load_checkpoint(
@@ -211,32 +386,46 @@ def load_checkpoint(
     *,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Verify, then load weights (and optimiser and RNG states) in place; returns state.json."""
+    """Verify, then load weights (and optimiser and RNG states) in place; returns state.json.
+
+    ``model`` is the module itself, whole or sharded by FSDP (then every process calls this
+    and reads the files; each keeps its shard). A checkpoint whose parameter names or shapes
+    are not the model's is a UserError naming them.
+    """
     folder = Path(folder)
     state = read_state(folder)
+    weights = _read_weights(folder, model)
+    if optimizer is not None:
+        names = param_names(model, optimizer)
+        osd = _read_optimizer(folder, state, names)
+        _check_optimizer(folder, osd, model, names)
+    api = _state_dict_api()
+    # Names and shapes are checked above, with messages; strict=True would also demand state
+    # for every parameter, which one that never had a gradient (an idle expert) lacks.
+    options = api.StateDictOptions(full_state_dict=True, strict=False)
     try:
-        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
-    except (SafetensorError, RuntimeError) as e:
-        raise _damaged(folder, f"model.safetensors does not fit this model ({e})") from None
-    if missing or unexpected:
-        raise _damaged(
-            folder,
-            f"weights do not match the model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); architecture.json disagrees with them",
-        )
-    try:
-        if optimizer is not None:
-            tensors = load_file(str(folder / "optimizer.safetensors"))
-            device = next(model.parameters()).device
-            tensors = {
-                k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()
-            }
-            optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        if optimizer is None:
+            api.set_model_state_dict(model, weights, options=options)
+        else:
+            api.set_state_dict(
+                model, optimizer, model_state_dict=weights, optim_state_dict=osd, options=options
+            )
+            _forget_unsaved(optimizer, names, osd)
         if restore_rng:
-            set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
-    except (SafetensorError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise _damaged(folder, f"its optimiser or RNG state does not load ({e})") from None
+            set_rng_state(state["rng"], _load_tensors(folder, "rng.safetensors"))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise _damaged(folder, f"its state does not load ({e})") from None
     return state
+
+
+def _forget_unsaved(optimizer: torch.optim.Optimizer, names: list[list[str]], osd: dict) -> None:
+    """Drop the state of parameters the checkpoint has none for: set_state_dict first creates
+    every parameter's state by a step with zero gradients (lr 0), and a parameter that had no
+    gradient yet (an expert no token chose) must start from no state, as in the saved run."""
+    for group, group_names in zip(optimizer.param_groups, names):
+        for p, name in zip(group["params"], group_names):
+            if name not in osd["state"]:
+                optimizer.state.pop(p, None)
 
 
 def check_out_dir(

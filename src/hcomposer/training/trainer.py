@@ -34,12 +34,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from hcomposer.architecture import Architecture
-from hcomposer.config_io import check_fields, read_run_file
+from hcomposer.config_io import Config, read_run_file
 from hcomposer.data import (
     Tokenizer,
     get_tokenizer,
@@ -48,7 +48,9 @@ from hcomposer.data import (
     resolve_source,
 )
 from hcomposer.errors import UserError
+from hcomposer.fields import spec
 from hcomposer.format import progress_bar
+from hcomposer.guards import MAX_SEED
 from hcomposer.io import entry_lock
 from hcomposer.model import build_model, lm_loss
 from hcomposer.primitives import primitive_class
@@ -58,10 +60,8 @@ from hcomposer.training.checkpoint import (
     check_out_dir,
     find_checkpoint,
     load_checkpoint,
-    read_optimizer_state,
     read_state,
     save_checkpoint,
-    save_checkpoint_state,
 )
 from hcomposer.training.distributed import Distributed
 from hcomposer.training.schedule import SCHEDULES, lr_at
@@ -99,66 +99,58 @@ _RESUMABLE_CHANGES = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything that decides a training run. Frozen, keyword-only, JSON round trip."""
+class TrainConfig(Config):
+    """Everything that decides a training run. Frozen, keyword-only, JSON round trip.
 
-    tokens: int = 1_000_000
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    Each field's help, range and choices are declared on it (``hcomposer.fields.spec``): the
+    constructor, JSON files and ``hcomposer train``'s options are all checked against them.
+    """
+
+    _what: ClassVar[str] = "train config"
+
+    tokens: int = spec(1_000_000, ge=1, cap="tokens", unit="tokens", help="training tokens")
+    batch_size: int = spec(16, ge=1, le=2**20, help="global sequences per optimiser step")
+    seq_len: int = spec(256, ge=1, le=2**24, unit="tokens", help="training sequence length")
+    lr: float = spec(1e-3, gt=0, le=10.0, help="peak learning rate")
+    min_lr: float = spec(1e-4, ge=0, le=10.0, help="learning rate at the end of the decay")
     # Below 1: a fraction of the optimiser steps; otherwise a number of steps.
-    warmup: float = 0.05
-    schedule: str = "cosine"
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    warmup: float = spec(0.05, ge=0, le=10**9, help="warmup: a fraction (<1) or steps")
+    schedule: str = spec("cosine", choices=SCHEDULES, help="learning-rate schedule")
+    decay_fraction: float = spec(0.2, ge=0, le=1.0, help="wsd: share of the steps that decay")
+    weight_decay: float = spec(0.1, ge=0, le=100.0, help="AdamW weight decay (matrices only)")
+    betas: tuple[float, float] = spec((0.9, 0.95), ge=0, le=1.0, each=True, help="AdamW betas")
+    grad_clip: float = spec(1.0, ge=0, help="gradient-norm clip (0: none)")
+    grad_accum: int = spec(1, ge=1, le=2**16, help="micro-steps per optimiser step")
     # auto: bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32.
-    dtype: str = "auto"
-    compile: bool = False
-    eval_every: int = 200
-    eval_tokens: int = 65536
-    log_every: int = 10
-    checkpoint_every: int = 500
-    seed: int = 0
-    data: str | None = None
-    tokenizer: str = "byte"
-    val_fraction: float = 0.02
-    device: str = "auto"
+    dtype: str = spec("auto", choices=DTYPES, help="autocast dtype")
+    compile: bool = spec(False, help="torch.compile the model")
+    eval_every: int = spec(
+        200, ge=0, le=2**40, unit="steps", help="validation every N steps (0: at the end)"
+    )
+    eval_tokens: int = spec(65536, ge=1, le=10**12, unit="tokens", help="validation tokens")
+    log_every: int = spec(10, ge=1, le=2**40, unit="steps", help="metrics line every N steps")
+    checkpoint_every: int = spec(500, ge=0, le=2**40, unit="steps", help="checkpoint every N steps")
+    seed: int = spec(0, ge=0, le=MAX_SEED, help="data order and initialisation seed")
+    data: str | None = spec(None, help="text, token shards or hf:NAME (None: the embedded corpus)")
+    tokenizer: str = spec("byte", help="byte, bpe:N or a tokenizer.json")
+    val_fraction: float = spec(0.02, gt=0, le=0.5, help="share of the data held out")
+    device: str = spec("auto", help="auto, cpu, cuda, cuda:N or mps")
     # Shard parameters, gradients and optimiser state over the torchrun processes (FSDP2).
-    fsdp: bool = False
+    fsdp: bool = spec(False, help="FSDP2 over the torchrun processes")
     # CPU threads: None leaves torch's setting; 0 adapts to the load; N fixes N.
-    threads: int | None = None
+    threads: int | None = spec(None, ge=0, le=4096, help="CPU threads (None: leave; 0: adapt)")
     # Row slices of each micro-batch trained concurrently, one thread each (1: no split).
-    batch_threads: int = 1
+    batch_threads: int = spec(1, ge=1, le=4096, help="concurrent row slices per micro-batch")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        positive = ("tokens", "batch_size", "seq_len", "grad_accum", "eval_tokens", "log_every")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"train config: {name} must be a positive integer")
-        if self.threads is not None and (
-            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0
-        ):
-            raise UserError(
-                f"train config: threads must be null or an integer >= 0, got {self.threads!r}"
-            )
         self._check_batch_threads()
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"train config: schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"train config: dtype {self.dtype!r}; choose one of {list(DTYPES)}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise UserError("train config: need lr > 0 and 0 <= min_lr <= lr")
-        for name in ("warmup", "weight_decay", "grad_clip", "decay_fraction"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UserError(f"train config: {name} must be a finite number >= 0, got {value}")
-        if not (math.isfinite(self.lr) and math.isfinite(self.min_lr)):
-            raise UserError("train config: lr and min_lr must be finite")
+        if self.min_lr > self.lr:
+            raise UserError(
+                f"train config: min_lr {self.min_lr:g} is above lr {self.lr:g}; "
+                "need 0 <= min_lr <= lr"
+            )
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"train config: batch size {self.batch_size} does not split into "
@@ -172,8 +164,6 @@ class TrainConfig:
 
     def _check_batch_threads(self) -> None:
         n = self.batch_threads
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UserError(f"train config: batch_threads must be an integer >= 1, got {n!r}")
         if n == 1:
             return
         if self.threads not in (None, 0, 1):
@@ -193,29 +183,12 @@ class TrainConfig:
     def total_steps(self) -> int:
         return math.ceil(self.tokens / self.tokens_per_step)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        check_fields(cls, data, "train config")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"train config: unknown field(s) {unknown}")
-        return cls(**data)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -466,33 +439,11 @@ class Trainer:
         device = self.device
         self.start_step = 0
         threads = self._set_threads()
-        if config.fsdp:
-            # Imported here: torch's FSDP modules cost about a second of start-up CPU time
-            # that runs without --fsdp should not pay.
-            from hcomposer.training import fsdp
-
-            self.fsdp = fsdp
-            # Built whole on the host (the same initial weights as DDP), then sharded onto
-            # the device; the optimiser is created over the shards.
-            model = build_model(self.arch, device="cpu", seed=config.seed)
-            if self.ckpt is not None:
-                self.start_step = int(load_checkpoint(self.ckpt, model)["step"])
-            model = self.model = fsdp.shard_model(model, device)
-            self.optimizer = make_optimizer(
-                model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
-            )
-            if self.ckpt is not None:
-                fsdp.load_optimizer_state(self.optimizer, read_optimizer_state(self.ckpt))
+        model = self._build()
+        if self.ckpt is not None:
+            # One path for one process, DDP and FSDP (each rank keeps its shard).
+            self.start_step = int(load_checkpoint(self.ckpt, model, self.optimizer)["step"])
         else:
-            model = self.model = build_model(self.arch, device=device, seed=config.seed)
-            self.optimizer = make_optimizer(
-                model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
-                device=device,
-            )  # fmt: skip
-            if self.ckpt is not None:
-                state = load_checkpoint(self.ckpt, model, self.optimizer)
-                self.start_step = int(state["step"])
-        if self.ckpt is None:
             torch.manual_seed(config.seed + dist.rank)
         self.params_total = sum(p.numel() for p in model.parameters())
         if self.start_step >= config.total_steps and run.summary_json.is_file():
@@ -540,6 +491,28 @@ class Trainer:
         per_rank = self.micro * config.grad_accum
         self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         return None
+
+    def _build(self) -> torch.nn.Module:
+        """The model from the seed (sharded under ``fsdp``) and its optimiser; returns the model."""
+        config, device = self.config, self.device
+        if config.fsdp:
+            # Imported here: torch's FSDP modules cost about a second of start-up CPU time
+            # that runs without --fsdp should not pay.
+            from hcomposer.training import fsdp
+
+            self.fsdp = fsdp
+            # Built whole on the host (the same initial weights as DDP), then sharded onto
+            # the device; the optimiser is created over the shards.
+            model = build_model(self.arch, device="cpu", seed=config.seed)
+            model = fsdp.shard_model(model, device)
+        else:
+            model = build_model(self.arch, device=device, seed=config.seed)
+        self.model = model
+        self.optimizer = make_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
+            device=None if config.fsdp else device,
+        )  # fmt: skip
+        return model
 
     def _set_threads(self) -> str | int:
         """Apply ``config.threads``; what run.json records: "adaptive" or the count in use."""
@@ -635,13 +608,8 @@ class Trainer:
             "data": {"seed": config.seed, "next_batch": step},
             "total_steps": config.total_steps,
         }
-        if config.fsdp:
-            # Every rank takes part in gathering; rank 0 writes the ordinary format.
-            tensors, optim_state = self.fsdp.full_state(self.model, self.optimizer)
-            if dist.main:
-                save_checkpoint_state(self.run_dir.root, tensors, optim_state, record)
-        elif dist.main:
-            save_checkpoint(self.run_dir.root, self.model, self.optimizer, record)
+        # Every rank takes part (FSDP gathers each tensor from its shards); rank 0 writes.
+        save_checkpoint(self.run_dir.root, self.model, self.optimizer, record)
         dist.barrier()
 
     def finish(self, status: str, step: int, message: str, **result: Any) -> TrainResult:
