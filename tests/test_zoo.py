@@ -3,7 +3,6 @@ from synthetic files (no training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -52,18 +51,9 @@ def test_plot_zoo_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ruler_v3", ROOT / "benchmarks" / "ruler_v3.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_study_zoo_from_files(tmp_path):
-    """write_zoo reads runs.jsonl, proxy_scores.jsonl and plan.json only; the task choice of
-    'MAD by task loss' is made on the dev patterns (an inverted task is dropped)."""
+def _synthetic_study(out: Path) -> dict:
+    """A ruler study folder written by hand: plan.json, runs.jsonl, proxy_scores.jsonl."""
     split = {"dev": PATS[:5], "heldout": PATS[5:] + ["SSSSSS"], "check": []}
-    out = tmp_path
     (out / "plan.json").write_text(json.dumps({"non_embedding_active_params": {
         **PARAMS, "SSSSSS": 999}}))  # fmt: skip
     runs, proxies = [], []
@@ -84,6 +74,14 @@ def test_study_zoo_from_files(tmp_path):
                         "cpu_seconds": 9.0, "status": "completed"})  # fmt: skip
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     (out / "proxy_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in proxies))
+    return split
+
+
+def test_study_zoo_from_files(tmp_path):
+    """write_zoo reads runs.jsonl, proxy_scores.jsonl and plan.json only; the task choice of
+    'MAD by task loss' is made on the dev patterns (an inverted task is dropped)."""
+    out = tmp_path
+    split = _synthetic_study(out)
     text = write_zoo(out, split, RulerConfig(), n_boot=100)
     res = json.loads((out / "zoo.json").read_text())
     assert res["notes"]["MAD by task loss: tasks kept (chosen on dev)"] == ["good"]
@@ -95,3 +93,23 @@ def test_study_zoo_from_files(tmp_path):
     assert held["text, 1/32 of the ruler's tokens"]["cpu_seconds"] == 9.0
     assert set(TRIVIAL) - {"has S/D", "count of S+D"} <= set(held)
     assert "## heldout patterns" in text and (out / "zoo.png").is_file()
+
+
+def test_proxy_rank_reports_a_ruler_study_from_its_files(tmp_path, capsys):
+    from hcomposer.cli import main
+
+    out = tmp_path / "ruler"
+    out.mkdir()
+    split = _synthetic_study(out)
+    (out / "split.json").write_text(json.dumps(split))
+    (out / "ruler.json").write_text(json.dumps(RulerConfig().to_dict()))
+    before = (out / "runs.jsonl").read_bytes()
+    assert main(["proxy-rank", "--out", str(out), "--json", "--boot", "100"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {v["name"] for v in doc["zoo"]["sets"]["heldout"]} >= {"MAD by task loss", *TRIVIAL[2:]}
+    assert doc["ruler"]["reliability"]["all"]["n"] == len(PATS)
+    assert (out / "runs.jsonl").read_bytes() == before  # nothing trained, the log untouched
+    assert (out / "result.md").is_file() and (out / "zoo.md").is_file()
+    # Options that would train are refused on a ruler folder.
+    assert main(["proxy-rank", "--out", str(out), "--tokens", "100000"]) == 2
+    assert "ruler study" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console
+from hcomposer.io import atomic_write_json, atomic_write_text, read_json
 
 HELP = "Proxy-to-scale rank correlation on text: proxy scores vs validation loss, resumable."
 
@@ -102,7 +103,16 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="byte, bpe:N or a tokenizer.json (default: recipe's)"
     )
-    p.add_argument("--out", default="runs/proxy_rank", help="study folder (resumable)")
+    p.add_argument(
+        "--out", default="runs/proxy_rank",
+        help="study folder (resumable); a ruler study folder (with ruler.json, e.g. "
+        "benchmarks/results/ruler_v3) is reported from its files alone: the ruler's "
+        "reliability and the proxy zoo against the trivial rankers, nothing trained",
+    )  # fmt: skip
+    p.add_argument(
+        "--boot", type=int, default=2000,
+        help="bootstrap resamples for the intervals of a ruler study's report (default 2000)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -126,12 +136,48 @@ def _seeds(text: str | None, flag: str, default: tuple[int, ...]) -> tuple[int, 
     return tuple(dict.fromkeys(seeds))
 
 
+def _ruler_report(args) -> int:
+    """A ruler study's figures from its files: result.md (reliability, trivial rankers, the
+    rate rule, per-pattern losses) and zoo.md (every proxy against the trivial rankers on
+    the development and held-out patterns), both printed; nothing is trained."""
+    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
+    from hcomposer.proxies.ruler import RulerConfig
+    from hcomposer.proxies.ruler_study import summarise, summary_markdown, write_zoo
+
+    out = Path(args.out)
+    given = [f"--{k.replace('_', '-')}" for k in ("patterns", "seeds", "scale_seeds", "tokens",
+             "data", "tokenizer") if getattr(args, k) is not None]  # fmt: skip
+    if given:
+        raise UserError(
+            f"{out} is a ruler study, reported from its files: {', '.join(given)} does not "
+            "apply (run benchmarks/ruler_v3.py to add runs)"
+        )
+    if args.boot < 100:
+        raise UserError(f"--boot {args.boot}: give at least 100 resamples")
+    for name in ("split.json", "plan.json"):
+        if not (out / name).is_file():
+            raise UserError(f"{out} lacks {name}: not a complete ruler study folder")
+    cfg = RulerConfig(**read_json(out / "ruler.json"))
+    split = read_json(out / "split.json")
+    res = summarise(out, split, cfg)
+    atomic_write_json(out / "result.json", res)
+    atomic_write_text(out / "result.md", summary_markdown(res))
+    zoo = write_zoo(out, split, cfg, n_boot=args.boot)
+    if args.json:
+        print(json.dumps({"ruler": res, "zoo": read_json(out / "zoo.json")}, indent=2))
+    else:
+        print(summary_markdown(res) + "\n" + zoo)
+    return 0
+
+
 def run(args) -> int:
     # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
     from hcomposer.proxies.proxy import ProxyConfig
     from hcomposer.proxies.rank_correlation import run_proxy_rank
     from hcomposer.training.trainer import TrainConfig
 
+    if (Path(args.out) / "ruler.json").is_file():
+        return _ruler_report(args)
     if args.recipe not in RECIPES:
         raise UserError(f"--recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")
     r = RECIPES[args.recipe]
