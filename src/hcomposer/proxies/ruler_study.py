@@ -25,7 +25,7 @@ from hcomposer.proxies.zoo import judge, plot_zoo, trivial_scores, zoo_markdown
 from hcomposer.stats import spearman, spearman_ci
 
 __all__ = ["PROXY_RUNS", "summarise", "summary_markdown", "run_proxies", "zoo_scores",
-           "write_zoo"]  # fmt: skip
+           "write_zoo", "complete_losses"]  # fmt: skip
 
 
 def _rank_against(scores: dict[str, float], losses: dict[str, float]) -> dict | None:
@@ -177,7 +177,7 @@ def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -
                       flush=True)  # fmt: skip
 
 
-def zoo_scores(out: Path, split: dict) -> tuple[dict, dict, dict]:
+def zoo_scores(out: Path, split: dict, cfg: RulerConfig) -> tuple[dict, dict, dict]:
     """(ranker -> pattern -> score, ranker -> median CPU-s, design notes): proxies from
     proxy_scores.jsonl (mean over seeds) and the design choices made on the dev set."""
 
@@ -200,7 +200,7 @@ def zoo_scores(out: Path, split: dict) -> tuple[dict, dict, dict]:
     add("text, 1/32 of the ruler's tokens", "text/32", lambda r: -r["val_loss"])
     add("text, 1/8 of the ruler's tokens", "text/8", lambda r: -r["val_loss"])
     notes: dict = {}
-    losses = {p: v["mean"] for p, v in ruler_losses(out).items()}
+    losses = complete_losses(out, cfg)
     dev = [p for p in split["dev"] if p in losses and ("mad6", p) in by]
     if len(dev) >= 5:
         tasks = _loss_tasks(by, dev, losses)
@@ -219,21 +219,29 @@ def _loss_tasks(by: dict, dev: list[str], losses: dict[str, float]) -> list[str]
     first = by[("mad6", dev[0])][0]["tasks"]
     keep = []
     for t in first:
-        acc = [statistics.fmean(r["tasks"][t]["accuracy"] for r in by[("mad6", p)]) for p in dev]
-        loss = [statistics.fmean(r["tasks"][t]["loss"] for r in by[("mad6", p)]) for p in dev]
-        if min(acc) >= 0.98 or any(v is None for v in loss):
+        rows = [[r["tasks"][t] for r in by[("mad6", p)]] for p in dev]
+        if any(x.get("loss") is None for row in rows for x in row):
+            continue  # a failed run has no loss: the task cannot be scored by it
+        acc = [statistics.fmean(x["accuracy"] for x in row) for row in rows]
+        loss = [statistics.fmean(x["loss"] for x in row) for row in rows]
+        if min(acc) >= 0.98:
             continue
         if spearman([-v for v in loss], [-losses[p] for p in dev]) > 0:
             keep.append(t)
     return keep
 
 
+def complete_losses(out: Path, cfg: RulerConfig) -> dict[str, float]:
+    """Mean test loss of the patterns that have every seed of the ruler (partial ones wait)."""
+    return {p: v["mean"] for p, v in ruler_losses(out).items() if len(v["seeds"]) >= len(cfg.seeds)}
+
+
 def write_zoo(out: Path, split: dict, cfg: RulerConfig, n_boot: int = 2000) -> str:
     """The zoo on the dev and held-out sets: zoo.json, zoo.md, zoo.png (held-out)."""
 
-    losses = {p: v["mean"] for p, v in ruler_losses(out).items()}
+    losses = complete_losses(out, cfg)
     params = read_json(out / "plan.json")["non_embedding_active_params"]
-    scores, cpu, notes = zoo_scores(out, split)
+    scores, cpu, notes = zoo_scores(out, split, cfg)
     res: dict = {"notes": notes, "sets": {}}
     lines = ["# The proxy zoo against ruler v3", ""]
     for name in ("heldout", "dev"):
