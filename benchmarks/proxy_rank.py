@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from hcomposer.proxies.proxy import ProxyConfig
-    from hcomposer.proxies.rank_correlation import run_proxy_rank
+    from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
     from hcomposer.shapes import resolve_shape
     from hcomposer.training.trainer import TrainConfig
 
@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         min_lr=args.lr / 10, dtype=args.dtype, eval_every=10_000_000, seed=args.seed,
         eval_tokens=8192, log_every=50, checkpoint_every=10_000_000,
     )  # fmt: skip
-    res = run_proxy_rank(
-        pool, args.out, k=args.k, proxy=args.proxy, proxy_shape=args.proxy_shape,
-        proxy_config=pcfg, scale_shape=shape,
+    study = RankStudy(
+        proxy=args.proxy, proxy_shape=args.proxy_shape, proxy_config=pcfg, scale_shape=shape,
         scale_layers=args.layers, train_config=tcfg, seed=args.seed,
-        log=lambda m: print(m, file=sys.stderr, flush=True),
     )  # fmt: skip
+    res = run_proxy_rank(
+        pool, args.out, study, k=args.k, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     print(json.dumps(res["correlation"], indent=2))  # None for a worker with < 3 patterns
     return 0
 

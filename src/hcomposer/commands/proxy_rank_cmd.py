@@ -173,7 +173,7 @@ def _ruler_report(args) -> int:
 def run(args) -> int:
     # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
     from hcomposer.proxies.proxy import ProxyConfig
-    from hcomposer.proxies.rank_correlation import run_proxy_rank
+    from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
     from hcomposer.training.trainer import TrainConfig
 
     if (Path(args.out) / "ruler.json").is_file():
@@ -207,14 +207,14 @@ def run(args) -> int:
     )  # fmt: skip
     pcfg = None if r.proxy_steps is None else ProxyConfig().replace(steps=r.proxy_steps)
     con = console()
-    res = run_proxy_rank(
-        list(patterns), out, k=len(patterns), proxy=r.proxy, proxy_shape=r.proxy_shape,
-        proxy_config=pcfg, scale_shape=r.scale_shape, scale_layers=r.scale_layers,
-        train_config=tcfg,
+    study = RankStudy(
+        proxy=r.proxy, proxy_shape=r.proxy_shape, proxy_config=pcfg,
+        scale_shape=r.scale_shape, scale_layers=r.scale_layers, train_config=tcfg,
         proxy_seeds=proxy_seeds, scale_seeds=scale_seeds,
         noise_patterns=tuple(p for p in r.noise_patterns if p in patterns),
-        noise_seeds=r.noise_seeds, log=lambda m: con.print(m),
+        noise_seeds=r.noise_seeds,
     )  # fmt: skip
+    res = run_proxy_rank(list(patterns), out, study, k=len(patterns), log=lambda m: con.print(m))
     if args.json:
         print(json.dumps(res, indent=2))
     elif len(patterns) < 3:

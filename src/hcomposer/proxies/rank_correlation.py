@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from hcomposer.stats import pair_agreement, seed_std, spearman_ci
 from hcomposer.training.trainer import TrainConfig, train
 
 __all__ = [
+    "RankStudy",
     "select_across_range",
     "rank_correlation",
     "run_proxy_rank",
@@ -123,24 +126,55 @@ def _run_name(pattern: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
-def _study_settings(proxy, proxy_shape, proxy_config, scale_shape, scale_layers, train_config):
-    """What makes two calls' logged runs comparable: everything but the seeds and patterns."""
-    train = {k: v for k, v in train_config.to_dict().items() if k != "seed"}
-    return {
-        "proxy": proxy,
-        "proxy_shape": proxy_shape,
-        # Resolved: a study resumed after the proxy's defaults changed would mix two proxies.
-        "proxy_config": (proxy_config or ProxyConfig()).to_dict(),
-        "scale_shape": Architecture.parse("AF", scale_shape).shape.to_dict(),
-        "scale_layers": scale_layers,
-        "train_config": train,
-    }
+@dataclass(frozen=True, kw_only=True)
+class RankStudy:
+    """What decides a proxy-to-scale study: the proxy and its shape, the scale runs' shape,
+    depth and training, and the seeds (``seed`` is the proxy seed of lines logged before
+    seeds were recorded, and the default proxy seed)."""
+
+    proxy: str = "mad"
+    proxy_shape: str = "proxy"
+    proxy_config: ProxyConfig | None = None
+    scale_shape: Any = "10m"
+    scale_layers: int = 12
+    train_config: TrainConfig = field(
+        default_factory=lambda: TrainConfig(tokens=500_000, seq_len=128, batch_size=8)
+    )
+    seed: int = 0
+    proxy_seeds: tuple[int, ...] = ()
+    scale_seeds: tuple[int, ...] = ()
+    noise_patterns: tuple[str, ...] = ()
+    noise_seeds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "proxy_seeds", tuple(self.proxy_seeds) or (self.seed,))
+        scale = tuple(self.scale_seeds) or (self.train_config.seed,)
+        object.__setattr__(self, "scale_seeds", scale)
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two calls' logged runs comparable: everything but seeds and patterns."""
+        train = {k: v for k, v in self.train_config.to_dict().items() if k != "seed"}
+        return {
+            "proxy": self.proxy,
+            "proxy_shape": self.proxy_shape,
+            # Resolved: a study resumed after the proxy's defaults changed would mix proxies.
+            "proxy_config": (self.proxy_config or ProxyConfig()).to_dict(),
+            "scale_shape": Architecture.parse("AF", self.scale_shape).shape.to_dict(),
+            "scale_layers": self.scale_layers,
+            "train_config": train,
+        }
 
 
-def _check_study(out: Path, *settings) -> None:
+def _run_name(pattern: str, seed: int) -> str:
+    name = pattern.replace("|", "_").replace("[", "(").replace("]", ")")
+    # Seed 0 keeps the folder name of runs made before seeds were recorded.
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def _check_study(out: Path, study: RankStudy) -> None:
     """Refuse to add runs to a study folder made with other settings (they would be mixed
     into one correlation); record the settings on a folder's first call."""
-    want = json.loads(json.dumps(_study_settings(*settings)))
+    want = json.loads(json.dumps(study.settings()))
     path = out / "study.json"
     if path.is_file():
         have = json.loads(path.read_text())
@@ -162,82 +196,92 @@ def _check_study(out: Path, *settings) -> None:
 def run_proxy_rank(
     patterns: list[str],
     out_dir: str | Path,
+    study: RankStudy | None = None,
     *,
     k: int = 8,
-    proxy: str = "mad",
-    proxy_shape: str = "proxy",
-    proxy_config=None,
-    scale_shape: Any = "10m",
-    scale_layers: int = 12,
-    train_config=None,
-    seed: int = 0,
-    proxy_seeds: tuple[int, ...] | None = None,
-    scale_seeds: tuple[int, ...] | None = None,
-    noise_patterns: tuple[str, ...] = (),
-    noise_seeds: tuple[int, ...] = (),
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The recipe in the module docstring; returns the result dict (also written to out_dir)."""
     out = Path(out_dir)
-    train_config = train_config or TrainConfig(tokens=500_000, seq_len=128, batch_size=8)
-    _check_study(out, proxy, proxy_shape, proxy_config, scale_shape, scale_layers, train_config)
-    proxy_seeds = tuple(proxy_seeds) if proxy_seeds else (seed,)
-    scale_seeds = tuple(scale_seeds) if scale_seeds else (train_config.seed,)
+    study = study or RankStudy()
+    _check_study(out, study)
     t0 = time.perf_counter()
+    scored, proxy_runs, proxy_tasks = _score_pool(out, patterns, study, log)
+    chosen = select_across_range(scored, k)
+    points = [_scale_point(out, pat, score, proxy_runs[pat], study, log) for pat, score in chosen]
+    valid = [p for p in points if p["scale_val_loss"] is not None]
+    if len(valid) < 3:
+        # A worker of a parallel run (a slice of the pool): its logs are the result.
+        return {"points": points, "correlation": None}
+    result = _result(study, scored, points, valid, proxy_tasks)
+    result["wall_seconds_this_call"] = time.perf_counter() - t0
+    atomic_write_json(out / "result.json", result)
+    atomic_write_text(out / "result.md", proxy_rank_markdown(result))
+    plot_proxy_rank(valid, result["correlation"], out / "proxy_rank.png", study.proxy)
+    return result
+
+
+def _score_pool(out: Path, patterns: list[str], study: RankStudy, log):
+    """Every pattern's proxy score on each proxy seed (logged, resumed): ``(pattern, mean)``
+    pairs, the per-seed scores and the per-seed task results."""
     proxy_log = out / "proxy_scores.jsonl"
-    # Lines written before seeds were recorded were made with ``seed``.
-    done = {(r["pattern"], r.get("seed", seed)): r for r in read_jsonl(proxy_log)}
+    # Lines written before seeds were recorded were made with ``study.seed``.
+    done = {(r["pattern"], r.get("seed", study.seed)): r for r in read_jsonl(proxy_log)}
     scored, proxy_runs, proxy_tasks = [], {}, {}
     for pat in patterns:
-        arch = Architecture.parse(pat, proxy_shape)
-        for s in proxy_seeds:
+        arch = Architecture.parse(pat, study.proxy_shape)
+        for s in study.proxy_seeds:
             if (arch.pattern, s) not in done:
-                res = evaluate_proxy(arch, proxy, seed=s, config=proxy_config)
+                res = evaluate_proxy(arch, study.proxy, seed=s, config=study.proxy_config)
                 rec = {"pattern": arch.pattern, "seed": s, "score": res.score,
                        "wall_seconds": res.wall_seconds, "tasks": res.tasks}  # fmt: skip
                 append_jsonl(proxy_log, rec)
                 done[(arch.pattern, s)] = rec
                 log(f"proxy {arch.pattern} seed {s}: {res.score:.4f} ({res.wall_seconds:.0f}s)")
-        proxy_runs[arch.pattern] = [done[(arch.pattern, s)]["score"] for s in proxy_seeds]
-        proxy_tasks[arch.pattern] = [
-            done[(arch.pattern, s)].get("tasks") or {} for s in proxy_seeds
-        ]
-        scored.append((arch.pattern, sum(proxy_runs[arch.pattern]) / len(proxy_seeds)))
-    chosen = select_across_range(scored, k)
-    noisy = {Architecture.parse(p, proxy_shape).pattern for p in noise_patterns}
+        runs = [done[(arch.pattern, s)] for s in study.proxy_seeds]
+        proxy_runs[arch.pattern] = [r["score"] for r in runs]
+        proxy_tasks[arch.pattern] = [r.get("tasks") or {} for r in runs]
+        scored.append((arch.pattern, sum(proxy_runs[arch.pattern]) / len(runs)))
+    return scored, proxy_runs, proxy_tasks
+
+
+def _scale_point(out: Path, pat: str, score: float, proxy_scores: list[float],
+                 study: RankStudy, log) -> dict[str, Any]:  # fmt: skip
+    """One chosen pattern trained at scale on its seeds (logged, resumed) and its point."""
+    noisy = {Architecture.parse(p, study.proxy_shape).pattern for p in study.noise_patterns}
     scale_log = out / "scale_losses.jsonl"
-    trained = {(r["pattern"], r.get("seed", train_config.seed)): r for r in read_jsonl(scale_log)}
-    points = []
-    for pat, score in chosen:
-        big = Architecture.parse(stack(pat, scale_layers), scale_shape)
-        seeds = list(dict.fromkeys([*scale_seeds, *(noise_seeds if pat in noisy else ())]))
-        for s in seeds:
-            if (pat, s) in trained:
-                continue
-            cfg = train_config.replace(seed=s)
-            run_dir = out / "runs" / _run_name(pat, s)
-            res = train(big, cfg, run_dir, resume=run_dir.exists(), progress=False)
-            rec = {
-                "pattern": pat, "seed": s, "scale_pattern": big.pattern, "val_loss": res.val_loss,
-                "status": res.status, "params": res.params_total,
-                "wall_seconds": res.wall_seconds, "tokens_per_s": res.tokens_per_second,
-            }  # fmt: skip
-            append_jsonl(scale_log, rec)
-            trained[(pat, s)] = rec
-            log(f"scale {big.pattern} seed {s}: val_loss {res.val_loss} ({res.wall_seconds:.0f}s)")
-        runs = [trained[(pat, s)] for s in seeds]
-        losses = [r["val_loss"] for r in runs if r["val_loss"] is not None]
-        points.append({
-            "pattern": pat, "proxy_score": score, "proxy_scores": proxy_runs[pat],
-            "proxy_std": seed_std(proxy_runs[pat]), "scale_pattern": runs[0]["scale_pattern"],
-            "scale_val_loss": sum(losses) / len(losses) if losses else None,
-            "scale_losses": {str(s): trained[(pat, s)]["val_loss"] for s in seeds},
-            "scale_std": seed_std(losses) if losses else 0.0, "scale_params": runs[0]["params"],
-        })  # fmt: skip
-    valid = [p for p in points if p["scale_val_loss"] is not None]
-    if len(valid) < 3:
-        # A worker of a parallel run (a slice of the pool): its logs are the result.
-        return {"points": points, "correlation": None}
+    seed0 = study.train_config.seed
+    trained = {(r["pattern"], r.get("seed", seed0)): r for r in read_jsonl(scale_log)}
+    big = Architecture.parse(stack(pat, study.scale_layers), study.scale_shape)
+    extra = study.noise_seeds if pat in noisy else ()
+    seeds = list(dict.fromkeys([*study.scale_seeds, *extra]))
+    for s in seeds:
+        if (pat, s) in trained:
+            continue
+        run_dir = out / "runs" / _run_name(pat, s)
+        res = train(big, study.train_config.replace(seed=s), run_dir, resume=run_dir.exists(),
+                    progress=False)  # fmt: skip
+        rec = {
+            "pattern": pat, "seed": s, "scale_pattern": big.pattern, "val_loss": res.val_loss,
+            "status": res.status, "params": res.params_total,
+            "wall_seconds": res.wall_seconds, "tokens_per_s": res.tokens_per_second,
+        }  # fmt: skip
+        append_jsonl(scale_log, rec)
+        trained[(pat, s)] = rec
+        log(f"scale {big.pattern} seed {s}: val_loss {res.val_loss} ({res.wall_seconds:.0f}s)")
+    runs = [trained[(pat, s)] for s in seeds]
+    losses = [r["val_loss"] for r in runs if r["val_loss"] is not None]
+    return {
+        "pattern": pat, "proxy_score": score, "proxy_scores": proxy_scores,
+        "proxy_std": seed_std(proxy_scores), "scale_pattern": runs[0]["scale_pattern"],
+        "scale_val_loss": sum(losses) / len(losses) if losses else None,
+        "scale_losses": {str(s): trained[(pat, s)]["val_loss"] for s in seeds},
+        "scale_std": seed_std(losses) if losses else 0.0, "scale_params": runs[0]["params"],
+    }  # fmt: skip
+
+
+def _result(study: RankStudy, scored, points, valid, proxy_tasks) -> dict[str, Any]:
+    """The correlation, pair agreement, per-task correlations and both seed noises."""
     corr = rank_correlation([p["proxy_score"] for p in valid], [p["scale_val_loss"] for p in valid])
     multi = [p for p in valid if len([v for v in p["scale_losses"].values() if v]) > 1]
     pairs = pair_agreement(
@@ -246,33 +290,25 @@ def run_proxy_rank(
     )
     by_task = task_correlations({p["pattern"]: proxy_tasks[p["pattern"]] for p in valid},
                                 {p["pattern"]: p["scale_val_loss"] for p in valid})  # fmt: skip
-    result = {
-        "proxy": proxy,
-        "proxy_shape": proxy_shape,
-        "scale_shape": Architecture.parse("AF", scale_shape).shape.to_dict(),
-        "scale_layers": scale_layers,
-        "train_config": train_config.to_dict(),
-        "proxy_seeds": list(proxy_seeds),
-        "scale_seeds": list(scale_seeds),
+    median_std = sorted(p["proxy_std"] for p in valid)[len(valid) // 2]
+    return {
+        "proxy": study.proxy,
+        "proxy_shape": study.proxy_shape,
+        "scale_shape": Architecture.parse("AF", study.scale_shape).shape.to_dict(),
+        "scale_layers": study.scale_layers,
+        "train_config": study.train_config.to_dict(),
+        "proxy_seeds": list(study.proxy_seeds),
+        "scale_seeds": list(study.scale_seeds),
         "pool": [{"pattern": p, "score": s} for p, s in scored],
         "points": points,
         "correlation": corr,
         "pairs": pairs,
         "task_correlations": by_task,
         "noise": {
-            "proxy_seed_std_median": (
-                sorted(p["proxy_std"] for p in valid)[len(valid) // 2]
-                if len(proxy_seeds) > 1
-                else None
-            ),
+            "proxy_seed_std_median": median_std if len(study.proxy_seeds) > 1 else None,
             "scale_seed_std": {p["pattern"]: p["scale_std"] for p in multi},
         },
-        "wall_seconds_this_call": time.perf_counter() - t0,
     }
-    atomic_write_json(out / "result.json", result)
-    atomic_write_text(out / "result.md", proxy_rank_markdown(result))
-    plot_proxy_rank(valid, corr, out / "proxy_rank.png", proxy)
-    return result
 
 
 def proxy_rank_markdown(result: dict[str, Any]) -> str:
