@@ -117,14 +117,18 @@ def bootstrap_mean_band(
     return mean, lo, hi
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get average ranks); NaN if a side is constant."""
+def _rank_correlation(name: str, fn, x: Sequence[float], y: Sequence[float]) -> float:
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if a.size != b.size or a.size < 2:
-        raise ValueError("spearman needs two sequences of the same length, at least 2")
+        raise ValueError(f"{name} needs two sequences of the same length, at least 2")
     if np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan
-    return float(scipy.stats.spearmanr(a, b).statistic)
+    return float(fn(a, b).statistic)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get average ranks); NaN if a side is constant."""
+    return _rank_correlation("spearman", scipy.stats.spearmanr, x, y)
 
 
 def spearman_ci(
@@ -151,12 +155,7 @@ def _paired_ci(stat, x, y, n_boot: int, level: float, seed: int) -> tuple[float,
 
 def kendall(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b (ties handled); NaN if a side is constant."""
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if a.size != b.size or a.size < 2:
-        raise ValueError("kendall needs two sequences of the same length, at least 2")
-    if np.all(a == a[0]) or np.all(b == b[0]):
-        return math.nan
-    return float(scipy.stats.kendalltau(a, b).statistic)
+    return _rank_correlation("kendall", scipy.stats.kendalltau, x, y)
 
 
 def kendall_ci(
