@@ -180,3 +180,42 @@ def test_rate_rule_check_compares_the_cheap_pick_with_the_full_grid(tmp_path):
     assert res["AF"]["cheap_lr"] == 2.0 and res["AF"]["grid_lr"] == 1.0
     assert res["AF"]["test_cost"] == pytest.approx(0.13) and not res["AF"]["agree"]
     assert res["FF"]["agree"] and res["FF"]["test_cost"] == 0.0  # the spiked run is ignored
+
+
+def test_a_flagged_final_run_is_retried_one_rate_lower_and_never_averaged(tmp_path, monkeypatch):
+    """The selection picks 6e-3; seed 1's final run there spikes: it is kept in the log,
+    retried at 3e-3, and the pattern's loss uses the unflagged runs only."""
+    from hcomposer.io import append_jsonl
+    from hcomposer.proxies import ruler as ruler_mod
+
+    cfg = RulerConfig(tokens=4096 * 40, warmup_steps=3)
+    r = ruler_mod.Ruler(tmp_path / "s", cfg, log=lambda m: None)
+
+    def fake(self, pattern, lr, tokens, seed, role):
+        lr = float(ruler_mod._lr_key(lr)) if hasattr(ruler_mod, "_lr_key") else lr
+        select = {1.5e-3: 5.0, 3e-3: 4.9, 6e-3: 4.8, 1.2e-2: 4.85}
+        flag = "spiked" if (role == "final" and seed == 1 and lr == 6e-3) else None
+        loss = select[lr] if tokens != cfg.tokens else 4.0 + seed * 0.01 + (lr == 3e-3) * 0.1
+        rec = {
+            "pattern": pattern,
+            "lr": lr,
+            "tokens": tokens,
+            "seed": seed,
+            "role": role,
+            "flag": flag,
+            "val_loss": loss,
+            "test_loss": loss if tokens == cfg.tokens else None,
+        }
+        append_jsonl(self.runs_log, rec)
+        return rec
+
+    monkeypatch.setattr(ruler_mod.Ruler, "train_one", fake)
+    r.run("AF")
+    finals = [x for x in read_jsonl(r.runs_log) if x["role"] == "final"]
+    assert [(x["seed"], x["lr"], x["flag"]) for x in finals] == [
+        (0, 6e-3, None),
+        (1, 6e-3, "spiked"),
+        (1, 3e-3, None),
+    ]
+    losses = ruler_losses(r.out)["AF"]
+    assert losses["seeds"] == {0: 4.0, 1: pytest.approx(4.11)}  # the spiked 4.01 is not used
