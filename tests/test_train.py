@@ -354,3 +354,17 @@ def test_batch_threads_validation(tmp_path, text_file):
     with pytest.raises(UserError, match="E layers"):
         train(Architecture.parse("AE", shape="tiny"), cfg, tmp_path / "moe", progress=False)
     assert not (tmp_path / "moe").exists()
+
+
+def test_a_blown_up_loss_has_no_perplexity_and_still_serialises(tmp_path):
+    import json
+
+    from hcomposer.training.trainer import TrainResult
+
+    base = dict(out_dir=tmp_path, status="completed", step=1, tokens=1, loss=1.0,
+                wall_seconds=1.0, tokens_per_second=1.0, params_total=1)  # fmt: skip
+    assert TrainResult(val_loss=2.0, **base).to_dict()["val_ppl"] == pytest.approx(7.389056)
+    for bad in (800.0, float("inf"), float("nan"), None):
+        d = TrainResult(val_loss=bad, **base).to_dict()
+        assert d["val_ppl"] is None
+        json.dumps(d["val_ppl"], allow_nan=False)

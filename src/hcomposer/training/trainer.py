@@ -209,7 +209,10 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["out_dir"] = str(self.out_dir)
-        d["val_ppl"] = math.exp(self.val_loss) if self.val_loss is not None else None
+        # A blown-up loss has no finite perplexity: None keeps summary.json standard JSON
+        # (exp overflows above ~709 and would crash the run's last write).
+        v = self.val_loss
+        d["val_ppl"] = math.exp(v) if v is not None and math.isfinite(v) and v < 700 else None
         return d
 
 
