@@ -356,7 +356,11 @@ class Ruler:
         not part of the ruler): its validation loss and CPU seconds. Never scored on test."""
         cfg = self.cfg
         run_dir = self.work / "proxy" / _run_name(pattern, cfg.base_lr, tokens, seed)
-        tcfg = _train_config(cfg, cfg.base_lr, tokens, seed, self.text["train"]["path"])
+        # Its own warmup, a tenth of its steps: the ruler's 20 would be most of a short run.
+        steps = tokens // cfg.step_tokens
+        tcfg = _train_config(cfg, cfg.base_lr, tokens, seed, self.text["train"]["path"]).replace(
+            warmup=max(1, steps // 10)
+        )
         cpu0 = time.process_time()
         res = train(_arch(pattern, cfg), tcfg, run_dir, resume=run_dir.exists(), progress=False)
         val = None

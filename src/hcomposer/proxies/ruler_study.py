@@ -170,7 +170,7 @@ def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -
                            "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
                 else:
                     k = int(kind.split("/")[1])
-                    steps = max(cfg.warmup_steps + 5, cfg.tokens // k // cfg.step_tokens)
+                    steps = max(10, cfg.tokens // k // cfg.step_tokens)
                     rec = ruler.text_proxy(p, steps * cfg.step_tokens, seed)
                 append_jsonl(log, {"pattern": p, "kind": kind, "seed": seed, **rec})
                 print(f"{kind} {p} seed {seed}: {rec.get('score', rec.get('val_loss'))}",
