@@ -145,26 +145,41 @@ class Shape(Config):
         return self.ssm_inner // self.ssm_head_dim
 
 
-def _llama(name: str, d: int, heads: int, kv: int, ffn: int, layers: int, tie: bool) -> Shape:
+# name, d_model, heads, kv heads, ffn, max_seq_len, sublayers, window, ssm state, ssm head dim
+_LADDER = [
+    ("2m", 128, 4, 2, 384, 2048, 12, 128, 32, 32),
+    ("10m", 256, 4, 2, 768, 2048, 24, 256, 64, 64),
+    ("50m", 512, 8, 4, 1536, 2048, 32, 512, 64, 64),
+    ("150m", 768, 12, 4, 2048, 4096, 48, 1024, 128, 64),
+    ("350m", 1024, 16, 4, 4096, 4096, 48, 1024, 128, 64),
+]
+
+
+def _ladder(name, d, heads, kv, ffn, seq, layers, window, state, ssm_head, **rest) -> Shape:
+    """One rung of the size ladder: a 32K vocabulary unless ``rest`` says otherwise, the
+    fields not given at their defaults."""
     return Shape(
         name=name,
         d_model=d,
         n_heads=heads,
         n_kv_heads=kv,
         ffn_dim=ffn,
-        vocab_size=128256,
-        max_seq_len=131072,
-        n_layers=2 * layers,
-        tie_embeddings=tie,
-        rope_theta=500000.0,
-        norm_eps=1e-5,
-        window=4096,
-        ssm_state=128,
-        ssm_head_dim=128,
-        ssm_chunk=256,
-        dn_head_dim=128,
-        dn_chunk=64,
+        max_seq_len=seq,
+        n_layers=layers,
+        window=window,
+        ssm_state=state,
+        ssm_head_dim=ssm_head,
+        **{"vocab_size": 32768, **rest},
     )
+
+
+def _llama(name: str, d: int, heads: int, kv: int, ffn: int, layers: int, tie: bool) -> Shape:
+    """A Llama 3 model's real dimensions (``layers`` decoder blocks, two sublayers each)."""
+    return _ladder(
+        name, d, heads, kv, ffn, 131072, 2 * layers, 4096, 128, 128,
+        vocab_size=128256, tie_embeddings=tie, rope_theta=500000.0, norm_eps=1e-5,
+        ssm_chunk=256, dn_head_dim=128, dn_chunk=64,
+    )  # fmt: skip
 
 
 PRESETS: dict[str, Shape] = {
@@ -212,73 +227,10 @@ PRESETS: dict[str, Shape] = {
             top_k=1,
             expert_ffn_dim=96,
         ),
-        # The quickstart's target: a 12-sublayer model a 2-core CPU trains at a few thousand
-        # tokens per second (``10m`` trains at about 1,000 there in fp32).
-        Shape(
-            name="2m",
-            d_model=128,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_dim=384,
-            vocab_size=32768,
-            max_seq_len=2048,
-            n_layers=12,
-            window=128,
-            ssm_state=32,
-            ssm_head_dim=32,
-        ),
-        Shape(
-            name="10m",
-            d_model=256,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_dim=768,
-            vocab_size=32768,
-            max_seq_len=2048,
-            n_layers=24,
-            window=256,
-            ssm_state=64,
-            ssm_head_dim=64,
-        ),
-        Shape(
-            name="50m",
-            d_model=512,
-            n_heads=8,
-            n_kv_heads=4,
-            ffn_dim=1536,
-            vocab_size=32768,
-            max_seq_len=2048,
-            n_layers=32,
-            window=512,
-            ssm_state=64,
-            ssm_head_dim=64,
-        ),
-        Shape(
-            name="150m",
-            d_model=768,
-            n_heads=12,
-            n_kv_heads=4,
-            ffn_dim=2048,
-            vocab_size=32768,
-            max_seq_len=4096,
-            n_layers=48,
-            window=1024,
-            ssm_state=128,
-            ssm_head_dim=64,
-        ),
-        Shape(
-            name="350m",
-            d_model=1024,
-            n_heads=16,
-            n_kv_heads=4,
-            ffn_dim=4096,
-            vocab_size=32768,
-            max_seq_len=4096,
-            n_layers=48,
-            window=1024,
-            ssm_state=128,
-            ssm_head_dim=64,
-        ),
+        # The size ladder. ``2m`` is the quickstart's target: a 12-sublayer model a 2-core CPU
+        # trains at a few thousand tokens per second (``10m`` trains at about 1,000 there in
+        # fp32).
+        *(_ladder(*row) for row in _LADDER),
         _llama("llama-3.2-1b", 2048, 32, 8, 8192, 16, True),
         _llama("llama-3.2-3b", 3072, 24, 8, 8192, 28, True),
         _llama("llama-3.1-8b", 4096, 32, 8, 14336, 32, False),

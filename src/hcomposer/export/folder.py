@@ -37,7 +37,12 @@ from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.evaluation.suite import eval_markdown, load_eval_results
 from hcomposer.export.model_card import model_card
-from hcomposer.export.native import bamba_model, is_bamba_pattern, native_blocks
+from hcomposer.export.native import (
+    bamba_model,
+    decoder_config_kwargs,
+    is_bamba_pattern,
+    native_blocks,
+)
 from hcomposer.export.remote import write_remote_code
 from hcomposer.hf import HComposerConfig, HComposerForCausalLM
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
@@ -68,21 +73,8 @@ def llama_config_kwargs(arch: Architecture) -> dict[str, Any]:
     """``LlamaConfig`` fields (transformers 5 names) for a plain transformer architecture."""
     s = arch.shape
     return {
-        "vocab_size": s.vocab_size,
-        "hidden_size": s.d_model,
-        "intermediate_size": s.ffn_dim,
-        "num_hidden_layers": arch.n_sublayers // 2,
-        "num_attention_heads": s.n_heads,
-        "num_key_value_heads": s.n_kv_heads,
-        "head_dim": s.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": s.max_seq_len,
-        "initializer_range": s.init_std,
-        "rms_norm_eps": s.norm_eps,
-        "tie_word_embeddings": s.tie_embeddings,
+        **decoder_config_kwargs(s, arch.n_sublayers // 2),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(s.rope_theta)},
-        "attention_bias": False,
-        "mlp_bias": False,
     }
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "native_blocks",
     "is_bamba_pattern",
     "bamba_config_kwargs",
+    "decoder_config_kwargs",
     "bamba_model",
     "to_bamba_state_dict",
 ]
@@ -61,15 +62,14 @@ def is_bamba_pattern(arch: Architecture) -> bool:
     return native_blocks(arch, "bamba") and not native_blocks(arch, "llama")
 
 
-def bamba_config_kwargs(arch: Architecture) -> dict[str, Any]:
-    """``BambaConfig`` fields for a ``(XF)*n`` pattern (see ``is_bamba_pattern``)."""
-    s = arch.shape
-    mixers = [arch.layers[i][0] for i in range(0, len(arch.layers), 2)]
+def decoder_config_kwargs(s, n_blocks: int) -> dict[str, Any]:
+    """The ``transformers`` config fields every native decoder export shares (Llama, Bamba):
+    widths, heads, vocabulary, norms and no biases, read from the shape ``s``."""
     return {
         "vocab_size": s.vocab_size,
         "hidden_size": s.d_model,
         "intermediate_size": s.ffn_dim,
-        "num_hidden_layers": len(mixers),
+        "num_hidden_layers": n_blocks,
         "num_attention_heads": s.n_heads,
         "num_key_value_heads": s.n_kv_heads,
         "head_dim": s.head_dim,
@@ -78,6 +78,17 @@ def bamba_config_kwargs(arch: Architecture) -> dict[str, Any]:
         "initializer_range": s.init_std,
         "rms_norm_eps": s.norm_eps,
         "tie_word_embeddings": s.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def bamba_config_kwargs(arch: Architecture) -> dict[str, Any]:
+    """``BambaConfig`` fields for a ``(XF)*n`` pattern (see ``is_bamba_pattern``)."""
+    s = arch.shape
+    mixers = [arch.layers[i][0] for i in range(0, len(arch.layers), 2)]
+    return {
+        **decoder_config_kwargs(s, len(mixers)),
         "attn_layer_indices": [i for i, m in enumerate(mixers) if m == "A"],
         "mamba_n_heads": s.ssm_heads,
         "mamba_d_head": s.ssm_head_dim,
@@ -94,8 +105,6 @@ def bamba_config_kwargs(arch: Architecture) -> dict[str, Any]:
             "rope_theta": float(s.rope_theta),
             "partial_rotary_factor": 1.0,
         },
-        "attention_bias": False,
-        "mlp_bias": False,
         "z_loss_coefficient": 0.0,
     }
 

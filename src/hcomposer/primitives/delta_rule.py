@@ -46,6 +46,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hcomposer.primitives.ssd import work_dtype
+
 __all__ = [
     "gated_delta_rule_chunked",
     "gated_delta_rule_reference",
@@ -75,11 +77,6 @@ def _check(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int, int]:
     return b, t, h, dk, dv
 
 
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp32 for fp32, bf16 and fp16 inputs; fp64 stays fp64 (tight gradient checks in tests).
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def gated_delta_rule_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,7 +100,7 @@ def gated_delta_rule_chunked(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     scale = dk**-0.5 if scale is None else scale
     out_dtype = v.dtype
-    work = _work_dtype(v)
+    work = work_dtype(v)
     with torch.autocast(device_type=q.device.type, enabled=False):
         L = min(chunk_size, max(t, 1))
         nc = -(-t // L)
@@ -200,7 +197,7 @@ def gated_delta_rule_step(
     Returns (o [b,h,d_v], new state), both in fp32 (fp64 for fp64 inputs).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    work = _work_dtype(v)
+    work = work_dtype(v)
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v, g, beta, state = (x.to(work) for x in (q, k, v, g, beta, state))
         decayed = state * g.exp()[..., None, None]
@@ -230,7 +227,7 @@ def gated_delta_rule_reference(
     out_dtype = v.dtype
     b, t, h, dk, dv = _check(q, k, v, g, beta, initial_state)
     scale = dk**-0.5 if scale is None else scale
-    work = _work_dtype(v)
+    work = work_dtype(v)
     q, k, v, g, beta = (x.to(work) for x in (q, k, v, g, beta))
     if initial_state is None:
         state = v.new_zeros(b, h, dk, dv)

@@ -30,7 +30,6 @@ Initialisation: A_log = log(U[1, 16]) (Mamba-2's default range; the paper's code
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,7 @@ from hcomposer.primitives.delta_rule import (
     gated_delta_rule_chunked,
     gated_delta_rule_step,
 )
-from hcomposer.primitives.mamba2 import DT_FLOOR, DT_RANGE
+from hcomposer.primitives.mamba2 import init_decay_and_step, zero_states
 from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.shapes import Shape
 
@@ -133,32 +132,14 @@ class GatedDeltaNet(Primitive):
 
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
-        lo, hi = A_INIT_RANGE
-        a = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(lo, hi)
-        self.A_log.copy_(a.log())
-        lo, hi = DT_RANGE
-        u = torch.rand_like(self.dt_bias, dtype=torch.float32)
-        dt = torch.exp(u * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=DT_FLOOR)
-        # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 for small dt.
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_decay_and_step(self.A_log, self.dt_bias, A_INIT_RANGE)
         self.norm_weight.fill_(1.0)
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> DeltaNetCache:
-        device = device if device is not None else self.A_log.device
-        dtype = dtype or self.in_proj.weight.dtype
-        return DeltaNetCache(
-            conv_state=torch.zeros(
-                batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype
-            ),
-            state=torch.zeros(
-                batch_size,
-                self.n_v_heads,
-                self.head_dim,
-                self.v_head_dim,
-                device=device,
-                dtype=torch.promote_types(dtype, torch.float32),
-            ),
+        conv, state = zero_states(
+            self, batch_size, (self.n_v_heads, self.head_dim, self.v_head_dim), device, dtype
         )
+        return DeltaNetCache(conv_state=conv, state=state)
 
     def _scan(self, q, k, v, g, beta, initial_state):
         # The one place a fused kernel would plug in (benchmarks swap in the step loop here).

@@ -47,7 +47,15 @@ from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.primitives.ssd import ssd_chunked, ssd_step
 from hcomposer.shapes import Shape
 
-__all__ = ["Mamba2", "Mamba2Cache", "GatedRMSNorm", "A_INIT_RANGE", "fast_scan_available"]
+__all__ = [
+    "Mamba2",
+    "Mamba2Cache",
+    "GatedRMSNorm",
+    "A_INIT_RANGE",
+    "fast_scan_available",
+    "init_decay_and_step",
+    "zero_states",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,34 @@ def _announce_once() -> None:
         )
     else:
         log.info("hcomposer S (Mamba-2): PyTorch chunked scan everywhere (%s)", _FAST["reason"])
+
+
+@torch.no_grad()
+def init_decay_and_step(A_log: torch.Tensor, dt_bias: torch.Tensor, a_range) -> None:
+    """The decay and step initialisation Mamba-2 and gated DeltaNet share: A uniform in
+    ``a_range`` (stored as its log); dt log-uniform in ``DT_RANGE``, floored at ``DT_FLOOR``,
+    stored as softplus^-1(dt)."""
+    lo, hi = a_range
+    a = torch.empty_like(A_log, dtype=torch.float32).uniform_(lo, hi)
+    A_log.copy_(a.log())
+    lo, hi = DT_RANGE
+    u = torch.rand_like(dt_bias, dtype=torch.float32)
+    dt = torch.exp(u * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=DT_FLOOR)
+    # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 for small dt.
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def zero_states(layer, batch_size: int, state_dims: tuple, device, dtype):
+    """Empty decoding state of a short-conv + recurrent layer (``layer`` has ``conv_dim``,
+    ``d_conv``, ``A_log`` and ``in_proj``): the conv window in the model's dtype, the recurrent
+    state ``[batch, *state_dims]`` in at least fp32."""
+    device = device if device is not None else layer.A_log.device
+    dtype = dtype or layer.in_proj.weight.dtype
+    conv = torch.zeros(batch_size, layer.conv_dim, layer.d_conv - 1, device=device, dtype=dtype)
+    state = torch.zeros(
+        batch_size, *state_dims, device=device, dtype=torch.promote_types(dtype, torch.float32)
+    )
+    return conv, state
 
 
 @dataclass
@@ -180,33 +216,15 @@ class Mamba2(Primitive):
 
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
-        lo, hi = A_INIT_RANGE
-        a = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(lo, hi)
-        self.A_log.copy_(a.log())
-        lo, hi = DT_RANGE
-        u = torch.rand_like(self.dt_bias, dtype=torch.float32)
-        dt = torch.exp(u * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=DT_FLOOR)
-        # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 for small dt.
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_decay_and_step(self.A_log, self.dt_bias, A_INIT_RANGE)
         self.D.fill_(1.0)
         self.norm.weight.fill_(1.0)
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> Mamba2Cache:
-        device = device if device is not None else self.A_log.device
-        dtype = dtype or self.in_proj.weight.dtype
-        return Mamba2Cache(
-            conv_state=torch.zeros(
-                batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype
-            ),
-            ssm_state=torch.zeros(
-                batch_size,
-                self.n_heads,
-                self.head_dim,
-                self.d_state,
-                device=device,
-                dtype=torch.promote_types(dtype, torch.float32),
-            ),
+        conv, state = zero_states(
+            self, batch_size, (self.n_heads, self.head_dim, self.d_state), device, dtype
         )
+        return Mamba2Cache(conv_state=conv, ssm_state=state)
 
     def _scan(self, x, dt, A, B, C, initial_state):
         if x.is_cuda and fast_scan_available():

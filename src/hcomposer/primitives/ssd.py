@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssd_chunked", "ssd_reference", "ssd_step", "segsum"]
+__all__ = ["ssd_chunked", "ssd_reference", "ssd_step", "segsum", "work_dtype"]
 
 
 def _check(x, dt, A, B, C, initial_state) -> tuple[int, int, int, int, int, int]:
@@ -84,7 +84,7 @@ def ssd_chunked(
         L = min(chunk_size, max(t, 1))
         nc = -(-t // L)
         pad = nc * L - t
-        work = _work_dtype(x)
+        work = work_dtype(x)
         x, dt, A, B, C = (v.to(work) for v in (x, dt, A, B, C))
         if pad:
             x = F.pad(x, (0, 0, 0, 0, 0, pad))
@@ -137,7 +137,8 @@ def ssd_chunked(
     return y.to(out_dtype), final.reshape(b, h, p, n)
 
 
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the scans compute in."""
     # fp32 for fp32, bf16 and fp16 inputs; fp64 stays fp64 (tight gradient checks in tests).
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -156,7 +157,7 @@ def ssd_step(
     caller decides where the state lives (decoding copies it into the cache).
     """
     h, g = x.shape[1], B.shape[1]
-    work = _work_dtype(x)
+    work = work_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, dt, A, B, C, state = (v.to(work) for v in (x, dt, A, B, C, state))
         Bh = B.repeat_interleave(h // g, dim=1)  # [b,h,n]
@@ -181,9 +182,9 @@ def ssd_reference(
     """
     b, t, h, p, g, n = _check(x, dt, A, B, C, initial_state)
     if initial_state is None:
-        state = x.new_zeros(b, h, p, n, dtype=_work_dtype(x))
+        state = x.new_zeros(b, h, p, n, dtype=work_dtype(x))
     else:
-        state = initial_state.to(_work_dtype(x))
+        state = initial_state.to(work_dtype(x))
     ys = []
     for i in range(t):
         y, state = ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i])

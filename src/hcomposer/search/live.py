@@ -9,15 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
+
+from hcomposer.format import console, progress_bar
 
 __all__ = ["LiveView"]
 
@@ -29,7 +23,7 @@ class LiveView:
         self.total = total
         self.enabled = enabled
         self.label = label
-        self.console = Console(stderr=True)
+        self.console = console()
         self.interactive = enabled and self.console.is_terminal
         self._progress: Progress | None = None
         self._task: Any = None
@@ -39,17 +33,9 @@ class LiveView:
 
     def __enter__(self) -> LiveView:
         if self.interactive:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[best]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
+            self._progress = progress_bar(field="best")
+            # Messages go through the bar's console so they print above the live bar.
+            self.console = self._progress.console
             self._progress.__enter__()
             self._task = self._progress.add_task(self.label, total=self.total, best="")
         return self

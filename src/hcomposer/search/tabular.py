@@ -573,6 +573,13 @@ def random_expected_evals(n: int, k: int) -> float:
     return (n + 1) / (k + 1)
 
 
+def _against_random(lo: float, hi: float, below: str, above: str) -> str:
+    """How a difference from random reads, given its interval [lo, hi]."""
+    if lo <= 0 <= hi:
+        return "the interval holds zero, so the difference is inside the noise."
+    return below if hi < 0 else above
+
+
 def markdown_report(
     table: Table, summary: dict[str, dict[str, Any]], budget: int, command: str
 ) -> str:
@@ -649,22 +656,14 @@ def markdown_report(
                 lines.append(
                     f"- {name}: regret after {t} evaluations minus random's: {diff:+.3g} "
                     f"[{lo:+.3g}, {hi:+.3g}]; "
-                    + (
-                        "the interval holds zero, so the difference is inside the noise."
-                        if lo <= 0 <= hi
-                        else ("lower than random's." if hi < 0 else "higher than random's.")
-                    )
+                    + _against_random(lo, hi, "lower than random's.", "higher than random's.")
                 )
             ratio = s["median_evals_to_tied"] / base["median_evals_to_tied"]
             diff, lo, hi = s["evals_to_tied_minus_random"]
             lines.append(
                 f"- {name}: {ratio:.2f}x the evaluations of random to reach the tied-with-best "
                 f"set; median minus random's {diff:+g} [{lo:+g}, {hi:+g}]: "
-                + (
-                    "the interval holds zero, so the difference is inside the noise."
-                    if lo <= 0 <= hi
-                    else ("fewer than random." if hi < 0 else "more than random.")
-                )
+                + _against_random(lo, hi, "fewer than random.", "more than random.")
             )
     lines += ["", *_structure_lines(table)]
     return "\n".join(lines) + "\n"

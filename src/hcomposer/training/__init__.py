@@ -5,7 +5,8 @@
 rule, the train step and the evaluation loop that the proxies and the efficiency suite share.
 """
 
-from hcomposer.training.trainer import (
+from hcomposer.training import trainer
+from hcomposer.training.trainer import (  # noqa: F401  (re-exported)
     TrainConfig,
     Trainer,
     TrainResult,
@@ -15,12 +16,5 @@ from hcomposer.training.trainer import (
     vocab_for,
 )
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "train",
-    "load_run",
-    "resolve_arch",
-    "vocab_for",
-]
+# The package's public names are the trainer's.
+__all__ = list(trainer.__all__)
