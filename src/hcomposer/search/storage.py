@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -179,14 +180,12 @@ def _sync_normal(storage) -> None:
     storage.engine.dispose()  # connections opened before the listener are replaced
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (tells a reused pid apart), or None."""
+def _process_start(pid: int) -> float | None:
+    """When a process started (tells a reused pid apart), or None if there is none."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    # Field 22 (starttime) follows the command name, which may contain spaces.
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def owner_record() -> dict[str, Any]:
@@ -202,25 +201,19 @@ def owner_alive(owner: dict[str, Any] | None) -> bool | None:
     pid = int(owner.get("pid", -1))
     if pid <= 0:
         return None
-    if not Path("/proc").is_dir():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    start = _process_start(pid)
-    if start is None:
+    try:
+        proc = psutil.Process(pid)
+        start, status = round(proc.create_time(), 2), proc.status()
+    except psutil.NoSuchProcess:
         return False
-    if owner.get("start") is not None and start != owner["start"]:
+    except psutil.AccessDenied:
+        return True  # it exists; another user's
+    # Records written before psutil kept the kernel's clock ticks as text: not comparable.
+    recorded = owner.get("start")
+    if isinstance(recorded, float) and abs(start - recorded) > 0.05:
         return False  # the pid was reused by another process
     # A zombie (killed, not yet reaped by its parent) is dead too.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    return status not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def _fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
