@@ -14,6 +14,7 @@ from hcomposer.errors import UserError
 from hcomposer.io import read_jsonl
 from hcomposer.proxies.ruler import (
     RULER_SHAPE,
+    Ruler,
     RulerConfig,
     family,
     flag_run,
@@ -22,6 +23,8 @@ from hcomposer.proxies.ruler import (
     run_ruler,
     split_patterns,
 )
+from hcomposer.proxies.ruler_study import add_seed, wide_spread
+from hcomposer.runs import RulerDir, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,3 +222,51 @@ def test_a_flagged_final_run_is_retried_one_rate_lower_and_never_averaged(tmp_pa
     ]
     losses = ruler_losses(r.out)["AF"]
     assert losses["seeds"] == {0: 4.0, 1: pytest.approx(4.11)}  # the spiked 4.01 is not used
+
+
+def test_text_proxy_trains_its_budget_with_its_own_warmup_and_never_reads_test(tmp_path):
+    cfg = RulerConfig(shape=TINY, layers=2, tokens=8 * 64 * 160, batch_size=8, seq_len=64,
+                      base_lr=1e-2, warmup_steps=20, tokenizer="byte")  # fmt: skip
+    ruler = Ruler(tmp_path / "study", cfg, log=lambda m: None)
+    tokens = 8 * 64 * 10  # 10 steps: the ruler's 20 warmup steps would be the whole run
+    a = ruler.text_proxy("AF", tokens, seed=0)
+    assert a["status"] == "completed" and a["cpu_seconds"] > 0
+    (folder,) = (tmp_path / "study" / "runs" / "proxy" / "AF").iterdir()
+    info = RunDir(folder).read_run()["config"]["train"]
+    assert info["tokens"] == tokens and info["warmup"] == 1 and info["lr"] == cfg.base_lr
+    # The validation text is scored; an untrained model sits near log(256) = 5.55 nats.
+    assert 0 < a["val_loss"] < math.log(256)
+    # Asked again, the finished run is read back, not trained again.
+    b = ruler.text_proxy("AF", tokens, seed=0)
+    assert b["val_loss"] == pytest.approx(a["val_loss"])
+    assert b["cpu_seconds"] < a["cpu_seconds"]
+    # Nothing of the ruler's own record is written by a proxy run.
+    assert not RulerDir(tmp_path / "study").runs.exists()
+
+
+def _final(pattern, seed, loss, lr=1e-2, flag=None):
+    return {"pattern": pattern, "lr": lr, "tokens": 8 * 64 * 40, "seed": seed, "role": "final",
+            "status": "completed", "flag": flag, "val_loss": loss, "test_loss": loss}  # fmt: skip
+
+
+def test_a_third_seed_goes_where_the_first_two_disagree(tmp_path):
+    cfg = RulerConfig(shape=TINY, layers=2, tokens=8 * 64 * 40, batch_size=8, seq_len=64,
+                      base_lr=1e-2, warmup_steps=3, tokenizer="byte")  # fmt: skip
+    out = tmp_path / "study"
+    out.mkdir()
+    runs = [_final("AF", 0, 5.0), _final("AF", 1, 5.3), _final("FA", 0, 5.0),
+            _final("FA", 1, 5.05), _final("AA", 0, 5.0)]  # fmt: skip
+    RulerDir(out).runs.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    # FA's seeds agree and AA has one seed: only AF is wide.
+    assert wide_spread(out, 0.1, 2) == ["AF"]
+    assert wide_spread(out, 0.5, 2) == []
+    # Two workers split the list; the one without a share trains nothing.
+    assert add_seed(out, cfg, 2, above=0.1, shard=(1, 2), log=lambda m: None) == []
+    assert add_seed(out, cfg, 2, above=0.1, shard=(0, 2), log=lambda m: None) == ["AF"]
+    losses = ruler_losses(out)
+    assert set(losses["AF"]["seeds"]) == {0, 1, 2}
+    new = [r for r in read_jsonl(RulerDir(out).runs) if r["seed"] == 2]
+    assert len(new) == 1 and new[0]["lr"] == 1e-2 and new[0]["test_loss"] is not None
+    # Again: the run is read from the log, not trained twice; the list does not shrink.
+    assert add_seed(out, cfg, 2, above=0.1, log=lambda m: None) == ["AF"]
+    assert len(list(read_jsonl(RulerDir(out).runs))) == len(runs) + 1

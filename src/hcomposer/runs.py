@@ -39,7 +39,7 @@ from hcomposer.io import (
     run_metadata,
 )
 
-__all__ = ["RunDir", "SearchDir", "PipelineDir", "record_run", "RUN_JSON"]
+__all__ = ["RunDir", "SearchDir", "PipelineDir", "RulerDir", "record_run", "RUN_JSON"]
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
@@ -190,3 +190,23 @@ class PipelineDir:
 
     def record(self, config: dict, argv: list[str] | None = None) -> None:
         record_run(self.root, config, argv)
+
+
+class RulerDir:
+    """A ruler study's folder (``benchmarks/results/ruler_v3``): the split and plan fixed
+    before any run, the resolved config, every run and proxy score as JSON lines, and the
+    summaries made from them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    split = property(lambda self: self.root / "split.json")
+    plan = property(lambda self: self.root / "plan.json")
+    config = property(lambda self: self.root / "ruler.json")
+    runs = property(lambda self: self.root / "runs.jsonl")
+    proxy_scores = property(lambda self: self.root / "proxy_scores.jsonl")
+    result_json = property(lambda self: self.root / "result.json")
+    result_md = property(lambda self: self.root / "result.md")
+    zoo_json = property(lambda self: self.root / "zoo.json")
+    zoo_md = property(lambda self: self.root / "zoo.md")
+    zoo_png = property(lambda self: self.root / "zoo.png")

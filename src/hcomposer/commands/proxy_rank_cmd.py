@@ -10,6 +10,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
+from hcomposer.runs import RulerDir
 
 HELP = "Proxy-to-scale rank correlation on text: proxy scores vs validation loss, resumable."
 
@@ -154,17 +155,17 @@ def _ruler_report(args) -> int:
         )
     if args.boot < 100:
         raise UserError(f"--boot {args.boot}: give at least 100 resamples")
-    for name in ("split.json", "plan.json"):
-        if not (out / name).is_file():
-            raise UserError(f"{out} lacks {name}: not a complete ruler study folder")
-    cfg = RulerConfig(**read_json(out / "ruler.json"))
-    split = read_json(out / "split.json")
+    for path in (RulerDir(out).split, RulerDir(out).plan):
+        if not path.is_file():
+            raise UserError(f"{out} lacks {path.name}: not a complete ruler study folder")
+    cfg = RulerConfig(**read_json(RulerDir(out).config))
+    split = read_json(RulerDir(out).split)
     res = summarise(out, split, cfg)
-    atomic_write_json(out / "result.json", res)
-    atomic_write_text(out / "result.md", summary_markdown(res))
+    atomic_write_json(RulerDir(out).result_json, res)
+    atomic_write_text(RulerDir(out).result_md, summary_markdown(res))
     zoo = write_zoo(out, split, cfg, n_boot=args.boot)
     if args.json:
-        print(json.dumps({"ruler": res, "zoo": read_json(out / "zoo.json")}, indent=2))
+        print(json.dumps({"ruler": res, "zoo": read_json(RulerDir(out).zoo_json)}, indent=2))
     else:
         print(summary_markdown(res) + "\n" + zoo)
     return 0
@@ -176,7 +177,7 @@ def run(args) -> int:
     from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
     from hcomposer.training.trainer import TrainConfig
 
-    if (Path(args.out) / "ruler.json").is_file():
+    if RulerDir(args.out).config.is_file():
         return _ruler_report(args)
     if args.recipe not in RECIPES:
         raise UserError(f"--recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")
@@ -228,5 +229,5 @@ def run(args) -> int:
         )
         return 0
     else:
-        print((out / "result.md").read_text() if (out / "result.md").exists() else res)
+        print(RulerDir(out).result_md.read_text() if RulerDir(out).result_md.exists() else res)
     return 0 if res.get("correlation") is not None or len(patterns) < 3 else 1

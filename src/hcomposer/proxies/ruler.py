@@ -48,7 +48,7 @@ from hcomposer.data import load_tokenizer
 from hcomposer.data.sources import embedded_corpus_documents
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, sha256_file
-from hcomposer.runs import RunDir
+from hcomposer.runs import RulerDir, RunDir
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.shapes import Shape
 from hcomposer.stats import spearman_ci
@@ -56,6 +56,7 @@ from hcomposer.training.step import evaluate
 from hcomposer.training.trainer import TrainConfig, load_run, train
 
 __all__ = [
+    "Ruler",
     "RulerConfig",
     "RULER_SHAPE",
     "prepare_text",
@@ -294,11 +295,11 @@ class Ruler:
         self.log = log
         self._check_config()
         self.text = prepare_text(self.out / "data", cfg.text_fractions)
-        self.runs_log = self.out / "runs.jsonl"
+        self.runs_log = RulerDir(self.out).runs
         self.cache: dict = {}
 
     def _check_config(self) -> None:
-        path = self.out / "ruler.json"
+        path = RulerDir(self.out).config
         want = self.cfg.to_dict()
         if path.is_file():
             have = read_json(path)
@@ -456,7 +457,7 @@ def run_ruler(
 def ruler_losses(out: str | Path) -> dict[str, dict[str, Any]]:
     """Per pattern: the chosen rate's unflagged test losses by seed, and their mean."""
     final: dict[str, dict[int, float]] = {}
-    for r in read_jsonl(Path(out) / "runs.jsonl"):
+    for r in read_jsonl(RulerDir(out).runs):
         if r.get("role") == "final" and r.get("flag") is None and r.get("test_loss") is not None:
             final.setdefault(r["pattern"], {})[int(r["seed"])] = float(r["test_loss"])
     return {p: {"seeds": v, "mean": statistics.fmean(v.values())} for p, v in final.items()}
@@ -488,7 +489,7 @@ def rate_rule_check(out: str | Path, patterns: list[str], cfg: RulerConfig) -> l
     """For each pattern trained at every grid rate at the full budget (seed 0): the rate the
     cheap rule chose, the one the full grid's validation loss chooses, and the test-loss cost
     of the cheap pick (its test loss minus the full-grid pick's; 0 when they agree)."""
-    recs = [r for r in read_jsonl(Path(out) / "runs.jsonl") if r.get("flag") is None]
+    recs = [r for r in read_jsonl(RulerDir(out).runs) if r.get("flag") is None]
     rows = []
     for p in patterns:
         full = {r["lr"]: r for r in recs

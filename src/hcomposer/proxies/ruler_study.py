@@ -1,13 +1,15 @@
 """The ruler study's reports, computed from its files alone (no training): the ruler's
 reliability and the trivial rankers (``summarise``), the proxies' scores (``run_proxies``
-computes them, resumably) and the zoo table on the development and held-out patterns
-(``write_zoo``). ``benchmarks/ruler_v3.py`` runs the study; ``hcomposer proxy-rank --out
-FOLDER`` on a ruler study folder prints these from its files."""
+computes them, resumably), the zoo table on the development and held-out patterns
+(``write_zoo``), and a third seed where the first two disagree most (``add_seed``).
+``benchmarks/ruler_v3.py`` runs the study; ``hcomposer proxy-rank --out FOLDER`` on a ruler
+study folder prints these from its files."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hcomposer.format import markdown_table
@@ -21,26 +23,24 @@ from hcomposer.proxies.ruler import (
     reliability,
     ruler_losses,
 )
-from hcomposer.proxies.zoo import judge, plot_zoo, trivial_scores, zoo_markdown
-from hcomposer.stats import spearman, spearman_ci
+from hcomposer.proxies.zoo import judge, plot_zoo, rho_against, trivial_scores, zoo_markdown
+from hcomposer.runs import RulerDir
+from hcomposer.stats import spearman
 
 __all__ = ["PROXY_RUNS", "summarise", "summary_markdown", "run_proxies", "zoo_scores",
-           "write_zoo", "complete_losses"]  # fmt: skip
+           "write_zoo", "complete_losses", "wide_spread", "add_seed"]  # fmt: skip
 
 
 def _rank_against(scores: dict[str, float], losses: dict[str, float]) -> dict | None:
-    pats = sorted(set(scores) & set(losses))
-    x = [scores[p] for p in pats]
-    if len(pats) < 3 or len(set(x)) < 2:
-        return None
-    rho, lo, hi = spearman_ci(x, [-losses[p] for p in pats])
-    return {"spearman": rho, "ci": [lo, hi], "n": len(pats)}
+    rho = rho_against(scores, losses)
+    n = len(set(scores) & set(losses))
+    return None if rho is None else {"spearman": rho[0], "ci": [rho[1], rho[2]], "n": n}
 
 
 def summarise(out: Path, split: dict, cfg: RulerConfig) -> dict:
     losses = ruler_losses(out)
-    params = read_json(out / "plan.json")["non_embedding_active_params"]
-    recs = list(read_jsonl(out / "runs.jsonl"))
+    params = read_json(RulerDir(out).plan)["non_embedding_active_params"]
+    recs = list(read_jsonl(RulerDir(out).runs))
     chosen = {
         r["pattern"]: r["lr"]
         for r in recs
@@ -152,7 +152,7 @@ def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -
     """Seed-major (every pattern's first seed before any second), so a partial log covers
     every pattern; pattern k goes to worker k % n."""
 
-    log = out / "proxy_scores.jsonl"
+    log = RulerDir(out).proxy_scores
     done = {(r["pattern"], r["kind"], r["seed"]) for r in read_jsonl(log)}
     ruler = Ruler(out, cfg, work, log=lambda m: None)
     mine = [p for k, p in enumerate(patterns) if k % shard[1] == shard[0]]
@@ -181,7 +181,7 @@ def zoo_scores(out: Path, split: dict, cfg: RulerConfig) -> tuple[dict, dict, di
     """(ranker -> pattern -> score, ranker -> median CPU-s, design notes): proxies from
     proxy_scores.jsonl (mean over seeds) and the design choices made on the dev set."""
 
-    recs = list(read_jsonl(out / "proxy_scores.jsonl"))
+    recs = list(read_jsonl(RulerDir(out).proxy_scores))
     by: dict[tuple[str, str], list[dict]] = {}
     for r in recs:
         by.setdefault((r["kind"], r["pattern"]), []).append(r)
@@ -240,7 +240,7 @@ def write_zoo(out: Path, split: dict, cfg: RulerConfig, n_boot: int = 2000) -> s
     """The zoo on the dev and held-out sets: zoo.json, zoo.md, zoo.png (held-out)."""
 
     losses = complete_losses(out, cfg)
-    params = read_json(out / "plan.json")["non_embedding_active_params"]
+    params = read_json(RulerDir(out).plan)["non_embedding_active_params"]
     scores, cpu, notes = zoo_scores(out, split, cfg)
     res: dict = {"notes": notes, "sets": {}}
     lines = ["# The proxy zoo against ruler v3", ""]
@@ -253,10 +253,47 @@ def write_zoo(out: Path, split: dict, cfg: RulerConfig, n_boot: int = 2000) -> s
         table = zoo_markdown(verdicts) if verdicts else "(not enough patterns yet)"
         lines += [f"## {name} patterns ({len(pats)} with a ruler loss)", "", table, ""]
         if name == "heldout" and verdicts:
-            plot_zoo(verdicts, out / "zoo.png", title="held-out patterns")
+            plot_zoo(verdicts, RulerDir(out).zoo_png, title="held-out patterns")
     for k, v in notes.items():
         lines.append(f"{k}: {v}")
-    atomic_write_json(out / "zoo.json", res)
+    atomic_write_json(RulerDir(out).zoo_json, res)
     text = "\n".join(lines) + "\n"
-    atomic_write_text(out / "zoo.md", text)
+    atomic_write_text(RulerDir(out).zoo_md, text)
     return text
+
+
+def wide_spread(out: str | Path, above: float, seed: int) -> list[str]:
+    """Patterns whose seeds 0 and 1 differ by more than ``above`` nats of test loss and that
+    so would get ``seed``: where more seeds buy the most reliability. The list does not
+    depend on which extra seeds exist yet, so workers sharing it split it the same way."""
+    losses = ruler_losses(out)
+    return sorted(
+        p
+        for p, v in losses.items()
+        if {0, 1} <= set(v["seeds"]) and abs(v["seeds"][0] - v["seeds"][1]) > above
+    )
+
+
+def add_seed(
+    out: str | Path,
+    cfg: RulerConfig,
+    seed: int,
+    *,
+    above: float,
+    shard: tuple[int, int] = (0, 1),
+    work_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """One more seed, at each pattern's chosen rate (its unflagged seed-0 final run), for the
+    patterns of :func:`wide_spread`. A flagged extra run is kept in the log and never averaged
+    in; the pattern keeps its other seeds. Returns the patterns this worker took."""
+    ruler = Ruler(out, cfg, work_dir, log)
+    chosen = {
+        r["pattern"]: r["lr"]
+        for r in read_jsonl(RulerDir(out).runs)
+        if r["role"] == "final" and r["seed"] == 0 and r["flag"] is None
+    }
+    mine = [p for k, p in enumerate(wide_spread(out, above, seed)) if k % shard[1] == shard[0]]
+    for p in mine:
+        ruler.train_one(p, chosen[p], cfg.tokens, seed, "final")
+    return mine

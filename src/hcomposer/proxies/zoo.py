@@ -29,7 +29,7 @@ from hcomposer.plots import save_png, subplots
 from hcomposer.stats import kendall_ci, spearman_ci, spearman_diff_ci
 
 __all__ = ["TRIVIAL", "Verdict", "letters", "afwe_only", "trivial_scores", "judge",
-           "zoo_markdown", "plot_zoo"]  # fmt: skip
+           "rho_against", "zoo_markdown", "plot_zoo"]  # fmt: skip
 
 TRIVIAL = ("parameter count", "has S/D", "count of S+D", "count of A")
 
@@ -76,11 +76,16 @@ class Verdict:
         return asdict(self)
 
 
-def _rho(scores, minus_loss, pats: list[str], n_boot: int):
+def rho_against(
+    scores: Mapping[str, float], losses: Mapping[str, float], n_boot: int = 2000
+) -> tuple[float, float, float] | None:
+    """Spearman of ``scores`` with minus ``losses`` (higher score, lower loss) on the patterns
+    both hold, with its bootstrap interval; None below 3 patterns or for constant scores."""
+    pats = sorted(set(scores) & set(losses))
     x = [scores[p] for p in pats]
     if len(pats) < 3 or len(set(x)) < 2:
         return None
-    return spearman_ci(x, [minus_loss[p] for p in pats], n_boot=n_boot)
+    return spearman_ci(x, [-losses[p] for p in pats], n_boot=n_boot)
 
 
 def judge(
@@ -94,9 +99,7 @@ def judge(
     their :data:`TRIVIAL` names) against ``losses`` (pattern -> loss at scale), on the
     patterns each ranker scores."""
     minus = {p: -v for p, v in losses.items()}
-    rho_of = {
-        name: _rho(s, minus, sorted(set(s) & set(minus)), n_boot) for name, s in scores.items()
-    }
+    rho_of = {name: rho_against(s, losses, n_boot) for name, s in scores.items()}
     out = []
     for name, s in scores.items():
         pats = sorted(set(s) & set(minus))
@@ -112,7 +115,7 @@ def judge(
             diff = spearman_diff_ci([s[p] for p in common], [scores[best][p] for p in common],
                                     [minus[p] for p in common], n_boot=n_boot)  # fmt: skip
         fam = [p for p in pats if afwe_only(p)]
-        within = _rho(s, minus, fam, n_boot)
+        within = rho_against({p: s[p] for p in fam}, losses, n_boot)
         out.append(Verdict(
             name=name, n=len(pats), spearman=rho[0], spearman_ci=(rho[1], rho[2]),
             kendall=tau[0], kendall_ci=(tau[1], tau[2]), best_trivial=best,
