@@ -32,8 +32,10 @@ import importlib.util
 import math
 import os
 import secrets
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,17 @@ def _quiet_stdout():
         yield
 
 
+@contextlib.contextmanager
+def _deprecated_quietly():
+    """optuna-integration 4.9 marked its W&B and MLflow callbacks deprecated (removal planned
+    for 6.0); they still do the job, and the user can do nothing about the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*Callback has been deprecated", category=FutureWarning
+        )
+        yield
+
+
 class Tracker:
     """One backend's run. ``last_step``: the highest step it already held when opened."""
 
@@ -167,6 +180,24 @@ class Tracker:
 
     def log_images(self, images: Mapping[str, Path], step: int) -> None:
         raise NotImplementedError
+
+    def log_text(self, texts: Mapping[str, str], step: int) -> None:
+        raise NotImplementedError
+
+    def trial_callback(self, metric_names: list[str]):
+        """optuna-integration's callback ``(study, frozen_trial)`` for this backend, or None:
+        a search then sends each trial through :meth:`log_metrics` and :meth:`log_text`."""
+        return None
+
+    def log_trial(self, callback, study, trial, texts: Mapping[str, str]) -> None:
+        """One trial through this backend's callback (see :meth:`Tracking.log_trial`)."""
+        callback(study, trial)
+
+    def log_row(self, metrics: Mapping[str, float], texts: Mapping[str, str], step: int) -> None:
+        """Numbers and text of one step (a trial without a callback)."""
+        if metrics:
+            self.log_metrics(metrics, step)
+        self.log_text(texts, step)
 
     def finish(self, ok: bool = True) -> None:
         raise NotImplementedError
@@ -201,6 +232,10 @@ class TensorBoardTracker(Tracker):
             pixels = image.imread(str(path))
             self.writer.add_image(key, pixels[..., :3], step, dataformats="HWC")
 
+    def log_text(self, texts, step):
+        for key, text in texts.items():
+            self.writer.add_text(key, text, step)
+
     def finish(self, ok=True):
         self.writer.close()
 
@@ -210,6 +245,7 @@ class WandbTracker(Tracker):
 
     def __init__(self, track: Path, run_name: str, state: dict, resume_step: int | None):
         wandb = self.wandb = _import("wandb")
+        self.track = track
         state.setdefault("id", secrets.token_hex(8))
         mode = None
         if not os.environ.get("WANDB_MODE"):
@@ -224,7 +260,6 @@ class WandbTracker(Tracker):
                 dir=str(track),
                 mode=mode,
                 settings=wandb.Settings(console="off", silent=True),
-                reinit="create_new",
             )
         step = int(getattr(self.run, "step", 0) or 0)
         self.last_step = step - 1 if step > 0 else None
@@ -237,6 +272,28 @@ class WandbTracker(Tracker):
 
     def log_images(self, images, step):
         self.run.log({k: self.wandb.Image(str(p)) for k, p in images.items()}, step=step)
+
+    def log_text(self, texts, step):
+        self.run.log(dict(texts), step=step)
+
+    def trial_callback(self, metric_names):
+        callback = _import("wandb", "optuna_integration.wandb").WeightsAndBiasesCallback
+        # return_previous: the callback logs into this run (wandb.run), it opens none; W&B
+        # still lays out an empty run folder for that call, removed here.
+        runs = self.track / "wandb"
+        before = set(runs.glob("*run-*"))
+        kwargs = {"reinit": "return_previous", "dir": str(self.track)}
+        with _deprecated_quietly():
+            made = callback(metric_names, wandb_kwargs=kwargs)
+        for stub in set(runs.glob("*run-*")) - before:
+            if stub.is_dir() and not any(stub.glob("*.wandb")):
+                shutil.rmtree(stub, ignore_errors=True)
+        return made
+
+    def log_trial(self, callback, study, trial, texts):
+        # Uncommitted: the callback's row at the same step then carries the pattern too.
+        self.run.log(dict(texts), step=trial.number, commit=False)
+        callback(study, trial)
 
     def finish(self, ok=True):
         with _quiet_stdout():
@@ -268,7 +325,7 @@ class MlflowTracker(Tracker):
             ]  # fmt: skip
             self.last_step = max(steps) if steps else None
         state.update(uri=uri, run_id=run_id, experiment_id=exp_id)
-        self.run_id = run_id
+        self.run_id, self.uri, self.experiment_id = run_id, uri, exp_id
 
     def log_params(self, params):
         have = self.client.get_run(self.run_id).data.params
@@ -290,6 +347,18 @@ class MlflowTracker(Tracker):
     def log_images(self, images, step):
         for path in images.values():
             self.client.log_artifact(self.run_id, str(path), artifact_path="figures")
+
+    def log_text(self, texts, step):
+        for key, text in texts.items():
+            self.client.log_text(self.run_id, text, f"text/{key.replace('/', '_')}-{step}.txt")
+
+    def trial_callback(self, metric_names):
+        callback = _import("mlflow", "optuna_integration.mlflow").MLflowCallback
+        # One MLflow run per trial, a child of this one (the tag MLflow's UI nests by).
+        kwargs = {"experiment_id": self.experiment_id,
+                  "tags": {"mlflow.parentRunId": self.run_id}}  # fmt: skip
+        with _deprecated_quietly():
+            return callback(self.uri, metric_names, create_experiment=False, mlflow_kwargs=kwargs)
 
     def finish(self, ok=True):
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
@@ -324,6 +393,13 @@ class TrackioTracker(Tracker):
     def log_images(self, images, step):
         self.run.log({k: self.trackio.Image(str(p)) for k, p in images.items()}, step=step)
 
+    def log_text(self, texts, step):
+        self.run.log(dict(texts), step=step)
+
+    def log_row(self, metrics, texts, step):
+        # One call: trackio keeps each call as its own row, even at one step.
+        self.run.log({**metrics, **texts}, step=step)
+
     def finish(self, ok=True):
         with _quiet_stdout():
             if self.trackio.context_vars.current_run.get() is self.run:
@@ -344,9 +420,17 @@ _CLASSES: dict[str, type[Tracker]] = {
 class Tracking:
     """The trackers of one run, behind the same calls (none: every call does nothing)."""
 
-    def __init__(self, trackers: Iterable[Tracker] = (), state_path: Path | None = None):
+    def __init__(self, trackers: Iterable[Tracker] = (), state: dict | None = None,
+                 state_path: Path | None = None):  # fmt: skip
         self.trackers = list(trackers)
+        # Kept in TRACK/state.json: each backend's ids, and what a caller records (save()).
+        self.state = state if state is not None else {}
         self.state_path = state_path
+        self._callbacks: dict[str, Any] = {}
+
+    def save(self) -> None:
+        if self.state_path is not None:
+            atomic_write_json(self.state_path, self.state)
 
     def __bool__(self) -> bool:
         return bool(self.trackers)
@@ -368,6 +452,27 @@ class Tracking:
         """A metrics.jsonl record, under :data:`STEP_KEYS`' names, at its step."""
         self.log_metrics({STEP_KEYS[k]: v for k, v in record.items() if k in STEP_KEYS},
                          int(record["step"]))  # fmt: skip
+
+    def log_text(self, texts: Mapping[str, str], step: int) -> None:
+        for t in self.trackers:
+            if t.last_step is None or step > t.last_step:
+                t.log_text(texts, step)
+
+    def log_trial(self, study, trial, step: int, metrics: Mapping[str, Any],
+                  texts: Mapping[str, str], metric_names: list[str]) -> None:  # fmt: skip
+        """One search trial at ``step``: through the backend's optuna-integration callback
+        where it has one (given ``trial`` renumbered to ``step``), else as metrics and text."""
+        values = _numbers(metrics)
+        for t in self.trackers:
+            if t.last_step is not None and step <= t.last_step:
+                continue
+            if t.name not in self._callbacks:
+                self._callbacks[t.name] = t.trial_callback(metric_names)
+            callback = self._callbacks[t.name]
+            if callback is not None:
+                t.log_trial(callback, study, trial, texts)
+            else:
+                t.log_row(values, texts, step)
 
     def log_images(self, images: Mapping[str, Path], step: int) -> None:
         present = {k: Path(p) for k, p in images.items() if Path(p).is_file()}
@@ -413,7 +518,7 @@ def open_tracking(
             own = state.setdefault(name, {})
             trackers.append(_CLASSES[name](track, run_name, own, resume_step))
         atomic_write_json(state_path, state)
-        tracking = Tracking(trackers, state_path)
+        tracking = Tracking(trackers, state, state_path)
         if params:
             tracking.log_params(params)
     except BaseException:
