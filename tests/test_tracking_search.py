@@ -80,3 +80,41 @@ def test_search_sends_each_trial_once_across_a_resume(isolated):  # noqa: F811
     got = sorted((r["trial/pattern"], r["trial/score"]) for r in logs if "trial/score" in r)
     assert got == want
     assert config["search.sampler"] == "random"
+
+
+def test_run_pipeline_tracks_search_training_and_report(isolated):  # noqa: F811
+    import dataclasses
+
+    from hcomposer.io import read_jsonl
+    from hcomposer.pipeline import run_pipeline
+    from hcomposer.recipes import EvalConfig
+    from test_pipeline import SMOKE
+
+    recipe = dataclasses.replace(
+        SMOKE, train_seeds=1, rescore_top=0, eval=EvalConfig(suites=("loss",))
+    )
+    out = isolated / "pipe"
+    names = ("tensorboard", "mlflow")
+    state = run_pipeline(recipe, out, progress=False, report_to=names)
+    trials = read.tensorboard_scalars(out / "search" / "tracking" / "tensorboard")
+    assert len(trials["trial/score"]) == recipe.search.trials
+    for role in ("baseline", "composite"):
+        run = out / "train" / role
+        tb = read.tensorboard_scalars(run / "tracking" / "tensorboard")
+        loss = [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl")]
+        assert [s for s, _ in tb["train/loss"]] == [s for s, _ in loss]
+        assert [v for _, v in tb["train/loss"]] == pytest.approx([v for _, v in loss], rel=1e-6)
+    # The pipeline's own run: the best score and the report's plots.
+    track = out / "tracking"
+    mine = read_json(track / "state.json")
+    params, history, _, figures = read.mlflow_run(track / "mlruns", mine["mlflow"]["run_id"])
+    best = state["stages"]["search"]["best"]["score"]
+    assert history["search/best_score"] == [(0, pytest.approx(best))]
+    assert params["recipe.name"] == "smoke"
+    assert {"figures/trials.png", "figures/patterns.png"} <= set(figures)
+    images = read.tensorboard_images(track / "tensorboard")
+    assert {"report/trials", "report/patterns"} <= images
+    # Run again: every stage is done, nothing is logged twice.
+    run_pipeline(recipe, out, progress=False, report_to=names)
+    _, again, _, figures2 = read.mlflow_run(track / "mlruns", mine["mlflow"]["run_id"])
+    assert again["search/best_score"] == history["search/best_score"] and figures2 == figures

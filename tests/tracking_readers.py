@@ -11,7 +11,14 @@ import json
 import struct
 from pathlib import Path
 
-__all__ = ["tensorboard_scalars", "tensorboard_hparams", "mlflow_run", "wandb_runs", "trackio"]
+__all__ = [
+    "tensorboard_scalars",
+    "tensorboard_images",
+    "tensorboard_hparams",
+    "mlflow_run",
+    "wandb_runs",
+    "trackio",
+]
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -21,6 +28,15 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def tensorboard_images(folder: Path) -> set[str]:
+    """The image tags TensorBoard shows for the run in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0})
+    acc.Reload()
+    return set(acc.Tags()["images"])
 
 
 def tensorboard_hparams(folder: Path) -> dict[str, object]:

@@ -360,6 +360,18 @@ class MlflowTracker(Tracker):
         with _deprecated_quietly():
             return callback(self.uri, metric_names, create_experiment=False, mlflow_kwargs=kwargs)
 
+    def log_trial(self, callback, study, trial, texts):
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            callback(study, trial)
+        finally:
+            # The callback sets MLflow's process-wide URI, environment variable included: put
+            # back the user's, so a later run in this process opens its own store.
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
+
     def finish(self, ok=True):
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
