@@ -1,5 +1,6 @@
-"""--report-to on a search: each trained trial reaches every tracker once, with its score and
-pattern (W&B and MLflow through optuna-integration's callbacks), also across a resume."""
+"""--report-to beyond train: a search's trials reach every tracker once, with score and pattern
+(W&B and MLflow through optuna-integration's callbacks), also across a resume; `run` tracks its
+search, its training runs and its report; an IsoFLOP sweep its runs and its fit."""
 
 from __future__ import annotations
 
@@ -118,3 +119,49 @@ def test_run_pipeline_tracks_search_training_and_report(isolated):  # noqa: F811
     run_pipeline(recipe, out, progress=False, report_to=names)
     _, again, _, figures2 = read.mlflow_run(track / "mlruns", mine["mlflow"]["run_id"])
     assert again["search/best_score"] == history["search/best_score"] and figures2 == figures
+
+
+@pytest.mark.slow
+def test_isoflop_tracks_each_run_and_the_fit_once(isolated):  # noqa: F811
+    from hcomposer.data.sources import embedded_corpus_text
+    from hcomposer.scaling import run_sweep
+    from test_scaling import _tiny
+
+    text = isolated / "austen.txt"
+    text.write_text(embedded_corpus_text()[:60_000], encoding="utf-8")
+    out = isolated / "sweep"
+    names = ("tensorboard", "mlflow")
+    results = run_sweep(_tiny(text), out, progress=False, report_to=names)
+    losses = [r["loss"] for r in results["runs"]]
+    assert len(losses) == 6
+    for r in results["runs"]:
+        tb = read.tensorboard_scalars(out / r["key"] / "tracking" / "tensorboard")
+        assert tb["val/loss"][-1][1] == pytest.approx(r["loss"], rel=1e-6)
+    track = out / "tracking"
+    run_id = read_json(track / "state.json")["mlflow"]["run_id"]
+    params, history, _, figures = read.mlflow_run(track / "mlruns", run_id)
+    assert [v for _, v in history["isoflop/loss"]] == pytest.approx(losses)
+    assert sorted(figures) == ["figures/frontier.png", "figures/isoflop.png"]
+    assert params["sweep.patterns"] == "['AF']"
+    # Fitted again over the same runs: nothing new is logged.
+    run_sweep(_tiny(text), out, progress=False, report_to=names)
+    assert read.mlflow_run(track / "mlruns", run_id)[1] == history
+
+
+@pytest.mark.slow
+def test_proxy_rank_tracks_its_points(isolated, capsys):  # noqa: F811
+    import json
+
+    from hcomposer.cli import main
+
+    out = isolated / "rank"
+    argv = ["proxy-rank", "--recipe", "smoke", "--out", str(out), "--json"]
+    assert main([*argv, "--report-to", "tensorboard"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    points = sorted(doc["points"], key=lambda p: p["proxy_score"])
+    tb = read.tensorboard_scalars(out / "tracking" / "tensorboard")
+    assert [v for _, v in tb["proxy_rank/scale_val_loss"]] == pytest.approx(
+        [p["scale_val_loss"] for p in points], rel=1e-6
+    )
+    assert tb["proxy_rank/spearman"] == [(3, pytest.approx(doc["correlation"]["spearman"]))]
+    assert read.tensorboard_images(out / "tracking" / "tensorboard") == {"proxy_rank/plot"}
