@@ -11,13 +11,16 @@ A training run (``RunDir``)::
     RUN/status.json         {"status": "running" | "completed" | "diverged", "step", "message"}
     RUN/summary.json        the TrainResult, once the run stopped
     RUN/eval/results.json   the evaluation suite's results (+ results.md and plots)
+    RUN/tracking/           what ``--report-to`` writes (see ``hcomposer.tracking``): event
+                            files, an offline W&B run, an MLflow file store, state.json
 
 A search (``SearchDir``): ``search.json`` (config), ``run.json``, ``study.db`` (the Optuna
 study unless a storage URL was given), ``trials.jsonl`` and ``summary.json``. A pipeline
 (``PipelineDir``): ``pipeline.json`` (stage state), ``search/``, ``train/<role>/`` (and
 ``train/<role>-seed<k>/``, the extra training seeds), ``rescore.json`` (the search's top
 patterns on extra proxy seeds: ``{pattern: {seed: score}}``), ``compare/``, ``report.md`` and
-the files of its stages. No other module spells these names.
+the files of its stages. Every folder a command tracks (``--report-to``) holds its
+``tracking/`` (:func:`tracking_dir`). No other module spells these names.
 """
 
 from __future__ import annotations
@@ -39,10 +42,23 @@ from hcomposer.io import (
     run_metadata,
 )
 
-__all__ = ["RunDir", "SearchDir", "PipelineDir", "RulerDir", "record_run", "RUN_JSON"]
+__all__ = [
+    "RunDir",
+    "SearchDir",
+    "PipelineDir",
+    "RulerDir",
+    "record_run",
+    "tracking_dir",
+    "RUN_JSON",
+]
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
+
+
+def tracking_dir(folder: str | Path) -> Path:
+    """The folder's experiment-tracking files (``hcomposer.tracking`` lays them out)."""
+    return Path(folder) / "tracking"
 
 
 def record_run(folder: str | Path, config: dict, argv: list[str] | None = None) -> Path:
@@ -79,6 +95,7 @@ class RunDir:
     eval_dir = property(lambda self: self.root / "eval")
     eval_results = property(lambda self: self.root / "eval" / "results.json")
     eval_markdown = property(lambda self: self.root / "eval" / "results.md")
+    tracking = property(lambda self: tracking_dir(self.root))
 
     def is_run(self) -> bool:
         """True when the folder holds a run's architecture (what every reader needs)."""
@@ -152,6 +169,7 @@ class SearchDir:
     study_db = property(lambda self: self.root / "study.db")
     trials = property(lambda self: self.root / "trials.jsonl")
     summary_json = property(lambda self: self.root / SUMMARY_JSON)
+    tracking = property(lambda self: tracking_dir(self.root))
 
     def record(self, config: dict, argv: list[str] | None = None) -> None:
         record_run(self.root, config, argv)
@@ -169,6 +187,7 @@ class PipelineDir:
     compare = property(lambda self: self.root / "compare")
     report = property(lambda self: self.root / "report.md")
     rescore = property(lambda self: self.root / "rescore.json")
+    tracking = property(lambda self: tracking_dir(self.root))
 
     def architecture(self, role: str) -> Path:
         """The architecture chosen for ``role`` ("composite" or "baseline")."""

@@ -7,6 +7,7 @@ import json
 
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.tracking import add_report_to, parse_report_to
 
 HELP = "IsoFLOP sweeps: train each pattern at several sizes per FLOP budget, fit the frontier."
 
@@ -43,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--fit-only", action="store_true", help="train nothing: fit the runs already finished"
     )
+    add_report_to(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -135,6 +137,7 @@ def run(args) -> int:
     from hcomposer.scaling import plan_sweep, run_sweep
 
     cfg = config_from_args(args)
+    report_to = parse_report_to(args.report_to)
     if args.dry_run:
         runs = [r.describe() for r in plan_sweep(cfg)]
         if args.json:
@@ -155,6 +158,7 @@ def run(args) -> int:
         argv=args.argv,
         on_run=tell,
         fit_only=args.fit_only,
+        report_to=report_to,
     )
     if args.json:
         print(json.dumps(results, indent=2, default=str))

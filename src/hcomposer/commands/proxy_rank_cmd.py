@@ -10,7 +10,8 @@ from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
-from hcomposer.runs import RulerDir
+from hcomposer.runs import RulerDir, tracking_dir
+from hcomposer.tracking import add_report_to, finite, open_tracking, parse_report_to
 
 HELP = "Proxy-to-scale rank correlation on text: proxy scores vs validation loss, resumable."
 
@@ -114,6 +115,7 @@ def add_arguments(p) -> None:
         "--boot", type=int, default=2000,
         help="bootstrap resamples for the intervals of a ruler study's report (default 2000)",
     )  # fmt: skip
+    add_report_to(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -215,7 +217,10 @@ def run(args) -> int:
         noise_patterns=tuple(p for p in r.noise_patterns if p in patterns),
         noise_seeds=r.noise_seeds,
     )  # fmt: skip
+    report_to = parse_report_to(args.report_to)
     res = run_proxy_rank(list(patterns), out, study, k=len(patterns), log=lambda m: con.print(m))
+    if res.get("correlation") is not None:
+        _track(report_to, out, {"recipe": args.recipe, "patterns": list(patterns)}, res)
     if args.json:
         print(json.dumps(res, indent=2))
     elif len(patterns) < 3:
@@ -231,3 +236,25 @@ def run(args) -> int:
     else:
         print(RulerDir(out).result_md.read_text() if RulerDir(out).result_md.exists() else res)
     return 0 if res.get("correlation") is not None or len(patterns) < 3 else 1
+
+
+def _track(report_to, out: Path, params: dict, res: dict) -> None:
+    """The study's tracked run: each pattern's proxy score and scale loss (one step per
+    pattern, ordered by proxy score), the rank correlations and the plot; logged once per
+    set of points (a study rerun with nothing new logs nothing)."""
+    points = sorted(res["points"], key=lambda p: p["proxy_score"])
+    with open_tracking(report_to, tracking_dir(out), run_name=out.resolve().name,
+                       params=params, resume_step=0) as tracking:  # fmt: skip
+        key = [[p["pattern"], p["scale_val_loss"]] for p in points]
+        if not tracking or tracking.state.get("points") == key:
+            return
+        for i, p in enumerate(points, 1):
+            metrics = {"proxy_rank/proxy_score": p["proxy_score"],
+                       "proxy_rank/scale_val_loss": p["scale_val_loss"]}  # fmt: skip
+            tracking.log_metrics(metrics, i)
+            tracking.log_text({"proxy_rank/pattern": p["pattern"]}, i)
+        corr = {f"proxy_rank/{k}": v for k, v in res["correlation"].items() if finite(v)}
+        tracking.log_metrics(corr, len(points))
+        tracking.log_images({"proxy_rank/plot": out / "proxy_rank.png"}, len(points))
+        tracking.state["points"] = key
+        tracking.save()

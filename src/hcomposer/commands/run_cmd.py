@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
+from hcomposer.tracking import add_report_to, parse_report_to
 
 HELP = (
     "Run the whole pipeline: search -> aggregate -> scale -> train composite and baseline "
@@ -27,6 +28,7 @@ def add_arguments(p) -> None:
         "searches on mad:recall,copy,memorize (docs/proxies.md says which tasks rank as "
         "scale does)",
     )
+    add_report_to(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
 
@@ -82,6 +84,7 @@ def run(args) -> int:
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
     check_output_dir(out, "--out")
+    report_to = parse_report_to(args.report_to)
     con = console()
     # The banner comes with the first stage, so a refused folder prints only the error.
     banner = [f"[bold]hcomposer run[/bold] recipe [cyan]{recipe.name}[/cyan] -> {out}"]
@@ -91,7 +94,8 @@ def run(args) -> int:
             con.print(banner.pop())
         con.print(text, markup=False, highlight=False)
 
-    state = run_pipeline(recipe, out, argv=args.argv, progress=not args.no_progress, say=say)
+    state = run_pipeline(recipe, out, argv=args.argv, progress=not args.no_progress, say=say,
+                         report_to=report_to)  # fmt: skip
     rep = state["stages"]["report"]
     if args.json:
         print(json.dumps({"out": str(out), "stages": state["stages"]}, default=str))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hcomposer.format import console, parse_count
 from hcomposer.guards import check_output_dir
+from hcomposer.tracking import add_report_to, parse_report_to
 
 HELP = "Search the order and ratio of primitives (Bayesian optimisation by default); resumable."
 
@@ -84,6 +85,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--out", default=None, help="run folder (default runs/search-<sampler>-<seed>)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler and the proxy")
+    add_report_to(p)
     p.add_argument("--no-progress", action="store_true", help="no live view on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -177,6 +179,7 @@ def run(args) -> int:
     config = build_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"search-{config.sampler}-{config.seed}"
     check_output_dir(out, "--out")
+    report_to = parse_report_to(args.report_to)
     executor = make_executor(
         args.executor,
         ray_address=args.ray_address,
@@ -184,8 +187,9 @@ def run(args) -> int:
         gpus_per_trial=args.gpus_per_trial,
     )
     result = run_search(
-        config, out, argv=args.argv, progress=not args.no_progress, executor=executor
-    )
+        config, out, argv=args.argv, progress=not args.no_progress, executor=executor,
+        report_to=report_to,
+    )  # fmt: skip
     if args.json:
         data = result.to_dict()
         print(json.dumps(data, indent=2))

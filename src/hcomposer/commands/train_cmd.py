@@ -10,6 +10,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_memory, check_output_dir
 from hcomposer.runs import RunDir
+from hcomposer.tracking import add_report_to, parse_report_to
 
 HELP = "Train an architecture on text (the embedded corpus by default) into a run folder."
 
@@ -69,6 +70,7 @@ def add_arguments(p) -> None:
         help="train N row slices of each micro-batch concurrently, one thread each, with one "
         "intra-op thread; 0 (default): one per core on a CPU with 2-4 cores, else 1 (no split)",
     )  # fmt: skip
+    add_report_to(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -127,6 +129,7 @@ def run(args) -> int:
     from hcomposer.training.trainer import TrainConfig, train
 
     check_output_dir(args.out, "--out")
+    report_to = parse_report_to(args.report_to)
     arch = _architecture(args.arch, args.shape)
     config = TrainConfig(
         tokens=parse_count(args.tokens, "--tokens"),
@@ -163,6 +166,7 @@ def run(args) -> int:
         resume=args.resume,
         progress=not args.no_progress and not args.json,
         argv=args.argv,
+        report_to=report_to,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if result.status != "diverged" else 1

@@ -25,6 +25,7 @@ from hcomposer.reporting.report import (
     plot_trials,
 )
 from hcomposer.search import load_trials
+from hcomposer.tracking import finite, open_tracking
 
 # What is measured of each proxy's rank agreement with training at scale (figures tested
 # against the study's raw files in tests/test_proxy_validity.py).
@@ -40,6 +41,27 @@ __all__ = [
     "noise_sentence",
     "noise_markdown",
 ]
+
+
+def track_report(state: State, recipe: Recipe, report_to) -> None:
+    """The pipeline's own tracked run, once: the recipe as hyperparameters, the search's best
+    score, the final losses (mean and spread over seeds), the report's plots and report.md."""
+    folder = state.dir
+    with open_tracking(report_to, folder.tracking, run_name=folder.root.resolve().name,
+                       params={"recipe": recipe.to_dict()}) as tracking:  # fmt: skip
+        if not tracking or tracking.state.get("report_logged"):
+            return
+        st = state.data["stages"]
+        best = st["search"].get("best")
+        metrics = {"search/best_score": best.get("score")} if isinstance(best, dict) else {}
+        loss = ((st["report"].get("noise") or {}).get("loss")) or {}
+        metrics.update({f"report/{k}_val_loss": v for k, v in loss.items() if finite(v)})
+        tracking.log_metrics(metrics, step=0)
+        plots = sorted(folder.root.glob("*.png")) + sorted(folder.compare.glob("*.png"))
+        tracking.log_images({f"report/{p.stem}": p for p in plots}, step=0)
+        tracking.log_text({"report": folder.report.read_text()}, step=0)
+        tracking.state["report_logged"] = True
+        tracking.save()
 
 
 def stage_report(state: State, recipe: Recipe) -> dict:

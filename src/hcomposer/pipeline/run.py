@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hcomposer.pipeline.aggregate import stage_aggregate
 from hcomposer.pipeline.evaluate import stage_eval
-from hcomposer.pipeline.report import stage_report
+from hcomposer.pipeline.report import stage_report, track_report
 from hcomposer.pipeline.scale import stage_scale
 from hcomposer.pipeline.search import stage_rescore, stage_search
 from hcomposer.pipeline.state import State
@@ -27,8 +27,13 @@ def run_pipeline(
     argv: list[str] | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    report_to: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns pipeline.json's content."""
+    """Run (or resume) every stage; returns pipeline.json's content.
+
+    ``report_to``: experiment trackers for the search's trials, each training run's steps,
+    and, once the report exists, the pipeline's own run (config, final figures, plots).
+    """
     say = say or (lambda _text: None)
     state = State(Path(out_dir), recipe, argv)
     t0 = time.perf_counter()
@@ -44,20 +49,26 @@ def run_pipeline(
         say(f"[{name}] finished in {time.perf_counter() - s:.0f}s")
         return res
 
-    stage("search", lambda: stage_search(state, recipe, progress))
+    stage("search", lambda: stage_search(state, recipe, progress, report_to))
     agg = stage("aggregate", lambda: stage_aggregate(state, recipe))
     stage("scale", lambda: stage_scale(state, recipe, agg["pattern"]))
     for role in ("baseline", "composite"):
-        stage(f"train_{role}", lambda r=role: stage_train(state, recipe, r, argv, progress))
+        stage(
+            f"train_{role}",
+            lambda r=role: stage_train(state, recipe, r, argv, progress, report_to),
+        )
     for role in ("baseline", "composite"):
         stage(f"eval_{role}", lambda r=role: stage_eval(state, recipe, r, argv, progress))
     for k in range(1, recipe.train_seeds):
         for role in ("baseline", "composite"):
-            run = functools.partial(stage_train_seed, state, recipe, role, k, argv, progress)
+            run = functools.partial(
+                stage_train_seed, state, recipe, role, k, argv, progress, report_to
+            )
             stage(f"train_{role}_seed{k}", run)
     if recipe.rescore_top:
         stage("rescore", lambda: stage_rescore(state, recipe))
     stage("report", lambda: stage_report(state, recipe))
+    track_report(state, recipe, report_to)
     state.data["wall_seconds_last_call"] = time.perf_counter() - t0
     state.save()
     return state.data

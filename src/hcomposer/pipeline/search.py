@@ -16,8 +16,10 @@ from hcomposer.search.objectives import normalise_result, resolve_objective
 __all__ = ["stage_search", "top_patterns", "rescore", "stage_rescore"]
 
 
-def stage_search(state: State, recipe: Recipe, progress: bool) -> dict:
-    result = run_search(recipe.search, state.dir.search.root, progress=progress)
+def stage_search(state: State, recipe: Recipe, progress: bool, report_to=()) -> dict:
+    result = run_search(
+        recipe.search, state.dir.search.root, progress=progress, report_to=report_to
+    )
     keep = ("number", "pattern", "score")
     best = result.best
     if isinstance(best, dict):

@@ -15,10 +15,13 @@ from hcomposer.training.trainer import train
 __all__ = ["stage_train", "stage_train_seed", "seed_losses"]
 
 
-def stage_train(state: State, recipe: Recipe, role: str, argv, progress: bool) -> dict:
+def stage_train(
+    state: State, recipe: Recipe, role: str, argv, progress: bool, report_to=()
+) -> dict:
     arch = Architecture.from_json(state.dir.architecture(role))
     run_dir = state.dir.train(role)
-    result = train(arch, recipe.train, run_dir.root, resume=True, progress=progress, argv=argv)
+    result = train(arch, recipe.train, run_dir.root, resume=True, progress=progress, argv=argv,
+                   report_to=report_to)  # fmt: skip
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} ended with status {result.status!r} "
@@ -27,11 +30,14 @@ def stage_train(state: State, recipe: Recipe, role: str, argv, progress: bool) -
     return state.finish(f"train_{role}", {**result.to_dict(), "pattern": arch.pattern})
 
 
-def stage_train_seed(state: State, recipe: Recipe, role: str, k: int, argv, progress) -> dict:
+def stage_train_seed(
+    state: State, recipe: Recipe, role: str, k: int, argv, progress, report_to=()
+) -> dict:
     arch = Architecture.from_json(state.dir.architecture(role))
     run_dir = state.dir.train(role, k)
     cfg = recipe.train.replace(seed=recipe.train.seed + k)
-    result = train(arch, cfg, run_dir.root, resume=True, progress=progress, argv=argv)
+    result = train(arch, cfg, run_dir.root, resume=True, progress=progress, argv=argv,
+                   report_to=report_to)  # fmt: skip
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} (seed {cfg.seed}) ended with status "

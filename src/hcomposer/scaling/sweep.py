@@ -24,10 +24,11 @@ from hcomposer.data import get_tokenizer
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
 from hcomposer.io import atomic_write_json, read_json, run_metadata
-from hcomposer.runs import RunDir
+from hcomposer.runs import RunDir, tracking_dir
 from hcomposer.scaling.fits import fit_frontier
 from hcomposer.scaling.ladder import Ladder, PlannedRun, pattern_block, plan_runs
 from hcomposer.scaling.plots import plot_frontier, plot_isoflop
+from hcomposer.tracking import finite, open_tracking
 from hcomposer.training.trainer import TrainConfig, train, vocab_for
 
 __all__ = ["SweepConfig", "RECIPES", "get_recipe", "plan_sweep", "run_sweep", "collect"]
@@ -249,11 +250,14 @@ def run_sweep(
     argv: list[str] | None = None,
     on_run: Callable[[PlannedRun, str], None] | None = None,
     fit_only: bool = False,
+    report_to: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train every run not yet finished, fit, plot; return the results (also results.json).
 
     ``on_run(run, what)`` is told ``"skipped"``, ``"resumed"``, ``"trained"`` or (with
     ``fit_only``, which trains nothing and fits the finished runs) ``"missing"`` per run.
+    ``report_to``: experiment trackers for each training run and for the sweep's own run
+    (:func:`_track`).
     """
 
     out = Path(out_dir)
@@ -288,6 +292,7 @@ def run_sweep(
                 resume=resume,
                 progress=False,
                 argv=argv,
+                report_to=report_to,
             )
             if on_run:
                 on_run(r, "resumed" if resume else "trained")
@@ -299,7 +304,32 @@ def run_sweep(
     atomic_write_json(out / "results.json", results)
     plot_isoflop(results, out / "isoflop.png")
     plot_frontier(results, out / "frontier.png")
+    _track(report_to, out, config, rows, results)
     return results
+
+
+def _track(report_to, out: Path, config: SweepConfig, rows: list[dict], results: dict) -> None:
+    """The sweep's own tracked run: the settings, each finished run's final losses (one step
+    per run, in plan order), the frontier's exponents and the two plots. A fit over the same
+    finished runs as the last one logged is not logged again; a fit over more is logged whole
+    (TensorBoard hides the earlier one's events; the other trackers take the steps after the
+    last they hold)."""
+    done = [r for r in rows if r["status"] == "completed"]
+    with open_tracking(report_to, tracking_dir(out), run_name=out.resolve().name,
+                       params={"sweep": config.to_dict()}, resume_step=0) as tracking:  # fmt: skip
+        if not tracking or tracking.state.get("fitted_runs") == len(done):
+            return
+        for i, r in enumerate(done, 1):
+            keys = ("budget", "d_model", "params", "tokens", "loss", "train_loss")
+            tracking.log_metrics({f"isoflop/{k}": r[k] for k in keys if finite(r.get(k))}, i)
+        fit = {f"frontier/{block}/{name}": (res.get(name) or {}).get("slope")
+               for block, res in results["patterns"].items()
+               for name in ("n_exponent", "d_exponent", "loss_slope")}  # fmt: skip
+        tracking.log_metrics(fit, len(done))
+        images = {"isoflop/isoflop": out / "isoflop.png", "isoflop/frontier": out / "frontier.png"}
+        tracking.log_images(images, len(done))
+        tracking.state["fitted_runs"] = len(done)
+        tracking.save()
 
 
 def fit_results(config: SweepConfig, rows: list[dict]) -> dict[str, Any]:

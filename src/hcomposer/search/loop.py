@@ -35,6 +35,7 @@ import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ from hcomposer.search.storage import (
     reap_dead_trials,
     storage_url,
 )
+from hcomposer.search.tracked import TrialFeed
 from hcomposer.search.trial import TrialSteps
+from hcomposer.tracking import open_tracking
 
 __all__ = ["SearchResult", "run_search", "prepare_run_folder", "load_trials"]
 
@@ -201,8 +204,9 @@ def _stage_best(study: optuna.Study, config: SearchConfig) -> str | None:
 class _Worker:
     """Runs the stages of one search in one process, sharing the storage with others."""
 
-    def __init__(self, config, out_dir, url, objective, view=None, parent_pid=None):
+    def __init__(self, config, out_dir, url, objective, view=None, parent_pid=None, feed=None):
         self.config: SearchConfig = config
+        self.feed: TrialFeed | None = feed
         self.out = Path(out_dir)
         self.storage = open_storage(url)
         self.objective = objective
@@ -277,6 +281,8 @@ class _Worker:
             with heartbeat(study, trial):
                 self.steps.run(study, stage, trial)
             self._show(study, stage)
+            if self.feed is not None:
+                self.feed.poll()
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -353,6 +359,7 @@ def run_search(
     argv: list[str] | None = None,
     progress: bool = True,
     executor: Executor | None = None,
+    report_to: Sequence[str] = (),
 ) -> SearchResult:
     """Run (or resume) a search into ``out_dir``; returns the trials and the best.
 
@@ -360,6 +367,7 @@ def run_search(
     :mod:`hcomposer.search.objectives`); with ``workers > 1`` it must be picklable (a
     module-level function), since each worker is a spawned process. ``executor`` says
     where evaluations run (:mod:`hcomposer.search.executors`; default: local).
+    ``report_to``: experiment trackers that receive each trial (:mod:`hcomposer.search.tracked`).
     """
     out = Path(out_dir)
     objective = resolve_objective(config.proxy, objective, config.proxy_config)
@@ -376,23 +384,29 @@ def run_search(
         url = storage_url(config.storage, out)
         t0 = time.perf_counter()
         label = f"search {config.sampler}"
-        with LiveView(config.trials, enabled=progress, label=label) as view:
-            evaluate = executor.wrap(objective)
-            if config.workers == 1:
-                notes = _Worker(config, out, url, evaluate, view=view).run()
-            elif executor.threads:
-                notes = run_threads(
-                    lambda i: _Worker(
-                        config, out, url, evaluate, view=view if i == 0 else None
-                    ).run(),
-                    config.workers,
-                )
-            else:
-                notes = _run_workers(config, out, url, objective, view)
-        return summarise(config, out, time.perf_counter() - t0, notes)
+        name = "/".join(out.resolve().parts[-2:])
+        params = {"search": config.to_dict()}
+        with open_tracking(report_to, SearchDir(out).tracking, run_name=name, params=params) as tr:
+            feed = TrialFeed(tr, config, url)
+            with LiveView(config.trials, enabled=progress, label=label) as view:
+                evaluate = executor.wrap(objective)
+                if config.workers == 1:
+                    notes = _Worker(config, out, url, evaluate, view=view, feed=feed).run()
+                elif executor.threads:
+                    notes = run_threads(
+                        lambda i: _Worker(
+                            config, out, url, evaluate, view=view if i == 0 else None,
+                            feed=feed if i == 0 else None,
+                        ).run(),
+                        config.workers,
+                    )  # fmt: skip
+                else:
+                    notes = _run_workers(config, out, url, objective, view, feed)
+            feed.poll()  # the trials other workers finished last
+            return summarise(config, out, time.perf_counter() - t0, notes)
 
 
-def _run_workers(config, out: Path, url: str, objective, view: LiveView) -> list[str]:
+def _run_workers(config, out: Path, url: str, objective, view: LiveView, feed) -> list[str]:
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(
@@ -409,6 +423,7 @@ def _run_workers(config, out: Path, url: str, objective, view: LiveView) -> list
             # A busy SQLite file: show the next poll instead.
             with contextlib.suppress(Exception):
                 view.update(*_progress_from_storage(config, url))
+            feed.poll()
             time.sleep(1.0)
     except KeyboardInterrupt:
         for p in procs:

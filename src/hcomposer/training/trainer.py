@@ -32,6 +32,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +57,7 @@ from hcomposer.model import build_model, lm_loss
 from hcomposer.primitives import primitive_class
 from hcomposer.runs import RUN_JSON, RunDir
 from hcomposer.threads import THREADS_EVERY, AdaptiveThreads, adapts
+from hcomposer.tracking import Tracking, open_tracking
 from hcomposer.training.checkpoint import (
     check_out_dir,
     find_checkpoint,
@@ -64,6 +66,7 @@ from hcomposer.training.checkpoint import (
     save_checkpoint,
 )
 from hcomposer.training.distributed import Distributed
+from hcomposer.training.meter import Meter
 from hcomposer.training.schedule import SCHEDULES, lr_at
 from hcomposer.training.step import (
     DTYPES,
@@ -245,28 +248,35 @@ def train(
     progress: bool = True,
     stop_at: int | None = None,
     argv: list[str] | None = None,
+    report_to: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``arch`` on ``config.data`` into ``out_dir`` (see the module docstring).
 
     ``stop_at`` ends the run after that many optimiser steps (a checkpoint is written), as a
-    kill would, leaving status ``running`` for a later ``resume=True``.
+    kill would, leaving status ``running`` for a later ``resume=True``. ``report_to``: the
+    experiment trackers each metrics record also goes to (``hcomposer.tracking``).
     """
     out = Path(out_dir)
     dist = Distributed(config.device)
     threads = torch.get_num_threads()
+    trainer = None
     try:
-        return _train(arch, config, out, dist, resume, progress, stop_at, argv)
+        # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
+        trainer = Trainer(
+            arch, config, out, dist=dist, resume=resume, argv=argv, report_to=report_to
+        )
+        done = trainer.setup()
+        return done if done is not None else _train(trainer, stop_at, progress)
     finally:
+        if trainer is not None:
+            # After an error: the trackers' runs are closed as failed (no-op once finished).
+            trainer.tracking.finish(ok=False)
         torch.set_num_threads(threads)
         dist.close()
 
 
-def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainResult:
-    # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
-    trainer = Trainer(arch, config, out, dist=dist, resume=resume, argv=argv)
-    done = trainer.setup()
-    if done is not None:
-        return done
+def _train(trainer: Trainer, stop_at: int | None, progress: bool) -> TrainResult:
+    config, dist = trainer.config, trainer.dist
     total = config.total_steps
     start_step = trainer.start_step
     end = total if stop_at is None else min(total, stop_at)
@@ -299,6 +309,8 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tps,
+                    "mfu": trainer.meter.mfu(tps / dist.world),
+                    "peak_mem_mib": trainer.meter.peak_mem_mib(),
                     "threads": torch.get_num_threads(),
                 }
                 bar.update(task, info=f"loss {step_loss:.4f}  {tps:,.0f} tok/s")
@@ -315,6 +327,7 @@ def _train(arch, config, out, dist, resume, progress, stop_at, argv) -> TrainRes
                 record["val_loss"] = last_val
             if record is not None and dist.main:
                 trainer.run_dir.append_metrics(record)
+                trainer.tracking.log_record(record)
             if step % THREADS_EVERY == 0:
                 # After the record: a logged count is the one its steps ran with.
                 trainer.adapt_threads()
@@ -425,6 +438,7 @@ class Trainer:
         dist: Distributed,
         resume: bool = False,
         argv: list[str] | None = None,
+        report_to: Sequence[str] = (),
     ):
         self.config, self.dist, self.argv = config, dist, argv
         self.run_dir = RunDir(out_dir)
@@ -432,6 +446,8 @@ class Trainer:
         checked = _check_inputs(arch, config, self.run_dir.root, dist, resume)
         self.has_run, self.tokenizer, self.arch, self.ckpt, self.micro, self.dataset = checked
         self.adaptive: AdaptiveThreads | None = None
+        self.report_to = tuple(report_to)
+        self.tracking = Tracking()
 
     def setup(self) -> TrainResult | None:
         """Build the model and optimiser, restore the checkpoint, write the run's first files.
@@ -481,6 +497,12 @@ class Trainer:
                 )
             run.truncate_metrics(self.start_step)
             run.write_status("running", self.start_step, f"training from step {self.start_step}")
+            self.tracking = open_tracking(
+                self.report_to, run.tracking, run_name="/".join(run.root.resolve().parts[-2:]),
+                params=run.read_run().get("config"),
+                resume_step=self.start_step if self.has_run else None,
+            )  # fmt: skip
+        self.meter = Meter(self.arch, config.seq_len, device, resolve_dtype(config.dtype, device))
         dist.barrier()
         net: torch.nn.Module = model
         if config.compile:
@@ -637,6 +659,7 @@ class Trainer:
         )
         if dist.main:
             run.write_summary(out.to_dict())
+            self.tracking.finish(ok=status != "diverged")
         dist.barrier()
         return out
 
