@@ -8,7 +8,10 @@ from pathlib import Path
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import read_jsonl
+from hcomposer.recipes import Recipe
 from hcomposer.runs import SearchDir
+from hcomposer.scaling.aggregate import aggregate_details
+from hcomposer.search import load_trials
 
 HELP = "Aggregate the top trials of a search into one pattern (k-means + per-position vote)."
 
@@ -36,9 +39,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.recipes import Recipe
-
     return {"method": (Recipe, "aggregate_method"), "c": (Recipe, "aggregate_c")}
 
 
@@ -48,8 +48,6 @@ def read_trials(directory: str | Path, storage: str | None = None) -> tuple[list
     The search engine's ``load_trials`` (its Optuna storage) comes first; a plain
     ``trials.jsonl`` (one ``{"pattern", "score", "state"}`` per line) is the fallback.
     """
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.search import load_trials
 
     path = Path(directory)
     if not path.exists():
@@ -80,9 +78,6 @@ def read_trials(directory: str | Path, storage: str | None = None) -> tuple[list
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.scaling.aggregate import aggregate_details
-
     trials, source = read_trials(args.dir, storage=args.storage)
     result = aggregate_details(trials, method=args.method, c=args.c, k=args.k)
     out = {**result.to_dict(), "source": source}

@@ -7,6 +7,8 @@ import shlex
 import time
 from pathlib import Path
 
+from rich.progress import Progress
+
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
@@ -16,6 +18,17 @@ from hcomposer.io import (
     atomic_write_text,
     read_jsonl,
     run_metadata,
+)
+from hcomposer.search.samplers import SAMPLERS, default_n_startup
+from hcomposer.search.space import SearchConfig
+from hcomposer.search.tabular import (
+    Replay,
+    bench,
+    load_table,
+    markdown_report,
+    plot_regret,
+    summarise,
+    table_digest,
 )
 
 HELP = "Compare search samplers on a precomputed table of scores (no training)."
@@ -59,9 +72,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.search.space import SearchConfig
-
     return {"n_startup": (SearchConfig, "n_startup"), "workers": (SearchConfig, "workers")}
 
 
@@ -74,7 +84,6 @@ def _finished_replays(log: Path, settings: dict, names: list[str], seeds: list[i
     A log made with another table, budget or start-up count is refused: its replays are not
     comparable, and appending to it would mix two benchmarks in one file.
     """
-    from hcomposer.search.tabular import Replay
 
     want = {(n, s) for n in names for s in seeds}
     finished = {}
@@ -99,9 +108,6 @@ def _finished_replays(log: Path, settings: dict, names: list[str], seeds: list[i
 
 
 def _check(args) -> list[str]:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.search.samplers import SAMPLERS
-
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1 (got {args.seeds})")
     if args.workers < 1:
@@ -123,19 +129,6 @@ def _check(args) -> list[str]:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from rich.progress import Progress
-
-    from hcomposer.search.samplers import default_n_startup
-    from hcomposer.search.tabular import (
-        bench,
-        load_table,
-        markdown_report,
-        plot_regret,
-        summarise,
-        table_digest,
-    )
-
     names = _check(args)
     table = load_table(args.table)
     n_startup = args.n_startup if args.n_startup is not None else default_n_startup(args.budget)

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 from hcomposer.errors import UserError
+from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
+from hcomposer.reporting.compare import compare_runs
 from hcomposer.runs import RunDir
 
 HELP = "Compare trained run folders (the first is the reference) into a Markdown report."
@@ -27,12 +29,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
-
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.reporting.compare import compare_runs
-
     for d in args.dirs:
         RunDir(d).require_run()
     labels = args.labels.split(",") if args.labels else None

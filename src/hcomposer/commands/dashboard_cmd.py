@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hcomposer.search.dashboard import serve
+
 HELP = "Serve a search's study with optuna-dashboard (live, read-only)."
 
 
@@ -15,9 +17,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.search.dashboard import serve
-
     try:
         serve(args.folder, args.storage, args.host, args.port)
     except KeyboardInterrupt:

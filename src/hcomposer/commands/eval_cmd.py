@@ -6,9 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+from hcomposer.accounting import estimate_memory
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
+from hcomposer.evaluation.mqar_curve import MQARCurveConfig
+from hcomposer.evaluation.niah import NIAHConfig
+from hcomposer.evaluation.suite import parse_suite, run_suite
 from hcomposer.guards import check_memory, check_output_dir
+from hcomposer.recipes import EvalConfig
 from hcomposer.runs import RunDir
 
 HELP = "Evaluate a run folder: --suite loss,mad,mqar,niah,efficiency,lm-eval:TASKS."
@@ -37,11 +42,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.evaluation.mqar_curve import MQARCurveConfig
-    from hcomposer.evaluation.niah import NIAHConfig
-    from hcomposer.recipes import EvalConfig
-
     return {
         "niah_trials": (NIAHConfig, "trials"),
         "mqar_steps": (MQARCurveConfig, "steps"),
@@ -63,9 +63,6 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> None:
     """Refuse context lengths the machine cannot hold, before the run is loaded."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.accounting import estimate_memory
-
     names = {name for name, _ in parts}
     asked = [("--niah-lengths", n) for n in options["niah"].get("lengths") or () if "niah" in names]
     asked += [("--mqar-lengths", n) for n in options["mqar"]["lengths"] or () if "mqar" in names]
@@ -79,9 +76,6 @@ def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> 
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.evaluation.suite import parse_suite, run_suite
-
     parts = parse_suite(args.suite)  # unknown names fail before the run is loaded
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

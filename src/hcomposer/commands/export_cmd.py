@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
+
+from hcomposer.export import export_run
 from hcomposer.guards import check_output_dir
 
 HELP = "Export a run folder as a Hugging Face model folder (native Llama or Bamba where it fits)."
@@ -23,11 +26,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    import torch
-
-    from hcomposer.export import export_run
-
     check_output_dir(args.out, "--out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     summary = export_run(args.run_dir, args.out, dtype=dtype, kind=args.kind, argv=args.argv)

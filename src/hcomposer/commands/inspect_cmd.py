@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import PatternError
 from hcomposer.format import console, human, human_bytes
 from hcomposer.pattern import TOKENS, to_megatron
+from hcomposer.shapes import Shape
 
 HELP = "Show a pattern's parameters, FLOPs and cache sizes (no weights are built)."
 
@@ -21,16 +23,11 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    from hcomposer.shapes import Shape
-
     # A sequence length of the FLOPs count: the range of the lengths a shape declares.
     return {"seq_len": (Shape, "max_seq_len")}
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.accounting import count_costs
-
     arch = Architecture.parse(args.pattern, shape=args.shape)
     costs = count_costs(arch, seq_len=args.seq_len)
     try:

@@ -7,7 +7,9 @@ import json
 
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.scaling import get_recipe, plan_sweep, run_sweep
 from hcomposer.tracking import add_report_to, parse_report_to
+from hcomposer.training.trainer import TrainConfig
 
 HELP = "IsoFLOP sweeps: train each pattern at several sizes per FLOP budget, fit the frontier."
 
@@ -51,9 +53,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.training.trainer import TrainConfig
-
     return {name: (TrainConfig, name) for name in ("lr", "batch_size", "seq_len", "seed")}
 
 
@@ -80,9 +79,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def config_from_args(args):
     """The sweep config: the recipe with the flags' overrides (UserError on bad values)."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.scaling import get_recipe
-
     cfg = get_recipe(args.recipe)
     changes: dict = {"patterns": tuple(args.patterns)}
     if args.flops is not None:
@@ -133,9 +129,6 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.scaling import plan_sweep, run_sweep
-
     cfg = config_from_args(args)
     report_to = parse_report_to(args.report_to)
     if args.dry_run:

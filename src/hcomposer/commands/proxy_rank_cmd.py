@@ -7,11 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hcomposer.architecture import Architecture
+from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
+from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
+from hcomposer.proxies.ruler import RulerConfig
+from hcomposer.proxies.ruler_study import summarise, summary_markdown, write_zoo
 from hcomposer.runs import RulerDir, tracking_dir
 from hcomposer.tracking import add_report_to, finite, open_tracking, parse_report_to
+from hcomposer.training.trainer import TrainConfig
 
 HELP = "Proxy-to-scale rank correlation on text: proxy scores vs validation loss, resumable."
 
@@ -121,9 +127,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.training.trainer import TrainConfig
-
     return {"tokens": (TrainConfig, "tokens")}
 
 
@@ -143,9 +146,6 @@ def _ruler_report(args) -> int:
     """A ruler study's figures from its files: result.md (reliability, trivial rankers, the
     rate rule, per-pattern losses) and zoo.md (every proxy against the trivial rankers on
     the development and held-out patterns), both printed; nothing is trained."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.proxies.ruler import RulerConfig
-    from hcomposer.proxies.ruler_study import summarise, summary_markdown, write_zoo
 
     out = Path(args.out)
     given = [f"--{k.replace('_', '-')}" for k in ("patterns", "seeds", "scale_seeds", "tokens",
@@ -174,11 +174,6 @@ def _ruler_report(args) -> int:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.proxies.proxy import ProxyConfig
-    from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
-    from hcomposer.training.trainer import TrainConfig
-
     if RulerDir(args.out).config.is_file():
         return _ruler_report(args)
     if args.recipe not in RECIPES:
@@ -199,8 +194,6 @@ def run(args) -> int:
         raise UserError(f"--out {args.out!r} exists and is not a folder")
     data = r.data if args.data is None else args.data
     if data:
-        from hcomposer.data.sources import resolve_source
-
         resolve_source(data)  # a missing path is refused before anything runs
     tcfg = TrainConfig(
         tokens=tokens, seq_len=r.seq_len, batch_size=r.batch_size, lr=r.lr, min_lr=r.lr / 10,

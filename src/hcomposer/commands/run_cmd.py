@@ -7,7 +7,12 @@ from pathlib import Path
 
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
+from hcomposer.pipeline import noise_sentence, run_pipeline
+from hcomposer.proxies.proxy import parse_proxy
+from hcomposer.recipes import Recipe, get_recipe
+from hcomposer.search.space import SearchConfig
 from hcomposer.tracking import add_report_to, parse_report_to
+from hcomposer.training.trainer import TrainConfig
 
 HELP = (
     "Run the whole pipeline: search -> aggregate -> scale -> train composite and baseline "
@@ -35,11 +40,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.recipes import Recipe
-    from hcomposer.search.space import SearchConfig
-    from hcomposer.training.trainer import TrainConfig
-
     return {
         "trials": (SearchConfig, "trials"),
         "tokens": (TrainConfig, "tokens"),
@@ -48,9 +48,6 @@ def option_fields() -> dict:
 
 
 def _recipe(args):
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.recipes import get_recipe
-
     recipe = get_recipe(args.recipe)
     search, train = {}, {}
     changes = {}
@@ -60,8 +57,6 @@ def _recipe(args):
     if args.tokens is not None:
         train["tokens"] = args.tokens
     if args.proxy is not None:
-        from hcomposer.proxies.proxy import parse_proxy
-
         # An unknown proxy or task: exit 2, one line. Stored in one spelling (aliases and
         # spaces resolved), so `mad:fuzzy` and `mad: fuzzy_in_context_recall` resume alike.
         kind, names = parse_proxy(args.proxy)
@@ -78,9 +73,6 @@ def _recipe(args):
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.pipeline import run_pipeline
-
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
     check_output_dir(out, "--out")
@@ -133,8 +125,6 @@ def _print_noise(con, noise: dict | None) -> None:
     if not noise:
         return
     from rich.table import Table
-
-    from hcomposer.pipeline import noise_sentence
 
     t = Table(title="seed noise (mean ± std over seeds)")
     t.add_column("what")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_cap
 from hcomposer.pattern import canonical
+from hcomposer.scaling.extrapolate import extrapolate, runs, scale_to_params
 from hcomposer.shapes import resolve_shape
 
 HELP = "Extrapolate a pattern to N sublayers or N parameters by stacking or stretching."
@@ -44,10 +46,6 @@ def _layers_arg(text: str) -> int:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.accounting import count_costs
-    from hcomposer.scaling.extrapolate import extrapolate, runs, scale_to_params
-
     if (args.layers is None) == (args.params is None):
         raise UserError("give exactly one of --layers N or --params N")
     block = canonical(args.pattern)

@@ -9,6 +9,8 @@ import math
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
+from hcomposer.training.step import resolve_device
 
 HELP = "Score a pattern with a proxy: MAD tasks, MQAR or text loss at a token budget."
 
@@ -42,9 +44,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.proxies.proxy import ProxyConfig
-
     return {name: (ProxyConfig, name) for name in ("seed", "steps", "dtype", "threads")}
 
 
@@ -61,9 +60,6 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _config(args):
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.proxies.proxy import ProxyConfig
-
     config = ProxyConfig.from_json(args.config) if args.config else ProxyConfig()
     changes = {}
     if args.steps is not None:
@@ -89,9 +85,6 @@ def _architecture(pattern: str, shape: str):
 
 def run(args) -> int:
     # Everything a user can get wrong is checked before any training starts.
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.proxies.proxy import evaluate_proxy, parse_proxy
-    from hcomposer.training.step import resolve_device
 
     parse_proxy(args.proxy)
     arch = _architecture(args.pattern, args.shape)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from hcomposer.format import console, parse_count
 from hcomposer.guards import check_output_dir
+from hcomposer.recipes import get_recipe
+from hcomposer.search.executors import make_executor
+from hcomposer.search.loop import run_search
+from hcomposer.search.space import SearchConfig
 from hcomposer.tracking import add_report_to, parse_report_to
 
 HELP = "Search the order and ratio of primitives (Bayesian optimisation by default); resumable."
@@ -92,9 +96,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.search.space import SearchConfig
-
     names = "layers trials sampler strategy stage_size n_startup pruner workers seed"
     return {name: (SearchConfig, name) for name in names.split()}
 
@@ -121,10 +122,6 @@ _FIELDS = {
 
 def build_config(args: argparse.Namespace):
     """The SearchConfig of a command line: a recipe (or the defaults) plus the flags."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.recipes import get_recipe
-    from hcomposer.search.space import SearchConfig
-
     base = get_recipe(args.recipe).search if args.recipe else SearchConfig()
     changes = {}
     for attr, name in _FIELDS.items():
@@ -172,10 +169,6 @@ def _table(result) -> None:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.search.executors import make_executor
-    from hcomposer.search.loop import run_search
-
     config = build_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"search-{config.sampler}-{config.seed}"
     check_output_dir(out, "--out")

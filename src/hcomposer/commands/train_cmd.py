@@ -6,11 +6,16 @@ import json
 import os
 from pathlib import Path
 
+from hcomposer.accounting import estimate_memory
 from hcomposer.architecture import Architecture
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_memory, check_output_dir
+from hcomposer.primitives import primitive_class
 from hcomposer.runs import RunDir
+from hcomposer.threads import auto_batch_threads, usable_cores
 from hcomposer.tracking import add_report_to, parse_report_to
+from hcomposer.training.step import resolve_device
+from hcomposer.training.trainer import TrainConfig, train
 
 HELP = "Train an architecture on text (the embedded corpus by default) into a run folder."
 
@@ -77,9 +82,6 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.training.trainer import TrainConfig
-
     names = (
         "lr min_lr warmup schedule batch_size seq_len grad_accum weight_decay grad_clip dtype "
         "eval_every log_every checkpoint_every seed threads"
@@ -106,10 +108,6 @@ def _batch_threads(args, arch) -> int:
     """``--batch-threads``, with 0 resolved by :func:`hcomposer.threads.auto_batch_threads`."""
     if args.batch_threads:
         return args.batch_threads
-    # Lazy (measured): at the top, every `--help` would import torch.
-    from hcomposer.primitives import primitive_class
-    from hcomposer.threads import auto_batch_threads, usable_cores
-    from hcomposer.training.step import resolve_device
 
     stateful = any(primitive_class(t).forward_updates_state for layer in arch.layers for t in layer)
     return auto_batch_threads(
@@ -122,12 +120,6 @@ def _batch_threads(args, arch) -> int:
 
 
 def run(args) -> int:
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.accounting import estimate_memory
-
-    # Lazy (measured): at the top, every `--help` would import torch (0.15 s -> 3-9 s).
-    from hcomposer.training.trainer import TrainConfig, train
-
     check_output_dir(args.out, "--out")
     report_to = parse_report_to(args.report_to)
     arch = _architecture(args.arch, args.shape)
