@@ -117,32 +117,36 @@ def masked_attention(q, k, v, q_pos, k_pos, window: int | None = None) -> torch.
 
 
 def band_chunk(window: int) -> int:
-    """Queries per chunk of the banded path for a window: half the window (at least 16).
+    """Queries per chunk of the banded path for a window: half of it (at least 16).
 
     A chunk of c queries reads c + window - 1 keys, so it computes (c + window - 1) / window
-    times the band's scores (1.5x here) and copies each key (c + window - 1) / c times (3x);
-    smaller chunks waste fewer scores but copy more and run smaller products. At window 512
-    on CPU, chunks of 128 and 256 run at the same speed (benchmarks/bench_window.py).
+    times the band's scores (1.5x here); smaller chunks waste fewer scores but run smaller
+    products and read each key more often. At window 512 on the 2-core CPU, chunks of 256
+    ran faster than chunks of 128 inside a layer, slower alone
+    (benchmarks/results/window/README.md).
     """
     return max(16, window // 2)
 
 
 def banded_keys_per_query(n_queries: int, n_past: int, window: int, chunk: int) -> float:
-    """Scores per query that ``banded_window_attention`` computes (padding included): what
-    its FLOPs are, against the band's ``min(i + 1, window)``."""
-    head, n = _band_split(n_queries, n_past, window, chunk)
-    if n == 0:
-        return float(n_past + n_queries) if n_queries else 0.0
-    padded = -(-n // chunk) * chunk
-    return (head * (n_past + head) + padded * (chunk + window - 1)) / n_queries
+    """Scores per query that ``banded_window_attention`` computes: what its FLOPs are,
+    against the band's ``min(i + 1, window)``."""
+    if n_queries == 0:
+        return 0.0
+    head, nb, tail = _band_split(n_queries, n_past, window, chunk)
+    if nb == 0:
+        return float(n_past + n_queries)
+    scores = head * (n_past + head) + nb * chunk * (chunk + window - 1)
+    return (scores + tail * (tail + window - 1)) / n_queries
 
 
-def _band_split(n_queries: int, n_past: int, window: int, chunk: int) -> tuple[int, int]:
-    """(head, n): the first ``head`` queries, whose window reaches before the first key, go
-    through the masked path; the other ``n`` through chunks (0 when too few to pay)."""
+def _band_split(n_queries: int, n_past: int, window: int, chunk: int) -> tuple[int, int, int]:
+    """(head, chunks, tail): the first ``head`` queries, whose windows reach before the first
+    key, go through the masked path, then ``chunks`` full chunks, then the ``tail`` queries
+    (fewer than a chunk) through the masked path again. No chunks: all of it masked."""
     head = min(n_queries, -(-max(0, window - 1 - n_past) // chunk) * chunk)
-    n = n_queries - head
-    return (n_queries, 0) if n_queries <= chunk or n == 0 else (head, n)
+    nb = (n_queries - head) // chunk if n_queries > chunk else 0
+    return head, nb, n_queries - head - nb * chunk
 
 
 def banded_window_attention(q, k, v, window: int, chunk: int) -> torch.Tensor:
@@ -152,41 +156,42 @@ def banded_window_attention(q, k, v, window: int, chunk: int) -> torch.Tensor:
     cache, 0 in training). Queries go in chunks of ``chunk``: a chunk starting at query i0
     reads the keys P+i0-window+1 .. P+i0+chunk-1, K = chunk + window - 1 of them, and inside
     that [chunk, K] block query r sees keys r .. r+window-1 - one small mask shared by every
-    chunk. The chunks become the batch of one SDPA call (4-D: SDPA's CPU kernels take a
-    slower path on 5-D inputs). The first queries, whose windows reach before key 0, and
-    short inputs go through ``masked_attention``.
+    chunk. Per sequence, the chunks are the batch of one SDPA call on views (``unfold``: the
+    overlapping key blocks are not copied). The first queries, whose windows reach before
+    key 0, the last partial chunk, and short inputs go through ``masked_attention``.
     """
-    B, H, T, hd = q.shape
+    H, T = q.shape[1], q.shape[2]
     Hkv, Tk = k.shape[1], k.shape[2]
     P = Tk - T
-    head, n = _band_split(T, P, window, chunk)
     pos = torch.arange(Tk, device=q.device)
-    kh, vh = k[:, :, : P + head], v[:, :, : P + head]
-    first = masked_attention(q[:, :, :head], kh, vh, pos[P : P + head], pos[: P + head], window)
-    if n == 0:
-        return first
-    nb = -(-n // chunk)
-    pad = nb * chunk - n
+    head, nb, tail = _band_split(T, P, window, chunk)
+    if nb == 0:
+        return masked_attention(q, k, v, pos[P:], pos, window)
+    parts = []
+    if head:
+        kh, vh, qh = k[:, :, : P + head], v[:, :, : P + head], q[:, :, :head]
+        parts.append(masked_attention(qh, kh, vh, pos[P : P + head], pos[: P + head], window))
+    end = head + nb * chunk
     K = chunk + window - 1
-    # [B, Hkv, n + window - 1 + pad, hd] -> overlapping windows of K keys, stride chunk.
-    s0 = P + head - (window - 1)
-
-    def blocks(t):
-        t = F.pad(t[:, :, s0:], (0, 0, 0, pad)).unfold(2, K, chunk)  # [B, Hkv, nb, hd, K]
-        return t.permute(0, 2, 1, 4, 3).reshape(B * nb, Hkv, K, hd)
-
-    qb = F.pad(q[:, :, head:], (0, 0, 0, pad)).view(B, H, nb, chunk, hd)
-    qb = qb.transpose(1, 2).reshape(B * nb, H, chunk, hd)
     r = torch.arange(chunk, device=q.device)[:, None]
     s = torch.arange(K, device=q.device)[None, :]
-    # The padded queries of the last chunk see their own (zero) key: no empty row, no NaN.
     mask = (s >= r) & (s < r + window)
-    y = F.scaled_dot_product_attention(
-        qb, blocks(k), blocks(v), attn_mask=mask, enable_gqa=Hkv != H
-    )
-    y = y.view(B, nb, H, chunk, hd).transpose(1, 2).reshape(B, H, nb * chunk, hd)
-    y = y[:, :, :n]
-    return torch.cat([first, y], dim=2) if head else y
+    keys = slice(P + head - (window - 1), P + end)
+    rows = []
+    # One call per sequence: the chunks of a sequence stride evenly through its keys, those
+    # of two sequences do not (a 5-D batch would take SDPA's slow path on CPU).
+    for b in range(q.shape[0]):
+        kb = k[b, :, keys].unfold(1, K, chunk).permute(1, 0, 3, 2)  # [nb, Hkv, K, hd]
+        vb = v[b, :, keys].unfold(1, K, chunk).permute(1, 0, 3, 2)
+        qb = q[b, :, head:end].unflatten(1, (nb, chunk)).transpose(0, 1)  # [nb, H, c, hd]
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=Hkv != H)
+        rows.append(y.transpose(0, 1).flatten(1, 2))
+    parts.append(torch.stack(rows))
+    if tail:
+        past = P + end - (window - 1)
+        kt, vt = k[:, :, past:], v[:, :, past:]
+        parts.append(masked_attention(q[:, :, end:], kt, vt, pos[P + end :], pos[past:], window))
+    return torch.cat(parts, dim=2)
 
 
 @dataclass
