@@ -10,6 +10,11 @@ Three implementations of one Mamba-2 mixer at the same size, all in this process
   conv and chunk size, our weights copied in. The outputs are compared before timing, so the
   three are known to compute the same function.
 
+With ``--deltanet``, a second table times ``D`` the same way: ``GatedDeltaNet`` at the same
+shape against its own no-scan bound (the scan replaced by o = beta * v), in turns, after the S
+tables (so S's weights and results are the same with or without it); its measure is D's tokens/s
+over the bound's, round by round (median, lowest and highest round).
+
 Each step is forward, backward with a fixed random cotangent, gradients cleared. The
 implementations run in turns (``--rounds`` times) so that load from other processes spreads
 over all of them; the median is reported. Time is the process's CPU time by default (robust on
@@ -29,6 +34,7 @@ import time
 import torch
 
 from hcomposer.io import atomic_write_text
+from hcomposer.primitives.deltanet import GatedDeltaNet
 from hcomposer.primitives.mamba2 import Mamba2
 from hcomposer.primitives.ssd import ssd_chunked, ssd_reference
 from hcomposer.shapes import get_shape
@@ -84,6 +90,53 @@ def _no_scan_layer(ours: Mamba2) -> Mamba2:
     bound.load_state_dict(ours.state_dict())
     bound._scan = lambda x, dt, A, B, C, initial_state: (x * dt[..., None], None)
     return bound
+
+
+def _deltanet_no_scan(ours: GatedDeltaNet) -> GatedDeltaNet:
+    """D with its scan replaced by o = beta * v (no mixing over time): the projections, conv,
+    decay, gates and norm that remain; like S's bound, q and k then get no gradient."""
+    bound = GatedDeltaNet(ours.shape)
+    bound.load_state_dict(ours.state_dict())
+    bound._scan = lambda q, k, v, g, beta, initial_state: (v * beta[..., None], None)
+    return bound
+
+
+def _deltanet_rows(shape, seq_lens, batch, rounds, clock) -> list[dict]:
+    """D and its no-scan bound per T: tokens/s (median) and D / bound per round."""
+    rows = []
+    for T in seq_lens:
+        ours = GatedDeltaNet(shape)
+        layers = {"D": ours, "bound": _deltanet_no_scan(ours)}
+        x = torch.randn(batch, T, shape.d_model, requires_grad=True)
+        grad = torch.randn(batch, T, shape.d_model)
+        steps = {k: _stepper(v, x, grad, clock) for k, v in layers.items()}
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for step in steps.values():
+            step()
+        for _ in range(rounds):
+            for k, step in steps.items():
+                times[k].append(step())
+        # D's speed over the bound's = the bound's time over D's, in the same round.
+        per = [b / d for d, b in zip(times["D"], times["bound"])]
+        row = {"T": T, "chunk": shape.dn_chunk, "fraction": statistics.median(per)}
+        row.update({"min": min(per), "max": max(per)})
+        row.update({k: batch * T / statistics.median(v) for k, v in times.items()})
+        rows.append(row)
+        print(_deltanet_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def _deltanet_table(rows) -> str:
+    lines = [
+        "| T | chunk | D tok/s | no-scan bound tok/s | D / bound (median [min-max]) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['T']} | {r['chunk']} | {r['D']:,.0f} | {r['bound']:,.0f} | "
+            f"{r['fraction']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |"
+        )
+    return "\n".join(lines)
 
 
 def _stepper(layer, x, grad, clock):
@@ -207,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "the scan table all of them",
     )
     p.add_argument("--no-scan", dest="scan", action="store_false", help="skip the scan table")
+    p.add_argument("--deltanet", action="store_true", help="also time D against its no-scan bound")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--ref-rounds", type=int, default=2, help="rounds for the slow reference")
@@ -261,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     if scan_rows:
         text += "\nThe scan alone (x, dt, A, B, C -> y, forward+backward), tokens/s:\n\n"
         text += _scan_table(scan_rows, chunks) + "\n"
+    if args.deltanet:
+        seq_lens = [int(t) for t in args.seq_lens.split(",")]
+        d_rows = _deltanet_rows(shape, seq_lens, args.batch_size, args.rounds, clock)
+        text += (
+            f"\nD layer (`GatedDeltaNet`) forward+backward, the same shape ({shape.dn_heads} "
+            f"q/k heads of {shape.dn_head_dim}, {shape.dn_v_heads} value heads of "
+            f"{shape.dn_v_head_dim}), against its no-scan bound, {args.rounds} rounds:\n\n"
+        )
+        text += _deltanet_table(d_rows) + "\n"
     print(text)
     if args.out:
         atomic_write_text(args.out, text)

@@ -505,6 +505,23 @@ def train_load() -> dict[str, str]:
     }
 
 
+def _paired(seconds: dict[str, list[float]], num: str, den: str) -> dict[str, str]:
+    """num's time over den's, round by round: median, lowest, highest."""
+    per = [a / b for a, b in zip(seconds[num], seconds[den], strict=True)]
+    return {"v": f2(statistics.median(per)), "lo": f2(min(per)), "hi": f2(max(per))}
+
+
+@cache
+def window_band() -> dict[str, str]:
+    t = json.loads((RAW / "window" / "bench_window.json").read_text())["seconds"]
+    return {
+        **prefixed("aw", _paired(t, "A", "W")),
+        **prefixed("mw", _paired(t, "W-masked", "W")),
+        **prefixed("core", _paired(t, "core:A", "core:W")),
+        **prefixed("quarter", _paired(t, "W/128", "W")),
+    }
+
+
 @cache
 def isoflop() -> dict[str, str]:
     doc = json.loads((RAW / "isoflop_cpu_full" / "results.json").read_text())
@@ -667,6 +684,13 @@ FIGURES: dict[str, Figure] = {
         ("load/bench_load_split.json",),
         train_load,
         "{loaded} loaded, {quiet} quiet (unsplit default: {default} loaded)",
+    ),
+    "window-band": Figure(
+        ("window/bench_window.json",),
+        window_band,
+        "layer: A / W {aw_v}x [{aw_lo}-{aw_hi}], masked W / W {mw_v}x [{mw_lo}-{mw_hi}]; "
+        "attention alone: A / W {core_v}x [{core_lo}-{core_hi}]; W in chunks of 128 takes "
+        "{quarter_v}x [{quarter_lo}-{quarter_hi}] W's time",
     ),
     "isoflop": Figure(
         ("isoflop_cpu_full/results.json",),
