@@ -44,6 +44,9 @@ def build_world(root: Path) -> Path:
         eval_tokens=256, log_every=1, checkpoint_every=1,
     )  # fmt: skip
     train(Architecture.parse("AF", shape="tiny"), cfg, root / "run", progress=False)
+    # One checkpoint only: beside a whole previous one, a damaged latest one is not refused
+    # but replaced by it (tests/test_faults.py checks that).
+    shutil.rmtree(root / "run" / ".checkpoint.old")
     search = SearchConfig(
         primitives="AF", layers=3, trials=3, sampler="random", shape="tiny",
         proxy="synthetic", seed=0,

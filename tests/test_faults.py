@@ -1,20 +1,30 @@
 """Faults in flight: a trial whose loss turns NaN, a disk that fills during a checkpoint write,
-eight workers on one SQLite study."""
+eight workers on one SQLite study, a damaged latest checkpoint, a second process on a run
+folder in use."""
 
 from __future__ import annotations
 
 import errno
 import math
+import os
+import socket
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import hcomposer.training.checkpoint as checkpoint_module
 from hcomposer.architecture import Architecture
+from hcomposer.cli import main
 from hcomposer.data import embedded_corpus_text
-from hcomposer.io import append_jsonl, current_umask, read_jsonl
+from hcomposer.errors import UserError
+from hcomposer.io import append_jsonl, current_umask, read_json, read_jsonl
 from hcomposer.model import build_model
+from hcomposer.runs import HOLDER, FolderLock
 from hcomposer.search import SearchConfig, load_trials, run_search
 from hcomposer.search.objectives import synthetic_score
 from hcomposer.training.checkpoint import find_checkpoint, read_state
@@ -144,3 +154,110 @@ def test_an_append_after_a_torn_line_is_not_lost(tmp_path):
     empty = tmp_path / "new.jsonl"
     append_jsonl(empty, {"n": 0})
     assert empty.read_text() == '{"n": 0}\n'
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file, capsys):
+    arch = Architecture.parse("AF", shape="tiny")
+    cfg = _config(text_file)
+    straight = train(arch, cfg, tmp_path / "straight", progress=False)
+    out = tmp_path / "run"
+    train(arch, cfg, out, progress=False, stop_at=3)
+    # The last two checkpoints are kept.
+    assert read_state(out / "checkpoint")["step"] == 3
+    assert read_state(out / ".checkpoint.old")["step"] == 2
+    model_file = out / "checkpoint" / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights: the sha256 check fails
+    model_file.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    # Reading the run (eval, export) uses the previous checkpoint and says so.
+    _, _, _, info = load_run(out)
+    assert info["step"] == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "sha256" in err and "step 2" in err
+
+    # Resuming does too, then sets the damaged one aside so the next save keeps the good one.
+    resumed = train(arch, cfg, out, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "damaged" in err and "using the previous checkpoint" in err
+    assert resumed.status == "completed" and resumed.step == straight.step
+    assert (out / "checkpoint.damaged" / "model.safetensors").read_bytes() == bytes(data)
+    assert read_state(out / "checkpoint")["step"] == straight.step
+    assert read_state(out / ".checkpoint.old")["step"] == straight.step - 1
+    # Steps 3.. were trained again from step 2: the run equals the uninterrupted one.
+    losses = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
+    assert losses == {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "straight/metrics.jsonl")}
+
+
+def test_both_checkpoints_damaged_is_refused_with_the_latest_ones_reason(tmp_path, text_file):
+    arch = Architecture.parse("AF", shape="tiny")
+    cfg = _config(text_file)
+    out = tmp_path / "run"
+    train(arch, cfg, out, progress=False, stop_at=2)
+    for folder in ("checkpoint", ".checkpoint.old"):
+        (out / folder / "optimizer.safetensors").write_bytes(b"\x00" * 8)
+    with pytest.raises(UserError, match=r"'[^']*/checkpoint' is damaged: optimizer.safetensors"):
+        train(arch, cfg, out, resume=True, progress=False)
+    assert not (out / "checkpoint.damaged").exists()
+
+
+def _train_process(out, text_file) -> subprocess.Popen:
+    """``hcomposer train`` in a process of its own, with far more steps than the test waits."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable, "-m", "hcomposer.cli", "train", "AF", "--shape", "tiny",
+        "--data", str(text_file), "--tokens", "10M", "--batch-size", "2", "--seq-len", "16",
+        "--eval-every", "0", "--checkpoint-every", "0", "--threads", "1",
+        "--batch-threads", "1", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_process_on_a_run_folder_in_use_is_refused_naming_the_holder(
+    tmp_path, text_file, capsys
+):
+    out = tmp_path / "run"
+    holder = _train_process(out, text_file)
+    try:
+        deadline = time.time() + 120
+        while not (out / "status.json").is_file():
+            assert holder.poll() is None, holder.stderr.read()
+            assert time.time() < deadline, "the first process never started training"
+            time.sleep(0.2)
+        assert read_json(out / HOLDER)["pid"] == holder.pid
+        before = sorted(p.name for p in out.iterdir())
+        for argv in (
+            ["train", "AF", "--shape", "tiny", "--data", str(text_file), "--out", str(out),
+             "--resume", "--tokens", "10M", "--batch-size", "2", "--seq-len", "16"],
+            ["run", "--out", str(out)],
+        ):  # fmt: skip
+            capsys.readouterr()
+            assert main(argv) == 2
+            lines = capsys.readouterr().err.splitlines()
+            assert len(lines) == 1 and "is in use by another hcomposer process" in lines[0]
+            assert f"pid {holder.pid} on {socket.gethostname()}" in lines[0]
+            assert "hcomposer train AF" in lines[0]
+        # The refused processes changed nothing of the holder's.
+        assert read_json(out / HOLDER)["pid"] == holder.pid
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    # The lock died with its holder (SIGKILL: no cleanup ran); the folder can be taken again.
+    assert read_json(out / HOLDER)["pid"] == holder.pid
+    with FolderLock(out, argv=["test"]):
+        assert read_json(out / HOLDER)["pid"] == os.getpid()
+    assert not (out / HOLDER).exists()
+
+
+def test_a_folder_created_for_the_lock_is_removed_when_the_command_is_refused(tmp_path):
+    target = tmp_path / "a" / "b" / "run"
+    with pytest.raises(UserError), FolderLock(target):
+        assert target.is_dir() and (target / HOLDER).is_file()
+        raise UserError("bad input")
+    assert list(tmp_path.iterdir()) == []
+    with FolderLock(target):
+        pass
+    assert target.is_dir() and list(target.iterdir()) == []

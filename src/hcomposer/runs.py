@@ -8,6 +8,8 @@ A training run (``RunDir``)::
     RUN/tokenizer/          the tokenizer's files
     RUN/metrics.jsonl       one record per logged or evaluated step
     RUN/checkpoint/         the latest checkpoint (see ``hcomposer.training.checkpoint``)
+    RUN/.checkpoint.old/    the one before it (used when the latest fails its checks)
+    RUN/checkpoint.damaged/ a latest checkpoint that failed its checks, set aside on resume
     RUN/status.json         {"status": "running" | "completed" | "diverged", "step", "message"}
     RUN/summary.json        the TrainResult, once the run stopped
     RUN/eval/results.json   the evaluation suite's results (+ results.md and plots)
@@ -18,11 +20,22 @@ study unless a storage URL was given), ``trials.jsonl`` and ``summary.json``. A 
 ``train/<role>-seed<k>/``, the extra training seeds), ``rescore.json`` (the search's top
 patterns on extra proxy seeds: ``{pattern: {seed: score}}``), ``compare/``, ``report.md`` and
 the files of its stages. No other module spells these names.
+
+A process that trains into a run folder (``train``, ``run``) holds it (:class:`FolderLock`):
+an ``flock`` on the folder itself, released by the kernel when the process ends however it
+ends, and ``RUN/.holder.json`` (host, pid, command, start time) beside it, so that a second
+process is refused with one line naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import fcntl
 import json
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +52,20 @@ from hcomposer.io import (
     run_metadata,
 )
 
-__all__ = ["RunDir", "SearchDir", "PipelineDir", "record_run", "RUN_JSON"]
+__all__ = [
+    "RunDir",
+    "SearchDir",
+    "PipelineDir",
+    "FolderLock",
+    "record_run",
+    "RUN_JSON",
+    "HOLDER",
+]
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
+# Who holds a run folder (see FolderLock); hidden, so a folder holding only it counts as empty.
+HOLDER = ".holder.json"
 
 
 def record_run(folder: str | Path, config: dict, argv: list[str] | None = None) -> Path:
@@ -74,6 +97,10 @@ class RunDir:
     tokenizer = property(lambda self: self.root / "tokenizer")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     checkpoint = property(lambda self: self.root / "checkpoint")
+    # The checkpoint before the latest (kept: a damaged latest one falls back to it).
+    previous_checkpoint = property(lambda self: self.root / ".checkpoint.old")
+    # A latest checkpoint that failed its checks, moved aside when training resumed without it.
+    damaged_checkpoint = property(lambda self: self.root / "checkpoint.damaged")
     status_json = property(lambda self: self.root / "status.json")
     summary_json = property(lambda self: self.root / SUMMARY_JSON)
     eval_dir = property(lambda self: self.root / "eval")
@@ -190,3 +217,102 @@ class PipelineDir:
 
     def record(self, config: dict, argv: list[str] | None = None) -> None:
         record_run(self.root, config, argv)
+
+
+class FolderLock:
+    """Hold a run folder for this process: ``with FolderLock(out, argv=argv): ...``.
+
+    The lock is an ``flock`` on the folder itself (nothing to clean up: the kernel drops it
+    when the process ends, killed or not). While it is held, ``.holder.json`` in the folder
+    names the holder (host, pid, command, start time) for the message another process gets:
+    a UserError, raised before that process writes anything. A folder that does not exist yet
+    is created to be locked; when the block raises, the folders created here are removed again
+    if they are still empty (bad input leaves nothing behind). A folder that cannot be opened
+    (not a folder, no permission) is left to the caller's own checks, unlocked.
+    ``enabled=False`` (the other ranks of a distributed run) does nothing.
+    """
+
+    def __init__(self, root: str | Path, *, argv: list[str] | None = None, enabled: bool = True):
+        self.root = Path(root)
+        self.argv = argv
+        self.enabled = enabled
+        self._fd: int | None = None
+        self._created: Path | None = None
+
+    def __enter__(self) -> FolderLock:
+        if not self.enabled:
+            return self
+        self._created = _create_missing(self.root)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(_in_use(self.root)) from None
+        self._fd = fd
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "command": self.argv if self.argv is not None else sys.argv,
+            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # Best effort: the lock itself is what keeps a second process out.
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.root / HOLDER, holder)
+        return self
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.root / HOLDER).unlink(missing_ok=True)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        if exc_type is not None and self._created is not None:
+            _remove_empty(self.root, self._created)
+
+
+def _create_missing(root: Path) -> Path | None:
+    """Create ``root`` (and its missing parents); the topmost folder created, or None."""
+    top, p = None, root
+    while not p.exists() and p.parent != p:
+        top, p = p, p.parent
+    if top is None:
+        return None
+    try:
+        root.mkdir(parents=True)
+    except OSError:
+        return None
+    return top
+
+
+def _remove_empty(root: Path, top: Path) -> None:
+    """Remove ``root`` and its parents up to ``top`` while they are empty."""
+    p = root
+    while True:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
+        p = p.parent
+
+
+def _in_use(root: Path) -> str:
+    try:
+        holder = read_json(root / HOLDER)
+        who = (
+            f"pid {int(holder['pid'])} on {holder['host']}, since {holder['since']}: "
+            f"{' '.join(str(a) for a in holder['command'])[:160]}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "it has not recorded its pid yet"
+    return (
+        f"run folder {str(root)!r} is in use by another hcomposer process ({who}); wait for "
+        "it to end or stop it, then run this again, or choose another --out"
+    )

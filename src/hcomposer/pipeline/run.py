@@ -16,6 +16,7 @@ from hcomposer.pipeline.search import stage_rescore, stage_search
 from hcomposer.pipeline.state import State
 from hcomposer.pipeline.train import stage_train, stage_train_seed
 from hcomposer.recipes import Recipe
+from hcomposer.runs import FolderLock
 
 __all__ = ["run_pipeline"]
 
@@ -30,7 +31,13 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns pipeline.json's content."""
     say = say or (lambda _text: None)
-    state = State(Path(out_dir), recipe, argv)
+    # A second `hcomposer run` on this folder is refused while this one runs.
+    with FolderLock(out_dir, argv=argv):
+        return _run(recipe, Path(out_dir), argv, progress, say)
+
+
+def _run(recipe: Recipe, out: Path, argv, progress: bool, say: Callable[[str], None]) -> dict:
+    state = State(out, recipe, argv)
     t0 = time.perf_counter()
 
     def stage(name: str, fn: Callable[[], dict]) -> dict:
