@@ -261,3 +261,84 @@ def test_a_folder_created_for_the_lock_is_removed_when_the_command_is_refused(tm
     with FolderLock(target):
         pass
     assert target.is_dir() and list(target.iterdir()) == []
+
+
+def _search_argv(out) -> list[str]:
+    return ["search", "--primitives", "AF", "--layers", "2", "--trials", "2", "--sampler",
+            "random", "--proxy", "synthetic", "--shape", "tiny", "--out", str(out)]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["not-a-database", "truncated"])
+def test_a_study_db_that_is_not_a_database_is_one_line_naming_it(tmp_path, capsys, damage):
+    out = tmp_path / "s"
+    assert main([*_search_argv(out), "--no-progress"]) == 0
+    study = out / "study.db"
+    for extra in ("study.db-wal", "study.db-shm"):
+        (out / extra).unlink(missing_ok=True)
+    if damage == "truncated":
+        study.write_bytes(study.read_bytes()[: study.stat().st_size // 3])
+    else:
+        study.write_bytes(b"these are not the bytes of a database\n" * 100)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(_search_argv(out)) == 2  # with the live view on
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and repr(str(study)) in lines[0]
+    assert "restore it from a copy" in lines[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_garbage_lines_in_metrics_are_skipped_and_counted_on_resume_and_in_compare(
+    tmp_path, text_file, capsys
+):
+    arch = Architecture.parse("AF", shape="tiny")
+    cfg = _config(text_file)
+    out = tmp_path / "run"
+    train(arch, cfg, out, progress=False, stop_at=3)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join([lines[0], b"garbage\n", b"\xff\xfe[\n", *lines[1:]]))
+    capsys.readouterr()
+    resumed = train(arch, cfg, out, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert resumed.status == "completed"
+    assert f"skipped 2 lines of {str(metrics)!r}" in err and "(lines 2, 3;" in err
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, resumed.step + 1))
+    assert b"garbage" not in metrics.read_bytes()
+
+    with open(metrics, "ab") as f:
+        f.write(b'{"step": 99, "lo')  # a torn last line
+    assert main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    err = capsys.readouterr().err
+    line = f"skipped 1 line of {str(metrics)!r} that is not a JSON record (line {resumed.step + 1};"
+    assert err.count(line) == 2  # once per run compared
+
+
+def test_an_error_leaves_no_progress_line_before_its_own(tmp_path, text_file, capsys, monkeypatch):
+    from hcomposer.training.trainer import Trainer
+
+    step = Trainer.step
+
+    def fails_at_step_3(self, k):
+        if k == 2:
+            raise UserError("stopped on purpose at step 3")
+        return step(self, k)
+
+    monkeypatch.setattr(Trainer, "step", fails_at_step_3)
+    argv = ["train", "AF", "--shape", "tiny", "--data", str(text_file), "--tokens", "1K",
+            "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32", "--eval-every", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2  # the progress bar is on (not --no-progress)
+    assert capsys.readouterr().err == "error: stopped on purpose at step 3\n"
+
+    def fails(arch, proxy, seed):
+        raise UserError("the proxy refused")
+
+    config = SearchConfig(
+        primitives="AF", layers=2, trials=2, sampler="random", shape="tiny", proxy="synthetic"
+    )
+    with pytest.raises(UserError, match="the proxy refused"):
+        run_search(config, tmp_path / "s", objective=fails, progress=True)
+    assert capsys.readouterr().err == ""

@@ -150,17 +150,40 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics, record)
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        return list(read_jsonl(self.metrics))
+    def read_metrics(self, *, tell: bool = True) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``; lines that are not JSON records (torn by a kill,
+        edited) are skipped, and with ``tell`` one line on stderr says how many and where."""
+        skipped: list[int] = []
+        records = list(read_jsonl(self.metrics, skipped))
+        if skipped and tell:
+            print(f"hcomposer: warning: {_skipped_lines(self.metrics, skipped)}", file=sys.stderr)
+        return records
 
     def truncate_metrics(self, step: int) -> None:
-        """Keep only the records up to ``step``: the steps after it will be run again."""
-        kept = [r for r in read_jsonl(self.metrics) if _step_of(r) <= step]
+        """Keep only the records up to ``step``: the steps after it will be run again.
+        Lines that are not JSON records are dropped, and one line on stderr says so."""
+        skipped: list[int] = []
+        kept = [r for r in read_jsonl(self.metrics, skipped) if _step_of(r) <= step]
+        if skipped:
+            print(
+                f"hcomposer: warning: {_skipped_lines(self.metrics, skipped)}; the file is "
+                "rewritten without them",
+                file=sys.stderr,
+            )
         atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def eval_plot(self, name: str) -> Path:
         """A plot of the evaluation suite, e.g. ``eval_plot("niah")`` -> ``eval/niah.png``."""
         return self.eval_dir / f"{name}.png"
+
+
+def _skipped_lines(path: Path, lines: list[int]) -> str:
+    where = ", ".join(str(n) for n in lines[:10]) + (", ..." if len(lines) > 10 else "")
+    n = len(lines)
+    return (
+        f"skipped {n} line{'s' if n > 1 else ''} of {str(path)!r} that {'are' if n > 1 else 'is'} "
+        f"not a JSON record (line{'s' if n > 1 else ''} {where}; torn by a kill, or edited)"
+    )
 
 
 def _step_of(record: dict) -> float:

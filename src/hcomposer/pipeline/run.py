@@ -17,6 +17,7 @@ from hcomposer.pipeline.state import State
 from hcomposer.pipeline.train import stage_train, stage_train_seed
 from hcomposer.recipes import Recipe
 from hcomposer.runs import FolderLock
+from hcomposer.search.storage import check_storage
 
 __all__ = ["run_pipeline"]
 
@@ -38,6 +39,9 @@ def run_pipeline(
 
 def _run(recipe: Recipe, out: Path, argv, progress: bool, say: Callable[[str], None]) -> dict:
     state = State(out, recipe, argv)
+    if state.done("search") is None:
+        # A damaged study is refused before the first stage's line is printed.
+        check_storage(recipe.search.storage, state.dir.search.root)
     t0 = time.perf_counter()
 
     def stage(name: str, fn: Callable[[], dict]) -> dict:
