@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
@@ -342,3 +343,39 @@ def test_an_error_leaves_no_progress_line_before_its_own(tmp_path, text_file, ca
     with pytest.raises(UserError, match="the proxy refused"):
         run_search(config, tmp_path / "s", objective=fails, progress=True)
     assert capsys.readouterr().err == ""
+
+
+def test_a_database_that_stays_away_ends_the_wait_with_one_line(monkeypatch, capsys):
+    import sqlalchemy.exc
+
+    from hcomposer.search.reconnect import is_connection_error, retrying
+
+    refused = sqlalchemy.exc.OperationalError("connect", {}, OSError("Connection refused"))
+    calls = []
+
+    def down_then_up():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise optuna.exceptions.StorageInternalError("commit failed") from refused
+        return "done"
+
+    assert not is_connection_error(optuna.exceptions.StorageInternalError("invalid data"))
+    try:
+        down_then_up()
+    except optuna.exceptions.StorageInternalError as e:
+        assert is_connection_error(e)
+    calls.clear()
+    monkeypatch.setenv("HCOMPOSER_DB_RETRY", "0.1,1")
+    assert retrying(down_then_up) == "done" and len(calls) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "lost the connection" in err[0] and "retrying every 0.1 s" in err[0]
+    assert "reconnected to the study's database" in err[1]
+
+    def never_up():
+        raise refused
+
+    with pytest.raises(UserError, match=r"unreachable for more than 1 s .*run the same command"):
+        retrying(never_up)
+    # Other errors are not waited for.
+    with pytest.raises(ValueError):
+        retrying(lambda: int("x"))

@@ -31,6 +31,7 @@ from hcomposer.guards import check_output_file
 from hcomposer.runs import SearchDir
 from hcomposer.search.optuna_compat import stale_trial_ids, storage_of, trial_id
 from hcomposer.search.pg import driver_url, schema_lock
+from hcomposer.search.reconnect import ReconnectingRDBStorage
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -168,10 +169,15 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         kwargs["connect_args"] = {"timeout": 120}
         if not reader:
             _use_wal(sqlite)
+    else:
+        # A server that restarted leaves dead connections in the pool: test each on checkout.
+        kwargs["pool_pre_ping"] = True
+    # A database server may restart under a long search: its calls wait for it (not SQLite's).
+    kind = optuna.storages.RDBStorage if sqlite is not None else ReconnectingRDBStorage
     with warnings.catch_warnings(), schema_lock(url, skip=reader):
         # The heartbeat is marked experimental; it is what finds workers lost on other hosts.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
+        storage = kind(
             url,
             engine_kwargs=kwargs,
             heartbeat_interval=_heartbeat()[0],
