@@ -379,3 +379,17 @@ def test_a_database_that_stays_away_ends_the_wait_with_one_line(monkeypatch, cap
     # Other errors are not waited for.
     with pytest.raises(ValueError):
         retrying(lambda: int("x"))
+
+
+def test_run_refuses_a_damaged_study_before_its_first_stage_line(tmp_path, capsys):
+    from hcomposer.pipeline.state import State
+    from hcomposer.recipes import get_recipe
+
+    out = tmp_path / "p"
+    State(out, get_recipe("quickstart"), ["hcomposer", "run"])
+    (out / "search").mkdir()
+    (out / "search" / "study.db").write_bytes(b"not a database" * 100)
+    capsys.readouterr()
+    assert main(["run", "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "study.db' is not an SQLite database" in lines[0]
