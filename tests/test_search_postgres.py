@@ -6,7 +6,8 @@
   by the heartbeat in the other process, failed, and run again;
 - both processes SIGKILLed: the same command resumes and ends with exactly ``--trials``;
 - the server restarted (every session cut) in the middle of a two-process search: the
-  workers say so, wait, go on, and every pattern is trained exactly once.
+  workers say so, wait, go on, and every pattern is trained exactly once;
+- a claim whose lock's session the server ended is withdrawn and decided again.
 
 Skipped, with one line, only where no PostgreSQL server binaries are installed.
 """
@@ -220,3 +221,41 @@ def test_server_restarted_mid_search_workers_wait_and_finish(pg, tmp_path):
     evaluated = [t for t in trials if t["architecture"] is not None]
     assert sorted(t["pattern"] for t in evaluated) == sorted(t["pattern"] for t in done)
     assert not [t for t in trials if "no heartbeat" in (t["failure"] or "")]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_claim_whose_lock_broke_is_withdrawn_and_decided_again(pg, monkeypatch):
+    import optuna
+    import sqlalchemy
+
+    from hcomposer.search import claims
+    from hcomposer.search.storage import open_storage
+
+    url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
+    trial = study.ask()
+    roles = []
+    real = claims.decide
+
+    def decide_then_cut(trials, number, *args, **kwargs):
+        roles.append(study.trials[number].user_attrs.get("role"))
+        verdict = real(trials, number, *args, **kwargs)
+        if len(roles) == 1:
+            # The server ends the lock's session (as a restart does) while the claim holds it.
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            with engine.connect() as con:
+                cut = con.execute(
+                    sqlalchemy.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND granted"
+                    )
+                ).fetchall()
+            engine.dispose()
+            assert cut == [(True,)]
+        return verdict
+
+    monkeypatch.setattr(claims, "decide", decide_then_cut)
+    verdict, _ = claims.claim(study, trial, "AF", 4)
+    # Decided twice: the claim written under the broken lock was withdrawn first.
+    assert verdict == "train" and roles == [None, "unclaimed"]
+    assert study.trials[trial.number].user_attrs["role"] == "evaluation"
