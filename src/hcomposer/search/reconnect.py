@@ -45,6 +45,7 @@ __all__ = [
     "ReconnectingRDBStorage",
     "is_connection_error",
     "retry_settings",
+    "retrying",
     "outage",
 ]
 
