@@ -38,6 +38,7 @@ import optuna
 import sqlalchemy.exc
 
 from hcomposer.errors import UserError
+from hcomposer.search import optuna_compat as compat
 
 __all__ = [
     "RETRY_INTERVAL",
@@ -168,7 +169,7 @@ def _not_a_lost_connection(record: logging.LogRecord) -> bool:
     return not (text.startswith("Caught an error from sqlalchemy") and "connection" in text)
 
 
-logging.getLogger("optuna.storages._rdb.storage").addFilter(_not_a_lost_connection)
+logging.getLogger(compat.RDB_LOGGER).addFilter(_not_a_lost_connection)
 
 
 class ReconnectingRDBStorage(optuna.storages.RDBStorage):
@@ -178,10 +179,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
 
 # Every public call that reads or writes the study, and the private ones Optuna's cache
-# (``_CachedStorage``) and the heartbeat call on the storage directly; not the schema and
-# version helpers (run once when the storage is opened). A private name Optuna renames fails
-# the import here, loudly.
-_PRIVATE = ("_create_new_trial", "_get_best_trial_id", "_get_trials", "_set_trial_param")
+# and the heartbeat call on the storage directly (``optuna_compat.BACKEND_CALLS``, checked by
+# tests/test_optuna_compat.py); not the schema and version helpers (run once when the storage
+# is opened).
 _NOT_RETRIED = (
     "upgrade",
     "get_current_version",
@@ -195,7 +195,7 @@ _CALLS = [
     name
     for name, value in vars(optuna.storages.RDBStorage).items()
     if callable(value) and not name.startswith("_") and name not in _NOT_RETRIED
-] + [*_PRIVATE, "_get_stale_trial_ids"]
+] + list(compat.BACKEND_CALLS)
 for _name in _CALLS:
     setattr(
         ReconnectingRDBStorage, _name, _reconnecting(getattr(optuna.storages.RDBStorage, _name))
