@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 
 class PgCluster:
-    """``start()`` a cluster, ``url(db)`` for SQLAlchemy, ``create_db(name)``, ``stop()``."""
+    """``start()`` a cluster, ``url(db)`` for SQLAlchemy, ``create_db(name)``, ``restart()``,
+    ``stop()``."""
 
     def __init__(self, bindir: Path):
         self.bindir = bindir
@@ -83,6 +84,9 @@ class PgCluster:
             "UTF8",
         )
         self._check(init, "initdb")
+        return self._serve()
+
+    def _serve(self) -> PgCluster:
         opts = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
@@ -99,6 +103,19 @@ class PgCluster:
             except OSError:
                 time.sleep(0.2)
         return self
+
+    def restart(self, down: float = 3.0) -> None:
+        """Stop the server (``-m fast``: every session is cut, statements in flight fail),
+        stay down ``down`` seconds, and start it again on the same port and data.
+
+        Not ``-m immediate``: with ``synchronous_commit=off`` a crash loses the commits of
+        the last moments, which a client was already told had succeeded."""
+        self._check(
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"),
+            "pg_ctl stop",
+        )
+        time.sleep(down)
+        self._serve()
 
     def url(self, db: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"

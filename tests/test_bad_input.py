@@ -44,6 +44,9 @@ def build_world(root: Path) -> Path:
         eval_tokens=256, log_every=1, checkpoint_every=1,
     )  # fmt: skip
     train(Architecture.parse("AF", shape="tiny"), cfg, root / "run", progress=False)
+    # One checkpoint only: beside a whole previous one, a damaged latest one is not refused
+    # but replaced by it (tests/test_faults.py checks that).
+    shutil.rmtree(root / "run" / ".checkpoint.old")
     search = SearchConfig(
         primitives="AF", layers=3, trials=3, sampler="random", shape="tiny",
         proxy="synthetic", seed=0,
@@ -594,6 +597,23 @@ AGG_DAMAGE = {
         lambda d: {**d, "config": {**d["config"], "storage": "postgresql://u:p@127.0.0.1:1/x"}},
     ),
 }
+
+
+def _truncated_study(d: Path) -> None:
+    """study.db cut to its first third: the header is whole, pages are missing."""
+    path = d / "search" / "study.db"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+# Resuming the world's search on a study.db that is not a database: one line naming the file.
+for sid, damage in (("random", _random_study), ("truncated", _truncated_study)):
+    case(
+        f"search-resume-study-{sid}",
+        ["search", "--out", "{d}/search", "--proxy", "synthetic", "--primitives", "AF",
+         "--layers", "3", "--trials", "3", "--sampler", "random", "--shape", "tiny"],
+        copy("search"),
+        damage,
+    )  # fmt: skip
 for aid, damage in AGG_DAMAGE.items():
     rm_jsonl = lambda d: (d / "search/trials.jsonl").unlink()  # noqa: E731
     case(f"aggregate-{aid}", ["aggregate", "{d}/search"], copy("search"), damage, rm_jsonl)

@@ -95,3 +95,21 @@ def test_every_sampler_wraps():
     for name in ("random", "tpe", "gp", "evolution"):
         for n_objectives in (1, 2):
             make_sampler(name, seed=0, n_objectives=n_objectives)
+
+
+def test_the_storage_calls_a_reconnecting_storage_wraps_are_the_ones_optuna_makes():
+    """Optuna's cache calls these private methods of the RDB storage directly: each exists,
+    and each private method the cache calls is in the list (a new one would bypass the
+    retries of ``hcomposer.search.reconnect``)."""
+    import inspect
+    import logging
+    import re
+
+    from optuna.storages import _cached_storage
+    from optuna.storages._rdb import storage as rdb
+
+    for name in compat.BACKEND_CALLS:
+        assert callable(getattr(optuna.storages.RDBStorage, name)), name
+    called = set(re.findall(r"self\._backend\.(_[a-z_]+)\(", inspect.getsource(_cached_storage)))
+    assert called <= set(compat.BACKEND_CALLS), called - set(compat.BACKEND_CALLS)
+    assert rdb._logger is logging.getLogger(compat.RDB_LOGGER)

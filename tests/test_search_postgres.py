@@ -4,7 +4,10 @@
   ``--trials`` trials, each pattern once, and both create the schema without a race;
 - a worker on "another host" (``HCOMPOSER_HOST``) SIGKILLed mid-trial: its trial is found
   by the heartbeat in the other process, failed, and run again;
-- both processes SIGKILLed: the same command resumes and ends with exactly ``--trials``.
+- both processes SIGKILLed: the same command resumes and ends with exactly ``--trials``;
+- the server restarted (every session cut) in the middle of a two-process search: the
+  workers say so, wait, go on, and every pattern is trained exactly once;
+- a claim whose lock's session the server ended is withdrawn and decided again.
 
 Skipped, with one line, only where no PostgreSQL server binaries are installed.
 """
@@ -184,3 +187,75 @@ def test_resume_after_both_processes_die(pg, tmp_path):
         assert after[n]["state"] == "COMPLETE" and after[n]["finished"] == t["finished"]
     for k in killed:
         assert after[k["number"]]["state"] == "FAIL"
+
+
+def test_server_restarted_mid_search_workers_wait_and_finish(pg, tmp_path):
+    url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
+    procs = [_search(url, tmp_path / f"p{i}", 2, 2.0) for i in range(2)]
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            trials = _read(tmp_path / "p0", url)
+            done = [t for t in trials if t["state"] == "COMPLETE"]
+            running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
+            if done and running:
+                break
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the search never got going")
+        pg.restart(down=4.0)
+        codes, errs = _wait(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert codes == [0, 0], errs
+    said = "".join(errs)
+    assert "lost the connection to the study's database" in said, errs
+    assert "reconnected to the study's database after" in said, errs
+    assert "Traceback" not in said, errs
+    trials = load_trials(tmp_path / "p0", storage=url)
+    done = _check_exact(trials)
+    # Trained exactly once: one evaluation per pattern, none lost to a missed heartbeat.
+    evaluated = [t for t in trials if t["architecture"] is not None]
+    assert sorted(t["pattern"] for t in evaluated) == sorted(t["pattern"] for t in done)
+    assert not [t for t in trials if "no heartbeat" in (t["failure"] or "")]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_claim_whose_lock_broke_is_withdrawn_and_decided_again(pg, monkeypatch):
+    import optuna
+    import sqlalchemy
+
+    from hcomposer.search import claims
+    from hcomposer.search.storage import open_storage
+
+    url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
+    trial = study.ask()
+    roles = []
+    real = claims.decide
+
+    def decide_then_cut(trials, number, *args, **kwargs):
+        roles.append(study.trials[number].user_attrs.get("role"))
+        verdict = real(trials, number, *args, **kwargs)
+        if len(roles) == 1:
+            # The server ends the lock's session (as a restart does) while the claim holds it.
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            with engine.connect() as con:
+                cut = con.execute(
+                    sqlalchemy.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND granted"
+                    )
+                ).fetchall()
+            engine.dispose()
+            assert cut == [(True,)]
+        return verdict
+
+    monkeypatch.setattr(claims, "decide", decide_then_cut)
+    verdict, _ = claims.claim(study, trial, "AF", 4)
+    # Decided twice: the claim written under the broken lock was withdrawn first.
+    assert verdict == "train" and roles == [None, "unclaimed"]
+    assert study.trials[trial.number].user_attrs["role"] == "evaluation"

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
 from hcomposer.errors import UserError
 from hcomposer.guards import check_cap
 
-__all__ = ["human", "human_bytes", "parse_count", "console", "progress_bar", "markdown_table"]
+__all__ = [
+    "human",
+    "human_bytes",
+    "parse_count",
+    "console",
+    "progress_bar",
+    "bar_columns",
+    "progress_gone_on_error",
+    "markdown_table",
+]
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -47,19 +57,17 @@ def console():
     return Console(stderr=True)
 
 
-def progress_bar(enabled: bool = True, field: str = "info"):
-    """The progress bar long jobs share (on stderr): description, bar, steps, the task's
-    ``field`` text (loss, tokens/s), elapsed time and ETA. Disabled, it draws nothing."""
+def bar_columns(field: str) -> tuple:
+    """Description, bar, steps, the task's ``field`` text, elapsed time and ETA."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    return Progress(
+    return (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -67,9 +75,42 @@ def progress_bar(enabled: bool = True, field: str = "info"):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=console(),
-        disable=not enabled,
-        transient=False,
+    )
+
+
+@functools.cache
+def _gone_on_error_class():
+    from rich.progress import Progress
+
+    class ProgressGoneOnError(Progress):
+        """A rich ``Progress`` that leaves no line behind when its block raises an error: the
+        error's one line is then all the user sees (erased on a terminal; never printed to a
+        file, where rich would otherwise print the bar's last state on exit). An interrupt
+        (Ctrl-C) keeps it, to show how far the job got."""
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is None or not issubclass(exc_type, Exception):
+                return super().__exit__(exc_type, exc, tb)
+            # Progress.stop would also print an empty line where the console is not a terminal.
+            self.live.transient = True
+            self.live.stop()
+            return None
+
+    return ProgressGoneOnError
+
+
+def progress_gone_on_error(*columns, **kwargs):
+    """A rich ``Progress(*columns, **kwargs)`` that leaves no line behind when its block raises
+    an error (rich is imported on first use: ``hcomposer --help`` stays light)."""
+    return _gone_on_error_class()(*columns, **kwargs)
+
+
+def progress_bar(enabled: bool = True, field: str = "info"):
+    """The progress bar long jobs share (on stderr): description, bar, steps, the task's
+    ``field`` text (loss, tokens/s), elapsed time and ETA. Disabled, it draws nothing; when
+    its block raises an error, it leaves nothing behind (:func:`progress_gone_on_error`)."""
+    return progress_gone_on_error(
+        *bar_columns(field), console=console(), disable=not enabled, transient=False
     )
 
 

@@ -144,20 +144,28 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Every whole line; a torn last line (killed mid-write) is skipped."""
+def read_jsonl(path: str | Path, skipped: list[int] | None = None) -> Iterator[dict]:
+    """Every whole line; a torn last line (killed mid-write) is skipped.
+
+    ``skipped`` (a list) receives the 1-based number of each line skipped, so that a caller
+    can say how many were skipped and where (blank lines are not counted).
+    """
     p = Path(path)
     if not p.exists():
         return
-    with open(p, encoding="utf-8") as f:
-        for line in f:
+    with open(p, "rb") as f:
+        for number, line in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                continue
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                record = None
+                if not line.strip():
+                    continue
             # Only objects are records; anything else is a damaged line, skipped like a torn one.
             if isinstance(record, dict):
                 yield record
+            elif skipped is not None:
+                skipped.append(number)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

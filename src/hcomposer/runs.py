@@ -8,6 +8,8 @@ A training run (``RunDir``)::
     RUN/tokenizer/          the tokenizer's files
     RUN/metrics.jsonl       one record per logged or evaluated step
     RUN/checkpoint/         the latest checkpoint (see ``hcomposer.training.checkpoint``)
+    RUN/.checkpoint.old/    the one before it (used when the latest fails its checks)
+    RUN/checkpoint.damaged/ a latest checkpoint that failed its checks, set aside on resume
     RUN/status.json         {"status": "running" | "completed" | "diverged", "step", "message"}
     RUN/summary.json        the TrainResult, once the run stopped
     RUN/eval/results.json   the evaluation suite's results (+ results.md and plots)
@@ -21,11 +23,22 @@ study unless a storage URL was given), ``trials.jsonl`` and ``summary.json``. A 
 patterns on extra proxy seeds: ``{pattern: {seed: score}}``), ``compare/``, ``report.md`` and
 the files of its stages. Every folder a command tracks (``--report-to``) holds its
 ``tracking/`` (:func:`tracking_dir`). No other module spells these names.
+
+A process that trains into a run folder (``train``, ``run``) holds it (:class:`FolderLock`):
+an ``flock`` on the folder itself, released by the kernel when the process ends however it
+ends, and ``RUN/.holder.json`` (host, pid, command, start time) beside it, so that a second
+process is refused with one line naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import fcntl
 import json
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +60,17 @@ __all__ = [
     "SearchDir",
     "PipelineDir",
     "RulerDir",
+    "FolderLock",
     "record_run",
     "tracking_dir",
     "RUN_JSON",
+    "HOLDER",
 ]
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
+# Who holds a run folder (see FolderLock); hidden, so a folder holding only it counts as empty.
+HOLDER = ".holder.json"
 
 
 def tracking_dir(folder: str | Path) -> Path:
@@ -90,6 +107,10 @@ class RunDir:
     tokenizer = property(lambda self: self.root / "tokenizer")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     checkpoint = property(lambda self: self.root / "checkpoint")
+    # The checkpoint before the latest (kept: a damaged latest one falls back to it).
+    previous_checkpoint = property(lambda self: self.root / ".checkpoint.old")
+    # A latest checkpoint that failed its checks, moved aside when training resumed without it.
+    damaged_checkpoint = property(lambda self: self.root / "checkpoint.damaged")
     status_json = property(lambda self: self.root / "status.json")
     summary_json = property(lambda self: self.root / SUMMARY_JSON)
     eval_dir = property(lambda self: self.root / "eval")
@@ -140,17 +161,40 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics, record)
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        return list(read_jsonl(self.metrics))
+    def read_metrics(self, *, tell: bool = True) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``; lines that are not JSON records (torn by a kill,
+        edited) are skipped, and with ``tell`` one line on stderr says how many and where."""
+        skipped: list[int] = []
+        records = list(read_jsonl(self.metrics, skipped))
+        if skipped and tell:
+            print(f"hcomposer: warning: {_skipped_lines(self.metrics, skipped)}", file=sys.stderr)
+        return records
 
     def truncate_metrics(self, step: int) -> None:
-        """Keep only the records up to ``step``: the steps after it will be run again."""
-        kept = [r for r in read_jsonl(self.metrics) if _step_of(r) <= step]
+        """Keep only the records up to ``step``: the steps after it will be run again.
+        Lines that are not JSON records are dropped, and one line on stderr says so."""
+        skipped: list[int] = []
+        kept = [r for r in read_jsonl(self.metrics, skipped) if _step_of(r) <= step]
+        if skipped:
+            print(
+                f"hcomposer: warning: {_skipped_lines(self.metrics, skipped)}; the file is "
+                "rewritten without them",
+                file=sys.stderr,
+            )
         atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def eval_plot(self, name: str) -> Path:
         """A plot of the evaluation suite, e.g. ``eval_plot("niah")`` -> ``eval/niah.png``."""
         return self.eval_dir / f"{name}.png"
+
+
+def _skipped_lines(path: Path, lines: list[int]) -> str:
+    where = ", ".join(str(n) for n in lines[:10]) + (", ..." if len(lines) > 10 else "")
+    n = len(lines)
+    return (
+        f"skipped {n} line{'s' if n > 1 else ''} of {str(path)!r} that {'are' if n > 1 else 'is'} "
+        f"not a JSON record (line{'s' if n > 1 else ''} {where}; torn by a kill, or edited)"
+    )
 
 
 def _step_of(record: dict) -> float:
@@ -229,3 +273,102 @@ class RulerDir:
     zoo_json = property(lambda self: self.root / "zoo.json")
     zoo_md = property(lambda self: self.root / "zoo.md")
     zoo_png = property(lambda self: self.root / "zoo.png")
+
+
+class FolderLock:
+    """Hold a run folder for this process: ``with FolderLock(out, argv=argv): ...``.
+
+    The lock is an ``flock`` on the folder itself (nothing to clean up: the kernel drops it
+    when the process ends, killed or not). While it is held, ``.holder.json`` in the folder
+    names the holder (host, pid, command, start time) for the message another process gets:
+    a UserError, raised before that process writes anything. A folder that does not exist yet
+    is created to be locked; when the block raises, the folders created here are removed again
+    if they are still empty (bad input leaves nothing behind). A folder that cannot be opened
+    (not a folder, no permission) is left to the caller's own checks, unlocked.
+    ``enabled=False`` (the other ranks of a distributed run) does nothing.
+    """
+
+    def __init__(self, root: str | Path, *, argv: list[str] | None = None, enabled: bool = True):
+        self.root = Path(root)
+        self.argv = argv
+        self.enabled = enabled
+        self._fd: int | None = None
+        self._created: Path | None = None
+
+    def __enter__(self) -> FolderLock:
+        if not self.enabled:
+            return self
+        self._created = _create_missing(self.root)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(_in_use(self.root)) from None
+        self._fd = fd
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "command": self.argv if self.argv is not None else sys.argv,
+            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # Best effort: the lock itself is what keeps a second process out.
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.root / HOLDER, holder)
+        return self
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.root / HOLDER).unlink(missing_ok=True)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        if exc_type is not None and self._created is not None:
+            _remove_empty(self.root, self._created)
+
+
+def _create_missing(root: Path) -> Path | None:
+    """Create ``root`` (and its missing parents); the topmost folder created, or None."""
+    top, p = None, root
+    while not p.exists() and p.parent != p:
+        top, p = p, p.parent
+    if top is None:
+        return None
+    try:
+        root.mkdir(parents=True)
+    except OSError:
+        return None
+    return top
+
+
+def _remove_empty(root: Path, top: Path) -> None:
+    """Remove ``root`` and its parents up to ``top`` while they are empty."""
+    p = root
+    while True:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
+        p = p.parent
+
+
+def _in_use(root: Path) -> str:
+    try:
+        holder = read_json(root / HOLDER)
+        who = (
+            f"pid {int(holder['pid'])} on {holder['host']}, since {holder['since']}: "
+            f"{' '.join(str(a) for a in holder['command'])[:160]}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "it has not recorded its pid yet"
+    return (
+        f"run folder {str(root)!r} is in use by another hcomposer process ({who}); wait for "
+        "it to end or stop it, then run this again, or choose another --out"
+    )

@@ -16,6 +16,8 @@ from hcomposer.pipeline.search import stage_rescore, stage_search
 from hcomposer.pipeline.state import State
 from hcomposer.pipeline.train import stage_train, stage_train_seed
 from hcomposer.recipes import Recipe
+from hcomposer.runs import FolderLock
+from hcomposer.search.storage import check_storage
 
 __all__ = ["run_pipeline"]
 
@@ -35,7 +37,16 @@ def run_pipeline(
     and, once the report exists, the pipeline's own run (config, final figures, plots).
     """
     say = say or (lambda _text: None)
-    state = State(Path(out_dir), recipe, argv)
+    # A second `hcomposer run` on this folder is refused while this one runs.
+    with FolderLock(out_dir, argv=argv):
+        return _run(recipe, Path(out_dir), argv, progress, say)
+
+
+def _run(recipe: Recipe, out: Path, argv, progress: bool, say: Callable[[str], None]) -> dict:
+    state = State(out, recipe, argv)
+    if state.done("search") is None:
+        # A damaged study is refused before the first stage's line is printed.
+        check_storage(recipe.search.storage, state.dir.search.root)
     t0 = time.perf_counter()
 
     def stage(name: str, fn: Callable[[], dict]) -> dict:

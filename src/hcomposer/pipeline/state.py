@@ -12,7 +12,7 @@ from hcomposer.config_io import DamagedFolder, read_run_file, stamp
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json
 from hcomposer.recipes import Recipe
-from hcomposer.runs import PipelineDir
+from hcomposer.runs import HOLDER, PipelineDir
 
 __all__ = ["State", "mean_std", "fmt_pm"]
 
@@ -42,7 +42,7 @@ class State:
                 )
             self.data = data
         else:
-            if out.exists() and any(out.iterdir()):
+            if out.exists() and any(p.name != HOLDER for p in out.iterdir()):
                 raise UserError(
                     f"{out} exists and is not an hcomposer run folder; choose a new --out"
                 )

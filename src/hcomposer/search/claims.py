@@ -19,6 +19,11 @@ The lock lives where the study lives: a PostgreSQL advisory lock (``pg_advisory_
 keyed by the study id, on its own connection), MySQL's ``GET_LOCK``, or an ``flock`` on a
 file next to a SQLite database or a journal file.
 
+A database server that restarts drops the session's lock with it. Taking the lock then
+waits for the server (:mod:`hcomposer.search.reconnect`), and a claim whose lock broke
+while it was held (its release fails) is withdrawn and decided again under a new lock: a
+worker that took the lock meanwhile may not have seen it.
+
 Trial numbers alone do not give this: an enqueued retry keeps the number it got when it
 was enqueued and may start after higher-numbered trials have decided, so ordering by
 number let a retry and a fresh trial train the same pattern past the budget.
@@ -34,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from hcomposer.search import optuna_compat as compat
+from hcomposer.search.reconnect import is_connection_error, retrying
 
 __all__ = ["study_lock", "decide", "claim"]
 
@@ -55,8 +62,6 @@ def _flock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _sql_lock(engine: Any, study_id: int) -> Iterator[None]:
-    import sqlalchemy
-
     dialect = engine.dialect.name
     if dialect == "postgresql":
         take = "SELECT pg_advisory_lock(:ns, :id)"
@@ -71,11 +76,20 @@ def _sql_lock(engine: Any, study_id: int) -> Iterator[None]:
     with engine.connect() as con:
         con.execute(sqlalchemy.text(take), args)
         con.commit()
+        failed = True
         try:
             yield
+            failed = False
         finally:
-            con.execute(sqlalchemy.text(give), args)
-            con.commit()
+            try:
+                con.execute(sqlalchemy.text(give), args)
+                con.commit()
+            except Exception as e:
+                # The block's own error, if any, is the one to raise.
+                if not failed and is_connection_error(e):
+                    raise LockLost("the study lock's connection broke while it was held") from e
+                if not failed:
+                    raise
 
 
 @contextlib.contextmanager
@@ -100,6 +114,20 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
             yield
         return
     yield  # an in-memory storage: one process, nothing to share
+
+
+class LockLost(Exception):
+    """The claim lock's session ended while it was held (the database server restarted)."""
+
+
+def _raise_if_down(study: optuna.Study, first: Exception) -> None:
+    """Raise ``first`` again while the study's database still refuses connections (for
+    :func:`retrying`, which then waits and calls again)."""
+    engine = getattr(compat.storage_backend(study), "engine", None)
+    if engine is None:
+        raise first
+    with engine.connect() as con:
+        con.execute(sqlalchemy.text("SELECT 1"))
 
 
 def _retried(trials: list[FrozenTrial], number: int) -> bool:
@@ -155,11 +183,22 @@ def claim(
     """
     is_retry = "retry_of" in trial.user_attrs
     while True:
-        with study_lock(study):
-            trials = study.get_trials(deepcopy=False)
-            verdict, known = decide(trials, trial.number, pattern, budget, is_retry=is_retry)
+        verdict = None
+        try:
+            with study_lock(study):
+                trials = study.get_trials(deepcopy=False)
+                verdict, known = decide(trials, trial.number, pattern, budget, is_retry=is_retry)
+                if verdict == "train":
+                    trial.set_user_attr("role", "evaluation")
+        except Exception as e:
+            if not isinstance(e, LockLost) and not is_connection_error(e):
+                raise
+            # The server went away: wait for it (or give up, past the limit), withdraw a claim
+            # written under the lost lock, and decide again.
+            retrying(lambda first=e: _raise_if_down(study, first))
             if verdict == "train":
-                trial.set_user_attr("role", "evaluation")
+                trial.set_user_attr("role", "unclaimed")
+            continue
         if verdict != "wait":
             return verdict, known
         if on_wait is not None:

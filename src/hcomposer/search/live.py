@@ -1,7 +1,8 @@
 """The live view of a running search, on stderr: trials done / total, best so far, ETA.
 
 On a terminal it is a rich progress bar; otherwise (a log file, a test) one line per
-newly finished trial, so a long search leaves a readable record.
+newly finished trial, so a long search leaves a readable record. An error leaves no progress
+line before its own (the bar is erased; nothing is printed before the first trial ends).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from hcomposer.format import console, progress_bar
+from hcomposer.format import bar_columns, console, progress_gone_on_error
 
 __all__ = ["LiveView"]
 
@@ -33,9 +34,9 @@ class LiveView:
 
     def __enter__(self) -> LiveView:
         if self.interactive:
-            self._progress = progress_bar(field="best")
-            # Messages go through the bar's console so they print above the live bar.
-            self.console = self._progress.console
+            self._progress = progress_gone_on_error(
+                *bar_columns("best"), console=self.console, transient=False
+            )
             self._progress.__enter__()
             self._task = self._progress.add_task(self.label, total=self.total, best="")
         return self
@@ -65,7 +66,8 @@ class LiveView:
             best = f"{best} · {note}"
         if self._progress is not None:
             self._progress.update(self._task, completed=done, best=best)
-        elif done != self._last_done:
+        elif self._last_done is not None and done != self._last_done:
+            # Not before a trial ended: a search that stops on an error prints that line only.
             self.console.print(
                 f"{self.label}: {done}/{self.total} trials · {best} · ETA {self._eta(done)}",
                 highlight=False,

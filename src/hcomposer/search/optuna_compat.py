@@ -24,7 +24,22 @@ __all__ = [
     "heartbeat",
     "stale_trial_ids",
     "forget_gp_cache",
+    "BACKEND_CALLS",
+    "RDB_LOGGER",
 ]
+
+# The private methods of ``RDBStorage`` that Optuna's cache in front of it (``_CachedStorage``)
+# and the heartbeat call directly: a storage that wraps every call (``search.reconnect``)
+# must wrap these too.
+BACKEND_CALLS = (
+    "_create_new_trial",
+    "_get_best_trial_id",
+    "_get_trials",
+    "_set_trial_param",
+    "_get_stale_trial_ids",
+)
+# The logger of ``RDBStorage``'s module (it logs a lost connection as a query-size warning).
+RDB_LOGGER = "optuna.storages._rdb.storage"
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:

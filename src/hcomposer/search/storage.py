@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import time
 import warnings
 from pathlib import Path
@@ -31,12 +32,14 @@ from hcomposer.guards import check_output_file
 from hcomposer.runs import SearchDir
 from hcomposer.search.optuna_compat import stale_trial_ids, storage_of, trial_id
 from hcomposer.search.pg import driver_url, schema_lock
+from hcomposer.search.reconnect import ReconnectingRDBStorage
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
     "storage_url",
     "check_storage",
+    "check_sqlite_file",
     "open_storage",
     "owner_record",
     "owner_alive",
@@ -47,6 +50,7 @@ __all__ = [
 # HCOMPOSER_HEARTBEAT="INTERVAL,GRACE" (seconds) overrides both, e.g. for a quick test.
 HEARTBEAT_INTERVAL = 15
 GRACE_PERIOD = 60
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def _heartbeat() -> tuple[int, int]:
@@ -86,6 +90,7 @@ def check_storage(spec: str | None, out_dir: str | Path, *, must_exist: bool = F
     Other URLs are connected to once.
     """
     if spec is None:
+        check_sqlite_file(SearchDir(out_dir).study_db, f"search folder {str(out_dir)!r}:")
         return
     if spec.startswith("journal:"):
         path = Path(spec[len("journal:") :])
@@ -108,6 +113,7 @@ def check_storage(spec: str | None, out_dir: str | Path, *, must_exist: bool = F
         check_output_file(sqlite, f"--storage {spec!r}:")
         if must_exist and not sqlite.is_file():
             raise UserError(f"--storage {spec!r}: the SQLite file does not exist")
+        check_sqlite_file(sqlite, f"--storage {spec!r}:")
         return
     try:
         import sqlalchemy
@@ -119,6 +125,31 @@ def check_storage(spec: str | None, out_dir: str | Path, *, must_exist: bool = F
     except Exception as e:  # any driver or network failure is the user's URL to fix
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--storage {spec!r} is unreachable: {reason[:200]}") from None
+
+
+def check_sqlite_file(path: Path, where: str) -> None:
+    """Raise UserError when ``path`` exists but is not a whole SQLite database; writes nothing.
+
+    The file is opened ``immutable`` (no lock, no journal, no -wal/-shm files created) for
+    SQLite's ``quick_check``, which reads every page: a file truncated or overwritten in
+    the middle is found here, not as a traceback in the middle of a search.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # absent or empty: SQLite creates the tables
+    fix = "restore it from a copy, or start the search again with a new --out"
+    with open(path, "rb") as f:
+        if f.read(16) != _SQLITE_HEADER:
+            raise UserError(f"{where} {str(path)!r} is not an SQLite database; {fix}")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        verdict = [(str(e),)]
+    if verdict != [("ok",)]:
+        raise UserError(f"{where} {str(path)!r} is damaged ({verdict[0][0][:120]}); {fix}")
 
 
 def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
@@ -139,10 +170,15 @@ def open_storage(url: str, *, reader: bool = False) -> BaseStorage:
         kwargs["connect_args"] = {"timeout": 120}
         if not reader:
             _use_wal(sqlite)
+    else:
+        # A server that restarted leaves dead connections in the pool: test each on checkout.
+        kwargs["pool_pre_ping"] = True
+    # A database server may restart under a long search: its calls wait for it (not SQLite's).
+    kind = optuna.storages.RDBStorage if sqlite is not None else ReconnectingRDBStorage
     with warnings.catch_warnings(), schema_lock(url, skip=reader):
         # The heartbeat is marked experimental; it is what finds workers lost on other hosts.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
+        storage = kind(
             url,
             engine_kwargs=kwargs,
             heartbeat_interval=_heartbeat()[0],
@@ -159,8 +195,6 @@ def _use_wal(path: Path) -> None:
 
     The mode is stored in the file, so it is set once, before Optuna opens it.
     """
-    import sqlite3
-
     con = sqlite3.connect(path, timeout=120)
     try:
         con.execute("PRAGMA journal_mode=WAL")

@@ -28,8 +28,10 @@ were renamed, added or removed is refused with the names that differ. Checkpoint
 order); they are still read, the indices mapped to the names of the optimiser's parameters.
 
 It is written into a temporary folder that is renamed into place. The previous checkpoint is
-first renamed to ``.checkpoint.old`` and removed afterwards, so a kill at any moment leaves
-either the old or the new checkpoint whole (``find_checkpoint`` looks at both).
+first renamed to ``.checkpoint.old`` (replacing the one before it) and kept, so a kill at any
+moment leaves the old or the new checkpoint whole (``find_checkpoint`` looks at both), and a
+latest checkpoint that later fails its checksums is replaced by the previous one
+(``usable_checkpoint``, which says so). The last two checkpoints take twice the disk space.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,9 @@ __all__ = [
     "read_optimizer_state",
     "param_names",
     "find_checkpoint",
+    "usable_checkpoint",
+    "DamagedCheckpoint",
+    "set_aside_damaged",
     "rng_state",
     "read_state",
     "check_out_dir",
@@ -236,14 +242,13 @@ def _write(
             "sha256": {name: sha256_file(tmp / name) for name in _FILES},
         }
         atomic_write_json(tmp / "state.json", record)
-        old = final.with_name(f".{final.name}.old")
+        old = RunDir(run_dir).previous_checkpoint
         if final.exists():
-            # Only now is the previous .checkpoint.old redundant: ``final`` is whole.
+            # Only now is the one before the previous redundant: the new one is whole.
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -252,18 +257,74 @@ def _write(
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """``RUN/checkpoint``, or the previous one if a kill fell between the two renames."""
-    final = RunDir(run_dir).checkpoint
-    for folder in (final, final.with_name(f".{final.name}.old")):
+    run = RunDir(run_dir)
+    for folder in (run.checkpoint, run.previous_checkpoint):
         if (folder / "state.json").is_file():
             return folder
     return None
 
 
+def usable_checkpoint(run_dir: str | Path, *, tell: bool = True) -> Path | None:
+    """The latest checkpoint that passes :func:`read_state`'s checks, or None when there is
+    none at all.
+
+    When ``RUN/checkpoint`` is damaged (a checksum fails, a file is missing) and the previous
+    one is whole, the previous one is returned and, with ``tell``, one line on stderr says so.
+    When neither is whole, the latest one's error is raised (a UserError saying how to recover).
+    """
+    run = RunDir(run_dir)
+    latest, previous = run.checkpoint, run.previous_checkpoint
+    if not latest.exists():
+        # A kill between the two renames of a save: the previous one is the latest.
+        if not previous.is_dir():
+            return None
+        read_state(previous)
+        return previous
+    try:
+        read_state(latest)
+        return latest
+    except DamagedCheckpoint as damage:
+        if not previous.is_dir():
+            raise
+        try:
+            step = read_state(previous)["step"]
+        except UserError:
+            raise damage from None
+        if tell:
+            print(
+                f"hcomposer: warning: checkpoint {str(latest)!r} is damaged ({damage.what}); "
+                f"using the previous checkpoint instead (step {step}, {str(previous)!r})",
+                file=sys.stderr,
+            )
+        return previous
+
+
+def set_aside_damaged(run_dir: str | Path) -> Path | None:
+    """Move a damaged ``RUN/checkpoint`` to ``RUN/checkpoint.damaged`` (replacing an older
+    one) once training resumed from the previous checkpoint: the next save then keeps the
+    good previous one instead of rotating the damaged one into its place."""
+    run = RunDir(run_dir)
+    if not run.checkpoint.exists():
+        return None
+    if run.damaged_checkpoint.exists():
+        shutil.rmtree(run.damaged_checkpoint)
+    os.replace(run.checkpoint, run.damaged_checkpoint)
+    return run.damaged_checkpoint
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files fail their checks; ``what`` says which check."""
+
+    def __init__(self, folder: Path, what: str):
+        super().__init__(
+            f"checkpoint {str(folder)!r} is damaged: {what}; restore it, or delete "
+            f"{str(folder)!r} to start the run over"
+        )
+        self.what = what
+
+
 def _damaged(folder: Path, what: str) -> UserError:
-    return UserError(
-        f"checkpoint {str(folder)!r} is damaged: {what}; restore it, or delete "
-        f"{str(folder)!r} to start the run over"
-    )
+    return DamagedCheckpoint(folder, what)
 
 
 def _misfit(folder: Path, what: str) -> UserError:

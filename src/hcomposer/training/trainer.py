@@ -55,15 +55,15 @@ from hcomposer.guards import MAX_SEED
 from hcomposer.io import entry_lock
 from hcomposer.model import build_model, lm_loss
 from hcomposer.primitives import primitive_class
-from hcomposer.runs import RUN_JSON, RunDir
+from hcomposer.runs import RUN_JSON, FolderLock, RunDir
 from hcomposer.threads import THREADS_EVERY, AdaptiveThreads, adapts
 from hcomposer.tracking import Tracking, open_tracking
 from hcomposer.training.checkpoint import (
     check_out_dir,
-    find_checkpoint,
     load_checkpoint,
-    read_state,
     save_checkpoint,
+    set_aside_damaged,
+    usable_checkpoint,
 )
 from hcomposer.training.distributed import Distributed
 from hcomposer.training.meter import Meter
@@ -261,12 +261,14 @@ def train(
     threads = torch.get_num_threads()
     trainer = None
     try:
-        # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
-        trainer = Trainer(
-            arch, config, out, dist=dist, resume=resume, argv=argv, report_to=report_to
-        )
-        done = trainer.setup()
-        return done if done is not None else _train(trainer, stop_at, progress)
+        # A second process on this folder is refused (rank 0 holds it for the whole run).
+        with FolderLock(out, argv=argv, enabled=dist.main):
+            # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
+            trainer = Trainer(
+                arch, config, out, dist=dist, resume=resume, argv=argv, report_to=report_to
+            )
+            done = trainer.setup()
+            return done if done is not None else _train(trainer, stop_at, progress)
     finally:
         if trainer is not None:
             # After an error: the trackers' runs are closed as failed (no-op once finished).
@@ -352,10 +354,9 @@ def _check_inputs(arch, config, out, dist, resume):
     else:
         tokenizer = get_tokenizer(config.tokenizer, source=config.data)
         arch = resolve_arch(arch, tokenizer, config.seq_len)
-    ckpt = find_checkpoint(out) if has_run else None
-    if ckpt is not None:
-        # A truncated or tampered checkpoint is refused here, before anything is written.
-        read_state(ckpt)
+    # A truncated or tampered checkpoint is refused here, before anything is written, unless
+    # the previous one is whole (then that one is used, and the user told).
+    ckpt = usable_checkpoint(out, tell=dist.main) if has_run else None
     if config.batch_threads > 1 and dist.enabled:
         raise UserError(
             f"--batch-threads {config.batch_threads} does not work in a distributed run "
@@ -462,6 +463,8 @@ class Trainer:
         if self.ckpt is not None:
             # One path for one process, DDP and FSDP (each rank keeps its shard).
             self.start_step = int(load_checkpoint(self.ckpt, model, self.optimizer)["step"])
+            if dist.main and self.ckpt != run.checkpoint:
+                set_aside_damaged(run.root)  # the next save keeps the good one as previous
         else:
             torch.manual_seed(config.seed + dist.rank)
         self.params_total = sum(p.numel() for p in model.parameters())
@@ -671,7 +674,7 @@ def load_run(run_dir: str | Path, *, device: Any = None):
     """
     run = RunDir(run_dir)
     run.require_run()
-    ckpt = find_checkpoint(run.root)
+    ckpt = usable_checkpoint(run.root)
     if ckpt is None:
         raise UserError(f"run folder {str(run.root)!r} holds no checkpoint yet")
     arch = run.read_architecture()
