@@ -39,10 +39,12 @@ def run_pipeline(
     say = say or (lambda _text: None)
     # A second `hcomposer run` on this folder is refused while this one runs.
     with FolderLock(out_dir, argv=argv):
-        return _run(recipe, Path(out_dir), argv, progress, say)
+        return _run(recipe, Path(out_dir), argv, progress, say, report_to)
 
 
-def _run(recipe: Recipe, out: Path, argv, progress: bool, say: Callable[[str], None]) -> dict:
+def _run(
+    recipe: Recipe, out: Path, argv, progress: bool, say: Callable[[str], None], report_to
+) -> dict:
     state = State(out, recipe, argv)
     if state.done("search") is None:
         # A damaged study is refused before the first stage's line is printed.
