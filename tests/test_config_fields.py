@@ -191,21 +191,23 @@ def _reach(*args, **kwargs):
 # (module:attribute) that is stubbed so an accepted line stops before doing anything.
 COMMAND_LINES: dict[str, tuple[list[str], list[str]]] = {
     "train": (["train", "AF", "--shape", "tiny", "--out", "{d}/o"],
-              ["hcomposer.training.trainer:train"]),
+              ["hcomposer.commands.train_cmd:train"]),
     "score": (["score", "AF", "--shape", "tiny", "--proxy", "mad:copy"],
-              ["hcomposer.proxies.proxy:evaluate_proxy"]),
+              ["hcomposer.commands.score_cmd:evaluate_proxy"]),
     "search": (["search", "--proxy", "synthetic", "--shape", "tiny", "--out", "{d}/o"],
-               ["hcomposer.search.loop:run_search"]),
-    "run": (["run", "--out", "{d}/o"], ["hcomposer.pipeline:run_pipeline"]),
+               ["hcomposer.commands.search_cmd:run_search"]),
+    "run": (["run", "--out", "{d}/o"], ["hcomposer.commands.run_cmd:run_pipeline"]),
     "isoflop": (["isoflop", "AF", "AAFF", "--out", "{d}/o"],
-                ["hcomposer.scaling:run_sweep", "hcomposer.scaling:plan_sweep"]),
+                ["hcomposer.commands.isoflop_cmd:run_sweep",
+                 "hcomposer.commands.isoflop_cmd:plan_sweep"]),
     "proxy-rank": (["proxy-rank", "--out", "{d}/o"],
-                   ["hcomposer.proxies.rank_correlation:run_proxy_rank"]),
+                   ["hcomposer.commands.proxy_rank_cmd:run_proxy_rank"]),
     "eval": (["eval", "{d}/run", "--suite", "loss"], ["hcomposer.commands.eval_cmd:run"]),
     "aggregate": (["aggregate", "{d}/s"], ["hcomposer.commands.aggregate_cmd:run"]),
     "bench-search": (["bench-search", "--seeds", "1"],
                      ["hcomposer.commands.bench_search_cmd:run"]),
-    "inspect": (["inspect", "AF", "--shape", "tiny"], ["hcomposer.accounting:count_costs"]),
+    "inspect": (["inspect", "AF", "--shape", "tiny"],
+                ["hcomposer.commands.inspect_cmd:count_costs"]),
 }  # fmt: skip
 
 
@@ -288,14 +290,14 @@ def test_the_command_line_agrees_with_the_declaration(
 def test_lr_20_is_refused_alike_on_the_command_line_and_in_json(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     line = ["train", "AF", "--shape", "tiny", "--out", str(tmp_path / "o")]
-    verdict, msg = _run_cli([*line, "--lr", "20"], ["hcomposer.training.trainer:train"],
+    verdict, msg = _run_cli([*line, "--lr", "20"], ["hcomposer.commands.train_cmd:train"],
                             monkeypatch, capsys)  # fmt: skip
     assert verdict == "refused" and msg == "--lr must be above 0 and at most 10, got 20"
     with pytest.raises(UserError, match="field 'lr' must be above 0 and at most 10, got 20"):
         TrainConfig.from_dict({**TrainConfig().to_dict(), "lr": 20})
     with pytest.raises(UserError, match="field 'lr' must be above 0 and at most 10, got 20"):
         TrainConfig(lr=20, min_lr=0)
-    verdict, _ = _run_cli([*line, "--lr", "10"], ["hcomposer.training.trainer:train"],
+    verdict, _ = _run_cli([*line, "--lr", "10"], ["hcomposer.commands.train_cmd:train"],
                           monkeypatch, capsys)  # fmt: skip
     assert verdict == "accepted"
     assert TrainConfig.from_dict({**TrainConfig().to_dict(), "lr": 10}).lr == 10

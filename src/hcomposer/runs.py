@@ -60,6 +60,8 @@ __all__ = [
     "SearchDir",
     "PipelineDir",
     "RulerDir",
+    "SweepDir",
+    "BenchSearchDir",
     "FolderLock",
     "record_run",
     "tracking_dir",
@@ -273,6 +275,31 @@ class RulerDir:
     zoo_json = property(lambda self: self.root / "zoo.json")
     zoo_md = property(lambda self: self.root / "zoo.md")
     zoo_png = property(lambda self: self.root / "zoo.png")
+
+
+class SweepDir:
+    """An IsoFLOP sweep's folder (``hcomposer isoflop``): its config, the fitted results and
+    their two plots (the training runs of its points sit in folders beside them)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "sweep.json")
+    results = property(lambda self: self.root / "results.json")
+    isoflop_png = property(lambda self: self.root / "isoflop.png")
+    frontier_png = property(lambda self: self.root / "frontier.png")
+
+
+class BenchSearchDir:
+    """``hcomposer bench-search``'s folder: results, report, regret plot, replay log."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    results = property(lambda self: self.root / "results.json")
+    report = property(lambda self: self.root / "report.md")
+    regret_png = property(lambda self: self.root / "regret.png")
+    replays = property(lambda self: self.root / "replays.jsonl")
 
 
 class FolderLock:

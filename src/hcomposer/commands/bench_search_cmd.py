@@ -19,6 +19,7 @@ from hcomposer.io import (
     read_jsonl,
     run_metadata,
 )
+from hcomposer.runs import BenchSearchDir
 from hcomposer.search.samplers import SAMPLERS, default_n_startup
 from hcomposer.search.space import SearchConfig
 from hcomposer.search.tabular import (
@@ -73,9 +74,6 @@ def add_arguments(p) -> None:
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
     return {"n_startup": (SearchConfig, "n_startup"), "workers": (SearchConfig, "workers")}
-
-
-REPLAY_LOG = "replays.jsonl"
 
 
 def _finished_replays(log: Path, settings: dict, names: list[str], seeds: list[int]) -> list:
@@ -140,7 +138,7 @@ def run(args) -> int:
         "budget": args.budget,
         "n_startup": n_startup,
     }
-    log = Path(args.out) / REPLAY_LOG if args.out is not None else None
+    log = BenchSearchDir(args.out).replays if args.out is not None else None
     finished = _finished_replays(log, settings, names, seeds) if log is not None else []
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -190,12 +188,11 @@ def run(args) -> int:
             "replays": {k: [r.to_dict() for r in v] for k, v in results.items()},
             "metadata": run_metadata(getattr(args, "argv", [])),
         }
-        atomic_write_json(out / "results.json", full)
-        atomic_write_text(out / "report.md", report)
-        plot_regret(results, table, args.budget, out / "regret.png")
-        doc["files"] = [
-            str(out / n) for n in ("results.json", "report.md", "regret.png", REPLAY_LOG)
-        ]
+        d = BenchSearchDir(out)
+        atomic_write_json(d.results, full)
+        atomic_write_text(d.report, report)
+        plot_regret(results, table, args.budget, d.regret_png)
+        doc["files"] = [str(p) for p in (d.results, d.report, d.regret_png, d.replays)]
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -24,7 +24,7 @@ from hcomposer.data import get_tokenizer
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
 from hcomposer.io import atomic_write_json, read_json, run_metadata
-from hcomposer.runs import RunDir, tracking_dir
+from hcomposer.runs import RunDir, SweepDir, tracking_dir
 from hcomposer.scaling.fits import fit_frontier
 from hcomposer.scaling.ladder import Ladder, PlannedRun, pattern_block, plan_runs
 from hcomposer.scaling.plots import plot_frontier, plot_isoflop
@@ -197,12 +197,12 @@ def _check_folder(out: Path, config: SweepConfig) -> None:
         raise UserError(f"--out {str(out)!r} is a file; choose a folder")
     if not any(p for p in out.iterdir() if not p.name.startswith(".")):
         return
-    if not (out / "sweep.json").is_file():
+    if not SweepDir(out).config.is_file():
         raise UserError(
             f"--out {str(out)!r} is not empty and holds no sweep; choose a new or empty folder"
         )
     try:
-        stored = read_json(out / "sweep.json")["config"]
+        stored = read_json(SweepDir(out).config)["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{str(out / 'sweep.json')!r} cannot be read ({e})") from None
     mine = config.to_dict()
@@ -264,11 +264,11 @@ def run_sweep(
     # Every check that can fail on bad input runs before anything is written.
     runs = plan_sweep(config)
     _check_folder(out, config)
-    if fit_only and not (out / "sweep.json").is_file():
+    if fit_only and not SweepDir(out).config.is_file():
         raise UserError(f"--fit-only: {str(out)!r} holds no sweep to fit")
     out.mkdir(parents=True, exist_ok=True)
     if not fit_only:
-        atomic_write_json(out / "sweep.json", {"config": config.to_dict(), **run_metadata(argv)})
+        atomic_write_json(SweepDir(out).config, {"config": config.to_dict(), **run_metadata(argv)})
     todo = [] if fit_only else [r for r in runs if _status(out / r.key) != "completed"]
     t0 = time.perf_counter()
     with progress_bar(progress, field="info") as bar:
@@ -301,9 +301,9 @@ def run_sweep(
     results = fit_results(config, rows)
     results["wall_seconds_this_call"] = time.perf_counter() - t0
     results["trained_this_call"] = len(todo)
-    atomic_write_json(out / "results.json", results)
-    plot_isoflop(results, out / "isoflop.png")
-    plot_frontier(results, out / "frontier.png")
+    atomic_write_json(SweepDir(out).results, results)
+    plot_isoflop(results, SweepDir(out).isoflop_png)
+    plot_frontier(results, SweepDir(out).frontier_png)
     _track(report_to, out, config, rows, results)
     return results
 
@@ -326,7 +326,10 @@ def _track(report_to, out: Path, config: SweepConfig, rows: list[dict], results:
                for block, res in results["patterns"].items()
                for name in ("n_exponent", "d_exponent", "loss_slope")}  # fmt: skip
         tracking.log_metrics(fit, len(done))
-        images = {"isoflop/isoflop": out / "isoflop.png", "isoflop/frontier": out / "frontier.png"}
+        images = {
+            "isoflop/isoflop": SweepDir(out).isoflop_png,
+            "isoflop/frontier": SweepDir(out).frontier_png,
+        }
         tracking.log_images(images, len(done))
         tracking.state["fitted_runs"] = len(done)
         tracking.save()
