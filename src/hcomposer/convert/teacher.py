@@ -35,7 +35,15 @@ from hcomposer.runs import RunDir
 from hcomposer.shapes import Shape
 from hcomposer.training.trainer import load_run
 
-__all__ = ["Teacher", "load_teacher", "shape_from_config", "attention_layers", "SUPPORTED"]
+__all__ = [
+    "Teacher",
+    "load_teacher",
+    "shape_from_config",
+    "attention_layers",
+    "conversion_fields",
+    "for_conversion",
+    "SUPPORTED",
+]
 
 # model_type -> why it is refused (None: supported, the Llama mapping holds).
 SUPPORTED: dict[str, str | None] = {
@@ -77,6 +85,7 @@ def load_teacher(path: str | Path) -> Teacher:
     if RunDir(path).is_run():
         model, arch, tokenizer, info = load_run(path)
         model = model.float().eval()
+        arch = for_conversion(arch)
         if not attention_layers(arch):
             raise UserError(f"teacher {str(path)!r} ({arch.pattern}) has no attention layer")
         source = {"kind": "run", "path": str(path), "step": info["step"]}
@@ -175,13 +184,41 @@ def _refuse_window(config) -> None:
         )
 
 
+def conversion_fields(d_model: int, n_heads: int, head_dim: int) -> dict[str, int]:
+    """S and D widths that a converted attention layer maps onto one to one (see ``mapping``).
+
+    S: heads of the attention's head width, one B/C group per query head, state = head width;
+    its inner width is ``ssm_expand * d_model`` (an integer multiple), so when the attention's
+    ``n_heads * head_dim`` is not one, the extra channels start fresh. D: q/k heads and value
+    heads = the query heads, both of the attention's head width.
+    """
+    inner = n_heads * head_dim
+    expand = max(1, -(-inner // d_model))
+    fits = (expand * d_model) % head_dim == 0 and (expand * d_model // head_dim) % n_heads == 0
+    return {
+        "ssm_expand": expand,
+        "ssm_head_dim": head_dim if fits else expand * d_model,
+        "ssm_state": head_dim,
+        "ssm_groups": n_heads if fits else 1,
+        "dn_heads": n_heads,
+        "dn_head_dim": head_dim,
+        "dn_v_heads": n_heads,
+        "dn_v_head_dim": head_dim,
+    }
+
+
+def for_conversion(arch: Architecture) -> Architecture:
+    """``arch`` with the S/D widths of ``conversion_fields``, for primitives it does not use
+    (a teacher's own S or D layers keep their widths)."""
+    s = arch.shape
+    fields = conversion_fields(s.d_model, s.n_heads, s.head_dim)
+    used = {t for layer in arch.layers for t in layer}
+    keep = {k: v for k, v in fields.items() if not (k.startswith("ssm") and "S" in used)}
+    keep = {k: v for k, v in keep.items() if not (k.startswith("dn") and "D" in used)}
+    return arch.with_shape(s.replace(**keep))
+
+
 def _shape(config, d: int, heads: int, kv: int, head_dim: int, theta: float) -> Shape:
-    inner = heads * head_dim
-    # S: expand is an integer multiple of d_model; when the attention is narrower or not a
-    # multiple, the extra Mamba channels start fresh (``mapping`` says which).
-    expand = max(1, -(-inner // d))
-    ssm_heads = expand * d // head_dim if (expand * d) % head_dim == 0 else None
-    groups = heads if ssm_heads is not None and ssm_heads % heads == 0 else 1
     try:
         return Shape(
             name=f"teacher-{config.model_type}",
@@ -198,14 +235,7 @@ def _shape(config, d: int, heads: int, kv: int, head_dim: int, theta: float) -> 
             norm_eps=float(config.rms_norm_eps),
             init_std=float(getattr(config, "initializer_range", 0.02)),
             window=min(4096, _int(config, "max_position_embeddings")),
-            ssm_expand=expand,
-            ssm_head_dim=head_dim if ssm_heads is not None else expand * d,
-            ssm_state=head_dim,
-            ssm_groups=groups,
-            dn_heads=heads,
-            dn_head_dim=head_dim,
-            dn_v_heads=heads,
-            dn_v_head_dim=head_dim,
+            **conversion_fields(d, heads, head_dim),
         )
     except UserError as e:
         raise UserError(f"teacher config does not fit an hcomposer shape: {e}") from None
