@@ -5,6 +5,7 @@
 rule, the train step and the evaluation loop that the proxies and the efficiency suite share.
 """
 
+from hcomposer.training.objective import Objective
 from hcomposer.training.trainer import (
     TrainConfig,
     Trainer,
@@ -16,6 +17,7 @@ from hcomposer.training.trainer import (
 )
 
 __all__ = [
+    "Objective",
     "TrainConfig",
     "TrainResult",
     "Trainer",
