@@ -17,8 +17,8 @@ class Objective(Protocol):
     The trainer calls ``check(arch, tokenizer)`` before anything is written (a UserError
     refuses the run), ``prepare(model, device)`` on the freshly built model before the
     optimiser is made (load starting weights, freeze parameters: frozen ones get no optimiser
-    state), and ``loss(net, x, y)`` on every micro-batch under the step's autocast. ``record()`` goes into run.json
-    and must be equal when the run is resumed.
+    state), and ``loss(net, x, y)`` on every micro-batch under the step's autocast.
+    ``record()`` goes into run.json and must be equal when the run is resumed.
     """
 
     def check(self, arch: Architecture, tokenizer: Any) -> None: ...
