@@ -1,0 +1,126 @@
+"""The placement searches that train: ``greedy`` (Distill-then-Replace) and ``optuna``.
+
+Each probe is an ordinary training run of the one trainer in ``placement/<name>/`` (resumed
+when it exists), so a killed search continues where it stopped; the Optuna study lives in
+``placement/study.db`` (SQLite), where ``optuna-dashboard`` can read it. See ``placement`` for
+what each strategy does and scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from hcomposer.convert.distill import Distillation
+from hcomposer.convert.mapping import convert_model, student_architecture
+from hcomposer.convert.placement import LocalDistillation, greedy_replacement, val_loss
+from hcomposer.training import load_run, train
+
+__all__ = ["greedy_keep", "optuna_keep"]
+
+
+def _probe(ctx, name: str, converted: list[int], make_objective) -> tuple[Any, Any]:
+    """Convert ``converted`` sublayers, train the probe ``name`` on ``make_objective``."""
+    config, teacher = ctx.config, ctx.teacher
+    arch = student_architecture(teacher.arch, converted, config.to)
+    student, _ = convert_model(
+        teacher.model, arch, calib_tokens=ctx.calibration(), seed=config.seed
+    )
+    run = ctx.cd.probe(name)
+    result = train(
+        arch, config.train_config(config.probe_tokens, ctx.tok_spec), run.root,
+        resume=run.run_json.is_file(), progress=False, objective=make_objective(student),
+    )  # fmt: skip
+    return result, run
+
+
+def greedy_keep(ctx) -> dict[str, Any]:
+    """Local distillation of every layer's twin, then greedy replacement (``placement``)."""
+    teacher, config = ctx.teacher, ctx.config
+    attn = teacher.attention_layers
+    twins = {}
+    for j, i in enumerate(attn):
+
+        def local(student, i=i):
+            return LocalDistillation(teacher.model, student.state_dict(), i, {"to": config.to})
+
+        _, run = _probe(ctx, f"layer-{j}", [i], local)
+        model, _, _, _ = load_run(run.root)
+        twins[i] = model.layers[i].mixer
+    batches = ctx.val_batches()
+    model = teacher.model.to(ctx.device)
+
+    def score(m):
+        return val_loss(m, batches)
+
+    base = score(model)
+    alone = {}
+    for j, i in enumerate(attn):
+        kept, steps = greedy_replacement(model, [i], {i: twins[i]}, 0, score, config.to)
+        alone[str(j)] = steps[0]["val_loss"] - base
+    kept, steps = greedy_replacement(model, attn, twins, config.keep, score, config.to)
+    order = [attn.index(s["replaced"]) for s in steps]
+    return {
+        "strategy": "greedy",
+        "keep": kept,
+        "scores": alone,
+        "score_meaning": "validation-loss increase when this attention layer alone is replaced "
+        "by its locally distilled twin",
+        "teacher_val_loss": base,
+        "replacement_order": order,
+        "steps": [{"replaced": o, "val_loss": s["val_loss"]} for o, s in zip(order, steps)],
+    }
+
+
+def optuna_keep(ctx) -> dict[str, Any]:
+    """TPE over keep-sets; each trial a short distillation scored by validation loss."""
+    teacher, config, cd = ctx.teacher, ctx.config, ctx.cd
+    attn = teacher.attention_layers
+    n, k = len(attn), config.keep
+    cd.placement_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name="placement",
+        storage=f"sqlite:///{cd.study_db}",
+        load_if_exists=True,
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        # A priority per layer, the k highest kept: any keep-set is reachable, and TPE models
+        # each layer's priority on its own.
+        prio = [trial.suggest_float(f"priority_{j}", 0.0, 1.0) for j in range(n)]
+        keep = sorted(sorted(range(n), key=lambda j: -prio[j])[:k])
+        trial.set_user_attr("keep", keep)
+        converted = [a for j, a in enumerate(attn) if j not in keep]
+        info = {"converted": converted, "to": config.to}
+
+        def full(student):
+            state = student.state_dict()
+            return Distillation(teacher.model, state, config.distill(), info, teacher.tokenizer)
+
+        result, _ = _probe(ctx, f"trial-{trial.number}", converted, full)
+        return float(result.val_loss) if result.val_loss is not None else math.inf
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if len(done) < config.trials:
+        study.optimize(objective, n_trials=config.trials - len(done))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    scores = {}
+    for j in range(n):
+        with_j = [t.value for t in done if j in t.user_attrs["keep"]]
+        without = [t.value for t in done if j not in t.user_attrs["keep"]]
+        if with_j and without:
+            scores[str(j)] = sum(with_j) / len(with_j) - sum(without) / len(without)
+    best = min(done, key=lambda t: t.value)
+    return {
+        "strategy": "optuna",
+        "keep": best.user_attrs["keep"],
+        "scores": scores,
+        "score_meaning": "mean validation loss of the trials keeping this layer minus that of "
+        "the trials converting it (negative: keeping it helps)",
+        "trials": [{"keep": t.user_attrs["keep"], "val_loss": t.value} for t in done],
+    }
