@@ -85,7 +85,9 @@ def load_teacher(path: str | Path) -> Teacher:
     if RunDir(path).is_run():
         model, arch, tokenizer, info = load_run(path)
         model = model.float().eval()
+        # The S/D widths a conversion maps onto (the teacher's own layers keep theirs).
         arch = for_conversion(arch)
+        model.arch = arch
         if not attention_layers(arch):
             raise UserError(f"teacher {str(path)!r} ({arch.pattern}) has no attention layer")
         source = {"kind": "run", "path": str(path), "step": info["step"]}
@@ -100,6 +102,7 @@ def load_teacher(path: str | Path) -> Teacher:
 
 def _load_hf(path: Path) -> Teacher:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -110,9 +113,16 @@ def _load_hf(path: Path) -> Teacher:
     arch = Architecture(
         pattern="AF" * _int(config, "num_hidden_layers"), shape=shape_from_config(config)
     )
-    hf = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, dtype=torch.float32
-    )
+    # transformers' loading bar would be a second line on stderr before any one-line error.
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        )
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
     model = build_model(arch, device="cpu")
     _fill_from_hf(model, hf.state_dict(), path)
     model.eval()
