@@ -19,7 +19,7 @@ import torch
 from hcomposer.config_io import Config
 from hcomposer.convert.distill import Distillation, DistillConfig
 from hcomposer.convert.mapping import TARGETS, convert_model, describe, student_architecture
-from hcomposer.convert.placement import STRATEGIES, even_keep
+from hcomposer.convert.placement import STRATEGIES, even_keep, val_loss
 from hcomposer.convert.search import greedy_keep, optuna_keep
 from hcomposer.convert.teacher import Teacher, load_teacher
 from hcomposer.data import get_tokenizer, prepare_dataset
@@ -220,8 +220,6 @@ class _Context:
         return list(self.dataset.eval_batches(4, c.seq_len, c.eval_tokens))
 
     def teacher_val_loss(self) -> float:
-        from hcomposer.convert.placement import val_loss
-
         return val_loss(self.teacher.model.to(self.device), self.val_batches())
 
 
