@@ -238,6 +238,17 @@ def convert_model(
         raise UserError(
             f"student {student_arch.pattern} and teacher {t_arch.pattern} differ in depth"
         )
+    # The conversion runs on the CPU (the teacher goes back to its device afterwards).
+    device = next(teacher.parameters()).device
+    teacher.cpu()
+    try:
+        return _convert(teacher, student_arch, init, calib_tokens, seed)
+    finally:
+        teacher.to(device)
+
+
+def _convert(teacher, student_arch, init, calib_tokens, seed):
+    t_arch = teacher.arch
     student = build_model(student_arch, seed=seed)
     converted = []
     with torch.no_grad():
@@ -261,7 +272,8 @@ def convert_model(
         if init == "random" and mixer.token == "W":
             report = {"all": "fresh"}
         if calib_tokens is not None:
-            report.update(calibrate(mixer, attn, layer_inputs(teacher, calib_tokens, i)))
+            x = layer_inputs(teacher, calib_tokens.cpu(), i)
+            report.update(calibrate(mixer, attn, x))
         reports[i] = report
     return student, reports
 
