@@ -23,10 +23,12 @@ def add_arguments(p) -> None:
     p.add_argument("--to", choices=["S", "D", "W"], default="S", help="what the rest become")
     p.add_argument("--out", required=True, help="new folder for the conversion")
     p.add_argument(
-        "--strategy", choices=["even", "greedy", "optuna"], default="even",
-        help="even: spread evenly; greedy: Distill-then-Replace; optuna: TPE over keep-sets",
+        "--strategy", choices=["even", "greedy", "optuna", "gates"], default="even",
+        help="even: spread evenly; greedy: Distill-then-Replace; optuna: TPE over keep-sets; "
+        "gates: learned gates between attention and its twin (FlashMorph-style)",
     )  # fmt: skip
     p.add_argument("--trials", type=int, default=8, help="optuna: keep-sets tried")
+    p.add_argument("--gate-penalty", type=float, default=0.05, help="gates: weight of mean(g)")
     p.add_argument("--probe-tokens", default="32K", help="tokens of each placement probe")
     p.add_argument("--tokens", default="1M", help="distillation tokens (default 1M)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -52,7 +54,8 @@ def option_fields() -> dict:
     # Lazy (measured): at the top, every `--help` would import torch.
     from hcomposer.convert.run import ConvertConfig
 
-    names = "trials seq_len batch_size lr temperature kl_weight lm_weight hidden_weight seed"
+    names = "trials gate_penalty seq_len batch_size lr temperature kl_weight lm_weight"
+    names += " hidden_weight seed"
     return {name: (ConvertConfig, name) for name in names.split()}
 
 
@@ -69,7 +72,7 @@ def run(args) -> int:
         keep = len([p for p in args.keep_layers.split(",") if p.strip()])
     config = ConvertConfig(
         teacher=args.teacher, to=args.to, keep=keep, layers=args.keep_layers,
-        strategy=args.strategy, trials=args.trials,
+        strategy=args.strategy, trials=args.trials, gate_penalty=args.gate_penalty,
         probe_tokens=parse_count(args.probe_tokens, "--probe-tokens"),
         tokens=parse_count(args.tokens, "--tokens"), seq_len=args.seq_len,
         batch_size=args.batch_size, lr=args.lr, data=args.data, tokenizer=args.tokenizer,

@@ -10,6 +10,9 @@
 - ``optuna``: an Optuna study (TPE, SQLite in the folder, resumable) over keep-sets; a trial
   scores a keep-set by the validation loss after a short distillation of the whole student.
   Scores: per layer, mean loss of the trials that kept it minus that of the trials that did not.
+- ``gates`` (FlashMorph-style, ``convert.gates``): a gate per layer between its attention and
+  its converted twin, trained with a penalty toward the twin; the ``k`` highest gates are kept.
+  Scores: the learned gates.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ __all__ = [
     "greedy_replacement",
 ]
 
-STRATEGIES = ("even", "greedy", "optuna")
+STRATEGIES = ("even", "greedy", "optuna", "gates")
 
 
 def even_keep(n: int, k: int) -> list[int]:

@@ -20,7 +20,7 @@ from hcomposer.config_io import Config
 from hcomposer.convert.distill import Distillation, DistillConfig
 from hcomposer.convert.mapping import TARGETS, convert_model, describe, student_architecture
 from hcomposer.convert.placement import STRATEGIES, even_keep, val_loss
-from hcomposer.convert.search import greedy_keep, optuna_keep
+from hcomposer.convert.search import gates_keep, greedy_keep, optuna_keep
 from hcomposer.convert.teacher import Teacher, load_teacher
 from hcomposer.data import get_tokenizer, prepare_dataset
 from hcomposer.errors import UserError
@@ -45,6 +45,7 @@ class ConvertConfig(Config):
     layers: str = spec("", help="kept attention layers, e.g. '0,3' (empty: the strategy picks)")
     strategy: str = spec("even", choices=STRATEGIES, help="how the kept layers are chosen")
     trials: int = spec(8, ge=1, le=10_000, help="optuna: keep-sets tried")
+    gate_penalty: float = spec(0.05, ge=0, le=1e6, help="gates: weight of mean(g)")
     probe_tokens: int = spec(32_768, ge=1, cap="tokens", unit="tokens", help="tokens per probe")
     tokens: int = spec(1_000_000, ge=1, cap="tokens", unit="tokens", help="distillation tokens")
     seq_len: int = spec(256, ge=1, le=2**24, unit="tokens", help="training sequence length")
@@ -234,6 +235,8 @@ def _placement(ctx: _Context, chosen: list[int]) -> dict[str, Any]:
         placement = {"strategy": "even", "keep": even_keep(n, config.keep), "scores": {}}
     elif config.strategy == "greedy":
         placement = greedy_keep(ctx)
+    elif config.strategy == "gates":
+        placement = gates_keep(ctx)
     else:
         placement = optuna_keep(ctx)
     atomic_write_json(cd.placement, placement)

@@ -1,4 +1,5 @@
-"""The placement searches that train: ``greedy`` (Distill-then-Replace) and ``optuna``.
+"""The placement searches that train: ``greedy`` (Distill-then-Replace), ``optuna`` and
+``gates`` (learned gates, ``convert.gates``).
 
 Each probe is an ordinary training run of the one trainer in ``placement/<name>/`` (resumed
 when it exists), so a killed search continues where it stopped; the Optuna study lives in
@@ -14,11 +15,14 @@ from typing import Any
 import optuna
 
 from hcomposer.convert.distill import Distillation
+from hcomposer.convert.gates import GateSearch, gate_values
 from hcomposer.convert.mapping import convert_model, student_architecture
 from hcomposer.convert.placement import LocalDistillation, greedy_replacement, val_loss
+from hcomposer.model import build_model
 from hcomposer.training import load_run, train
+from hcomposer.training.checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["greedy_keep", "optuna_keep"]
+__all__ = ["greedy_keep", "optuna_keep", "gates_keep"]
 
 
 def _probe(ctx, name: str, converted: list[int], make_objective) -> tuple[Any, Any]:
@@ -123,4 +127,34 @@ def optuna_keep(ctx) -> dict[str, Any]:
         "score_meaning": "mean validation loss of the trials keeping this layer minus that of "
         "the trials converting it (negative: keeping it helps)",
         "trials": [{"keep": t.user_attrs["keep"], "val_loss": t.value} for t in done],
+    }
+
+
+def gates_keep(ctx) -> dict[str, Any]:
+    """Train the gated super-network (``convert.gates``); keep the ``k`` highest gates."""
+    teacher, config = ctx.teacher, ctx.config
+    attn = teacher.attention_layers
+    made = {}
+
+    def gated(student):
+        info = {"to": config.to}
+        made["objective"] = GateSearch(
+            teacher.model, student.state_dict(), attn, config.distill(), config.gate_penalty, info
+        )
+        return made["objective"]
+
+    result, run = _probe(ctx, "gates", attn, gated)
+    # The trained gates, read back through the trainer's own checkpoint loader.
+    model = build_model(run.read_architecture(), device="cpu")
+    made["objective"].prepare(model, "cpu")
+    load_checkpoint(find_checkpoint(run.root), model, restore_rng=False)
+    values = gate_values(model.state_dict(), attn)
+    order = sorted(range(len(attn)), key=lambda j: -values[attn[j]])
+    return {
+        "strategy": "gates",
+        "keep": sorted(order[: config.keep]),
+        "scores": {str(j): values[a] for j, a in enumerate(attn)},
+        "score_meaning": "learned gate g toward attention (1) or its converted twin (0) after "
+        f"{result.tokens:,} tokens with penalty {config.gate_penalty:g} x mean(g)",
+        "val_loss": result.val_loss,
     }
