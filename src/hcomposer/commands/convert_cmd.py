@@ -41,6 +41,10 @@ def add_arguments(p) -> None:
     p.add_argument("--lm-weight", type=float, default=0.1)
     p.add_argument("--hidden-weight", type=float, default=0.0, help="per-sublayer state MSE")
     p.add_argument("--freeze-mlp", action="store_true", help="keep the teacher's MLPs")
+    p.add_argument(
+        "--init", choices=["attention", "random"], default="attention",
+        help="converted mixers start from the attention weights (default) or fresh (ablation)",
+    )  # fmt: skip
     p.add_argument("--eval-tokens", default="16K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -71,7 +75,7 @@ def run(args) -> int:
             raise UserError("give --keep K (how many attention layers stay) or --keep-layers")
         keep = len([p for p in args.keep_layers.split(",") if p.strip()])
     config = ConvertConfig(
-        teacher=args.teacher, to=args.to, keep=keep, layers=args.keep_layers,
+        teacher=args.teacher, to=args.to, init=args.init, keep=keep, layers=args.keep_layers,
         strategy=args.strategy, trials=args.trials, gate_penalty=args.gate_penalty,
         probe_tokens=parse_count(args.probe_tokens, "--probe-tokens"),
         tokens=parse_count(args.tokens, "--tokens"), seq_len=args.seq_len,

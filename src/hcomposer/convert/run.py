@@ -41,6 +41,9 @@ class ConvertConfig(Config):
 
     teacher: str = spec(help="Hugging Face model folder or hcomposer run folder")
     to: str = spec("S", choices=TARGETS, help="what the converted attention layers become")
+    init: str = spec(
+        "attention", choices=("attention", "random"), help="converted mixers' starting weights"
+    )
     keep: int = spec(ge=0, le=2**16, help="attention layers kept")
     layers: str = spec("", help="kept attention layers, e.g. '0,3' (empty: the strategy picks)")
     strategy: str = spec("even", choices=STRATEGIES, help="how the kept layers are chosen")
@@ -165,17 +168,21 @@ def convert(
         raise UserError(f"--keep {config.keep} but --keep-layers lists {len(chosen)} layers")
     tok_spec, tokenizer = _tokenizer_spec(teacher, config)
     # Nothing was written before this line.
-    cd.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cd.request, config.to_dict())
-    cd.record({"convert": config.to_dict(), "teacher": teacher.source}, argv)
+    # Written once: a resumed conversion keeps the command line it was started with.
+    if not cd.request.is_file():
+        cd.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cd.request, config.to_dict())
+    if not cd.run_json.is_file():
+        cd.record({"convert": config.to_dict(), "teacher": teacher.source}, argv)
     dataset = prepare_dataset(config.data, tokenizer, None, 0.02, config.seed)
     ctx = _Context(config, cd, teacher, tok_spec, dataset, progress)
     placement = _placement(ctx, chosen)
     converted = [a for j, a in enumerate(teacher.attention_layers) if j not in placement["keep"]]
     student_arch = student_architecture(teacher.arch, converted, config.to)
     student, reports = convert_model(
-        teacher.model, student_arch, calib_tokens=ctx.calibration(), seed=config.seed
-    )
+        teacher.model, student_arch, init=config.init, calib_tokens=ctx.calibration(),
+        seed=config.seed,
+    )  # fmt: skip
     atomic_write_json(cd.conversion, {str(k): v for k, v in reports.items()})
     info = {"teacher": teacher.source, "converted": converted, "to": config.to}
     objective = Distillation(
