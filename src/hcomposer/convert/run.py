@@ -29,6 +29,7 @@ from hcomposer.guards import MAX_SEED
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
 from hcomposer.runs import ConvertDir
 from hcomposer.training import TrainConfig, train, vocab_for
+from hcomposer.training.step import resolve_device
 
 __all__ = ["ConvertConfig", "convert", "parse_layers"]
 
@@ -212,9 +213,7 @@ class _Context:
     def __init__(self, config, cd, teacher, tok_spec, dataset, progress):
         self.config, self.cd, self.teacher = config, cd, teacher
         self.tok_spec, self.dataset, self.progress = tok_spec, dataset, progress
-        self.device = torch.device(
-            "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-        )
+        self.device = resolve_device(config.device)
 
     def calibration(self) -> torch.Tensor:
         """A training batch (its own seed) to fit the converted mixers' gates and scales."""
@@ -224,8 +223,9 @@ class _Context:
         return x
 
     def val_batches(self) -> list:
-        c = self.config
-        return list(self.dataset.eval_batches(4, c.seq_len, c.eval_tokens))
+        """The windows the trainer validates the student on (its batch size and length)."""
+        c = self.config.train_config(self.config.tokens, self.tok_spec)
+        return list(self.dataset.eval_batches(c.batch_size, c.seq_len, c.eval_tokens))
 
     def teacher_val_loss(self) -> float:
         return val_loss(self.teacher.model.to(self.device), self.val_batches())

@@ -25,8 +25,9 @@ from hcomposer.training.checkpoint import find_checkpoint, load_checkpoint
 __all__ = ["greedy_keep", "optuna_keep", "gates_keep"]
 
 
-def _probe(ctx, name: str, converted: list[int], make_objective) -> tuple[Any, Any]:
-    """Convert ``converted`` sublayers, train the probe ``name`` on ``make_objective``."""
+def _probe(ctx, name: str, converted: list[int], make_objective, scale: int = 1):
+    """Convert ``converted`` sublayers, train the probe ``name`` on ``make_objective`` for
+    ``scale`` x the probe tokens."""
     config, teacher = ctx.config, ctx.teacher
     arch = student_architecture(teacher.arch, converted, config.to)
     student, _ = convert_model(
@@ -34,7 +35,7 @@ def _probe(ctx, name: str, converted: list[int], make_objective) -> tuple[Any, A
     )
     run = ctx.cd.probe(name)
     result = train(
-        arch, config.train_config(config.probe_tokens, ctx.tok_spec), run.root,
+        arch, config.train_config(scale * config.probe_tokens, ctx.tok_spec), run.root,
         resume=run.run_json.is_file(), progress=False, objective=make_objective(student),
     )  # fmt: skip
     return result, run
@@ -143,7 +144,8 @@ def gates_keep(ctx) -> dict[str, Any]:
         )
         return made["objective"]
 
-    result, run = _probe(ctx, "gates", attn, gated)
+    # One run as long as greedy's probes together (one per attention layer): the same budget.
+    result, run = _probe(ctx, "gates", attn, gated, scale=len(attn))
     # The trained gates, read back through the trainer's own checkpoint loader.
     model = build_model(run.read_architecture(), device="cpu")
     made["objective"].prepare(model, "cpu")
