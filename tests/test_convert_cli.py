@@ -126,19 +126,19 @@ def test_optuna_study_in_the_folder_and_resumes(small_teacher, text_file, tmp_pa
     argv += ["--strategy", "optuna", "--trials", "3", "--probe-tokens", "256", "--tokens", "256"]
     argv += ["--data", str(text_file), *SMALL]
     assert main(argv) == 0
-    study = optuna.load_study(study_name="placement", storage=f"sqlite:///{out}/placement/study.db")
-    values = [t.value for t in study.trials]
-    assert len(values) == 3
+    storage = f"sqlite:///{out}/placement/study.db"
+    study = optuna.load_study(study_name="placement", storage=storage)
+    probed = [t for t in study.trials if t.user_attrs.get("probed")]
+    # Three distinct keep-sets of 2 out of 3 layers: every one probed once, repeats told free.
+    assert sorted(tuple(t.user_attrs["keep"]) for t in probed) == [(0, 1), (0, 2), (1, 2)]
+    assert sorted(p.name for p in (out / "placement").iterdir() if p.is_dir()) == sorted(
+        f"trial-{t.number}" for t in probed
+    )
     placement = read_json(out / "placement.json")
     best = min(placement["trials"], key=lambda t: t["val_loss"])
-    assert placement["keep"] == best["keep"] and len(best["keep"]) == 2
+    assert placement["keep"] == best["keep"]
+    assert placement["keep"] == min(probed, key=lambda t: t.value).user_attrs["keep"]
     # A resumed conversion finds the study done and runs no new trial.
+    attempts = len(study.trials)
     assert main([*argv, "--resume"]) == 0
-    assert (
-        len(
-            optuna.load_study(
-                study_name="placement", storage=f"sqlite:///{out}/placement/study.db"
-            ).trials
-        )
-        == 3
-    )
+    assert len(optuna.load_study(study_name="placement", storage=storage).trials) == attempts

@@ -80,18 +80,63 @@ def greedy_keep(ctx) -> dict[str, Any]:
 
 
 def optuna_keep(ctx) -> dict[str, Any]:
-    """TPE over keep-sets; each trial a short distillation scored by validation loss."""
+    """TPE over keep-sets; each trial a short distillation scored by validation loss.
+
+    ``config.trials`` distinct keep-sets are probed: a keep-set drawn again is told its known
+    loss at no cost (TPE still learns from it) and does not count. TPE's random start is a
+    third of the trials (at most its default 10), so a short study still models the rest.
+    """
     teacher, config, cd = ctx.teacher, ctx.config, ctx.cd
     attn = teacher.attention_layers
     n, k = len(attn), config.keep
     cd.placement_dir.mkdir(parents=True, exist_ok=True)
+    startup = max(1, min(10, config.trials // 3))
     study = optuna.create_study(
         study_name="placement",
         storage=f"sqlite:///{cd.study_db}",
         load_if_exists=True,
         direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=startup),
     )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objective = _keep_set_objective(ctx, n, k)
+    # At most math.comb(n, k) distinct keep-sets exist; the attempts are capped all the same.
+    want = min(config.trials, math.comb(n, k))
+    for _ in range(50 * want):
+        if len(_probed(study)) >= want:
+            break
+        study.optimize(objective, n_trials=1)
+    probed = _probed(study)
+    scores = {}
+    for j in range(n):
+        with_j = [v for key, v in probed.items() if j in key]
+        without = [v for key, v in probed.items() if j not in key]
+        if with_j and without:
+            scores[str(j)] = sum(with_j) / len(with_j) - sum(without) / len(without)
+    best = min(probed, key=probed.get)
+    return {
+        "strategy": "optuna",
+        "keep": list(best),
+        "scores": scores,
+        "score_meaning": "mean validation loss of the probed keep-sets keeping this layer minus "
+        "that of those converting it (negative: keeping it helps)",
+        "trials": [{"keep": list(key), "val_loss": v} for key, v in probed.items()],
+        "attempts": len(study.trials),
+    }
+
+
+def _probed(study) -> dict[tuple[int, ...], float]:
+    """Keep-set -> validation loss, for the trials that trained (not the repeats)."""
+    done = optuna.trial.TrialState.COMPLETE
+    return {
+        tuple(t.user_attrs["keep"]): t.value
+        for t in study.trials
+        if t.state == done and t.user_attrs.get("probed")
+    }
+
+
+def _keep_set_objective(ctx, n: int, k: int):
+    teacher, config, attn = ctx.teacher, ctx.config, ctx.teacher.attention_layers
 
     def objective(trial: optuna.Trial) -> float:
         # A priority per layer, the k highest kept: any keep-set is reachable, and TPE models
@@ -99,6 +144,10 @@ def optuna_keep(ctx) -> dict[str, Any]:
         prio = [trial.suggest_float(f"priority_{j}", 0.0, 1.0) for j in range(n)]
         keep = sorted(sorted(range(n), key=lambda j: -prio[j])[:k])
         trial.set_user_attr("keep", keep)
+        known = _probed(trial.study)
+        if tuple(keep) in known:
+            trial.set_user_attr("probed", False)
+            return known[tuple(keep)]
         converted = [a for j, a in enumerate(attn) if j not in keep]
         info = {"converted": converted, "to": config.to}
 
@@ -107,28 +156,10 @@ def optuna_keep(ctx) -> dict[str, Any]:
             return Distillation(teacher.model, state, config.distill(), info, teacher.tokenizer)
 
         result, _ = _probe(ctx, f"trial-{trial.number}", converted, full)
+        trial.set_user_attr("probed", True)
         return float(result.val_loss) if result.val_loss is not None else math.inf
 
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if len(done) < config.trials:
-        study.optimize(objective, n_trials=config.trials - len(done))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    scores = {}
-    for j in range(n):
-        with_j = [t.value for t in done if j in t.user_attrs["keep"]]
-        without = [t.value for t in done if j not in t.user_attrs["keep"]]
-        if with_j and without:
-            scores[str(j)] = sum(with_j) / len(with_j) - sum(without) / len(without)
-    best = min(done, key=lambda t: t.value)
-    return {
-        "strategy": "optuna",
-        "keep": best.user_attrs["keep"],
-        "scores": scores,
-        "score_meaning": "mean validation loss of the trials keeping this layer minus that of "
-        "the trials converting it (negative: keeping it helps)",
-        "trials": [{"keep": t.user_attrs["keep"], "val_loss": t.value} for t in done],
-    }
+    return objective
 
 
 def gates_keep(ctx) -> dict[str, Any]:
