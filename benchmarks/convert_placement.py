@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -57,15 +56,16 @@ def teacher_run(work: Path, data: Path, steps: int) -> Path:
 def one(work: Path, name: str, **fields) -> dict:
     config = ConvertConfig(**fields)
     out = work / name
-    t0 = time.perf_counter()
     summary = convert(config, out, resume=(out / "convert.json").is_file())
     placement = json.loads((out / "placement.json").read_text())
+    # Tokens the placement's probes trained on (each probe is probe_tokens long).
+    probes = {"greedy": 6, "gates": 6, "optuna": len(placement.get("trials", []))}
     return {
         "keep": summary["kept_attention_layers"],
         "val_loss": summary["student"]["val_loss"],
         "teacher_val_loss": summary["teacher_val_loss"],
         "scores": placement.get("scores", {}),
-        "wall_s": time.perf_counter() - t0,
+        "probe_tokens": probes.get(placement["strategy"], 0) * config.probe_tokens,
     }
 
 

@@ -36,6 +36,9 @@ def figures() -> dict[str, str]:
         out[f"{name}_set"] = key
         out[f"{name}_mean"] = f"{means[key]:.3f}"
         out[f"{name}_rank"] = str(ranked.index(key) + 1)
+        out[f"{name}_probe"] = f"{got['probe_tokens']:,}"
+    with0 = [v for k, v in means.items() if "0" in k.split(",")]
+    out["with0_spread"] = f"{max(with0) - min(with0):.3f}"
     even = ",".join(map(str, raw["strategies"]["even"]["keep"]))
     out["even_attention"] = f"{means[even]:.3f}"
     out["even_random"] = f"{statistics.mean(raw['random_init']):.3f}"
@@ -51,3 +54,12 @@ def test_readme_states_the_raw_files_figures():
         # The figure sits right before its tag.
         m = re.search(r"(\S+)\s*" + re.escape(tag), text)
         assert m and m.group(1).strip("`*(),;:") == value, (name, value, m and m.group(1))
+
+
+def test_the_layer_that_must_stay():
+    """The README's reading: every keep-set with attention layer 0 is below 1.6, every one
+    without it above 2.1."""
+    raw = json.loads(RAW.read_text())
+    for key, losses in raw["exhaustive"].items():
+        mean = statistics.mean(losses)
+        assert (mean < 1.6) if "0" in key.split(",") else (mean > 2.1), (key, mean)
