@@ -48,8 +48,8 @@ def test_attention_init_beats_random_and_zero_on_real_text(small_teacher, to):
             with torch.no_grad():
                 errors[init] = _rel_err(student.layers[layer].mixer(x), want)
         # A zero output's relative error is exactly 1.
-        assert errors["attention"] < 0.9, errors
-        assert errors["attention"] < errors["random"] - 0.1, errors
+        assert errors["attention"] < 0.95, errors
+        assert errors["attention"] < errors["random"] - 0.05, errors
 
 
 def test_w_keeps_attention_exactly(small_teacher):

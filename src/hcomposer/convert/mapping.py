@@ -15,14 +15,19 @@ Grouped key/value heads are repeated as attention reads them: query head ``h`` u
 head ``h // (n_heads / n_kv_heads)`` (SDPA's ``enable_gqa``, ``repeat_interleave``), so K and V
 rows of KV head ``j`` are copied to query heads ``j*g .. j*g+g-1``.
 
-What has no counterpart in attention is set so that it passes the signal through: the short
-convolutions become identities (last tap 1, the others and the bias 0), the inputs of the decay
-(``dt``/``a``) and of DeltaNet's write strength (``b``) are zeroed so those are per-head
-constants (Mamba-2's ``dt_bias``/``A_log`` and DeltaNet's keep the primitive's own draw; beta =
-0.5), Mamba-2's skip ``D`` is 0. The output gate has no attention counterpart either and no bias,
-so ``calibrate`` fits it (all gate rows one vector ``w`` with ``w . x_t`` ~ constant on real
-inputs: a per-token scale, which Mamba-2's gated norm then removes) together with the gated
-norm's scale (least squares against the teacher's per-head attention output, pre-``o_proj``).
+What has no counterpart in attention: for ``S`` it keeps the primitive's own initialisation,
+as in MambaInLlama (the short convolution, the ``dt`` inputs, ``dt_bias``, ``A_log``, the skip
+``D``); for ``D`` the short convolution starts as an identity (last tap 1, the others 0) and
+the decay and strength inputs (``a``, ``b``) at zero (per-head constants; beta 0.5). The two
+differ on evidence: for ``S``, identities and zeros gave a slightly closer output at step 0 but
+trained worse (the placement study, ``benchmarks/results/convert_placement/``, ran both inits);
+for ``D``, a fresh convolution lost most of the step-0 advantage over a random start (in the
+setting of ``tests/test_convert_mapping.py``), and no training comparison exists.
+
+The output gate has no attention counterpart either and no bias, so ``calibrate`` fits it (all
+gate rows one vector ``w`` with ``w . x_t`` ~ constant on real inputs: a per-token scale, which
+Mamba-2's gated norm then removes) together with the gated norm's scale (least squares against
+the teacher's per-head attention output, pre-``o_proj``).
 
 Width mismatches: a student tensor wider than its attention counterpart keeps its fresh rows
 (the model's own initialisation) beyond the copied block; a narrower one takes the leading
@@ -114,9 +119,8 @@ def init_from_attention(mixer: nn.Module, attn: Attention) -> dict[str, str]:
         report["B <- K"] = _copy_block(_grouped(B, mixer.n_groups, mixer.d_state), _heads(k, H, hd))
         C_src = _heads(q / math.sqrt(hd), H, hd)
         report["C <- Q/sqrt(hd)"] = _copy_block(_grouped(C, mixer.n_groups, mixer.d_state), C_src)
-        dt.zero_()
-        mixer.D.zero_()
-        report["dt inputs, D"] = "zero (dt_bias, A_log: fresh draw)"
+        report["dt inputs, dt_bias, A_log, D"] = "fresh (the primitive's own initialisation)"
+        report["conv1d"] = "fresh (the primitive's own initialisation)"
         z.zero_()
         report["z (gate)"] = "zero until calibrated"
     elif token == "D":
@@ -128,12 +132,12 @@ def init_from_attention(mixer: nn.Module, attn: Attention) -> dict[str, str]:
         a.zero_()
         b.zero_()
         report["a, b inputs"] = "zero (beta 0.5; dt_bias, A_log: fresh draw)"
+        _identity_conv(mixer.conv1d)
+        report["conv1d"] = "identity"
         gate.zero_()
         report["gate"] = "zero until calibrated"
     else:
         raise ValueError(f"no attention mapping for {token!r}")
-    _identity_conv(mixer.conv1d)
-    report["conv1d"] = "identity"
     report["out_proj <- O"] = _copy_block(mixer.out_proj.weight, attn.o_proj.weight)
     return report
 
