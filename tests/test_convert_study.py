@@ -11,6 +11,9 @@ import pytest
 
 FOLDER = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "convert_placement"
 RAW = FOLDER / "raw.json"
+# The first run of the study, with the earlier S start (identity convolutions, zero dt inputs,
+# D = 0); otherwise the same command.
+RAW_IDENTITY = FOLDER / "raw_identity_init.json"
 
 pytestmark = pytest.mark.skipif(not RAW.is_file(), reason="the study's raw file is not there")
 
@@ -42,6 +45,11 @@ def figures() -> dict[str, str]:
     even = ",".join(map(str, raw["strategies"]["even"]["keep"]))
     out["even_attention"] = f"{means[even]:.3f}"
     out["even_random"] = f"{statistics.mean(raw['random_init']):.3f}"
+    old = json.loads(RAW_IDENTITY.read_text())
+    out["even_identity"] = f"{statistics.mean(old['exhaustive'][even]):.3f}"
+    old_means = [statistics.mean(v) for v in old["exhaustive"].values()]
+    new_means = [means[k] for k in old["exhaustive"]]
+    out["identity_worse"] = str(sum(o > n for o, n in zip(old_means, new_means)))
     return out
 
 
@@ -58,8 +66,8 @@ def test_readme_states_the_raw_files_figures():
 
 def test_the_layer_that_must_stay():
     """The README's reading: every keep-set with attention layer 0 is below 1.6, every one
-    without it above 2.1."""
+    without it above 1.9."""
     raw = json.loads(RAW.read_text())
     for key, losses in raw["exhaustive"].items():
         mean = statistics.mean(losses)
-        assert (mean < 1.6) if "0" in key.split(",") else (mean > 2.1), (key, mean)
+        assert (mean < 1.6) if "0" in key.split(",") else (mean > 1.9), (key, mean)
