@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import random
 
 import pytest
@@ -109,3 +110,36 @@ def pytest_terminal_summary(terminalreporter):
                 counts[outcome] += 1
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     terminalreporter.write_line(f"postgres tests: {summary}")
+
+
+@pytest.fixture(scope="session")
+def small_teacher(tmp_path_factory):
+    """A run folder of ``(AF)*3`` (d_model 64, 4 query / 2 key-value heads, window 32) trained
+    150 steps on 200K characters of the embedded corpus (about 10 s on one thread): a teacher
+    whose attention layers did learn something, for the conversion tests."""
+    from hcomposer.architecture import Architecture
+    from hcomposer.data import embedded_corpus_text
+    from hcomposer.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("teacher")
+    text = root / "train.txt"
+    text.write_text(embedded_corpus_text()[:200_000], encoding="utf-8")
+    shape = dict(
+        name="teacher", d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=320,
+        max_seq_len=256, init_std=0.05, window=32,
+    )  # fmt: skip
+    config = TrainConfig(
+        tokens=150 * 16 * 64, batch_size=16, seq_len=64, lr=3e-3, min_lr=3e-4, warmup=10,
+        dtype="fp32", eval_every=0, eval_tokens=2048, log_every=50, checkpoint_every=0,
+        data=str(text), threads=1,
+    )  # fmt: skip
+    old = os.environ.get("HCOMPOSER_CACHE")
+    os.environ["HCOMPOSER_CACHE"] = str(root / "cache")
+    try:
+        train(Architecture.parse("AFAFAF", shape=shape), config, root / "run", progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("HCOMPOSER_CACHE")
+        else:
+            os.environ["HCOMPOSER_CACHE"] = old
+    return root / "run"

@@ -490,6 +490,7 @@ OUT_COMMANDS = {
     "search": ["search", "--proxy", "synthetic", "--out", "{out}"],
     "compare": ["compare", "{d}/run", "--out", "{out}"],
     "export": ["export", "{d}/run", "--out", "{out}"],
+    "convert": ["convert", "{d}/run", "--keep", "1", "--out", "{out}"],
     "run": ["run", "--out", "{out}"],
     "bench-search": ["bench-search", "--seeds", "1", "--budget", "2", "--out", "{out}"],
 }
@@ -526,6 +527,20 @@ case("export-dtype", ["export", "{d}/run", "--out", "{d}/hf", "--dtype", "fp8"],
 case("export-kind", ["export", "{d}/run", "--out", "{d}/hf", "--kind", "x"], copy("run"))
 case("export-out-nonempty", ["export", "{d}/run", "--out", "{d}/hf"], copy("run"),
      write("hf/x.txt", "x"))  # fmt: skip
+
+# convert: the run folder is a teacher with one attention layer (pattern AF).
+CONVERT = ["convert", "{d}/run", "--out", "{d}/conv"]
+case("convert-keep-too-many", [*CONVERT, "--keep", "2"], copy("run"))
+case("convert-layer-out-of-range", [*CONVERT, "--keep-layers", "1"], copy("run"))
+case("convert-layer-not-int", [*CONVERT, "--keep-layers", "x"], copy("run"))
+case("convert-no-keep", CONVERT, copy("run"))
+case("convert-to-mlp", [*CONVERT, "--keep", "0", "--to", "F"], copy("run"))
+case("convert-tokenizer-missing", [*CONVERT, "--keep", "0", "--tokenizer", "{d}/no.json"],
+     copy("run"))  # fmt: skip
+case("convert-not-a-model", ["convert", "{d}/e", "--keep", "0", "--out", "{d}/conv"], mkdir("e"))
+case("convert-missing", ["convert", "{d}/nosuch", "--keep", "0", "--out", "{d}/conv"])
+case("convert-out-foreign", [*CONVERT, "--keep", "0"], copy("run"), write("conv/x.txt", "x"))
+case("convert-keep-disagrees", [*CONVERT, "--keep", "0", "--keep-layers", "0"], copy("run"))
 
 # bench-search tables and options.
 TABLES = {

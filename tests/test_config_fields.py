@@ -24,6 +24,8 @@ import pytest
 from hcomposer import recipes
 from hcomposer.cli import COMMANDS, main
 from hcomposer.config_io import CONFIGS, Config
+from hcomposer.convert.distill import DistillConfig
+from hcomposer.convert.run import ConvertConfig
 from hcomposer.data.mad import MADTaskConfig, default_task_config
 from hcomposer.data.mqar import MQARConfig
 from hcomposer.errors import UserError
@@ -48,6 +50,8 @@ BASES: dict[type, Config] = {
     MQARCurveConfig: MQARCurveConfig(),
     recipes.EvalConfig: recipes.EvalConfig(),
     recipes.Recipe: recipes.quickstart(),
+    DistillConfig: DistillConfig(),
+    ConvertConfig: ConvertConfig(teacher="teacher", keep=1),
 }
 
 # Environment variables that lift every cap, so that a range's own ends can be reached.
@@ -208,6 +212,8 @@ COMMAND_LINES: dict[str, tuple[list[str], list[str]]] = {
                      ["hcomposer.commands.bench_search_cmd:run"]),
     "inspect": (["inspect", "AF", "--shape", "tiny"],
                 ["hcomposer.commands.inspect_cmd:count_costs"]),
+    "convert": (["convert", "{d}/t", "--keep", "1", "--out", "{d}/o"],
+                ["hcomposer.commands.convert_cmd:convert"]),
 }  # fmt: skip
 
 

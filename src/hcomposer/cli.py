@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "eval": "eval_cmd",
     "compare": "compare_cmd",
     "export": "export_cmd",
+    "convert": "convert_cmd",
     "run": "run_cmd",
     "bench-search": "bench_search_cmd",
     "proxy-rank": "proxy_rank_cmd",

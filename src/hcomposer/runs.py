@@ -21,7 +21,12 @@ study unless a storage URL was given), ``trials.jsonl`` and ``summary.json``. A 
 (``PipelineDir``): ``pipeline.json`` (stage state), ``search/``, ``train/<role>/`` (and
 ``train/<role>-seed<k>/``, the extra training seeds), ``rescore.json`` (the search's top
 patterns on extra proxy seeds: ``{pattern: {seed: score}}``), ``compare/``, ``report.md`` and
-the files of its stages. Every folder a command tracks (``--report-to``) holds its
+the files of its stages. A conversion (``ConvertDir``, ``hcomposer convert``): ``convert.json``
+(the request: teacher, target, keep-set or its size, strategy, objective), ``run.json``,
+``placement/`` (``study.db`` and one training run per probe), ``placement.json`` (the kept
+layers and per-layer scores), ``conversion.json`` (what each converted mixer got from its
+attention layer), ``student/`` (the distillation run, a ``RunDir``) and ``report.md``. Every
+folder a command tracks (``--report-to``) holds its
 ``tracking/`` (:func:`tracking_dir`). No other module spells these names.
 
 A process that trains into a run folder (``train``, ``run``) holds it (:class:`FolderLock`):
@@ -59,6 +64,7 @@ __all__ = [
     "RunDir",
     "SearchDir",
     "PipelineDir",
+    "ConvertDir",
     "RulerDir",
     "SweepDir",
     "BenchSearchDir",
@@ -252,6 +258,32 @@ class PipelineDir:
 
     def plot(self, name: str) -> Path:
         return self.root / f"{name}.png"
+
+    def record(self, config: dict, argv: list[str] | None = None) -> None:
+        record_run(self.root, config, argv)
+
+
+class ConvertDir:
+    """``hcomposer convert``'s folder (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    request = property(lambda self: self.root / "convert.json")
+    run_json = property(lambda self: self.root / RUN_JSON)
+    placement_dir = property(lambda self: self.root / "placement")
+    study_db = property(lambda self: self.root / "placement" / "study.db")
+    placement = property(lambda self: self.root / "placement.json")
+    conversion = property(lambda self: self.root / "conversion.json")
+    student = property(lambda self: RunDir(self.root / "student"))
+    report = property(lambda self: self.root / "report.md")
+
+    def probe(self, name: str) -> RunDir:
+        """A short training run of the placement search, e.g. ``probe("layer-2")``."""
+        return RunDir(self.root / "placement" / name)
+
+    def read_request(self) -> dict[str, Any] | None:
+        return _read_optional(self.request)
 
     def record(self, config: dict, argv: list[str] | None = None) -> None:
         record_run(self.root, config, argv)

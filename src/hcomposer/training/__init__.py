@@ -6,6 +6,7 @@ rule, the train step and the evaluation loop that the proxies and the efficiency
 """
 
 from hcomposer.training import trainer
+from hcomposer.training.objective import Objective
 from hcomposer.training.trainer import (  # noqa: F401  (re-exported)
     TrainConfig,
     Trainer,
@@ -16,5 +17,5 @@ from hcomposer.training.trainer import (  # noqa: F401  (re-exported)
     vocab_for,
 )
 
-# The package's public names are the trainer's.
-__all__ = list(trainer.__all__)
+# The package's public names: the trainer's and the training objective.
+__all__ = ["Objective", *trainer.__all__]

@@ -67,6 +67,7 @@ from hcomposer.training.checkpoint import (
 )
 from hcomposer.training.distributed import Distributed
 from hcomposer.training.meter import Meter
+from hcomposer.training.objective import Objective
 from hcomposer.training.schedule import SCHEDULES, lr_at
 from hcomposer.training.step import (
     DTYPES,
@@ -78,6 +79,7 @@ from hcomposer.training.step import (
 )
 
 __all__ = [
+    "Objective",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -249,12 +251,14 @@ def train(
     stop_at: int | None = None,
     argv: list[str] | None = None,
     report_to: Sequence[str] = (),
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``arch`` on ``config.data`` into ``out_dir`` (see the module docstring).
 
     ``stop_at`` ends the run after that many optimiser steps (a checkpoint is written), as a
     kill would, leaving status ``running`` for a later ``resume=True``. ``report_to``: the
     experiment trackers each metrics record also goes to (``hcomposer.tracking``).
+    ``objective`` replaces the LM loss (see :class:`Objective`); validation stays the LM loss.
     """
     out = Path(out_dir)
     dist = Distributed(config.device)
@@ -265,7 +269,14 @@ def train(
         with FolderLock(out, argv=argv, enabled=dist.main):
             # The loop: every step, log, evaluation and checkpoint goes through the Trainer.
             trainer = Trainer(
-                arch, config, out, dist=dist, resume=resume, argv=argv, report_to=report_to
+                arch,
+                config,
+                out,
+                dist=dist,
+                resume=resume,
+                argv=argv,
+                report_to=report_to,
+                objective=objective,
             )
             done = trainer.setup()
             return done if done is not None else _train(trainer, stop_at, progress)
@@ -440,15 +451,36 @@ class Trainer:
         resume: bool = False,
         argv: list[str] | None = None,
         report_to: Sequence[str] = (),
+        objective: Objective | None = None,
     ):
         self.config, self.dist, self.argv = config, dist, argv
         self.run_dir = RunDir(out_dir)
         self.device = dist.device
+        self.objective = objective
+        if objective is not None and (dist.enabled or config.compile):
+            raise UserError(
+                "a distillation run trains in one process without --compile for now; "
+                "drop torchrun/--compile"
+            )
         checked = _check_inputs(arch, config, self.run_dir.root, dist, resume)
         self.has_run, self.tokenizer, self.arch, self.ckpt, self.micro, self.dataset = checked
+        if objective is not None:
+            objective.check(self.arch, self.tokenizer)
+            self._check_objective_on_resume()
         self.adaptive: AdaptiveThreads | None = None
         self.report_to = tuple(report_to)
         self.tracking = Tracking()
+
+    def _check_objective_on_resume(self) -> None:
+        if not self.has_run:
+            return
+        stored = read_run_file(self.run_dir.root, RUN_JSON, keys=("config",), versioned=True)
+        if stored["config"].get("objective") != json.loads(json.dumps(self.objective.record())):
+            raise UserError(
+                f"--resume: the run in {str(self.run_dir.root)!r} was started with another "
+                "objective (teacher, layers or loss weights); repeat the original options or "
+                "choose another --out"
+            )
 
     def setup(self) -> TrainResult | None:
         """Build the model and optimiser, restore the checkpoint, write the run's first files.
@@ -495,6 +527,11 @@ class Trainer:
                         "dataset": dataset_info,
                         "threads": threads,
                         "batch_threads": config.batch_threads,
+                        **(
+                            {"objective": self.objective.record()}
+                            if self.objective is not None
+                            else {}
+                        ),
                     },
                     self.argv,
                 )
@@ -535,6 +572,8 @@ class Trainer:
             model = fsdp.shard_model(model, device)
         else:
             model = build_model(self.arch, device=device, seed=config.seed)
+        if self.objective is not None:
+            self.objective.prepare(model, device)
         self.model = model
         self.optimizer = make_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
@@ -603,6 +642,8 @@ class Trainer:
                 no_sync = net.no_sync
 
             def loss_fn(x, y):
+                if self.objective is not None:
+                    return self.objective.loss(net, x, y)
                 # Through ``net`` (compiled and/or DDP-wrapped), with HybridLM.loss's loss.
                 return lm_loss(net(x), y)
 
