@@ -42,6 +42,7 @@ from hcomposer.export.native import (
     decoder_config_kwargs,
     is_bamba_pattern,
     native_blocks,
+    native_model,
 )
 from hcomposer.export.remote import write_remote_code
 from hcomposer.hf import HComposerConfig, HComposerForCausalLM
@@ -302,12 +303,7 @@ def _llama_model(model, arch: Architecture, special: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**llama_config_kwargs(arch), bos_token_id=None, **special)
-    config.architectures = ["LlamaForCausalLM"]
-    dtype = next(model.parameters()).dtype
-    hf = LlamaForCausalLM(config).to(dtype)
-    hf.load_state_dict(to_llama_state_dict(model), strict=not arch.shape.tie_embeddings)
-    hf.tie_weights()
-    return hf.eval()
+    return native_model(LlamaForCausalLM, config, to_llama_state_dict(model), model, arch)
 
 
 def _hcomposer_model(model, arch: Architecture, special: dict):

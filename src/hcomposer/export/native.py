@@ -38,6 +38,7 @@ __all__ = [
     "is_bamba_pattern",
     "bamba_config_kwargs",
     "decoder_config_kwargs",
+    "native_model",
     "bamba_model",
     "to_bamba_state_dict",
 ]
@@ -150,9 +151,14 @@ def bamba_model(model: torch.nn.Module, arch: Architecture, special: dict):
     config = BambaConfig(
         **bamba_config_kwargs(arch), bos_token_id=None, pad_token_id=None, **special
     )
-    config.architectures = ["BambaForCausalLM"]
-    dtype = next(model.parameters()).dtype
-    hf = BambaForCausalLM(config).to(dtype)
-    hf.load_state_dict(to_bamba_state_dict(model), strict=not arch.shape.tie_embeddings)
+    return native_model(BambaForCausalLM, config, to_bamba_state_dict(model), model, arch)
+
+
+def native_model(cls, config, state: dict, model: torch.nn.Module, arch: Architecture):
+    """A ``transformers`` model of class ``cls`` built from ``config``, in ``model``'s dtype,
+    holding the weights ``state`` (its tied head left to ``tie_weights``), in eval mode."""
+    config.architectures = [cls.__name__]
+    hf = cls(config).to(next(model.parameters()).dtype)
+    hf.load_state_dict(state, strict=not arch.shape.tie_embeddings)
     hf.tie_weights()
     return hf.eval()
