@@ -143,3 +143,15 @@ def small_teacher(tmp_path_factory):
         else:
             os.environ["HCOMPOSER_CACHE"] = old
     return root / "run"
+
+
+@pytest.fixture
+def convert_text(tmp_path, monkeypatch):
+    """40K characters of the embedded corpus past the teacher's training text, with a
+    private token cache: what the conversion tests distil on."""
+    from hcomposer.data import embedded_corpus_text
+
+    monkeypatch.setenv("HCOMPOSER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "text.txt"
+    path.write_text(embedded_corpus_text()[200_000:240_000], encoding="utf-8")
+    return path

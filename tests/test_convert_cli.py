@@ -9,20 +9,11 @@ import pytest
 import torch
 
 from hcomposer.cli import main
-from hcomposer.data import embedded_corpus_text
 from hcomposer.io import read_json
 
 transformers = pytest.importorskip("transformers")
 
 SMALL = ["--seq-len", "32", "--batch-size", "4", "--eval-tokens", "1K", "--no-progress"]
-
-
-@pytest.fixture
-def text_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("HCOMPOSER_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "text.txt"
-    path.write_text(embedded_corpus_text()[200_000:240_000], encoding="utf-8")
-    return path
 
 
 @pytest.fixture
@@ -37,10 +28,10 @@ def llama_folder(tmp_path):
     return folder
 
 
-def test_even_conversion_writes_the_run_folder_and_exports(small_teacher, text_file, tmp_path):
+def test_even_conversion_writes_the_run_folder_and_exports(small_teacher, convert_text, tmp_path):
     out = tmp_path / "conv"
     argv = ["convert", str(small_teacher), "--keep", "1", "--to", "S", "--out", str(out)]
-    argv += ["--tokens", "1K", "--data", str(text_file), *SMALL]
+    argv += ["--tokens", "1K", "--data", str(convert_text), *SMALL]
     assert main(argv) == 0
     names = {p.name for p in out.iterdir()}
     assert {"convert.json", "run.json", "placement.json", "conversion.json", "student"} <= names
@@ -60,10 +51,10 @@ def test_even_conversion_writes_the_run_folder_and_exports(small_teacher, text_f
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "bamba"
 
 
-def test_hf_teacher_with_given_layers(llama_folder, text_file, tmp_path):
+def test_hf_teacher_with_given_layers(llama_folder, convert_text, tmp_path):
     out = tmp_path / "conv"
     argv = ["convert", str(llama_folder), "--keep-layers", "2", "--to", "D", "--out", str(out)]
-    argv += ["--tokenizer", "byte", "--tokens", "1K", "--data", str(text_file), *SMALL]
+    argv += ["--tokenizer", "byte", "--tokens", "1K", "--data", str(convert_text), *SMALL]
     assert main(argv) == 0
     assert read_json(out / "placement.json") == {"strategy": "given", "keep": [2], "scores": {}}
     student = json.loads((out / "student" / "architecture.json").read_text())
@@ -81,10 +72,10 @@ def test_hf_teacher_with_given_layers(llama_folder, text_file, tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
-    llama_folder, text_file, tmp_path, capsys, extra, words
+    llama_folder, convert_text, tmp_path, capsys, extra, words
 ):
     out = tmp_path / "conv"
-    argv = ["convert", str(llama_folder), "--out", str(out), "--data", str(text_file), *extra]
+    argv = ["convert", str(llama_folder), "--out", str(out), "--data", str(convert_text), *extra]
     if "--tokenizer" not in extra and "no tokenizer" not in words:
         argv += ["--tokenizer", "byte"]
     assert main(argv) == 2
@@ -102,11 +93,11 @@ def test_not_a_model_folder_exits_2(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_greedy_scores_every_layer_and_keeps_k(small_teacher, text_file, tmp_path):
+def test_greedy_scores_every_layer_and_keeps_k(small_teacher, convert_text, tmp_path):
     out = tmp_path / "greedy"
     argv = ["convert", str(small_teacher), "--keep", "1", "--to", "D", "--out", str(out)]
     argv += ["--strategy", "greedy", "--probe-tokens", "512", "--tokens", "256"]
-    argv += ["--data", str(text_file), *SMALL]
+    argv += ["--data", str(convert_text), *SMALL]
     assert main(argv) == 0
     placement = read_json(out / "placement.json")
     assert set(placement["scores"]) == {"0", "1", "2"}
@@ -118,13 +109,13 @@ def test_greedy_scores_every_layer_and_keeps_k(small_teacher, text_file, tmp_pat
     assert all((out / "placement" / f"layer-{j}" / "summary.json").is_file() for j in range(3))
 
 
-def test_optuna_study_in_the_folder_and_resumes(small_teacher, text_file, tmp_path):
+def test_optuna_study_in_the_folder_and_resumes(small_teacher, convert_text, tmp_path):
     import optuna
 
     out = tmp_path / "optuna"
     argv = ["convert", str(small_teacher), "--keep", "2", "--to", "S", "--out", str(out)]
     argv += ["--strategy", "optuna", "--trials", "3", "--probe-tokens", "256", "--tokens", "256"]
-    argv += ["--data", str(text_file), *SMALL]
+    argv += ["--data", str(convert_text), *SMALL]
     assert main(argv) == 0
     storage = f"sqlite:///{out}/placement/study.db"
     study = optuna.load_study(study_name="placement", storage=storage)

@@ -4,7 +4,6 @@ gradient, a kill-and-resume of the gated super-network equal to an uninterrupted
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from hcomposer.cli import main
@@ -12,7 +11,6 @@ from hcomposer.convert import load_teacher
 from hcomposer.convert.distill import DistillConfig
 from hcomposer.convert.gates import GATE_SCALE, GatedTwin, GateSearch, gate_values
 from hcomposer.convert.mapping import convert_model, student_architecture
-from hcomposer.data import embedded_corpus_text
 from hcomposer.io import read_json, read_jsonl
 from hcomposer.model import build_model
 from hcomposer.training import TrainConfig, train
@@ -40,14 +38,6 @@ def test_gate_mixes_attention_and_twin_and_its_gradient():
     torch.testing.assert_close(gated.theta.grad, want.detach())
 
 
-@pytest.fixture
-def text_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("HCOMPOSER_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "text.txt"
-    path.write_text(embedded_corpus_text()[200_000:240_000], encoding="utf-8")
-    return path
-
-
 def _gate_search(run):
     teacher = load_teacher(run)
     attn = teacher.attention_layers
@@ -57,11 +47,11 @@ def _gate_search(run):
     return objective, arch, attn
 
 
-def test_gated_super_network_resumes_exactly(small_teacher, text_file, tmp_path):
+def test_gated_super_network_resumes_exactly(small_teacher, convert_text, tmp_path):
     config = TrainConfig(
         tokens=6 * 4 * 32, batch_size=4, seq_len=32, lr=1e-3, min_lr=1e-4, warmup=2,
         dtype="fp32", eval_every=0, eval_tokens=256, log_every=1, checkpoint_every=0,
-        data=str(text_file), threads=1,
+        data=str(convert_text), threads=1,
     )  # fmt: skip
     objective, arch, attn = _gate_search(small_teacher)
     train(arch, config, tmp_path / "full", progress=False, objective=objective)
@@ -84,11 +74,11 @@ def test_gated_super_network_resumes_exactly(small_teacher, text_file, tmp_path)
     assert all(abs(g - 0.9526) > 1e-3 for g in gates[0].values())
 
 
-def test_gates_strategy_keeps_the_highest_gates(small_teacher, text_file, tmp_path):
+def test_gates_strategy_keeps_the_highest_gates(small_teacher, convert_text, tmp_path):
     out = tmp_path / "gates"
     argv = ["convert", str(small_teacher), "--keep", "2", "--to", "S", "--out", str(out)]
     argv += ["--strategy", "gates", "--probe-tokens", "512", "--tokens", "256"]
-    argv += ["--data", str(text_file), "--seq-len", "32", "--batch-size", "4"]
+    argv += ["--data", str(convert_text), "--seq-len", "32", "--batch-size", "4"]
     argv += ["--eval-tokens", "1K", "--no-progress"]
     assert main(argv) == 0
     placement = read_json(out / "placement.json")

@@ -154,21 +154,25 @@ def test_worker_killed_mid_trial_is_recovered_by_heartbeat(pg, tmp_path):
     assert retry[0]["owner"]["host"] == "host-b"
 
 
+def _until_trials_run(procs, folder, url) -> None:
+    """Wait until the search has a completed trial and one in flight (the processes alive)."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        trials = _read(folder, url)
+        done = [t for t in trials if t["state"] == "COMPLETE"]
+        running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
+        if done and running:
+            return
+        assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+        time.sleep(0.2)
+    raise AssertionError("the search never got going")
+
+
 def test_resume_after_both_processes_die(pg, tmp_path):
     url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
     procs = [_search(url, tmp_path / f"p{i}", 2, 5.0) for i in range(2)]
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            trials = _read(tmp_path / "p0", url)
-            done = [t for t in trials if t["state"] == "COMPLETE"]
-            running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
-            if done and running:
-                break
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the search never got going")
+        _until_trials_run(procs, tmp_path / "p0", url)
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGKILL)
@@ -193,17 +197,7 @@ def test_server_restarted_mid_search_workers_wait_and_finish(pg, tmp_path):
     url = pg.create_db(f"s{uuid.uuid4().hex[:8]}")
     procs = [_search(url, tmp_path / f"p{i}", 2, 2.0) for i in range(2)]
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            trials = _read(tmp_path / "p0", url)
-            done = [t for t in trials if t["state"] == "COMPLETE"]
-            running = [t for t in trials if t["state"] == "RUNNING" and t["pattern"]]
-            if done and running:
-                break
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the search never got going")
+        _until_trials_run(procs, tmp_path / "p0", url)
         pg.restart(down=4.0)
         codes, errs = _wait(procs)
     finally:
