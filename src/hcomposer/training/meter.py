@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -27,7 +28,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def matmul_peak(device: torch.device, precision: str) -> float:
-    """FLOP/s of the best of three n x n x n matmuls in ``precision`` (after a warm-up)."""
+    """FLOP/s of the best of three n x n x n matmuls in ``precision`` (after a warm-up),
+    measured once per process, device and precision: a sweep's or a study's many runs
+    share one figure instead of timing it again at every start."""
+    return _matmul_peak(str(device), precision)
+
+
+@functools.cache
+def _matmul_peak(device_name: str, precision: str) -> float:
+    device = torch.device(device_name)
     n = 4096 if device.type == "cuda" else 1024
     dtype = _DTYPES.get(precision, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
