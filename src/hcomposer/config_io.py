@@ -424,6 +424,17 @@ class Config:
             raise cls._error(f"unknown {cls._what} field(s) {unknown}; valid: {sorted(names)}")
 
     @classmethod
+    def from_args(cls: type[_C], args: Any, **given: Any) -> _C:
+        """The config from a command's parsed options: each field whose name is an option's
+        ``dest`` takes that option's value, unless ``given`` (values the command parsed
+        itself, or fields no option sets) names it; fields named nowhere keep their
+        defaults."""
+        cls._refuse_unknown(given)
+        names = [f.name for f in dataclasses.fields(cls)]
+        taken = {n: getattr(args, n) for n in names if n not in given and hasattr(args, n)}
+        return cls(**taken, **given)
+
+    @classmethod
     def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
         data = cls._upgrade(migrate(data, cls._what))
         cls._refuse_unknown(data)

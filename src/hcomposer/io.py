@@ -35,7 +35,14 @@ __all__ = [
     "current_umask",
     "git_revision",
     "run_metadata",
+    "pick",
 ]
+
+
+def pick(obj: Any, *names: str) -> dict[str, Any]:
+    """``{name: obj.name}`` for each of ``names``, in that order: a record's ``to_dict`` when
+    its JSON keys are its attribute names."""
+    return {name: getattr(obj, name) for name in names}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -101,30 +101,43 @@ def _read_optional(path: Path, versioned: bool = False) -> dict[str, Any] | None
     return read_run_file(path.parent, path.name, versioned=versioned)
 
 
-class RunDir:
-    """A training run's folder (see the module docstring)."""
+def _at(*parts: str) -> property:
+    """A folder's path ``root / parts...`` as a read-only attribute."""
+    return property(lambda self: self.root.joinpath(*parts))
+
+
+class _Folder:
+    """What every folder class has: its root, its tracking folder and ``run.json``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    tracking = property(lambda self: tracking_dir(self.root))
+    run_json = _at(RUN_JSON)
+
+    def record(self, config: dict, argv: list[str] | None = None) -> None:
+        record_run(self.root, config, argv)
+
+
+class RunDir(_Folder):
+    """A training run's folder (see the module docstring)."""
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
 
-    run_json = property(lambda self: self.root / RUN_JSON)
-    architecture = property(lambda self: self.root / "architecture.json")
-    tokenizer = property(lambda self: self.root / "tokenizer")
-    metrics = property(lambda self: self.root / "metrics.jsonl")
-    checkpoint = property(lambda self: self.root / "checkpoint")
+    architecture = _at("architecture.json")
+    tokenizer = _at("tokenizer")
+    metrics = _at("metrics.jsonl")
+    checkpoint = _at("checkpoint")
     # The checkpoint before the latest (kept: a damaged latest one falls back to it).
-    previous_checkpoint = property(lambda self: self.root / ".checkpoint.old")
+    previous_checkpoint = _at(".checkpoint.old")
     # A latest checkpoint that failed its checks, moved aside when training resumed without it.
-    damaged_checkpoint = property(lambda self: self.root / "checkpoint.damaged")
-    status_json = property(lambda self: self.root / "status.json")
-    summary_json = property(lambda self: self.root / SUMMARY_JSON)
-    eval_dir = property(lambda self: self.root / "eval")
-    eval_results = property(lambda self: self.root / "eval" / "results.json")
-    eval_markdown = property(lambda self: self.root / "eval" / "results.md")
-    tracking = property(lambda self: tracking_dir(self.root))
+    damaged_checkpoint = _at("checkpoint.damaged")
+    status_json = _at("status.json")
+    summary_json = _at(SUMMARY_JSON)
+    eval_dir = _at("eval")
+    eval_results = _at("eval", "results.json")
+    eval_markdown = _at("eval", "results.md")
 
     def is_run(self) -> bool:
         """True when the folder holds a run's architecture (what every reader needs)."""
@@ -141,9 +154,6 @@ class RunDir:
 
     def write_architecture(self, arch: Architecture) -> None:
         atomic_write_json(self.architecture, arch.to_dict())
-
-    def record(self, config: dict, argv: list[str] | None = None) -> None:
-        record_run(self.root, config, argv)
 
     def read_run(self) -> dict[str, Any]:
         """``run.json`` (``{}`` when absent)."""
@@ -210,36 +220,24 @@ def _step_of(record: dict) -> float:
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
 
 
-class SearchDir:
+class SearchDir(_Folder):
     """A search's folder (see the module docstring)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    config = property(lambda self: self.root / "search.json")
-    run_json = property(lambda self: self.root / RUN_JSON)
-    study_db = property(lambda self: self.root / "study.db")
-    trials = property(lambda self: self.root / "trials.jsonl")
-    summary_json = property(lambda self: self.root / SUMMARY_JSON)
-    tracking = property(lambda self: tracking_dir(self.root))
-
-    def record(self, config: dict, argv: list[str] | None = None) -> None:
-        record_run(self.root, config, argv)
+    config = _at("search.json")
+    study_db = _at("study.db")
+    trials = _at("trials.jsonl")
+    summary_json = _at(SUMMARY_JSON)
 
 
-class PipelineDir:
+class PipelineDir(_Folder):
     """``hcomposer run``'s folder (see the module docstring)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    state = property(lambda self: self.root / "pipeline.json")
+    state = _at("pipeline.json")
     search = property(lambda self: SearchDir(self.root / "search"))
-    aggregate = property(lambda self: self.root / "aggregate.json")
-    compare = property(lambda self: self.root / "compare")
-    report = property(lambda self: self.root / "report.md")
-    rescore = property(lambda self: self.root / "rescore.json")
-    tracking = property(lambda self: tracking_dir(self.root))
+    aggregate = _at("aggregate.json")
+    compare = _at("compare")
+    report = _at("report.md")
+    rescore = _at("rescore.json")
 
     def architecture(self, role: str) -> Path:
         """The architecture chosen for ``role`` ("composite" or "baseline")."""
@@ -259,24 +257,17 @@ class PipelineDir:
     def plot(self, name: str) -> Path:
         return self.root / f"{name}.png"
 
-    def record(self, config: dict, argv: list[str] | None = None) -> None:
-        record_run(self.root, config, argv)
 
-
-class ConvertDir:
+class ConvertDir(_Folder):
     """``hcomposer convert``'s folder (see the module docstring)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    request = property(lambda self: self.root / "convert.json")
-    run_json = property(lambda self: self.root / RUN_JSON)
-    placement_dir = property(lambda self: self.root / "placement")
-    study_db = property(lambda self: self.root / "placement" / "study.db")
-    placement = property(lambda self: self.root / "placement.json")
-    conversion = property(lambda self: self.root / "conversion.json")
+    request = _at("convert.json")
+    placement_dir = _at("placement")
+    study_db = _at("placement", "study.db")
+    placement = _at("placement.json")
+    conversion = _at("conversion.json")
     student = property(lambda self: RunDir(self.root / "student"))
-    report = property(lambda self: self.root / "report.md")
+    report = _at("report.md")
 
     def probe(self, name: str) -> RunDir:
         """A short training run of the placement search, e.g. ``probe("layer-2")``."""
@@ -285,53 +276,41 @@ class ConvertDir:
     def read_request(self) -> dict[str, Any] | None:
         return _read_optional(self.request)
 
-    def record(self, config: dict, argv: list[str] | None = None) -> None:
-        record_run(self.root, config, argv)
 
-
-class RulerDir:
+class RulerDir(_Folder):
     """A ruler study's folder (``benchmarks/results/ruler_v3``): the split and plan fixed
     before any run, the resolved config, every run and proxy score as JSON lines, and the
     summaries made from them."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    split = property(lambda self: self.root / "split.json")
-    plan = property(lambda self: self.root / "plan.json")
-    config = property(lambda self: self.root / "ruler.json")
-    runs = property(lambda self: self.root / "runs.jsonl")
-    proxy_scores = property(lambda self: self.root / "proxy_scores.jsonl")
-    result_json = property(lambda self: self.root / "result.json")
-    result_md = property(lambda self: self.root / "result.md")
-    zoo_json = property(lambda self: self.root / "zoo.json")
-    zoo_md = property(lambda self: self.root / "zoo.md")
-    zoo_png = property(lambda self: self.root / "zoo.png")
+    split = _at("split.json")
+    plan = _at("plan.json")
+    config = _at("ruler.json")
+    runs = _at("runs.jsonl")
+    proxy_scores = _at("proxy_scores.jsonl")
+    result_json = _at("result.json")
+    result_md = _at("result.md")
+    zoo_json = _at("zoo.json")
+    zoo_md = _at("zoo.md")
+    zoo_png = _at("zoo.png")
 
 
-class SweepDir:
+class SweepDir(_Folder):
     """An IsoFLOP sweep's folder (``hcomposer isoflop``): its config, the fitted results and
     their two plots (the training runs of its points sit in folders beside them)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    config = property(lambda self: self.root / "sweep.json")
-    results = property(lambda self: self.root / "results.json")
-    isoflop_png = property(lambda self: self.root / "isoflop.png")
-    frontier_png = property(lambda self: self.root / "frontier.png")
+    config = _at("sweep.json")
+    results = _at("results.json")
+    isoflop_png = _at("isoflop.png")
+    frontier_png = _at("frontier.png")
 
 
-class BenchSearchDir:
+class BenchSearchDir(_Folder):
     """``hcomposer bench-search``'s folder: results, report, regret plot, replay log."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    results = property(lambda self: self.root / "results.json")
-    report = property(lambda self: self.root / "report.md")
-    regret_png = property(lambda self: self.root / "regret.png")
-    replays = property(lambda self: self.root / "replays.jsonl")
+    results = _at("results.json")
+    report = _at("report.md")
+    regret_png = _at("regret.png")
+    replays = _at("replays.jsonl")
 
 
 class FolderLock:

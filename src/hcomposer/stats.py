@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -132,20 +133,19 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def spearman_ci(
-    x: Sequence[float],
-    y: Sequence[float],
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
+    x: Sequence[float], y: Sequence[float], **bootstrap: Any
 ) -> tuple[float, float, float]:
-    """Spearman's rho with a percentile bootstrap interval over resampled pairs.
+    """Spearman's rho with a percentile bootstrap interval over resampled pairs (keywords
+    ``n_boot=2000``, ``level=0.95``, ``seed=0``).
 
     Resamples in which one side is constant have no rho and are dropped.
     """
-    return _paired_ci(spearman, x, y, n_boot, level, seed)
+    return _paired_ci(spearman, x, y, **bootstrap)
 
 
-def _paired_ci(stat, x, y, n_boot: int, level: float, seed: int) -> tuple[float, float, float]:
+def _paired_ci(
+    stat, x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """``stat(x, y)`` and its percentile interval over resampled (x, y) pairs."""
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     value = stat(a, b)
@@ -159,14 +159,11 @@ def kendall(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def kendall_ci(
-    x: Sequence[float],
-    y: Sequence[float],
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
+    x: Sequence[float], y: Sequence[float], **bootstrap: Any
 ) -> tuple[float, float, float]:
-    """Kendall's tau with a percentile bootstrap interval over resampled pairs."""
-    return _paired_ci(kendall, x, y, n_boot, level, seed)
+    """Kendall's tau with a percentile bootstrap interval over resampled pairs (the keywords
+    of :func:`spearman_ci`)."""
+    return _paired_ci(kendall, x, y, **bootstrap)
 
 
 def spearman_diff_ci(

@@ -123,29 +123,11 @@ def run(args) -> int:
     check_output_dir(args.out, "--out")
     report_to = parse_report_to(args.report_to)
     arch = _architecture(args.arch, args.shape)
-    config = TrainConfig(
+    config = TrainConfig.from_args(
+        args,
         tokens=parse_count(args.tokens, "--tokens"),
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
         min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
-        warmup=args.warmup,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        grad_accum=args.grad_accum,
-        dtype=args.dtype,
-        compile=args.compile,
-        eval_every=args.eval_every,
         eval_tokens=parse_count(args.eval_tokens, "--eval-tokens"),
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        data=args.data,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        fsdp=args.fsdp,
-        threads=args.threads,
         batch_threads=_batch_threads(args, arch),
     )
     micro = max(config.batch_size // config.grad_accum, 1)

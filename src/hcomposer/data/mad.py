@@ -306,25 +306,26 @@ def _distinct_motifs(
     raise RuntimeError("could not draw distinct motifs; enlarge the vocabulary")
 
 
+def _recall_vocab(c: MADTaskConfig) -> dict[str, Any]:
+    """The recall tasks' split of the vocabulary: keys, then values (half each, the odd id to
+    the values), then the noise tokens."""
+    free = c.vocab_size - c.noise_vocab_size
+    keys, values = free // 2, free - free // 2
+    return {
+        "n_key_tokens": keys,
+        "n_value_tokens": values,
+        "value_offset": keys,
+        "frac_noise": c.frac_noise,
+        "noise_offset": keys + values,
+        "noise_vocab": c.noise_vocab_size,
+    }
+
+
 def _in_context_recall(c: MADTaskConfig, rng, n, **_):
-    keys = (c.vocab_size - c.noise_vocab_size) // 2
-    values = c.vocab_size - c.noise_vocab_size - keys
-    return _kv_sequences(
-        rng,
-        n,
-        c.seq_len,
-        n_key_tokens=keys,
-        n_value_tokens=values,
-        value_offset=keys,
-        frac_noise=c.frac_noise,
-        noise_offset=keys + values,
-        noise_vocab=c.noise_vocab_size,
-    )
+    return _kv_sequences(rng, n, c.seq_len, **_recall_vocab(c))
 
 
 def _fuzzy_in_context_recall(c: MADTaskConfig, rng, n, **_):
-    free = c.vocab_size - c.noise_vocab_size
-    keys, values = free // 2, free - free // 2
     # Keys drawn per sequence, as many as there is room for about two pairs each
     # (a mean pair is (k + 1) / 2 + (v + 1) / 2 tokens long): most keys come back.
     mean_pair = (c.k_motif_size + c.v_motif_size + 2) / 2
@@ -333,15 +334,10 @@ def _fuzzy_in_context_recall(c: MADTaskConfig, rng, n, **_):
         rng,
         n,
         c.seq_len,
-        n_key_tokens=keys,
-        n_value_tokens=values,
-        value_offset=keys,
         k_motif=c.k_motif_size,
         v_motif=c.v_motif_size,
         pool_size=pool,
-        frac_noise=c.frac_noise,
-        noise_offset=keys + values,
-        noise_vocab=c.noise_vocab_size,
+        **_recall_vocab(c),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, atomic_write_text, entry_lock, read_json
+from hcomposer.io import atomic_write_json, atomic_write_text, entry_lock, pick, read_json
 
 __all__ = [
     "Tokenizer",
@@ -56,13 +56,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id,
-            "identity": self.identity,
-        }
+        return pick(self, "kind", "name", "vocab_size", "eos_id", "identity")
 
     def save(self, directory: str | Path) -> None:
         """Write the tokenizer's files into ``directory`` (created if needed)."""

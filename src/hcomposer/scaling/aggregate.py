@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hcomposer.errors import UserError
+from hcomposer.io import pick
 from hcomposer.pattern import Sublayer, format_pattern, parse_pattern
 
 __all__ = [
@@ -63,12 +64,7 @@ class Candidate:
     first_trial: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "pattern": self.pattern,
-            "score": self.score,
-            "n_trials": self.n_trials,
-            "first_trial": self.first_trial,
-        }
+        return pick(self, "pattern", "score", "n_trials", "first_trial")
 
 
 @dataclass(frozen=True)
@@ -88,12 +84,7 @@ class Aggregation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "pattern": self.pattern,
-            "method": self.method,
-            "c": self.c,
-            "k": self.k,
-            "n_trials": self.n_trials,
-            "n_candidates": self.n_candidates,
+            **pick(self, "pattern", "method", "c", "k", "n_trials", "n_candidates"),
             "best": self.best.to_dict(),
             "kept": [c.to_dict() for c in self.kept],
             "clusters": self.clusters,

@@ -30,6 +30,7 @@ from hcomposer.config_io import Config
 from hcomposer.errors import PatternError, UserError
 from hcomposer.fields import spec
 from hcomposer.guards import MAX_SEED
+from hcomposer.io import pick
 from hcomposer.pattern import TOKENS, format_pattern, parse_pattern
 from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.search.pruners import PRUNERS
@@ -339,17 +340,13 @@ class Stage:
         return Stage(self.index, self.length, self.searched, self.trials, prefix, suffix)
 
     def to_dict(self) -> dict[str, Any]:
+        def text(part: tuple[str, ...]) -> str:
+            return format_pattern([parse_pattern(c)[0] for c in part]) if part else ""
+
         return {
-            "index": self.index,
-            "length": self.length,
-            "searched": self.searched,
-            "trials": self.trials,
-            "prefix": format_pattern([parse_pattern(c)[0] for c in self.prefix])
-            if self.prefix
-            else "",
-            "suffix": format_pattern([parse_pattern(c)[0] for c in self.suffix])
-            if self.suffix
-            else "",
+            **pick(self, "index", "length", "searched", "trials"),
+            "prefix": text(self.prefix),
+            "suffix": text(self.suffix),
         }
 
 
