@@ -209,3 +209,42 @@ def test_no_package_cycle():
 
     cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a, set()))
     assert not cycles, "package cycles:\n" + "\n".join(cycles)
+
+
+# The stage code a reader follows first stays short: no function over 60 lines or with more
+# than 8 parameters (``self``/``cls`` not counted) in these packages.
+SHORT_PACKAGES = ("pipeline", "proxies", "evaluation")
+MAX_LINES, MAX_PARAMS = 60, 8
+
+
+def _oversized(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = node.args
+        names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+        params = len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_LINES or params > MAX_PARAMS:
+            found.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines, {params} params")
+    return found
+
+
+def test_stage_functions_stay_short():
+    bad = [
+        f"{package}/{hit}"
+        for package in SHORT_PACKAGES
+        for path in sorted((PKG / package).rglob("*.py"))
+        for hit in _oversized(path)
+    ]
+    assert not bad, "functions too long or with too many parameters:\n" + "\n".join(bad)
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    path = tmp_path / "m.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    path.write_text(f"def long():\n{body}\ndef wide(self, a, b, c, d, e, f, g, h, i):\n    pass\n")
+    hits = _oversized(path)
+    assert [h.split()[1] for h in hits] == ["long:", "wide:"]
+    assert "62 lines" in hits[0] and "9 params" in hits[1]

@@ -31,7 +31,7 @@ from hcomposer.reporting.report import (
     plot_loss_curves, plot_pareto, plot_pattern_strips, plot_trials,
 )
 from hcomposer.scaling.plots import plot_frontier, plot_isoflop
-from hcomposer.search.tabular import plot_regret
+from hcomposer.search.tabular_report import plot_regret
 
 out = Path(sys.argv[1])
 imported = {"after imports": "matplotlib.pyplot" in sys.modules}

@@ -36,7 +36,8 @@ from hcomposer.proxies.rank_correlation import (
     study_scale_losses,
 )
 from hcomposer.scaling.fits import fit_frontier
-from hcomposer.search.tabular import Replay, load_table, summarise
+from hcomposer.search.tabular import Replay, load_table
+from hcomposer.search.tabular_report import summarise
 from hcomposer.stats import (
     noise_floor,
     pair_agreement,

@@ -11,13 +11,8 @@ import pytest
 
 from hcomposer.cli import main
 from hcomposer.errors import UserError
-from hcomposer.search.tabular import (
-    Table,
-    load_table,
-    replay,
-    summarise,
-    synthetic_table,
-)
+from hcomposer.search.tabular import Table, load_table, replay, synthetic_table
+from hcomposer.search.tabular_report import summarise
 
 
 def test_synthetic_table_is_full_deterministic_and_round_trips(tmp_path):
@@ -325,7 +320,7 @@ def test_bench_search_defaults_to_a_seeded_table():
 
 def test_random_expected_evals_matches_enumeration():
     """(n + 1) / (k + 1), against every order of a small space, and random's replays."""
-    from hcomposer.search.tabular import random_expected_evals
+    from hcomposer.search.tabular_report import random_expected_evals
 
     for n, k in [(5, 1), (5, 2), (6, 3), (4, 4)]:
         firsts = [

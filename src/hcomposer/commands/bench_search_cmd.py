@@ -22,15 +22,8 @@ from hcomposer.io import (
 from hcomposer.runs import BenchSearchDir
 from hcomposer.search.samplers import SAMPLERS, default_n_startup
 from hcomposer.search.space import SearchConfig
-from hcomposer.search.tabular import (
-    Replay,
-    bench,
-    load_table,
-    markdown_report,
-    plot_regret,
-    summarise,
-    table_digest,
-)
+from hcomposer.search.tabular import Replay, bench, load_table, table_digest
+from hcomposer.search.tabular_report import markdown_report, plot_regret, summarise
 
 HELP = "Compare search samplers on a precomputed table of scores (no training)."
 
