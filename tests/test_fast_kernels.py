@@ -155,7 +155,7 @@ needs_cuda = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 6e-2)])
 def test_fla_kernel_matches_our_scan_on_cuda(dtype, atol):
     if not fla_delta.fast_delta_available():
-        pytest.skip(f"fla's kernel is not usable: {fla_delta._FAST['reason']}")
+        pytest.skip(f"fla's kernel is not usable: {fla_delta.fast_delta_reason()}")
     t, dv = 200, 64
     xs = _inputs(2, t, 4, 64, dv, device="cuda", dtype=dtype)
     dout = torch.randn(2, t, 4, dv, device="cuda", dtype=dtype)
@@ -173,7 +173,7 @@ def test_fla_kernel_matches_our_scan_on_cuda(dtype, atol):
 @needs_cuda
 def test_d_layer_with_and_without_fla_on_cuda(monkeypatch):
     if not fla_delta.fast_delta_available():
-        pytest.skip(f"fla's kernel is not usable: {fla_delta._FAST['reason']}")
+        pytest.skip(f"fla's kernel is not usable: {fla_delta.fast_delta_reason()}")
     from hcomposer.model import build_model
 
     model = build_model("D", shape="tiny", seed=0).cuda()

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["fast_delta_available", "use_fast_delta", "fla_gated_delta_rule", "FLA_CHUNKS"]
+__all__ = [
+    "fast_delta_available",
+    "fast_delta_reason",
+    "use_fast_delta",
+    "fla_gated_delta_rule",
+    "FLA_CHUNKS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,11 @@ def fast_delta_available() -> bool:
         _FAST["fn"] = fn
         _FAST["reason"] = reason
     return _FAST["fn"] is not None
+
+
+def fast_delta_reason() -> str:
+    """Why the kernel is not used ("" when it is usable)."""
+    return "" if fast_delta_available() else _FAST["reason"]
 
 
 def use_fast_delta(device: torch.device, dtype: torch.dtype) -> bool:
