@@ -202,6 +202,9 @@ def check_ssd(cfg, device) -> dict:
 
 
 def train_mfu(cfg, pattern: str, device, steps: int) -> dict:
+    if device.type == "cuda":  # each pattern's own peak, not the process's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = build_model(pattern, shape=cfg["shape"], seed=0, device=device)
     model.train()
