@@ -4,6 +4,7 @@ greedy generation against the model's own generate, and a local task run end to 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from hcomposer import Architecture
 from hcomposer.errors import UserError
+from hcomposer.evaluation.suite import _md_lm_eval
 from hcomposer.model import build_model
 
 pytest.importorskip("lm_eval")
@@ -132,14 +134,25 @@ def test_local_tasks_end_to_end(model, monkeypatch):
         scores = lm.loglikelihood([Req(d["question"], " " + c) for c in d["choices"]])
         best = max(range(len(scores)), key=lambda i: scores[i][0])
         correct += best == d["answer"]
-    assert res["tasks"]["hc_tiny_mc"]["acc"] == pytest.approx(correct / len(docs))
-    assert res["n_samples"]["hc_tiny_mc"] == len(docs)
+    p, n = correct / len(docs), len(docs)
+    assert res["tasks"]["hc_tiny_mc"]["acc"] == pytest.approx(p)
+    assert res["n_samples"]["hc_tiny_mc"] == n
+    # The standard error of a mean of 0/1 scores: sample std / sqrt(n) = sqrt(p(1-p)/(n-1)).
+    assert res["stderr"]["hc_tiny_mc"]["acc"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+    assert 0 < p < 1  # the fixture model gets some right and some wrong: a non-trivial check
     gen_docs = [json.loads(x) for x in (TASKS / "hc_tiny_gen.jsonl").read_text().splitlines()]
     outs = lm.generate_until(
         [Req(d["prompt"], {"until": ["\n"], "max_gen_toks": 8}) for d in gen_docs]
     )
     em = sum(o == d["target"] for o, d in zip(outs, gen_docs)) / len(gen_docs)
     assert res["tasks"]["hc_tiny_gen"]["exact_match"] == pytest.approx(em)
+    se_em = math.sqrt(em * (1 - em) / (len(gen_docs) - 1))
+    assert res["stderr"]["hc_tiny_gen"]["exact_match"] == pytest.approx(se_em)
+    # weighted perplexities and bits per byte have no standard error in lm-eval
+    assert res["stderr"]["hc_tiny_ppl"] == {}
+    md = "\n".join(_md_lm_eval(res))
+    assert f"| hc_tiny_mc | acc | {p:.4f} | ± {math.sqrt(p * (1 - p) / (n - 1)):.4f} |" in md
+    assert "| hc_tiny_ppl | bits_per_byte |" in md and "| — |" in md
     ppl = res["tasks"]["hc_tiny_ppl"]
     assert ppl["bits_per_byte"] == pytest.approx(
         torch.log2(torch.tensor(ppl["byte_perplexity"])).item(), rel=1e-6

@@ -17,7 +17,16 @@ types from a model object and a tokenizer object (nothing is saved or reloaded):
 
 ``run_lm_eval`` resolves task names (with extra task folders from
 ``include_path``), checks that every task's data can be loaded *before* the
-evaluation, and returns lm-eval's per-task metrics.
+evaluation, and returns lm-eval's per-task metrics with their standard errors.
+
+Standard errors. lm-eval computes none with ``bootstrap_iters=0``. With it above 0, metrics
+aggregated by ``mean`` (acc, acc_norm, exact_match) get the closed form
+sample_std / sqrt(n) = sqrt(p (1 - p) / (n - 1)) for a 0/1 score with mean p, whatever the
+number of iterations; a few aggregations (median, perplexity, F1, BLEU...) are bootstrapped
+with that many resamples; the rest (weighted_perplexity, bits_per_byte) get none. We pass
+``BOOTSTRAP_ITERS`` = 1000 (lm-eval's default is 100,000: 100 times the time for a
+standard error known to about 2% either way at 1000) and run any bootstrap in this process
+(lm-eval would start a pool of one process per core for it).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +50,7 @@ except ImportError:  # lm-eval is an optional dependency
     LM = object  # type: ignore[misc,assignment]
 
 __all__ = [
+    "BOOTSTRAP_ITERS",
     "HComposerLM",
     "LMEvalOptions",
     "run_lm_eval",
@@ -47,6 +58,8 @@ __all__ = [
     "score_continuations",
     "rolling_windows",
 ]
+
+BOOTSTRAP_ITERS = 1000
 
 
 @torch.no_grad()
@@ -272,6 +285,24 @@ def check_tasks(tasks: list[str], include_path=None):
     return tm
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+@contextmanager
+def _single_process_bootstrap():
+    """lm-eval's bootstrap in this process (its DISABLE_MULTIPROC), restored afterwards."""
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
+
+
 @dataclass(frozen=True, kw_only=True)
 class LMEvalOptions:
     """How ``run_lm_eval`` runs the tasks: ``limit`` examples per task (a fraction below 1;
@@ -293,43 +324,47 @@ def run_lm_eval(
     include_path: str | Path | list | None = None,
     options: LMEvalOptions | None = None,
 ) -> dict[str, Any]:
-    """Run lm-eval tasks on an in-memory model; returns {"tasks": {task: {metric: value}}, ...}."""
+    """Run lm-eval tasks on an in-memory model; returns {"tasks": {task: {metric: value}},
+    "stderr": {task: {metric: standard error}} (for the metrics lm-eval gives one), ...}."""
     from lm_eval import simple_evaluate
 
     opts = options or LMEvalOptions()
     seed, limit = opts.seed, opts.limit
     tm = check_tasks(tasks, include_path)
     lm = HComposerLM(model, tokenizer, batch_size=opts.batch_size, max_gen_toks=opts.max_gen_toks)
-    res = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=tm,
-        limit=limit,
-        num_fewshot=opts.num_fewshot,
-        bootstrap_iters=0,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with _single_process_bootstrap():
+        res = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=tm,
+            limit=limit,
+            num_fewshot=opts.num_fewshot,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     out: dict[str, Any] = {
         "tasks": {},
         "n_samples": {},
         "limit": limit,
         "num_fewshot": opts.num_fewshot,
+        "stderr": {},
     }
     for name, metrics in (res or {}).get("results", {}).items():
-        clean = {}
+        clean, errs = {}, {}
         for key, value in metrics.items():
-            if key in ("alias", "sample_len") or "_stderr" in key:
+            if key in ("alias", "sample_len") or not _is_number(value):
                 continue
             metric = key.split(",")[0]
-            if isinstance(value, (int, float)) and not (
-                isinstance(value, float) and math.isnan(value)
-            ):
+            if metric.endswith("_stderr"):
+                errs[metric.removesuffix("_stderr")] = float(value)
+            else:
                 clean[metric] = float(value)
         out["tasks"][name] = clean
+        out["stderr"][name] = {m: e for m, e in errs.items() if m in clean}
     for name, n in (res or {}).get("n-samples", {}).items():
         out["n_samples"][name] = n.get("effective", n.get("original"))
     return out

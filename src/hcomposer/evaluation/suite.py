@@ -277,6 +277,7 @@ def _run_lm_eval(ctx: EvalContext, tasks: list[str]) -> dict[str, Any]:
     prev = ctx.stored.get("lm-eval", {"tasks": {}, "n_samples": {}})
     prev["tasks"].update(res["tasks"])
     prev["n_samples"].update(res["n_samples"])
+    prev.setdefault("stderr", {}).update(res["stderr"])
     prev["limit"] = ctx.limit
     return prev
 
@@ -341,9 +342,17 @@ def _md_mad(m: dict[str, Any]) -> list[str]:
 
 
 def _md_lm_eval(r: dict[str, Any]) -> list[str]:
-    out = ["## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---|"]
+    out = [
+        "## lm-evaluation-harness",
+        "",
+        "| task | metric | value | ± stderr |",
+        "|---|---|---|---|",
+    ]
+    errs = r.get("stderr", {})
     for task, metrics in r["tasks"].items():
-        out += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items()]
+        for k, v in metrics.items():
+            se = errs.get(task, {}).get(k)
+            out.append(f"| {task} | {k} | {v:.4f} | {'—' if se is None else f'± {se:.4f}'} |")
     if r.get("limit"):
         out += ["", f"(limit {r['limit']} documents per task)"]
     return out

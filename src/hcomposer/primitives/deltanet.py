@@ -26,6 +26,10 @@ sequence gives the full forward's outputs.
 Initialisation: A_log = log(U[1, 16]) (Mamba-2's default range; the paper's code draws from
 (0, 16)), dt_bias = softplus^-1(dt) with dt log-uniform in Mamba-2's [1e-3, 1e-1], norm scale
 1; in_proj/out_proj follow the model's normal init, the conv keeps PyTorch's default.
+
+Fast path: on CUDA the chunked scan is flash-linear-attention's kernel when it is installed
+(the ``cuda`` extra; see fla_delta.py, HCOMPOSER_DELTA=torch turns it off); CPU inputs always
+use ours.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from hcomposer.primitives.delta_rule import (
     gated_delta_rule_chunked,
     gated_delta_rule_step,
 )
+from hcomposer.primitives.fla_delta import fla_gated_delta_rule, use_fast_delta
 from hcomposer.primitives.mamba2 import init_decay_and_step, zero_states
 from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.shapes import Shape
@@ -142,7 +147,10 @@ class GatedDeltaNet(Primitive):
         return DeltaNetCache(conv_state=conv, state=state)
 
     def _scan(self, q, k, v, g, beta, initial_state):
-        # The one place a fused kernel would plug in (benchmarks swap in the step loop here).
+        # CUDA inputs take fla's fused kernel when it is installed (fla_delta.py); benchmarks
+        # swap in the step loop here.
+        if use_fast_delta(v.device, v.dtype):
+            return fla_gated_delta_rule(q, k, v, g, beta, self.chunk_size, initial_state)
         return gated_delta_rule_chunked(q, k, v, g, beta, self.chunk_size, initial_state)
 
     def forward(self, u: torch.Tensor, cache: DeltaNetCache | None = None) -> torch.Tensor:

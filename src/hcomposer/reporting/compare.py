@@ -114,7 +114,9 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[Any], li
     for r in runs:
         inf = _get(r, "eval", "efficiency", "inference") or []
         r["_inf"] = {str(p["context"]): p for p in inf}
-        r["_lm"] = {t: _lm_score(v) for t, v in (_get(r, "eval", "lm-eval", "tasks") or {}).items()}
+        lm = _get(r, "eval", "lm-eval") or {}
+        errs = lm.get("stderr") or {}
+        r["_lm"] = {t: _lm_score(v, errs.get(t)) for t, v in (lm.get("tasks") or {}).items()}
     for name, path, _better in metrics:
         values = [_get(r, *path) for r in runs]
         if all(v is None for v in values):
@@ -133,21 +135,37 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[Any], li
     return rows
 
 
-def _lm_score(task_result: Any) -> float | None:
-    """The accuracy of an lm-eval task result (acc_norm preferred, then acc)."""
+class Scored(float):
+    """A score that carries its standard error (shown as "value ± stderr"; arithmetic, such
+    as the ratios of the comparison, uses the value alone)."""
+
+    stderr: float | None
+
+    def __new__(cls, value: float, stderr: float | None = None):
+        obj = super().__new__(cls, value)
+        obj.stderr = stderr
+        return obj
+
+
+def _lm_score(task_result: Any, stderr: dict | None = None) -> float | None:
+    """The accuracy of an lm-eval task result (acc_norm preferred, then acc), with its
+    standard error when the run recorded one."""
     if isinstance(task_result, (int, float)):
         return float(task_result)
     if not isinstance(task_result, dict):
         return None
     for key in ("acc_norm,none", "acc_norm", "acc,none", "acc", "exact_match,none"):
         if isinstance(task_result.get(key), (int, float)):
-            return float(task_result[key])
+            se = (stderr or {}).get(key.split(",")[0])
+            return Scored(task_result[key], se if isinstance(se, (int, float)) else None)
     return None
 
 
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"
+    if isinstance(v, Scored) and v.stderr is not None:
+        return f"{v:.4g} ± {v.stderr:.2g}"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int) and abs(v) >= 10_000:
