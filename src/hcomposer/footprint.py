@@ -18,6 +18,7 @@ The model behind ``hcomposer plan`` (``hcomposer.pipeline.plan`` puts it togethe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 from hcomposer.architecture import Architecture
@@ -29,6 +30,12 @@ __all__ = [
     "matmul_flops_per_token",
     "training_memory",
 ]
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(arch: Architecture):
+    """The model on the meta device (no memory), shared by a plan's several estimates."""
+    return build_model(arch, device="meta")
 
 
 def _matrix_params(module) -> int:
@@ -48,7 +55,7 @@ def matmul_flops_per_token(arch: Architecture, seq_len: int) -> float:
     A mixture of experts counts the ``top_k`` experts a token uses (the dense-equivalent
     work; a dispatch that pads experts to the busiest one's load does more).
     """
-    model = build_model(arch, device="meta")
+    model = _meta_model(arch)
     s = arch.shape
     flops = 2.0 * s.vocab_size * s.d_model  # the head; the input embedding is a lookup
     for blk in model.layers:
@@ -135,7 +142,7 @@ def activation_bytes_per_token(
     vocabulary and the int64 targets. ``dtype_bytes``: 4 in fp32, 2 under bf16 autocast
     (where the norms' statistics and the scans' fp32 work make it somewhat more).
     """
-    model = build_model(arch, device="meta")
+    model = _meta_model(arch)
     d = arch.shape.d_model
     elements = 3 * d + 1
     for blk in model.layers:
