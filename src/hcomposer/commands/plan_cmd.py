@@ -93,7 +93,7 @@ def _print(plan: dict) -> None:
     con.print(stages)
     for r in plan["models"]:
         con.print(f"{r['role']}: {r['pattern']}")
-    con.print(f"target: block {plan['block']} scaled; vocabulary {plan['vocab']:,} from "
+    con.print(f"assumed searched block: {plan['block']} (--block); vocabulary {plan['vocab']:,} from "
               f"{plan['vocab_note']}")  # fmt: skip
 
 
