@@ -31,6 +31,7 @@ from hcomposer.footprint import activation_bytes_per_token, matmul_flops_per_tok
 from hcomposer.model import build_model
 from hcomposer.recipes import get_recipe
 from hcomposer.shapes import resolve_shape
+from hcomposer.training.meter import matmul_peak
 
 B, T = 2, 64  # T above the tiny shape's window (16) and chunks (16): several chunks
 
@@ -209,3 +210,10 @@ def test_out_writes_the_json_plan(capsys, tmp_path):
     out = tmp_path / "plan.json"
     code, plan, _ = _plan(capsys, "--recipe", "quickstart", "--json", "--out", str(out))
     assert code == 0 and json.loads(out.read_text()) == plan
+
+
+def test_cpu_card_uses_the_measured_matmul_peak(capsys):
+    code, plan, _ = _plan(capsys, "--recipe", "quickstart", "--gpu", "cpu", "--json")
+    assert code == 0
+    # The meter times the peak once per process: the plan's figure is that same measurement.
+    assert plan["peak_flops_per_gpu"] == matmul_peak(torch.device("cpu"), "fp32")

@@ -93,8 +93,10 @@ def _print(plan: dict) -> None:
     con.print(stages)
     for r in plan["models"]:
         con.print(f"{r['role']}: {r['pattern']}")
-    con.print(f"assumed searched block: {plan['block']} (--block); vocabulary {plan['vocab']:,} from "
-              f"{plan['vocab_note']}")  # fmt: skip
+    con.print(
+        f"assumed searched block: {plan['block']} (--block); "
+        f"vocabulary {plan['vocab']:,} from {plan['vocab_note']}"
+    )
 
 
 def run(args) -> int:

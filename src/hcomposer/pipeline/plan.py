@@ -12,8 +12,8 @@ What is estimated and what is not:
   restarts of stalled runs dearer); validation checks are left out. The search's pattern is
   not known before it runs: the cost is taken at a stand-in (the search's primitives in
   turn) and the target is the recipe's scaling of ``block`` (default: that stand-in).
-- evaluation: loss, NIAH prompts, the MQAR curve's training and the efficiency probes;
-  lm-eval tasks are not estimated (their size is the tasks' documents).
+- evaluation: loss, NIAH prompts and the MQAR curve's training; the efficiency probes (timed
+  forwards, seconds) and lm-eval tasks (their size is the tasks' documents) are not estimated.
 - wall time: FLOPs / (GPUs x peak x MFU); tiny proxy models reach a far lower MFU than a
   1B model, so the search's time is a lower bound.
 """
