@@ -26,6 +26,7 @@ __all__ = ["main", "COMMANDS", "ALIASES"]
 # command name -> module in hcomposer.commands
 COMMANDS: dict[str, str] = {
     "inspect": "inspect_cmd",
+    "plan": "plan_cmd",
     "score": "score_cmd",
     "search": "search_cmd",
     "dashboard": "dashboard_cmd",
