@@ -32,6 +32,11 @@ moment leaves the old or the new checkpoint whole (``find_checkpoint`` looks at 
 latest checkpoint that later fails its checksums is replaced by the previous one
 (``usable_checkpoint``, which says so). The last two checkpoints take twice the disk space.
 
+An FSDP run writes its checkpoints sharded instead (``save_checkpoint(..., sharded_files=True)``,
+format ``FORMAT_SHARDED``): every rank writes its own shards under ``model/`` and
+``optimizer/`` and nothing is gathered (``hcomposer.training.sharded``); the same checks,
+checksums, rotation and fallback apply, and :func:`load_checkpoint` reads either layout.
+
 The rules for reusing an output folder are ``hcomposer.training.out_dir``'s.
 """
 
