@@ -1,5 +1,6 @@
-"""torchrun FSDP2 on CPU (gloo, two processes): DDP's losses, exact resume, export, and one
-checkpoint path: one process, DDP and FSDP write the same tensors for one model and step."""
+"""torchrun FSDP2 on CPU (gloo, two processes): DDP's losses, exact resume from sharded
+checkpoints, export, and the gathered path: one process, DDP and FSDP write the same tensors
+for one model and step."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hcomposer.data import embedded_corpus_text
 from hcomposer.errors import UserError
 from hcomposer.io import read_json, read_jsonl
 from hcomposer.model import build_model, lm_loss
+from hcomposer.training import sharded as shards
 from hcomposer.training.checkpoint import find_checkpoint, read_state, save_checkpoint
 from hcomposer.training.step import make_optimizer, train_step
 from hcomposer.training.trainer import TrainConfig, load_run, train
@@ -82,14 +84,14 @@ def test_fsdp_matches_ddp_resumes_exactly_and_exports(tmp_path):
     for name in ("fsdp", "resumed"):
         assert read_json(tmp_path / name / "status.json")["status"] == "completed"
 
-    # The gathered checkpoint is the whole state: the resumed run (which loaded the one
-    # written at step 3 into freshly sharded processes) ends with the same bytes.
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        ours = load_file(tmp_path / "fsdp" / "checkpoint" / name)
-        again = load_file(tmp_path / "resumed" / "checkpoint" / name)
-        assert ours.keys() == again.keys()
+    # Each rank wrote its shards: the resumed run (which loaded the ones written at step 3
+    # into freshly sharded processes) ends with the same tensors.
+    for name in ("model", "optimizer"):
+        ours = shards.read_whole(tmp_path / "fsdp" / "checkpoint" / name)
+        again = shards.read_whole(tmp_path / "resumed" / "checkpoint" / name)
+        assert ours.keys() == again.keys() and ours
         assert all(torch.equal(ours[k], again[k]) for k in ours), name
-    # The ordinary format, so one process loads it (the MoE bias buffer included).
+    # One process loads the sharded checkpoint (the MoE bias buffer included).
     model_f, arch, _, info = load_run(tmp_path / "fsdp")
     assert info["step"] == 6
     assert model_f.layers[1].mixer.expert_bias.abs().sum() > 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from hcomposer.architecture import Architecture
-from hcomposer.model import build_model
+from hcomposer.model import HybridLM, build_model
 from hcomposer.primitives import sublayer_param_count
 
-__all__ = ["Costs", "count_costs", "estimate_memory", "params_from_shape"]
+__all__ = ["Costs", "count_costs", "estimate_memory", "meta_model", "params_from_shape"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,19 @@ def _unique_params(module) -> int:
     return total
 
 
+def meta_model(arch: Architecture) -> tuple[HybridLM, int]:
+    """``arch``'s model built on the meta device (its exact structure: every module, name
+    and shape, no memory allocated, nothing initialised) and its exact parameter count (a
+    tied embedding and head counted once)."""
+    model = build_model(arch, device="meta")
+    return model, _unique_params(model)
+
+
 def count_costs(arch: Architecture, seq_len: int | None = None, dtype_bytes: int = 2) -> Costs:
     """All costs of ``arch`` at ``seq_len`` (default: the shape's max_seq_len)."""
     s = arch.shape
     seq_len = seq_len or s.max_seq_len
-    model = build_model(arch, device="meta")
-    total = _unique_params(model)
+    model, total = meta_model(arch)
     embedding = s.vocab_size * s.d_model * (1 if s.tie_embeddings else 2)
     inactive = 0
     extra = 0.0

@@ -24,13 +24,15 @@ from hcomposer.pipeline.report import (
     seed_noise,
 )
 from hcomposer.pipeline.run import run_pipeline
-from hcomposer.pipeline.scale import matched_baseline
+from hcomposer.pipeline.scale import matched_baseline, target_architecture, target_on_meta
 from hcomposer.pipeline.search import rescore
 from hcomposer.pipeline.state import State
 
 __all__ = [
     "run_pipeline",
     "matched_baseline",
+    "target_architecture",
+    "target_on_meta",
     "seed_noise",
     "noise_summary",
     "noise_sentence",

@@ -3,17 +3,20 @@ baseline."""
 
 from __future__ import annotations
 
-from hcomposer.accounting import count_costs, params_from_shape
+from typing import Any
+
+from hcomposer.accounting import count_costs, meta_model, params_from_shape
 from hcomposer.architecture import Architecture
 from hcomposer.data import get_tokenizer
 from hcomposer.io import atomic_write_json
+from hcomposer.model import HybridLM
 from hcomposer.pipeline.state import State
 from hcomposer.recipes import Recipe
 from hcomposer.scaling.extrapolate import extrapolate
 from hcomposer.shapes import resolve_shape
 from hcomposer.training.trainer import resolve_arch
 
-__all__ = ["matched_baseline", "stage_scale"]
+__all__ = ["matched_baseline", "stage_scale", "target_architecture", "target_on_meta"]
 
 
 def matched_baseline(params: int, shape) -> tuple[str, int]:
@@ -33,16 +36,34 @@ def matched_baseline(params: int, shape) -> tuple[str, int]:
     return best[1], best[2]
 
 
-def stage_scale(state: State, recipe: Recipe, searched: str) -> dict:
+def target_architecture(recipe: Recipe, searched: str, tokenizer: Any = None) -> Architecture:
+    """The recipe's target: ``searched`` extrapolated (``scale_strategy``) to ``target_layers``
+    sublayers at ``target_shape``; with ``tokenizer``, its vocabulary and the training
+    sequence length replace the preset's (as the trained model has them)."""
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
-    pattern = extrapolate(searched, layers, recipe.scale_strategy)
+    arch = Architecture(pattern=extrapolate(searched, layers, recipe.scale_strategy), shape=shape)
+    return arch if tokenizer is None else resolve_arch(arch, tokenizer, recipe.train.seq_len)
+
+
+def target_on_meta(
+    recipe: Recipe, searched: str, tokenizer: Any = None
+) -> tuple[Architecture, HybridLM, int]:
+    """``(architecture, model on the meta device, exact parameter count)`` of the recipe's
+    full target (:func:`target_architecture`): its whole structure without its memory (the
+    paper recipe's 1.24B-parameter target builds in seconds)."""
+    arch = target_architecture(recipe, searched, tokenizer)
+    model, params = meta_model(arch)
+    return arch, model, params
+
+
+def stage_scale(state: State, recipe: Recipe, searched: str) -> dict:
     # Match the baseline on the model that is trained: its vocabulary comes from the
     # tokenizer (byte-level: 320 ids), not from the preset's 32K, which would dominate.
     tcfg = recipe.train
     tokenizer = get_tokenizer(tcfg.tokenizer, source=tcfg.data)
-    composite = resolve_arch(Architecture(pattern=pattern, shape=shape), tokenizer, tcfg.seq_len)
-    shape = composite.shape
+    composite = target_architecture(recipe, searched, tokenizer)
+    pattern, shape = composite.pattern, composite.shape
     params = count_costs(composite).params_total
     base_pattern, base_params = matched_baseline(params, shape)
     baseline = Architecture(pattern=base_pattern, shape=shape)

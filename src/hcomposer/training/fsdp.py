@@ -5,11 +5,9 @@ final norm, head; tied weights stay one parameter) another. Parameters, gradient
 state live as ``DTensor`` shards (``Shard(0)``) on their ranks; a block's full weights exist
 only while it runs.
 
-Checkpoints: ``hcomposer.training.checkpoint`` takes and restores a sharded model's state
-through ``torch.distributed.checkpoint.state_dict`` as it does a whole one (the state gathered
-whole on rank 0, which writes the ordinary files; on load every rank reads them and keeps its
-shard), so one format serves resume (with FSDP at any process count, with DDP, or in one
-process), ``hcomposer export`` and ``hcomposer eval``.
+Checkpoints: the trainer writes them sharded (``hcomposer.training.sharded``: every rank its
+own safetensors shards, nothing gathered); they load into FSDP at any process count, into DDP
+and into one process (``hcomposer export``, ``hcomposer eval``).
 
 Loading: every rank builds the full model on the host from the seed (so the initial weights
 equal DDP's and one process's exactly), shards it, then loads the checkpoint into the shards.

@@ -54,7 +54,6 @@ from hcomposer.runs import RUN_JSON, FolderLock, RunDir
 from hcomposer.threads import THREADS_EVERY, AdaptiveThreads, adapts
 from hcomposer.tracking import Tracking, open_tracking
 from hcomposer.training.checkpoint import (
-    check_out_dir,
     load_checkpoint,
     save_checkpoint,
     set_aside_damaged,
@@ -70,6 +69,7 @@ from hcomposer.training.config import (
 from hcomposer.training.distributed import Distributed
 from hcomposer.training.meter import Meter
 from hcomposer.training.objective import Objective
+from hcomposer.training.out_dir import check_out_dir
 from hcomposer.training.schedule import lr_at
 from hcomposer.training.step import (
     evaluate,
@@ -531,8 +531,11 @@ class Trainer:
             "data": {"seed": config.seed, "next_batch": step},
             "total_steps": config.total_steps,
         }
-        # Every rank takes part (FSDP gathers each tensor from its shards); rank 0 writes.
-        save_checkpoint(self.run_dir.root, self.model, self.optimizer, record)
+        # Every rank takes part: under FSDP each writes its own shards (nothing is gathered);
+        # otherwise rank 0 writes the whole state.
+        save_checkpoint(
+            self.run_dir.root, self.model, self.optimizer, record, sharded_files=config.fsdp
+        )
         dist.barrier()
 
     def finish(self, status: str, step: int, message: str, **result: Any) -> TrainResult:
