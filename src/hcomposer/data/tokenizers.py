@@ -206,20 +206,45 @@ def get_tokenizer(
     spec: str | None = None, *, source: str | None = None, cache_dir: str | Path | None = None
 ) -> Tokenizer:
     """``"byte"`` (default), a path to a ``tokenizer.json`` (or a folder holding one, such as a
-    run's ``tokenizer/``), or ``"bpe:N"``: a byte-level BPE of N ids trained on ``source``
+    run's ``tokenizer/``), ``"hf:OWNER/NAME"`` (a Hub repository's ``tokenizer.json``), or
+    ``"bpe:N"``: a byte-level BPE of N ids trained on ``source``
     (the embedded corpus when None) and cached under ``cache_dir``."""
     if spec is None or spec == "byte":
         return ByteTokenizer()
     if spec.startswith("bpe:"):
         return _bpe(spec, source, Path(cache_dir) if cache_dir else None)
+    if spec.startswith("hf:"):
+        return _hub_tokenizer(spec)
     path = Path(spec)
     if path.is_dir() and (path / _CONFIG).is_file():
         return load_tokenizer(path)
     if path.suffix == ".json" or path.exists():
         return HFTokenizer.from_file(path)
     raise UserError(
-        f"unknown tokenizer {spec!r}: use 'byte', 'bpe:N' or a path to a tokenizer.json"
+        f"unknown tokenizer {spec!r}: use 'byte', 'bpe:N', hf:OWNER/NAME or a path to a "
+        "tokenizer.json"
     )
+
+
+def _hub_tokenizer(spec: str) -> HFTokenizer:
+    """``hf:OWNER/NAME``: the repository's ``tokenizer.json``, fetched from the Hub on first use
+    (then read from the Hub's local cache; ``HF_HUB_OFFLINE=1`` reads only that cache)."""
+    repo = spec[3:]
+    if Path(repo).exists():
+        return HFTokenizer.from_file(repo, name=spec)
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"tokenizer {spec!r}: write hf:OWNER/NAME, e.g. hf:unsloth/Llama-3.2-1B")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo, "tokenizer.json")
+    except Exception as e:  # offline, unknown or gated repository, no tokenizer.json
+        first = (str(e).splitlines() or [""])[0][:160] or type(e).__name__
+        raise UserError(
+            f"tokenizer {spec!r} could not be fetched ({type(e).__name__}: {first}); "
+            "offline, or for a gated model, pass a local tokenizer.json: --tokenizer PATH"
+        ) from None
+    return HFTokenizer.from_file(path, name=spec)
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
