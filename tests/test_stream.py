@@ -31,6 +31,7 @@ def _offline(tmp_path, monkeypatch):
     # Nothing here may reach the network: the fixtures are local.
     monkeypatch.setenv("HCOMPOSER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from hcomposer.errors import UserError
 
@@ -31,6 +34,7 @@ __all__ = [
     "TEXT_SUFFIXES",
     "stream_hf",
     "rehearsal_assets",
+    "check_hub",
 ]
 
 EMBEDDED_CORPUS = "austen.jsonl.xz"
@@ -41,7 +45,8 @@ _SNIFF = 1 << 16
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # ``datasets`` raises many kinds (offline, unknown name, bad config, gated): these words in
 # its message mean the network or the Hub was not reached.
-_OFFLINE_HINTS = ("offline", "connection", "resolve", "network", "timed out", "max retries")
+_OFFLINE_HINTS = ("offline", "connection", "reach", "network", "timed out", "localentrynotfound")
+_PROBE_SECONDS = 5.0
 
 
 def _asset_bytes() -> bytes:
@@ -271,6 +276,9 @@ def stream_hf(source: Source, split: str | None):
             if ds is None:
                 raise KeyError(split)
         else:
+            if not path.exists():
+                check_hub(f"dataset {source.spec!r}", "a local copy: --data hf:PATH (a datasets "
+                          "folder, .jsonl or .parquet files) or a local text path")  # fmt: skip
             ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except UserError:
         raise
@@ -279,3 +287,30 @@ def stream_hf(source: Source, split: str | None):
     except Exception as e:
         raise _hf_error(source.spec, e) from None
     return ds
+
+
+@lru_cache(maxsize=1)
+def _hub_reached() -> str | None:
+    """None when the Hub answers a TCP connection within a few seconds, else why not."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def check_hub(what: str, local: str) -> None:
+    """Before fetching ``what`` from the Hub: a one-line error at once when there is no network
+    (rather than minutes of retries), naming the ``local`` alternative. Offline mode
+    (``HF_HUB_OFFLINE=1``/``HF_DATASETS_OFFLINE=1``) reads the local cache: not probed."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):  # fmt: skip
+        return
+    why = _hub_reached()
+    if why is not None:
+        raise UserError(
+            f"{what} needs the Hugging Face Hub, but {why}; offline, pass {local} (or set "
+            "HF_HUB_OFFLINE=1 to use a copy already in the Hub cache)"
+        )

@@ -35,7 +35,7 @@ import torch
 
 from hcomposer.data.shards import TokenDataset, prepare_dataset
 from hcomposer.data.sources import Source, resolve_source, stream_hf
-from hcomposer.data.tokenizers import Tokenizer
+from hcomposer.data.tokenizers import Tokenizer, get_tokenizer
 from hcomposer.errors import UserError
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "in_validation",
     "is_streamed",
     "open_validation",
+    "check_training_inputs",
 ]
 
 STREAM_FORMAT = "hcomposer.stream/1"
@@ -305,3 +306,22 @@ def open_validation(
     if not shards and is_streamed(resolve_source(data)):
         return StreamingDataset(data, tokenizer, val_fraction, seed)
     return prepare_dataset(data, tokenizer, val_fraction=val_fraction, seed=seed)
+
+
+def check_training_inputs(data: str | None, tokenizer: str | None) -> dict[str, Any]:
+    """Resolve a training run's data and tokenizer before any work: a dataset name that does
+    not resolve (or no network to resolve it), a tokenizer that does not load, a missing path:
+    one-line ``UserError``. Downloads only the tokenizer (a Hub ``tokenizer.json``); a
+    streamed dataset is only resolved (its split names). Returns what was resolved."""
+    shards = data is not None and (Path(str(data)) / "manifest.json").is_file()
+    resolved: dict[str, Any] = {"data": data, "tokenizer": tokenizer}
+    if not shards:
+        source = resolve_source(data)
+        resolved["source"] = source.kind
+        if is_streamed(source):
+            resolved["splits"] = list(dataset_splits(source))
+    if tokenizer is not None and not str(tokenizer).startswith("bpe:"):
+        # bpe:N is trained on the data just checked; anything else loads now.
+        tok = get_tokenizer(tokenizer)
+        resolved["vocab_size"] = tok.vocab_size
+    return resolved

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
-from hcomposer.data import get_tokenizer
+from hcomposer.data import Tokenizer, get_tokenizer
 from hcomposer.io import atomic_write_json
 from hcomposer.pipeline.state import State
 from hcomposer.recipes import Recipe
@@ -13,7 +13,7 @@ from hcomposer.scaling.extrapolate import extrapolate
 from hcomposer.shapes import resolve_shape
 from hcomposer.training.trainer import resolve_arch
 
-__all__ = ["matched_baseline", "stage_scale"]
+__all__ = ["matched_baseline", "stage_scale", "target_architecture"]
 
 
 def matched_baseline(params: int, shape) -> tuple[str, int]:
@@ -32,15 +32,28 @@ def matched_baseline(params: int, shape) -> tuple[str, int]:
     return best[1], best[2]
 
 
-def stage_scale(state: State, recipe: Recipe, searched: str) -> dict:
+def target_architecture(recipe: Recipe, searched: str, tokenizer: Tokenizer) -> Architecture:
+    """The searched pattern extrapolated to the recipe's target, as it is trained: the target
+    shape with the tokenizer's vocabulary (and room for the training sequence length).
+
+    The parameter count follows the tokenizer: the paper recipe's ``llama-3.2-1b`` target has
+    Llama-3.2-1B's 1,235,814,400 parameters with Llama 3's 128,256-entry tokenizer, and
+    973,801,472 with the byte tokenizer (the embedding table is 263M of the 1.24B).
+    """
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
     pattern = extrapolate(searched, layers, recipe.scale_strategy)
+    arch = Architecture(pattern=pattern, shape=shape)
+    return resolve_arch(arch, tokenizer, recipe.train.seq_len)
+
+
+def stage_scale(state: State, recipe: Recipe, searched: str) -> dict:
     # Match the baseline on the model that is trained: its vocabulary comes from the
     # tokenizer (byte-level: 320 ids), not from the preset's 32K, which would dominate.
     tcfg = recipe.train
     tokenizer = get_tokenizer(tcfg.tokenizer, source=tcfg.data)
-    composite = resolve_arch(Architecture(pattern=pattern, shape=shape), tokenizer, tcfg.seq_len)
+    composite = target_architecture(recipe, searched, tokenizer)
+    pattern = composite.pattern
     shape = composite.shape
     params = count_costs(composite).params_total
     base_pattern, base_params = matched_baseline(params, shape)
