@@ -56,8 +56,6 @@ def option_fields() -> dict:
         "trials": (SearchConfig, "trials"),
         "tokens": (TrainConfig, "tokens"),
         "seed": (Recipe, "seed"),
-        "data": (TrainConfig, "data"),
-        "tokenizer": (TrainConfig, "tokenizer"),
     }
 
 
