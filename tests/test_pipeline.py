@@ -264,6 +264,7 @@ def test_run_proxy_override_reaches_the_search_and_is_recorded(tmp_path: Path):
 
     def args(**kw):
         base = dict(recipe="quickstart", trials=None, tokens=None, seed=None, proxy=None)
+        base.update(data=None, tokenizer=None)
         return argparse.Namespace(**{**base, **kw})
 
     plain = _recipe(args())

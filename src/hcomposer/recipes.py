@@ -25,7 +25,20 @@ from hcomposer.scaling.extrapolate import STRATEGIES
 from hcomposer.search.space import SearchConfig
 from hcomposer.training import TrainConfig
 
-__all__ = ["Recipe", "EvalConfig", "RECIPES", "get_recipe", "quickstart", "paper"]
+__all__ = [
+    "Recipe",
+    "EvalConfig",
+    "RECIPES",
+    "get_recipe",
+    "quickstart",
+    "paper",
+    "PAPER_DATA",
+    "PAPER_TOKENIZER",
+]
+
+# The paper recipe's training text and tokenizer (see ``paper``).
+PAPER_DATA = "hf:HuggingFaceFW/fineweb-edu:sample-100BT"
+PAPER_TOKENIZER = "hf:unsloth/Llama-3.2-1B"
 
 
 def _typed(cls, data: dict[str, Any]):
@@ -187,7 +200,16 @@ def quickstart() -> Recipe:
 
 
 def paper() -> Recipe:
-    """Composer's 16-position search (arXiv 2510.00379): A/F only, about 100 GP trials."""
+    """Composer's 16-position search (arXiv 2510.00379): A/F only, about 100 GP trials, then
+    a Llama-3.2-1B-sized target trained on 20B tokens of web text.
+
+    The text streams from the Hub (FineWeb-Edu's 100B-token sample: 20B tokens is one pass,
+    no document repeated; nothing is downloaded ahead) and the tokenizer is Llama 3's
+    128,256-entry BPE from an ungated copy of Llama-3.2-1B, so the target has the real
+    model's 1,235,814,400 parameters (with the byte tokenizer it would have 973,801,472: the
+    embedding table is 263M of the 1.24B).
+    ``--data``/``--tokenizer`` name local copies for a machine without network.
+    """
     search = SearchConfig(
         primitives=("A", "F"),
         layers=16,
@@ -207,6 +229,8 @@ def paper() -> Recipe:
         warmup=2000,
         eval_every=1000,
         checkpoint_every=1000,
+        data=PAPER_DATA,
+        tokenizer=PAPER_TOKENIZER,
     )
     suites = (
         "loss",

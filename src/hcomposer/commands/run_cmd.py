@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hcomposer.data.stream import check_training_inputs
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
 from hcomposer.pipeline import noise_sentence, run_pipeline
@@ -26,6 +27,17 @@ def add_arguments(p) -> None:
     p.add_argument("--trials", type=int, default=None, help="override the search's trial count")
     p.add_argument("--tokens", type=int, default=None, help="override the training token budget")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument(
+        "--data", default=None,
+        help="training text: a file, folder, token-shard folder or hf:NAME[:CONFIG][@SPLIT] "
+        "(a Hub dataset, streamed; or a local datasets folder / .jsonl / .parquet) "
+        "(default: the recipe's; quickstart: the embedded corpus)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None,
+        help="byte, bpe:N (trained on the data), hf:OWNER/NAME (a Hub tokenizer.json) or a "
+        "tokenizer.json path (default: the recipe's)",
+    )  # fmt: skip
     p.add_argument(
         "--proxy",
         default=None,
@@ -56,6 +68,10 @@ def _recipe(args):
         search["trials"] = args.trials
     if args.tokens is not None:
         train["tokens"] = args.tokens
+    if args.data is not None:
+        train["data"] = args.data
+    if args.tokenizer is not None:
+        train["tokenizer"] = args.tokenizer
     if args.proxy is not None:
         # An unknown proxy or task: exit 2, one line. Stored in one spelling (aliases and
         # spaces resolved), so `mad:fuzzy` and `mad: fuzzy_in_context_recall` resume alike.
@@ -72,10 +88,19 @@ def _recipe(args):
     )
 
 
-def run(args) -> int:
+def resolve(args) -> tuple[Recipe, Path, dict]:
+    """The recipe with the options applied, the run folder, and the training data and
+    tokenizer resolved (a dataset name that does not resolve, no network, a tokenizer that
+    does not load: one-line errors here, before anything runs or is written)."""
     recipe = _recipe(args)
     out = Path(args.out or f"runs/{recipe.name}")
     check_output_dir(out, "--out")
+    inputs = check_training_inputs(recipe.train.data, recipe.train.tokenizer)
+    return recipe, out, inputs
+
+
+def run(args) -> int:
+    recipe, out, _ = resolve(args)
     report_to = parse_report_to(args.report_to)
     con = console()
     # The banner comes with the first stage, so a refused folder prints only the error.

@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from hcomposer.errors import UserError
 
@@ -29,12 +32,21 @@ __all__ = [
     "embedded_corpus_documents",
     "EMBEDDED_CORPUS",
     "TEXT_SUFFIXES",
+    "stream_hf",
+    "rehearsal_assets",
+    "check_hub",
 ]
 
 EMBEDDED_CORPUS = "austen.jsonl.xz"
+REHEARSAL = "rehearsal"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # How many bytes of each file are checked for binary content before tokenising.
 _SNIFF = 1 << 16
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# ``datasets`` raises many kinds (offline, unknown name, bad config, gated): these words in
+# its message mean the network or the Hub was not reached.
+_OFFLINE_HINTS = ("offline", "connection", "reach", "network", "timed out", "localentrynotfound")
+_PROBE_SECONDS = 5.0
 
 
 def _asset_bytes() -> bytes:
@@ -50,6 +62,14 @@ def _embedded_records() -> tuple[dict, ...]:
 def embedded_corpus_documents() -> list[str]:
     """The shipped corpus as documents: Jane Austen's six novels (public domain, see NOTICE)."""
     return [r["text"] for r in _embedded_records()]
+
+
+def rehearsal_assets() -> tuple[Path, Path]:
+    """``(corpus folder, tokenizer.json)`` of the shipped rehearsal fixtures: a Hub-style
+    Parquet dataset (``--data hf:<folder>``) and a Llama-3-style byte-level BPE of 1,024 ids
+    (``--tokenizer <file>``), made by ``scripts/make_rehearsal_fixtures.py``."""
+    root = Path(str(resources.files("hcomposer.assets").joinpath(REHEARSAL)))
+    return root / "corpus", root / "tokenizer.json"
 
 
 def embedded_corpus_text() -> str:
@@ -83,43 +103,40 @@ class Source:
                     for p in self.files
                 ],
             }
-        return {"kind": "hf", "spec": self.spec, **self.hf, "fingerprint": self._hf_fingerprint()}
+        # Streamed: nothing is read to describe it. A local copy adds its files' sizes and
+        # times (an edit shows); a Hub dataset is named by repository, config and split.
+        local = Path(self.hf["name"])
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        files = [local] if local.is_file() else files
+        return {
+            "kind": "hf",
+            "spec": self.spec,
+            **self.hf,
+            "files": [
+                {"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                for p in files
+            ],
+        }
 
     def identity(self) -> str:
         blob = json.dumps(self.describe(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def documents(self) -> Iterator[str]:
-        """Every document of the source, in a fixed order."""
+        """Every document of the source, in a fixed order (an ``hf:`` source is streamed)."""
         if self.kind == "embedded":
             yield from embedded_corpus_documents()
         elif self.kind == "files":
             for p in self.files:
                 yield from _file_documents(p)
         else:
-            for rec in self._hf_dataset():
+            ds = stream_hf(self, self.hf.get("split", "train"))
+            if ds.column_names is not None and "text" not in ds.column_names:
+                raise UserError(f"dataset {self.spec!r} has no 'text' column ({ds.column_names})")
+            for rec in ds:
                 text = rec.get("text")
                 if isinstance(text, str) and text:
                     yield text
-
-    def _hf_dataset(self):
-        import datasets
-
-        try:
-            return datasets.load_dataset(
-                self.hf["name"], self.hf.get("config"), split=self.hf.get("split", "train")
-            )
-        except Exception as e:  # datasets raises many kinds: offline, unknown name, bad config
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"dataset {self.spec!r} could not be loaded: {first}") from None
-
-    def _hf_fingerprint(self) -> str:
-        ds = self._hf_dataset()
-        if "text" not in ds.column_names:
-            raise UserError(
-                f"dataset {self.spec!r} has no 'text' column (columns: {ds.column_names})"
-            )
-        return str(getattr(ds, "_fingerprint", ""))
 
 
 def resolve_source(source: str | Path | None) -> Source:
@@ -216,3 +233,84 @@ def _file_documents(path: Path) -> Iterator[str]:
             for text in batch.column(0).to_pylist():
                 if text:
                     yield text
+
+
+def _hf_error(spec: str, e: Exception) -> UserError:
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
+    if any(h in first.lower() for h in _OFFLINE_HINTS) or "offline" in type(e).__name__.lower():
+        return UserError(
+            f"dataset {spec!r} could not be reached (no network, or HF_DATASETS_OFFLINE=1): "
+            f"{first}; offline, give a local copy: --data hf:PATH (a datasets folder, "
+            ".jsonl or .parquet files) or a local text path"
+        )
+    return UserError(f"dataset {spec!r} could not be loaded: {first}")
+
+
+def stream_hf(source: Source, split: str | None):
+    """An ``hf:`` source as ``datasets`` streams it (a dict of splits when ``split`` is None):
+    a Hub name, a local Hub-style folder, ``.jsonl``/``.parquet`` files or a folder written by
+    ``save_to_disk``. Errors are one line; offline ones name the local alternative."""
+    import datasets
+
+    name, config = source.hf["name"], source.hf.get("config")
+    path = Path(name)
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise UserError(
+                    f"data file {name!r}: use .jsonl or .parquet (or a datasets folder)"
+                )
+            ds = datasets.load_dataset(
+                builder, data_files={"train": str(path)}, split=split, streaming=True
+            )
+        elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            # A folder written by Dataset(Dict).save_to_disk: Arrow files read lazily.
+            saved = datasets.load_from_disk(str(path))
+            if isinstance(saved, datasets.DatasetDict):
+                ds = {k: v.to_iterable_dataset() for k, v in saved.items()}
+                ds = ds if split is None else ds[split]
+            else:
+                ds = saved.to_iterable_dataset() if split in (None, "train") else None
+                ds = {"train": ds} if split is None else ds
+            if ds is None:
+                raise KeyError(split)
+        else:
+            if not path.exists():
+                check_hub(f"dataset {source.spec!r}", "a local copy: --data hf:PATH (a datasets "
+                          "folder, .jsonl or .parquet files) or a local text path")  # fmt: skip
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except UserError:
+        raise
+    except KeyError:
+        raise UserError(f"dataset {source.spec!r} has no split {split!r}") from None
+    except Exception as e:
+        raise _hf_error(source.spec, e) from None
+    return ds
+
+
+@lru_cache(maxsize=1)
+def _hub_reached() -> str | None:
+    """None when the Hub answers a TCP connection within a few seconds, else why not."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def check_hub(what: str, local: str) -> None:
+    """Before fetching ``what`` from the Hub: a one-line error at once when there is no network
+    (rather than minutes of retries), naming the ``local`` alternative. Offline mode
+    (``HF_HUB_OFFLINE=1``/``HF_DATASETS_OFFLINE=1``) reads the local cache: not probed."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):  # fmt: skip
+        return
+    why = _hub_reached()
+    if why is not None:
+        raise UserError(
+            f"{what} needs the Hugging Face Hub, but {why}; offline, pass {local} (or set "
+            "HF_HUB_OFFLINE=1 to use a copy already in the Hub cache)"
+        )

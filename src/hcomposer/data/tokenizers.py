@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hcomposer.data.sources import resolve_source
+from hcomposer.data.sources import check_hub, resolve_source
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json, atomic_write_text, entry_lock, pick, read_json
 
@@ -32,6 +32,10 @@ EOS_TOKEN = "<|endoftext|>"
 # Special tokens that already mean "end of document" in common tokenizer.json files.
 _EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
 _CONFIG = "tokenizer_config.json"
+# A BPE trained on a streamed corpus reads its first BPE_TEXT_CHARS characters (about 250M
+# tokens of English): enough for a 32K-128K vocabulary, and minutes rather than days of
+# reading a 10B-token web sample.
+BPE_TEXT_CHARS = 1_000_000_000
 
 
 class Tokenizer:
@@ -162,6 +166,16 @@ def train_bpe(vocab_size: int, texts: Iterable[str]) -> HFTokenizer:
     return HFTokenizer(tok, f"bpe:{vocab_size}")
 
 
+def _first_chars(texts: Iterable[str], limit: int) -> Iterable[str]:
+    """The documents until ``limit`` characters have been given (the last one whole)."""
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= limit:
+            return
+
+
 def cache_root() -> Path:
     env = os.environ.get("HCOMPOSER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "hcomposer"
@@ -191,7 +205,7 @@ def _bpe(spec: str, source: str | None, cache_dir: Path | None) -> HFTokenizer:
     with entry_lock(folder):
         if (folder / "tokenizer.json").is_file():
             return HFTokenizer.from_file(folder / "tokenizer.json", name=f"bpe:{n}")
-        tok = train_bpe(n, src.documents())
+        tok = train_bpe(n, _first_chars(src.documents(), BPE_TEXT_CHARS))
         tok.save(folder)
     return tok
 
@@ -200,20 +214,50 @@ def get_tokenizer(
     spec: str | None = None, *, source: str | None = None, cache_dir: str | Path | None = None
 ) -> Tokenizer:
     """``"byte"`` (default), a path to a ``tokenizer.json`` (or a folder holding one, such as a
-    run's ``tokenizer/``), or ``"bpe:N"``: a byte-level BPE of N ids trained on ``source``
+    run's ``tokenizer/``), ``"hf:OWNER/NAME"`` (a Hub repository's ``tokenizer.json``), or
+    ``"bpe:N"``: a byte-level BPE of N ids trained on ``source``
     (the embedded corpus when None) and cached under ``cache_dir``."""
     if spec is None or spec == "byte":
         return ByteTokenizer()
     if spec.startswith("bpe:"):
         return _bpe(spec, source, Path(cache_dir) if cache_dir else None)
+    if spec.startswith("hf:"):
+        return _hub_tokenizer(spec)
     path = Path(spec)
     if path.is_dir() and (path / _CONFIG).is_file():
         return load_tokenizer(path)
     if path.suffix == ".json" or path.exists():
         return HFTokenizer.from_file(path)
     raise UserError(
-        f"unknown tokenizer {spec!r}: use 'byte', 'bpe:N' or a path to a tokenizer.json"
+        f"unknown tokenizer {spec!r}: use 'byte', 'bpe:N', hf:OWNER/NAME or a path to a "
+        "tokenizer.json"
     )
+
+
+def _hub_tokenizer(spec: str) -> HFTokenizer:
+    """``hf:OWNER/NAME``: the repository's ``tokenizer.json``, fetched from the Hub on first use
+    (then read from the Hub's local cache; ``HF_HUB_OFFLINE=1`` reads only that cache)."""
+    repo = spec[3:]
+    if Path(repo).exists():
+        return HFTokenizer.from_file(repo, name=spec)
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"tokenizer {spec!r}: write hf:OWNER/NAME, e.g. hf:unsloth/Llama-3.2-1B")
+    from huggingface_hub import hf_hub_download
+
+    check_hub(f"tokenizer {spec!r}", "a local tokenizer.json: --tokenizer PATH")
+    try:
+        path = hf_hub_download(repo, "tokenizer.json")
+    except Exception as e:  # offline, unknown or gated repository, no tokenizer.json
+        kind = type(e).__name__
+        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            why = "not in the local Hub cache, and the Hub was not reached (no network?)"
+        else:
+            why = f"{kind}: {(str(e).splitlines() or [''])[0][:160]}"
+        raise UserError(
+            f"tokenizer {spec!r} could not be fetched ({why}); offline, or for a gated "
+            "model, pass a local tokenizer.json: --tokenizer PATH"
+        ) from None
+    return HFTokenizer.from_file(path, name=spec)
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

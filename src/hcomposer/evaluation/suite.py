@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from hcomposer.config_io import read_run_file
-from hcomposer.data import prepare_dataset
+from hcomposer.data.stream import open_validation
 from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import (
     EfficiencyConfig,
@@ -122,7 +122,7 @@ def validation_loss(
     source = data if data is not None else cfg.get("data")
     seq_len = int(cfg.get("seq_len") or model.arch.shape.max_seq_len)
     max_tokens = int(max_tokens or cfg.get("eval_tokens") or 65536)
-    ds = prepare_dataset(
+    ds = open_validation(
         source, tokenizer, val_fraction=float(cfg.get("val_fraction", 0.02)),
         seed=int(cfg.get("seed", 0)),
     )  # fmt: skip

@@ -39,7 +39,12 @@ def matched_baseline(params: int, shape) -> tuple[str, int]:
 def target_architecture(recipe: Recipe, searched: str, tokenizer: Any = None) -> Architecture:
     """The recipe's target: ``searched`` extrapolated (``scale_strategy``) to ``target_layers``
     sublayers at ``target_shape``; with ``tokenizer``, its vocabulary and the training
-    sequence length replace the preset's (as the trained model has them)."""
+    sequence length replace the preset's, as the trained model has them.
+
+    The parameter count follows the tokenizer: the paper recipe's ``llama-3.2-1b`` target has
+    Llama-3.2-1B's 1,235,814,400 parameters with Llama 3's 128,256-entry tokenizer, and
+    973,801,472 with the byte tokenizer (the embedding table is 263M of the 1.24B).
+    """
     shape = resolve_shape(recipe.target_shape)
     layers = recipe.target_layers or shape.n_layers
     arch = Architecture(pattern=extrapolate(searched, layers, recipe.scale_strategy), shape=shape)

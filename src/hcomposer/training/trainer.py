@@ -40,7 +40,9 @@ import torch
 from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_run_file
 from hcomposer.data import (
+    StreamingDataset,
     get_tokenizer,
+    is_streamed,
     load_tokenizer,
     prepare_dataset,
     resolve_source,
@@ -248,10 +250,34 @@ def _check_inputs(arch, config, out, dist, resume):
             f"batch size {config.batch_size} does not split into {dist.world} process(es) x "
             f"{config.grad_accum} accumulation steps"
         )
-    if config.data is None or not (Path(config.data) / "manifest.json").is_file():
-        # Every rank checks the source, so bad input fails everywhere, not only on rank 0.
-        resolve_source(config.data)
-    # Rank 0 tokenises (or finds the shards); the others then open the same shards.
+    shards = config.data is not None and (Path(config.data) / "manifest.json").is_file()
+    # Every rank checks the source, so bad input fails everywhere, not only on rank 0.
+    source = None if shards else resolve_source(config.data)
+    if source is not None and is_streamed(source):
+        # An hf: source is streamed (hcomposer.data.stream): nothing is downloaded or
+        # tokenised ahead; its position is saved with each checkpoint.
+        dataset = StreamingDataset(source, tokenizer, config.val_fraction, config.seed)
+        dataset.check_lengths(config.seq_len, config.eval_tokens)
+    else:
+        dataset = _shards(config, tokenizer, dist)
+    if has_run:
+        stored = read_run_file(out, RUN_JSON, keys=("config",), versioned=True)["config"]
+        started_on = (
+            (stored.get("dataset") or {}).get("sha256") if isinstance(stored, dict) else None
+        )
+        if started_on is not None and started_on != dataset.manifest.get("sha256"):
+            raise UserError(
+                f"--resume: the data of the run in {str(out)!r} changed since it started "
+                "(token shard checksums differ); restore the data or start a new run"
+            )
+    device = dist.device
+    if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
+    return has_run, tokenizer, arch, ckpt, micro, dataset
+
+
+def _shards(config, tokenizer, dist):
+    """Rank 0 tokenises ``config.data`` into shards (or finds them); the others then open them."""
     t_data = time.time()
     if dist.main:
         dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
@@ -270,20 +296,7 @@ def _check_inputs(arch, config, out, dist, resume):
             with entry_lock(dataset.path):
                 shutil.rmtree(dataset.path, ignore_errors=True)
         raise
-    if has_run:
-        stored = read_run_file(out, RUN_JSON, keys=("config",), versioned=True)["config"]
-        started_on = (
-            (stored.get("dataset") or {}).get("sha256") if isinstance(stored, dict) else None
-        )
-        if started_on is not None and started_on != dataset.manifest["sha256"]:
-            raise UserError(
-                f"--resume: the data of the run in {str(out)!r} changed since it started "
-                "(token shard checksums differ); restore the data or start a new run"
-            )
-    device = dist.device
-    if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
-    return has_run, tokenizer, arch, ckpt, micro, dataset
+    return dataset
 
 
 class Trainer:
@@ -348,7 +361,10 @@ class Trainer:
         model = self._build()
         if self.ckpt is not None:
             # One path for one process, DDP and FSDP (each rank keeps its shard).
-            self.start_step = int(load_checkpoint(self.ckpt, model, self.optimizer)["step"])
+            state = load_checkpoint(self.ckpt, model, self.optimizer)
+            self.start_step = int(state["step"])
+            if isinstance(self.dataset, StreamingDataset):
+                self.dataset.load_state_dict(state.get("data", {}))
             if dist.main and self.ckpt != run.checkpoint:
                 set_aside_damaged(run.root)  # the next save keeps the good one as previous
         else:
@@ -525,10 +541,14 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         config, dist = self.config, self.dist
+        data: dict[str, Any] = {"seed": config.seed, "next_batch": step}
+        if isinstance(self.dataset, StreamingDataset):
+            # A streamed source's position: the next record and token (hcomposer.data.stream).
+            data.update(self.dataset.state_dict())
         record = {
             "step": step,
             "tokens": step * config.tokens_per_step,
-            "data": {"seed": config.seed, "next_batch": step},
+            "data": data,
             "total_steps": config.total_steps,
         }
         # Every rank takes part: under FSDP each writes its own shards (nothing is gathered);
