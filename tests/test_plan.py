@@ -148,13 +148,16 @@ def _target(pattern: str, recipe: str, vocab: int) -> Architecture:
     return Architecture(pattern=pattern, shape=shape)
 
 
-@pytest.mark.parametrize("recipe,gpus", [("quickstart", 1), ("paper", 64)])
-def test_plan_table_shows_the_target_built_on_meta(capsys, recipe, gpus):
+# quickstart: the byte tokenizer's 257 ids rounded up to 64. paper: its Hub tokenizer is not
+# loaded by the plan; the target shape's vocabulary is Llama 3's 128,256. Its four micro-steps
+# a step make it fit one 8-GPU node.
+@pytest.mark.parametrize("recipe,gpus,vocab", [("quickstart", 1, 320), ("paper", 8, 128256)])
+def test_plan_table_shows_the_target_built_on_meta(capsys, recipe, gpus, vocab):
     code, plan, _ = _plan(capsys, "--recipe", recipe, "--gpus", str(gpus), "--json")
     assert code == 0 and plan["fits"]
     target = plan["models"][0]
-    assert plan["vocab"] == 320  # the byte tokenizer's 257 ids rounded up to 64
-    arch = _target(target["pattern"], recipe, 320)
+    assert plan["vocab"] == vocab
+    arch = _target(target["pattern"], recipe, vocab)
     model = build_model(arch, device="meta")
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert target["params_total"] == params

@@ -225,6 +225,10 @@ def paper() -> Recipe:
         tokens=20_000_000_000,
         batch_size=256,
         seq_len=2048,
+        # Four micro-steps per step: at 8 GPUs each holds 8 x 2,048 tokens of activations
+        # (`hcomposer plan --recipe paper --gpus 8`: about 113 GiB per GPU without
+        # accumulation, past an H100's 80 GiB).
+        grad_accum=4,
         lr=3e-4,
         warmup=2000,
         eval_every=1000,
