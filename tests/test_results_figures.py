@@ -524,6 +524,23 @@ def window_band() -> dict[str, str]:
 
 
 @cache
+def train_step() -> dict[str, str]:
+    """Per configuration (dtype, T): transformers' CPU time over ours and (matmul + attention)
+    over ours, paired per repetition: median, lowest, highest."""
+    doc = json.loads((RAW / "train_step" / "bench_llama.json").read_text())
+    out = {}
+    for row in doc["rows"]:
+        t = row["seconds"]
+        bound = [m + a for m, a in zip(t["matmul"], t["attention"], strict=True)]
+        key = f"{row['dtype']}{row['seq_len']}"
+        out |= prefixed(f"{key}_speed", _paired(t, "transformers", "ours"))
+        out |= prefixed(f"{key}_bound", _paired({"b": bound, "o": t["ours"]}, "b", "o"))
+        out |= prefixed(f"{key}_cspeed", _paired(t, "transformers", "ours-compiled"))
+        out[f"{key}_compile"] = f"{row['compile_wall_s']:.0f}"
+    return out
+
+
+@cache
 def isoflop() -> dict[str, str]:
     doc = json.loads((RAW / "isoflop_cpu_full" / "results.json").read_text())
     out = {}
@@ -692,6 +709,17 @@ FIGURES: dict[str, Figure] = {
         "layer: A / W {aw_v}x [{aw_lo}-{aw_hi}], masked W / W {mw_v}x [{mw_lo}-{mw_hi}]; "
         "attention alone: A / W {core_v}x [{core_lo}-{core_hi}]; W in chunks of 128 takes "
         "{quarter_v}x [{quarter_lo}-{quarter_hi}] W's time",
+    ),
+    "train-step": Figure(
+        ("train_step/bench_llama.json",),
+        train_step,
+        "speed bf16 {bf16256_speed_v}x [{bf16256_speed_lo}-{bf16256_speed_hi}] (T 256), "
+        "{bf16512_speed_v}x [{bf16512_speed_lo}-{bf16512_speed_hi}] (T 512); fp32 "
+        "{fp32256_speed_v}x [{fp32256_speed_lo}-{fp32256_speed_hi}], {fp32512_speed_v}x "
+        "[{fp32512_speed_lo}-{fp32512_speed_hi}]; bound fraction bf16 {bf16256_bound_v} / "
+        "{bf16512_bound_v}, fp32 {fp32256_bound_v} / {fp32512_bound_v}; compiled bf16 "
+        "{bf16256_cspeed_v}x / {bf16512_cspeed_v}x after {bf16256_compile}-{bf16512_compile} s "
+        "of compiling (goals 1.2x: missed; 0.85: fp32 T 512 only)",
     ),
     "isoflop": Figure(
         ("isoflop_cpu_full/results.json",),

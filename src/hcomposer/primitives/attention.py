@@ -30,6 +30,8 @@ __all__ = [
     "KVCache",
     "RollingKVCache",
     "apply_rope",
+    "apply_rope_tables",
+    "rope_tables",
     "decode_attention",
     "masked_attention",
     "banded_window_attention",
@@ -69,6 +71,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin [T, head_dim] for :func:`apply_rope_tables`: the sin's first half
+    negated, so a rotation is two multiplications and one add, with no negated copy of x."""
+    cos, sin = rope_angles(positions, head_dim, theta, inv_freq)
+    half = head_dim // 2
+    return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+
+
+def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
+    """:func:`apply_rope` from :func:`rope_tables`' tables: x * cos + swap(x) * signed_sin,
+    where swap exchanges the two halves of the last dimension (computed in fp32)."""
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), signed_sin).to(x.dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -220,6 +239,9 @@ class RollingKVCache:
 class _AttentionBase(Primitive):
     is_mixer = True
     window: int | None = None
+    # True: the rotation from kept tables (``rope_tables``); False: ``apply_rope``, the
+    # plain form it is held to (tests/test_fast_paths.py).
+    fast_rope: bool = True
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__(shape, fraction=fraction, project=project)
@@ -251,9 +273,26 @@ class _AttentionBase(Primitive):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        pos = torch.arange(start, start + T, device=x.device)
-        cos, sin = rope_angles(pos, self.head_dim, self.theta, self._inv_freq(x.device))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        if not self.fast_rope:
+            pos = torch.arange(start, start + T, device=x.device)
+            cos, sin = rope_angles(pos, self.head_dim, self.theta, self._inv_freq(x.device))
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        cos, ssin = self._rope_tables(start, T, x.device)
+        return apply_rope_tables(q, cos, ssin), apply_rope_tables(k, cos, ssin), v
+
+    def _rope_tables(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`rope_tables` for positions start .. start+T-1, kept from the last call: a
+        training run asks for the same positions every step (not kept while compiling)."""
+        # Tables made under inference mode cannot be saved for a later backward: own key.
+        key = (start, T, device, torch.is_inference_mode_enabled())
+        kept = getattr(self, "_rope_kept", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        pos = torch.arange(start, start + T, device=device)
+        tables = rope_tables(pos, self.head_dim, self.theta, self._inv_freq(device))
+        if not torch.compiler.is_compiling():
+            self._rope_kept = (key, tables)
+        return tables
 
     def _inv_freq(self, device) -> torch.Tensor:
         # Kept as a plain attribute, not a buffer: it must stay fp32 when the model is cast,
@@ -318,15 +357,20 @@ class Attention(_AttentionBase):
             if y is not None:
                 return y
         q, k, v = self._qkv(x, start)
-        q_pos = torch.arange(start, start + T, device=x.device)
         if cache is None:
-            return self._finish(self._attend(q, k, v, q_pos, q_pos))
+            # Every query at its own key: plain causal SDPA, without comparing positions on
+            # the host (a sync per layer in eager, a graph break under torch.compile).
+            gqa = self.n_kv_heads != self.n_heads
+            return self._finish(
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            )
         end = start + T
         if end > cache.k.shape[2]:
             raise ValueError(f"KV cache holds {cache.k.shape[2]} positions; asked for {end}")
         cache.k[:, :, start:end] = k.to(cache.k.dtype)
         cache.v[:, :, start:end] = v.to(cache.v.dtype)
         cache.pos = end
+        q_pos = torch.arange(start, end, device=x.device)
         k_all = cache.k[:, :, :end].to(q.dtype)
         v_all = cache.v[:, :, :end].to(q.dtype)
         if T == 1 and fast_decoding() and q.device.type == "cpu":

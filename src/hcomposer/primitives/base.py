@@ -96,7 +96,13 @@ class Primitive(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, computed in fp32."""
+    """Root-mean-square norm with a learned scale, computed in fp32.
+
+    ``fused`` (the default) takes ``torch.nn.functional.rms_norm``; False, the plain ops it is
+    held to: ``x * rsqrt(mean(x^2) + eps) * weight``.
+    """
+
+    fused: bool = True
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -108,6 +114,11 @@ class RMSNorm(nn.Module):
             y = kernel_rmsnorm(x, self.weight, self.eps)
             if y is not None:
                 return y
+        if self.fused:
+            # One ATen op forward and backward (about 1.7x faster than the ops below on this
+            # CPU in fp32; tests/test_fast_paths.py holds both equal in value and gradient).
+            y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+            return y.to(x.dtype)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
