@@ -31,15 +31,17 @@ checkpoint is written and launched again, and must continue from that checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from hcomposer.accounting import meta_model
 from hcomposer.architecture import Architecture
@@ -247,6 +249,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _kill_all(pid: int, deadline: float) -> None:
+    """SIGKILL ``pid`` (torchrun) and every process under it, and wait until they are gone:
+    torchrun starts each rank in its own session, out of reach of a signal to its group, and
+    a killed rank holds the run folder's lock until it has exited."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(procs, timeout=max(deadline - time.monotonic(), 1.0))
+    if alive:
+        raise RuntimeError(f"the killed training's processes {[p.pid for p in alive]} did not exit")
+
+
 def _kill_after_first_checkpoint(cmd: list[str], out: Path, timeout: float) -> int:
     """Start ``cmd``; SIGKILL it (torchrun and every rank) once a checkpoint exists; return
     the checkpoint's step."""
@@ -260,7 +279,7 @@ def _kill_after_first_checkpoint(cmd: list[str], out: Path, timeout: float) -> i
         err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
         raise RuntimeError(f"training ended (rc {proc.returncode}) before it could be killed "
                            f"after its first checkpoint: {err}")  # fmt: skip
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_all(proc.pid, deadline)
     proc.wait()
     if proc.stderr:
         proc.stderr.close()
@@ -287,8 +306,12 @@ def launch_train(
         seen["status_after_kill"] = read_json(RunDir(out).status_json)["status"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
+        # The ranks' own tracebacks, not torchrun's summary of them.
+        atomic_write_text(launch / "stderr.log", done.stderr)
+        lines = [ln for ln in done.stderr.splitlines() if not ln.startswith(("W1", "E1", "I1"))]
         raise RuntimeError(f"training {arch.pattern} on {WORLD_SIZE} processes failed "
-                           f"(rc {done.returncode}): {done.stderr[-3000:]}")  # fmt: skip
+                           f"(rc {done.returncode}; {launch / 'stderr.log'}): "
+                           + "\n".join(lines[:60]))  # fmt: skip
     summary = read_json(RunDir(out).summary_json)
     fields = {f.name for f in dataclasses.fields(TrainResult)}
     result = TrainResult(**{k: v for k, v in summary.items() if k in fields})
