@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from hcomposer.accounting import params_from_shape
+from hcomposer.architecture import Architecture
 from hcomposer.data import rehearsal_assets
 from hcomposer.io import read_json
 from hcomposer.pipeline import rehearse
@@ -34,8 +36,8 @@ def test_the_shrink_keeps_the_recipes_structure_and_formats(tmp_path):
     paper = get_recipe("paper")
     toy = rehearsal(paper, tmp_path)
     # Same search space, sampler and proxy; fewer trials and proxy steps.
-    assert (toy.search.primitives, toy.search.layers, toy.search.sampler, toy.search.proxy) == (
-        paper.search.primitives, paper.search.layers, paper.search.sampler, paper.search.proxy)  # fmt: skip
+    kept = ("primitives", "layers", "sampler", "proxy", "strategy")
+    assert all(getattr(toy.search, k) == getattr(paper.search, k) for k in kept)
     assert toy.search.trials == rehearse.TRIALS and toy.search.proxy_config.steps == 4
     # Same depth and scale strategy at the toy width; FSDP on the CPU.
     assert (toy.target_layers, toy.scale_strategy, toy.target_shape) == (32, "stretch", "tiny")
@@ -79,11 +81,13 @@ def test_paper_rehearsal_end_to_end(tmp_path):
     wall = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-3000:]
     state = _check_record(out, "paper")
-    # The full target's structure on the meta device: Llama-3.2-1B's exact count for the
-    # matched (AF)*16 baseline with Llama 3's 128,256-entry vocabulary.
+    # The full target's structure on the meta device with Llama 3's 128,256-entry vocabulary:
+    # (AF)*16 at its depth and shape is Llama-3.2-1B, exactly; the searched composite and its
+    # matched baseline are counted too (their counts depend on the toy search's winner).
     target = state["target"]
-    assert (target["baseline"], target["baseline_params"]) == ("AF" * 16, 1_235_814_400)
+    assert (target["reference"], target["reference_params"]) == ("AF" * 16, 1_235_814_400)
     assert target["vocab_size"] == 128_256 and target["layers"] == 32
+    assert target["composite_params"] > 900_000_000 and target["baseline_params"] > 900_000_000
     # lm-eval ran the local task on both models.
     for role in ("baseline", "composite"):
         res = read_json(out / "train" / role / "eval" / "results.json")
@@ -138,3 +142,36 @@ def test_a_crashing_training_process_fails_the_rehearsal(tmp_path, monkeypatch):
 
 def test_every_recipe_has_a_rehearsal_test():
     assert set(RECIPES) == {"quickstart", "paper"}  # a new recipe needs its end-to-end test
+
+
+@pytest.mark.slow
+def test_proxy_rank_rehearsal_of_the_gpu_recipe(tmp_path):
+    # The gpu study: a streamed Hub corpus and bpe:32768 become the shipped corpus and bpe:512.
+    out = tmp_path / "pr"
+    done = _cli("proxy-rank", "--recipe", "gpu", "--rehearse", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = read_json(rehearsal_json(out))
+    assert [s["stage"] for s in record["stages"]] == ["target", "study"]
+    assert "bpe:512" in record["stages"][1]["exercised"] and "spearman" in done.stdout
+    # The full-size scale models (24 sublayers at 350m, 32,768 ids) counted on the meta device,
+    # the same count as the accounting's formula.
+    models = record["stages"][0]["details"]["models"]
+    assert len(models) == 8 and all(m["vocab_size"] == 32768 for m in models.values())
+    af = models["AFAFAF"]
+    arch = Architecture.parse(af["pattern"], "350m")
+    arch = arch.with_shape(arch.shape.replace(vocab_size=32768))
+    assert (af["d_model"], af["params"]) == (1024, params_from_shape(arch))
+
+
+@pytest.mark.slow
+def test_isoflop_rehearsal_through_the_old_scaling_name(tmp_path):
+    out = tmp_path / "iso"
+    done = _cli("scaling", "AF", "AAFFFF", "--recipe", "gpu", "--rehearse", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = read_json(rehearsal_json(out))
+    assert [s["stage"] for s in record["stages"]] == ["target", "sweep"]
+    # The full sweep's largest model: its meta-device count equals the plan's (checked inside).
+    target = record["stages"][0]["details"]
+    assert target["models"]["largest"]["d_model"] == 2048 and target["budget"] == 1e20
+    runs = read_json(out / "results.json")["runs"]
+    assert len(runs) == 12 and all(r["status"] == "completed" for r in runs)

@@ -54,7 +54,7 @@ from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.recipes import PAPER_TOKENIZER, EvalConfig, Recipe
 from hcomposer.runs import RunDir, rehearsal_json
 from hcomposer.training.checkpoint import read_state, usable_checkpoint
-from hcomposer.training.trainer import TrainConfig, TrainResult
+from hcomposer.training.trainer import TrainConfig, TrainResult, resolve_arch
 
 __all__ = [
     "TRIALS",
@@ -76,6 +76,9 @@ __all__ = [
     "Rehearsal",
     "rehearse_run",
     "write_rehearsal",
+    "meta_counts",
+    "timed",
+    "describe_counts",
 ]
 
 # The shrink (one place; the module docstring says what each keeps).
@@ -89,6 +92,9 @@ CHECKPOINT_EVERY = 2  # steps between sharded checkpoints
 WORLD_SIZE = 2  # training processes (FSDP over gloo)
 TOY_SHAPE = "tiny"  # the width of every trained model
 BPE_VOCAB = 512  # bpe:N recipes train bpe:512 on the toy data
+# Held-out share of the data: the shipped corpus has 120 passages, and at the recipes' 2% some
+# seeds hold none of them out (the split hashes each document with the seed).
+VAL_FRACTION = 0.1
 MAX_SEEDS = 2  # train_seeds, rescore_top and rescore_seeds are capped here
 LM_EVAL_TASK = "hc_rehearsal_mc"  # the local task each lm-eval task becomes
 LM_EVAL_DIR = "lm_eval_tasks"  # its YAML, in the run folder
@@ -138,14 +144,15 @@ def rehearsal_tokenizer(tokenizer: str) -> str:
 
 def rehearsal_train(cfg: TrainConfig, *, fsdp: bool = False) -> TrainConfig:
     """``cfg`` shrunk to :data:`STEPS` steps at :data:`BATCH` x :data:`SEQ_LEN` on the CPU
-    (fp32), its data and tokenizer replaced by their toy twins; optimiser, schedule kind and
-    weight decay kept."""
+    (fp32), its data and tokenizer replaced by their toy twins, at least :data:`VAL_FRACTION`
+    held out; optimiser, schedule kind and weight decay kept."""
     accum = cfg.grad_accum if BATCH % cfg.grad_accum == 0 else 1
     return cfg.replace(
         tokens=STEPS * BATCH * SEQ_LEN, batch_size=BATCH, seq_len=SEQ_LEN, grad_accum=accum,
         warmup=2, eval_every=STEPS // 2, eval_tokens=8 * SEQ_LEN, log_every=1,
         checkpoint_every=CHECKPOINT_EVERY, dtype="fp32", device="cpu", compile=False,
         fsdp=fsdp, threads=1, batch_threads=1, data=rehearsal_data(cfg.data),
+        val_fraction=max(cfg.val_fraction, VAL_FRACTION),
         tokenizer=rehearsal_tokenizer(cfg.tokenizer),
     )  # fmt: skip
 
@@ -350,11 +357,16 @@ class Rehearsal:
         arch, _, params = target_on_meta(self.full, searched, tok)
         base_pattern, _ = matched_baseline(params, arch.shape)
         _, base_params = meta_model(Architecture(pattern=base_pattern, shape=arch.shape))
+        # The winner's count depends on the search; the Llama-style (AF)*n at the target's
+        # depth and shape does not (paper: Llama-3.2-1B, 1,235,814,400).
+        reference = "AF" * max(len(arch.layers) // 2, 1)
+        _, ref_params = meta_model(Architecture(pattern=reference, shape=arch.shape))
         return {
             "device": "meta", "shape": self.full.target_shape, "layers": len(arch.layers),
             "vocab_size": arch.shape.vocab_size, "vocab_from": source,
             "composite": arch.pattern, "composite_params": params,
             "baseline": base_pattern, "baseline_params": base_params,
+            "reference": reference, "reference_params": ref_params,
         }  # fmt: skip
 
 
@@ -367,10 +379,11 @@ def _exercised(name: str, st: dict, toy: Recipe, rehearsal: Rehearsal) -> str:
     if name == "target":
         return (f"full target on the meta device: {s['layers']} sublayers at {s['shape']}, "
                 f"vocabulary {s['vocab_size']:,} ({s['vocab_from']}); composite "
-                f"{s['composite_params']:,} parameters, baseline {s['baseline']} "
-                f"{s['baseline_params']:,}")  # fmt: skip
+                f"{s['composite_params']:,} parameters, matched baseline {s['baseline']} "
+                f"{s['baseline_params']:,}, (AF)*{len(s['reference']) // 2} "
+                f"{s['reference_params']:,}")  # fmt: skip
     if name.startswith("train_"):
-        seen = rehearsal.trainings.get(name[len("train_"):].replace("_seed", "-seed"), {})
+        seen = rehearsal.trainings.get(name[len("train_") :].replace("_seed", "-seed"), {})
         return f"{s.get('pattern', '')} {toy.train.data or 'embedded corpus'}, {seen}"
     if name.startswith("eval_"):
         return f"suite {','.join(toy.eval.suites)}: {s}"
@@ -406,3 +419,35 @@ def rehearse_run(
     ]  # fmt: skip
     return write_rehearsal(out, "run", recipe.name, stages, shrunk_to=toy.to_dict(),
                            total_call_seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+
+
+def meta_counts(archs: dict[str, Architecture], tokenizer: str, seq_len: int) -> dict[str, Any]:
+    """Each full-size architecture of ``archs`` (name -> architecture) with the declared
+    vocabulary of ``tokenizer``, built on the meta device: its exact parameter count."""
+    vocab, source = declared_vocab(tokenizer)
+    out: dict[str, Any] = {"device": "meta", "vocab_from": source, "models": {}}
+    for name, arch in archs.items():
+        if vocab is not None:
+            arch = resolve_arch(arch, _Vocab(vocab), seq_len)
+        _, params = meta_model(arch)
+        out["models"][name] = {"pattern": arch.pattern, "d_model": arch.shape.d_model,
+                               "vocab_size": arch.shape.vocab_size, "params": params}  # fmt: skip
+    return out
+
+
+def timed(stages: list[dict], name: str, fn: Callable[[], Any], what: Callable[[Any], str],
+          details: bool = False):  # fmt: skip
+    """Run one stage of a command's rehearsal, appending ``{stage, exercised, wall_seconds}``
+    (and, with ``details``, its result under ``details``) to ``stages``; returns its result."""
+    t0 = time.perf_counter()
+    res = fn()
+    wall = round(time.perf_counter() - t0, 3)
+    stages.append({"stage": name, "exercised": what(res), "wall_seconds": wall,
+                   **({"details": res} if details else {})})  # fmt: skip
+    return res
+
+
+def describe_counts(counted: dict[str, Any]) -> str:
+    """One line of :func:`meta_counts`' result."""
+    models = ", ".join(f"{m['pattern']} {m['params']:,}" for m in counted["models"].values())
+    return f"full size on the meta device ({counted['vocab_from']}): {models}"
