@@ -10,7 +10,8 @@ functions, with everything that costs time shrunk. The shrink is defined here an
   and schedule kind for :data:`STEPS` steps of :data:`BATCH` x :data:`SEQ_LEN` tokens, sharded
   with FSDP over :data:`WORLD_SIZE` CPU processes (gloo) with a checkpoint every
   :data:`CHECKPOINT_EVERY` steps; the evaluation keeps its parts on small settings, each
-  lm-eval task replaced by a local multiple-choice task; seed counts are capped at 2.
+  lm-eval task replaced by a local multiple-choice task; at most two training seeds and two
+  re-scored patterns, each re-scored on one extra seed; a tenth of the data held out.
 - Data and tokenizer keep their format: a Hub dataset (``hf:NAME``) becomes the shipped
   Parquet corpus, streamed the same way (``hf:<folder>``); a Hub or file ``tokenizer.json``
   becomes the shipped 1,024-entry one; ``bpe:N`` becomes ``bpe:512`` trained on the toy data;
@@ -95,7 +96,7 @@ BPE_VOCAB = 512  # bpe:N recipes train bpe:512 on the toy data
 # Held-out share of the data: the shipped corpus has 120 passages, and at the recipes' 2% some
 # seeds hold none of them out (the split hashes each document with the seed).
 VAL_FRACTION = 0.1
-MAX_SEEDS = 2  # train_seeds, rescore_top and rescore_seeds are capped here
+MAX_SEEDS = 2  # train_seeds and rescore_top are capped here (rescore_seeds at 1)
 LM_EVAL_TASK = "hc_rehearsal_mc"  # the local task each lm-eval task becomes
 LM_EVAL_DIR = "lm_eval_tasks"  # its YAML, in the run folder
 
@@ -211,7 +212,7 @@ def rehearsal(recipe: Recipe, lm_eval_dir: str | Path) -> Recipe:
         eval=_rehearsal_eval(recipe.eval, Path(lm_eval_dir)),
         train_seeds=min(recipe.train_seeds, MAX_SEEDS),
         rescore_top=min(recipe.rescore_top, MAX_SEEDS),
-        rescore_seeds=min(recipe.rescore_seeds, MAX_SEEDS),
+        rescore_seeds=min(recipe.rescore_seeds, 1),
     )  # fmt: skip
 
 
