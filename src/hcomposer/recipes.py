@@ -59,6 +59,7 @@ class EvalConfig(Config):
     mad: ProxyConfig = spec(factory=ProxyConfig)
     lm_eval_fewshot: int | None = spec(None, ge=0, le=1_000, help="lm-eval few-shot examples")
     lm_eval_batch_size: int = spec(8, ge=1, le=2**16)
+    lm_eval_include: str | None = spec(None, help="folder of local lm-eval task YAML files")
 
     def options(self) -> dict[str, Any]:
         """The options of ``hcomposer.evaluation.suite.run_suite``."""
@@ -67,7 +68,11 @@ class EvalConfig(Config):
             "mqar": self.mqar.to_dict(),
             "efficiency": self.efficiency.to_dict(),
             "mad": self.mad.to_dict(),
-            "lm_eval": {"num_fewshot": self.lm_eval_fewshot, "batch_size": self.lm_eval_batch_size},
+            "lm_eval": {
+                "num_fewshot": self.lm_eval_fewshot,
+                "batch_size": self.lm_eval_batch_size,
+                "include_path": self.lm_eval_include,
+            },
         }
 
     @classmethod
@@ -81,6 +86,7 @@ class EvalConfig(Config):
             mad=ProxyConfig.from_dict(options.get("mad", {})),
             lm_eval_fewshot=lm.get("num_fewshot"),
             lm_eval_batch_size=lm.get("batch_size", 8),
+            lm_eval_include=lm.get("include_path"),
         )
 
 

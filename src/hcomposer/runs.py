@@ -33,6 +33,8 @@ A process that trains into a run folder (``train``, ``run``) holds it (:class:`F
 an ``flock`` on the folder itself, released by the kernel when the process ends however it
 ends, and ``RUN/.holder.json`` (host, pid, command, start time) beside it, so that a second
 process is refused with one line naming the holder.
+
+A rehearsal (``--rehearse``) adds ``rehearsal.json`` to its folder (:func:`rehearsal_json`).
 """
 
 from __future__ import annotations
@@ -70,12 +72,17 @@ __all__ = [
     "BenchSearchDir",
     "FolderLock",
     "record_run",
+    "rehearsal_json",
+    "REHEARSAL_JSON",
     "tracking_dir",
     "RUN_JSON",
     "HOLDER",
 ]
 
 RUN_JSON = "run.json"
+# What a rehearsal (``--rehearse`` on run, proxy-rank, isoflop) ran: each stage, what it
+# exercised, its wall time; beside the folder's other files.
+REHEARSAL_JSON = "rehearsal.json"
 SUMMARY_JSON = "summary.json"
 # Who holds a run folder (see FolderLock); hidden, so a folder holding only it counts as empty.
 HOLDER = ".holder.json"
@@ -84,6 +91,11 @@ HOLDER = ".holder.json"
 def tracking_dir(folder: str | Path) -> Path:
     """The folder's experiment-tracking files (``hcomposer.tracking`` lays them out)."""
     return Path(folder) / "tracking"
+
+
+def rehearsal_json(folder: str | Path) -> Path:
+    """A rehearsal's record in ``folder`` (a pipeline, proxy-rank or isoflop folder)."""
+    return Path(folder) / REHEARSAL_JSON
 
 
 def record_run(folder: str | Path, config: dict, argv: list[str] | None = None) -> Path:

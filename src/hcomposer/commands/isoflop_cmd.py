@@ -4,10 +4,15 @@ compute-optimal frontier."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from hcomposer.data import rehearsal_assets
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
+from hcomposer.pipeline import rehearse as rh
 from hcomposer.scaling import get_recipe, plan_sweep, run_sweep
+from hcomposer.scaling.ladder import Ladder, plan_runs
+from hcomposer.shapes import resolve_shape
 from hcomposer.tracking import add_report_to, parse_report_to
 from hcomposer.training.trainer import TrainConfig
 
@@ -43,6 +48,12 @@ def add_arguments(p) -> None:
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap draws (default 1000)")
     p.add_argument("--out", default="isoflop", help="sweep folder (default ./isoflop)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    p.add_argument(
+        "--rehearse", action="store_true",
+        help="the sweep at toy size on this CPU (2 budgets x 3 tiny widths per pattern, the "
+        "shipped data and tokenizer in the recipe's formats), the largest planned model counted "
+        "on the meta device; writes rehearsal.json into --out",
+    )  # fmt: skip
     p.add_argument(
         "--fit-only", action="store_true", help="train nothing: fit the runs already finished"
     )
@@ -123,13 +134,76 @@ def config_from_args(args):
     if args.bootstrap is not None:
         changes["bootstrap"] = args.bootstrap
     cfg = cfg.replace(**changes)
-    if args.recipe == "gpu" and cfg.train.data is None:
+    if args.recipe == "gpu" and cfg.train.data is None and not args.rehearse:
         raise UserError("--recipe gpu trains billions of tokens: pass --data (a corpus or shards)")
     return cfg
 
 
+# The rehearsal's sweep (the sizes of hcomposer.pipeline.rehearse's toy runs): two budgets,
+# three widths of a ladder that fits them, every size kept.
+REHEARSAL_BUDGETS = (2e8, 6e8)
+REHEARSAL_SIZES = (16, 24, 32)
+
+
+def rehearsal_of(cfg):
+    """The toy twin of a sweep: the same patterns and ladder strategy, two budgets and three
+    tiny widths, each run at the rehearsal's batch and length on its data and tokenizer."""
+    ladder = Ladder(head_dim=8, aspect=8, min_blocks=2, kv_group=2, ffn_multiple=16,
+                    strategy=cfg.ladder.strategy, base=cfg.ladder.base)  # fmt: skip
+    train = rh.rehearsal_train(cfg.train)
+    return cfg.replace(budgets=REHEARSAL_BUDGETS, sizes=REHEARSAL_SIZES, tokens_per_param=None,
+                       ladder=ladder, train=train, bootstrap=50)  # fmt: skip
+
+
+def _largest(cfg) -> dict:
+    """The full sweep's largest model on the meta device: its count against the plan's."""
+    vocab, _ = rh.declared_vocab(cfg.train.tokenizer)
+    vocab = vocab or resolve_shape(cfg.ladder.base).vocab_size
+    runs = plan_runs(cfg.patterns, cfg.budgets, cfg.sizes, cfg.ladder,
+                     vocab_size=-(-vocab // 64) * 64, seq_len=cfg.train.seq_len,
+                     tokens_per_step=cfg.train.tokens_per_step,
+                     tokens_per_param=cfg.tokens_per_param)  # fmt: skip
+    big = max(runs, key=lambda r: r.params)
+    counted = rh.meta_counts({"largest": big.arch}, cfg.train.tokenizer, cfg.train.seq_len)
+    if counted["models"]["largest"]["params"] != big.params:
+        raise RuntimeError(f"the plan counts {big.params:,} parameters, the model {counted}")
+    return {**counted, "planned_runs": len(runs), "budget": big.budget}
+
+
+def _rehearse(args, full) -> int:
+    stages: list[dict] = []
+    rh.timed(stages, "target", lambda: _largest(full), rh.describe_counts, details=True)
+    cfg = rehearsal_of(full)
+    if cfg.train.data is None and args.recipe == "gpu":  # it needs a corpus: the shipped one
+        cfg = cfg.replace(train=cfg.train.replace(data=f"hf:{rehearsal_assets()[0]}"))
+
+    def what(res: dict) -> str:
+        return (
+            f"{len(res['runs'])} runs ({len(cfg.patterns)} patterns x {len(cfg.budgets)} "
+            f"budgets x {len(cfg.sizes)} widths) on {cfg.train.data or 'embedded'} "
+            f"({cfg.train.tokenizer}); frontier fitted, an optimum inside the widths at "
+            f"{sum(b['ok'] for p in res['patterns'].values() for b in p['budgets'])} of "
+            f"{len(cfg.patterns) * len(cfg.budgets)} budgets"
+        )
+
+    res = rh.timed(stages, "sweep", lambda: run_sweep(cfg, args.out, progress=False,
+                   argv=args.argv), what)  # fmt: skip
+    record = rh.write_rehearsal(Path(args.out), "isoflop", args.recipe, stages)
+    print(
+        json.dumps(record, indent=2)
+        if args.json
+        else f"rehearsal passed in {record['wall_seconds']:.0f}s: {args.out}/rehearsal.json"
+    )
+    done = all(r["status"] == "completed" for r in res["runs"])
+    if not done:
+        raise RuntimeError(f"rehearsal: runs not completed in {args.out}")
+    return 0
+
+
 def run(args) -> int:
     cfg = config_from_args(args)
+    if args.rehearse:
+        return _rehearse(args, cfg)
     report_to = parse_report_to(args.report_to)
     if args.dry_run:
         runs = [r.describe() for r in plan_sweep(cfg)]

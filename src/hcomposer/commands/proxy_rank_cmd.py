@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,13 @@ from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
+from hcomposer.pipeline import rehearse as rh
 from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
 from hcomposer.proxies.ruler import RulerConfig
 from hcomposer.proxies.ruler_study import summarise, summary_markdown, write_zoo
 from hcomposer.runs import RulerDir, tracking_dir
+from hcomposer.scaling.extrapolate import stack
 from hcomposer.tracking import add_report_to, finite, open_tracking, parse_report_to
 from hcomposer.training.trainer import TrainConfig
 
@@ -121,6 +124,12 @@ def add_arguments(p) -> None:
         "--boot", type=int, default=2000,
         help="bootstrap resamples for the intervals of a ruler study's report (default 2000)",
     )  # fmt: skip
+    p.add_argument(
+        "--rehearse", action="store_true",
+        help="the recipe's study at toy size on this CPU (3 patterns, 2 proxy seeds, tiny "
+        "scale runs on the shipped data and tokenizer in the recipe's formats), the full-size "
+        "models counted on the meta device; writes rehearsal.json into --out",
+    )  # fmt: skip
     add_report_to(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -173,12 +182,39 @@ def _ruler_report(args) -> int:
     return 0
 
 
+def rehearsal_of(r: ProxyRankRecipe) -> ProxyRankRecipe:
+    """The toy twin of a study (``hcomposer.pipeline.rehearse``'s shrink): its first 3
+    patterns, 2 proxy seeds of the rehearsal's proxy steps, one scale seed, the scale runs at
+    the toy width and step count (depth kept), data and tokenizer by the shipped fixtures."""
+    patterns = r.patterns[:3]
+    noise = tuple(p for p in r.noise_patterns if p in patterns)[:1]
+    return dataclasses.replace(
+        r, patterns=patterns, proxy_seeds=r.proxy_seeds[:2], proxy_steps=rh.PROXY_STEPS,
+        scale_shape=rh.TOY_SHAPE, scale_seeds=r.scale_seeds[:1], noise_patterns=noise,
+        noise_seeds=r.noise_seeds[:1], tokens=rh.STEPS * rh.BATCH * rh.SEQ_LEN,
+        seq_len=rh.SEQ_LEN, batch_size=rh.BATCH, dtype="fp32", data=rh.rehearsal_data(r.data),
+        tokenizer=rh.rehearsal_tokenizer(r.tokenizer),
+    )  # fmt: skip
+
+
+def _full_size(r: ProxyRankRecipe) -> dict:
+    """The recipe's scale models at full size on the meta device, exact counts."""
+    archs = {p: Architecture.parse(stack(p, r.scale_layers), r.scale_shape) for p in r.patterns}
+    return rh.meta_counts(archs, r.tokenizer, r.seq_len)
+
+
 def run(args) -> int:
     if RulerDir(args.out).config.is_file():
+        if args.rehearse:
+            raise UserError(f"{args.out} is a ruler study: --rehearse needs a new --out")
         return _ruler_report(args)
     if args.recipe not in RECIPES:
         raise UserError(f"--recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")
-    r = RECIPES[args.recipe]
+    full = r = RECIPES[args.recipe]
+    stages: list[dict] = []
+    if args.rehearse:
+        r = rehearsal_of(full)
+        rh.timed(stages, "target", lambda: _full_size(full), rh.describe_counts, details=True)
     patterns = tuple(p.strip() for p in args.patterns.split(",")) if args.patterns else r.patterns
     if not patterns or any(not p for p in patterns):
         raise UserError("--patterns: give non-empty patterns, comma-separated")
@@ -193,15 +229,21 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a folder")
     data = r.data if args.data is None else args.data
+    given_tok = args.tokenizer
+    if args.rehearse:  # a source or tokenizer given is replaced by its toy twin too
+        data = rh.rehearsal_data(data)
+        given_tok = None if given_tok is None else rh.rehearsal_tokenizer(given_tok)
     if data:
         resolve_source(data)  # a missing path is refused before anything runs
     tcfg = TrainConfig(
         tokens=tokens, seq_len=r.seq_len, batch_size=r.batch_size, lr=r.lr, min_lr=r.lr / 10,
         dtype=r.dtype, eval_every=10**9, eval_tokens=min(65536, tokens), log_every=50,
         checkpoint_every=200, data=data or None,
-        tokenizer=r.tokenizer if args.tokenizer is None else args.tokenizer,
+        tokenizer=r.tokenizer if given_tok is None else given_tok,
     )  # fmt: skip
     pcfg = None if r.proxy_steps is None else ProxyConfig().replace(steps=r.proxy_steps)
+    if args.rehearse:  # the shrink of every rehearsal (its training: one process, as here)
+        pcfg, tcfg = rh.rehearsal_proxy(None), rh.rehearsal_train(tcfg)
     con = console()
     study = RankStudy(
         proxy=r.proxy, proxy_shape=r.proxy_shape, proxy_config=pcfg,
@@ -211,7 +253,19 @@ def run(args) -> int:
         noise_seeds=r.noise_seeds,
     )  # fmt: skip
     report_to = parse_report_to(args.report_to)
-    res = run_proxy_rank(list(patterns), out, study, k=len(patterns), log=lambda m: con.print(m))
+    study_run = lambda: run_proxy_rank(list(patterns), out, study, k=len(patterns),  # noqa: E731
+                                       log=lambda m: con.print(m))  # fmt: skip
+    if not args.rehearse:
+        res = study_run()
+    else:
+
+        def what(res: dict) -> str:
+            return (f"{len(patterns)} patterns x {len(proxy_seeds)} proxy seeds of {r.proxy}, "
+                    f"scale runs of {tokens} tokens on {data or 'embedded'} ({tcfg.tokenizer}); "
+                    f"correlation {res.get('correlation')}")  # fmt: skip
+
+        res = rh.timed(stages, "study", study_run, what)
+        rh.write_rehearsal(out, "proxy-rank", args.recipe, stages)
     if res.get("correlation") is not None:
         _track(report_to, out, {"recipe": args.recipe, "patterns": list(patterns)}, res)
     if args.json:

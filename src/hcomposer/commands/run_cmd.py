@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 from hcomposer.data.stream import check_training_inputs
+from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
 from hcomposer.pipeline import noise_sentence, run_pipeline
+from hcomposer.pipeline.rehearse import rehearsal_train, rehearse_run
 from hcomposer.proxies.proxy import parse_proxy
 from hcomposer.recipes import Recipe, get_recipe
 from hcomposer.search.space import SearchConfig
@@ -45,6 +47,13 @@ def add_arguments(p) -> None:
         "searches on mad:recall,copy,memorize (docs/proxies.md says which tasks rank as "
         "scale does)",
     )
+    p.add_argument(
+        "--rehearse", action="store_true",
+        help="the recipe's stages at toy size on this CPU in a few minutes: shipped data and "
+        "tokenizer in the recipe's formats, FSDP on 2 processes killed and resumed, the full "
+        "target counted on the meta device; writes rehearsal.json (default --out: "
+        "runs/<recipe>-rehearsal)",
+    )  # fmt: skip
     add_report_to(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
@@ -93,14 +102,34 @@ def resolve(args) -> tuple[Recipe, Path, dict]:
     tokenizer resolved (a dataset name that does not resolve, no network, a tokenizer that
     does not load: one-line errors here, before anything runs or is written)."""
     recipe = _recipe(args)
-    out = Path(args.out or f"runs/{recipe.name}")
+    out = Path(args.out or f"runs/{recipe.name}{'-rehearsal' if args.rehearse else ''}")
     check_output_dir(out, "--out")
-    inputs = check_training_inputs(recipe.train.data, recipe.train.tokenizer)
+    train = rehearsal_train(recipe.train) if args.rehearse else recipe.train
+    inputs = check_training_inputs(train.data, train.tokenizer)
     return recipe, out, inputs
+
+
+def _rehearse(args, recipe: Recipe, out: Path) -> int:
+    if args.report_to:
+        raise UserError("--rehearse does not report to trackers; drop --report-to")
+    con = console()
+    con.print(f"[bold]hcomposer run[/bold] recipe [cyan]{recipe.name}[/cyan] rehearsal -> {out}")
+    say = lambda text: con.print(text, markup=False, highlight=False)  # noqa: E731
+    record = rehearse_run(recipe, out, argv=args.argv, progress=not args.no_progress, say=say)
+    if args.json:
+        print(json.dumps(record, default=str))
+        return 0
+    for s in record["stages"]:
+        con.print(f"{s['stage']:>18} {s['wall_seconds']:7.1f}s  {s['exercised']}",
+                  markup=False, highlight=False)  # fmt: skip
+    con.print(f"rehearsal passed in {record['wall_seconds']:.0f}s: {out}/rehearsal.json")
+    return 0
 
 
 def run(args) -> int:
     recipe, out, _ = resolve(args)
+    if args.rehearse:
+        return _rehearse(args, recipe, out)
     report_to = parse_report_to(args.report_to)
     con = console()
     # The banner comes with the first stage, so a refused folder prints only the error.

@@ -11,7 +11,8 @@ __all__ = ["stage_eval"]
 
 def stage_eval(state: State, recipe: Recipe, role: str, argv, progress: bool) -> dict:
     res = run_suite(state.dir.train(role).root, ",".join(recipe.eval.suites),
-                    options=recipe.eval.options(), argv=argv, progress=progress)  # fmt: skip
+                    options=recipe.eval.options(), argv=argv, progress=progress,
+                    include_path=recipe.eval.lm_eval_include)  # fmt: skip
     parts = res.get("parts", {})
     brief = {
         "loss": (parts.get("loss") or {}).get("loss"),

@@ -16,12 +16,14 @@ __all__ = ["stage_train", "stage_train_seed", "seed_losses"]
 
 
 def stage_train(
-    state: State, recipe: Recipe, role: str, argv, progress: bool, report_to=()
+    state: State, recipe: Recipe, role: str, argv, progress: bool, report_to=(), fit=train
 ) -> dict:
+    """``fit``: how the model is trained (``train``'s signature; a rehearsal launches it on
+    two processes, see ``hcomposer.pipeline.rehearse``)."""
     arch = Architecture.from_json(state.dir.architecture(role))
     run_dir = state.dir.train(role)
-    result = train(arch, recipe.train, run_dir.root, resume=True, progress=progress, argv=argv,
-                   report_to=report_to)  # fmt: skip
+    result = fit(arch, recipe.train, run_dir.root, resume=True, progress=progress, argv=argv,
+                 report_to=report_to)  # fmt: skip
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} ended with status {result.status!r} "
@@ -31,13 +33,13 @@ def stage_train(
 
 
 def stage_train_seed(
-    state: State, recipe: Recipe, role: str, k: int, argv, progress, report_to=()
+    state: State, recipe: Recipe, role: str, k: int, argv, progress, report_to=(), fit=train
 ) -> dict:
     arch = Architecture.from_json(state.dir.architecture(role))
     run_dir = state.dir.train(role, k)
     cfg = recipe.train.replace(seed=recipe.train.seed + k)
-    result = train(arch, cfg, run_dir.root, resume=True, progress=progress, argv=argv,
-                   report_to=report_to)  # fmt: skip
+    result = fit(arch, cfg, run_dir.root, resume=True, progress=progress, argv=argv,
+                 report_to=report_to)  # fmt: skip
     if result.status != "completed":
         raise UserError(
             f"training the {role} {arch.pattern} (seed {cfg.seed}) ended with status "
