@@ -43,6 +43,8 @@ def test_the_shrink_keeps_the_recipes_structure_and_formats(tmp_path):
     assert (toy.target_layers, toy.scale_strategy, toy.target_shape) == (32, "stretch", "tiny")
     t = toy.train
     assert t.fsdp and t.device == "cpu" and t.total_steps == rehearse.STEPS
+    # The paper's 4 micro-steps a step, as many as each process's 2 rows allow.
+    assert (paper.train.grad_accum, t.grad_accum) == (4, 2)
     # A streamed Hub corpus -> the shipped corpus, streamed; a Hub tokenizer -> the shipped one.
     assert t.data == f"hf:{CORPUS}" and t.tokenizer == str(TOKENIZER)
     assert [s for s in toy.eval.suites if s.startswith("lm-eval")] == ["lm-eval:hc_rehearsal_mc"]
@@ -103,7 +105,7 @@ def test_quickstart_rehearsal_end_to_end(tmp_path):
     wall = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-3000:]
     state = _check_record(out, "quickstart")
-    # Its seeds and re-scoring ran too, each training on two processes.
+    # Its seeds and re-scoring ran too (the trainings after the first in one process).
     assert "train_composite_seed1" in state and len(state["rescore"]["top"]) == 2
     assert state["target"]["vocab_size"] == 320  # the byte tokenizer's, rounded to 64
     assert wall < 300, f"the quickstart rehearsal took {wall:.0f}s"

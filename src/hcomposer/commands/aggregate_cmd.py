@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import read_jsonl
@@ -34,7 +35,7 @@ def add_arguments(p) -> None:
         default=None,
         help="the study's URL when the search kept it outside DIR (never read from DIR itself)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
 
 
 def option_fields() -> dict:

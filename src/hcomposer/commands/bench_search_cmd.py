@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
@@ -61,7 +62,7 @@ def add_arguments(p) -> None:
         help="folder for results.json, report.md, regret.png and replays.jsonl, the log a "
         "killed run resumes from (default: none)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
 
 
 def option_fields() -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
 from hcomposer.format import console
@@ -19,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run folders from hcomposer train")
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json, plots")
     p.add_argument("--labels", default=None, help="comma-separated names, one per DIR")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
     p.add_argument(
         "--interleaved",
         action="store_true",

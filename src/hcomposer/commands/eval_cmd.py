@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hcomposer.accounting import estimate_memory
 from hcomposer.architecture import Architecture
+from hcomposer.commands.options import add_data, add_output
 from hcomposer.errors import UserError
 from hcomposer.evaluation.mqar_curve import MQARCurveConfig
 from hcomposer.evaluation.niah import NIAHConfig
@@ -26,7 +27,7 @@ def add_arguments(p) -> None:
         required=True,
         help="comma-separated parts: loss, mad, mqar, niah, efficiency, lm-eval:TASK[,TASK]",
     )
-    p.add_argument("--data", default=None, help="dataset for `loss` (default: the run's data)")
+    add_data(p, default="the run's data", what="text for `loss`")
     p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
@@ -37,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mqar-shape", default="proxy", help="shape of the fresh MQAR copies, or 'run'")
     p.add_argument("--max-len", type=int, default=None, help="efficiency: longest context")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    add_output(p, None)
 
 
 def option_fields() -> dict:

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from hcomposer.commands.options import add_output
 from hcomposer.export import export_run
 from hcomposer.guards import check_output_dir
 
@@ -22,7 +23,7 @@ def add_arguments(p) -> None:
         "HComposerForCausalLM (self-contained remote code) otherwise",
     )  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON document")
+    add_output(p, None)
 
 
 def run(args) -> int:

@@ -6,6 +6,7 @@ import json
 
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
+from hcomposer.commands.options import add_output
 from hcomposer.errors import PatternError
 from hcomposer.format import console, human, human_bytes
 from hcomposer.pattern import TOKENS, to_megatron
@@ -18,7 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("pattern", help="pattern, e.g. '(AF)*16' or 'AF[A|S]F'")
     p.add_argument("--shape", default="proxy", help="preset name or JSON file (default: proxy)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
 
 
 def option_fields() -> dict:

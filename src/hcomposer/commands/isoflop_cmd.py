@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hcomposer.commands.options import add_data, add_output, add_tokenizer
 from hcomposer.data import rehearsal_assets
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
@@ -38,8 +39,8 @@ def add_arguments(p) -> None:
         help="per budget, keep the sizes trained on LO-HI tokens per parameter; 'all' keeps all",
     )
     p.add_argument("--strategy", choices=["stack", "stretch"], default=None)
-    p.add_argument("--data", default=None, help="training text (default: the recipe's)")
-    p.add_argument("--tokenizer", default=None, help="byte, bpe:N or tokenizer.json")
+    add_data(p, default="the recipe's")
+    add_tokenizer(p, None, "the recipe's")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (min: lr / 10)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=None, help="training length")
@@ -58,8 +59,7 @@ def add_arguments(p) -> None:
         "--fit-only", action="store_true", help="train nothing: fit the runs already finished"
     )
     add_report_to(p)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p)
 
 
 def option_fields() -> dict:

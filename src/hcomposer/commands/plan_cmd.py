@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, human_bytes
 
@@ -25,7 +26,7 @@ def add_arguments(p) -> None:
         "--block", default=None, help="the searched block to assume (default: the search's "
         "primitives in turn, e.g. AFAF...)"
     )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
     p.add_argument("--out", default=None, help="also write the plan as JSON to this file")
     p.add_argument(
         "--strict", action="store_true", help="exit 2 when the training memory will not fit"

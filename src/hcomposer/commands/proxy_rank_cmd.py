@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hcomposer.architecture import Architecture
+from hcomposer.commands.options import add_data, add_output, add_tokenizer
 from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
 from hcomposer.format import console
@@ -106,14 +107,8 @@ def add_arguments(p) -> None:
         "--scale-seeds", default=None, help="training seeds at scale (default: recipe's)"
     )
     p.add_argument("--tokens", default=None, type=int, help="training tokens at scale")
-    p.add_argument(
-        "--data", default=None,
-        help="training text at scale: a file, folder or hf:NAME[:CONFIG][@SPLIT] "
-        "(default: the recipe's; cpu: the embedded corpus)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tokenizer", default=None, help="byte, bpe:N or a tokenizer.json (default: recipe's)"
-    )
+    add_data(p, default="the recipe's; cpu: the embedded corpus", what="training text at scale")
+    add_tokenizer(p, None, "the recipe's")
     p.add_argument(
         "--out", default="runs/proxy_rank",
         help="study folder (resumable); a ruler study folder (with ruler.json, e.g. "
@@ -131,7 +126,7 @@ def add_arguments(p) -> None:
         "models counted on the meta device; writes rehearsal.json into --out",
     )  # fmt: skip
     add_report_to(p)
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
 
 
 def option_fields() -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hcomposer.commands.options import add_data, add_output, add_tokenizer
 from hcomposer.data.stream import check_training_inputs
 from hcomposer.errors import UserError
 from hcomposer.format import console
@@ -29,17 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--trials", type=int, default=None, help="override the search's trial count")
     p.add_argument("--tokens", type=int, default=None, help="override the training token budget")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.add_argument(
-        "--data", default=None,
-        help="training text: a file, folder, token-shard folder or hf:NAME[:CONFIG][@SPLIT] "
-        "(a Hub dataset, streamed; or a local datasets folder / .jsonl / .parquet) "
-        "(default: the recipe's; quickstart: the embedded corpus)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tokenizer", default=None,
-        help="byte, bpe:N (trained on the data), hf:OWNER/NAME (a Hub tokenizer.json) or a "
-        "tokenizer.json path (default: the recipe's)",
-    )  # fmt: skip
+    add_data(p, default="the recipe's; quickstart: the embedded corpus")
+    add_tokenizer(p, None, "the recipe's")
     p.add_argument(
         "--proxy",
         default=None,
@@ -55,8 +47,7 @@ def add_arguments(p) -> None:
         "runs/<recipe>-rehearsal)",
     )  # fmt: skip
     add_report_to(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    add_output(p, "no progress bars")
 
 
 def option_fields() -> dict:

@@ -6,6 +6,7 @@ import json
 
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
+from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_cap
@@ -32,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--shape", default="llama-3.2-1b", help="target shape preset or JSON (default llama-3.2-1b)"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p, None)
 
 
 def _layers_arg(text: str) -> int:

@@ -7,6 +7,7 @@ import json
 import math
 
 from hcomposer.architecture import Architecture
+from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
 from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
@@ -39,7 +40,7 @@ def add_arguments(p) -> None:
         "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda[:N]"
     )
     p.add_argument("--config", default=None, help="a ProxyConfig JSON file; flags override it")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_output(p, None)
 
 
 def option_fields() -> dict:

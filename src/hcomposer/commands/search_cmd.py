@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hcomposer.commands.options import add_output
 from hcomposer.format import console, parse_count
 from hcomposer.guards import check_output_dir
 from hcomposer.recipes import get_recipe
@@ -90,8 +91,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/search-<sampler>-<seed>)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler and the proxy")
     add_report_to(p)
-    p.add_argument("--no-progress", action="store_true", help="no live view on stderr")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_output(p, "no live view on stderr")
 
 
 def option_fields() -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hcomposer.accounting import estimate_memory
 from hcomposer.architecture import Architecture
+from hcomposer.commands.options import add_data, add_output, add_tokenizer
 from hcomposer.format import console, human, parse_count
 from hcomposer.guards import check_memory, check_output_dir
 from hcomposer.primitives import primitive_class
@@ -31,13 +32,8 @@ def add_arguments(p) -> None:
         default=None,
         help="preset or JSON file (default: proxy, or the shape stored in ARCH.json)",
     )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="text file/folder, token-shard folder or "
-        "hf:NAME[:CONFIG][@SPLIT] (default: the embedded corpus)",
-    )
-    p.add_argument("--tokenizer", default="byte", help="byte (default), bpe:N or tokenizer.json")
+    add_data(p, default="the embedded corpus")
+    add_tokenizer(p, "byte", "byte")
     p.add_argument("--tokens", default="1M", help="training tokens, e.g. 2M (default 1M)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -76,8 +72,7 @@ def add_arguments(p) -> None:
         "intra-op thread; 0 (default): one per core on a CPU with 2-4 cores, else 1 (no split)",
     )  # fmt: skip
     add_report_to(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p)
 
 
 def option_fields() -> dict:

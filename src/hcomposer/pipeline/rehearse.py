@@ -24,9 +24,10 @@ What the toy cannot show at full size is checked without memory: the full recipe
 tokenizer's vocabulary) and its matched baseline are built on the meta device and their exact
 parameter counts recorded (the paper recipe's baseline is Llama-3.2-1B's 1,235,814,400).
 
-Training runs in its own processes (``torchrun --nproc_per_node 2``, through
-:func:`launch_train`); the first training is killed with SIGKILL once its first sharded
-checkpoint is written and launched again, and must continue from that checkpoint to the end.
+The first training runs in its own processes (``torchrun --nproc_per_node 2``, through
+:func:`launch_train`); it is killed with SIGKILL once its first sharded checkpoint is written
+and launched again, and must continue from that checkpoint to the end. The other trainings run
+in this process, as ``hcomposer run`` trains.
 ``rehearsal.json`` in the run folder lists each stage, what it exercised and its wall time.
 """
 
@@ -55,7 +56,7 @@ from hcomposer.proxies.proxy import ProxyConfig
 from hcomposer.recipes import PAPER_TOKENIZER, EvalConfig, Recipe
 from hcomposer.runs import RunDir, rehearsal_json
 from hcomposer.training.checkpoint import read_state, usable_checkpoint
-from hcomposer.training.trainer import TrainConfig, TrainResult, resolve_arch
+from hcomposer.training.trainer import TrainConfig, TrainResult, resolve_arch, train
 
 __all__ = [
     "TRIALS",
@@ -147,7 +148,10 @@ def rehearsal_train(cfg: TrainConfig, *, fsdp: bool = False) -> TrainConfig:
     """``cfg`` shrunk to :data:`STEPS` steps at :data:`BATCH` x :data:`SEQ_LEN` on the CPU
     (fp32), its data and tokenizer replaced by their toy twins, at least :data:`VAL_FRACTION`
     held out; optimiser, schedule kind and weight decay kept."""
-    accum = cfg.grad_accum if BATCH % cfg.grad_accum == 0 else 1
+    # As many micro-steps as the recipe's, up to what each process's share of the batch
+    # allows (the paper's 4 becomes 2): accumulation is rehearsed where the recipe has it.
+    per_rank = BATCH // WORLD_SIZE
+    accum = max(a for a in range(1, cfg.grad_accum + 1) if per_rank % a == 0)
     return cfg.replace(
         tokens=STEPS * BATCH * SEQ_LEN, batch_size=BATCH, seq_len=SEQ_LEN, grad_accum=accum,
         warmup=2, eval_every=STEPS // 2, eval_tokens=8 * SEQ_LEN, log_every=1,
@@ -344,8 +348,15 @@ class Rehearsal:
         self.full = full
         self.trainings: dict[str, dict[str, Any]] = {}
 
-    def fit(self, arch: Architecture, cfg: TrainConfig, out_dir, **_ignored) -> TrainResult:
-        result, seen = launch_train(arch, cfg, out_dir, kill=not self.trainings)
+    def fit(self, arch: Architecture, cfg: TrainConfig, out_dir, **options) -> TrainResult:
+        """The first training on two processes, killed and resumed; the others in this
+        process, as ``hcomposer run`` trains (each torchrun start costs more than the toy
+        training itself)."""
+        if not self.trainings:
+            result, seen = launch_train(arch, cfg, out_dir, kill=True)
+        else:
+            result = train(arch, cfg.replace(fsdp=False), out_dir, **options)
+            seen = {"processes": 1, "steps": result.step}
         self.trainings[Path(out_dir).name] = seen
         return result
 
