@@ -11,8 +11,9 @@ outside the byte range). Per attention layer: the teacher with that one layer co
 (``--to``, mapped initialisation and the least-squares calibration on text, no training)
 scored on held-out recall sequences. A layer carries recall when its conversion leaves at
 most half of the teacher's accuracy above chance; k = how many do (if none, the one with the
-largest drop, flagged). Then ``hcomposer.convert.convert`` with ``--keep k`` and each strategy, and whether
-the kept set holds the carrying layers, with the distilled student's recall accuracy.
+largest drop, flagged ``fallback``). Then ``hcomposer.convert.convert`` with ``--keep k`` and
+each strategy, whether the kept set holds the carrying layers, and the distilled student's
+recall accuracy.
 
     nice -n 10 python benchmarks/convert_known_answer.py --work /tmp/known_answer \\
         --out benchmarks/results/convert_known_answer/raw.jsonl
