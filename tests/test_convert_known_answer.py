@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import statistics
 from pathlib import Path
 
 import pytest
@@ -92,11 +91,20 @@ def figures() -> dict[str, str]:
                 r = recs[(s, name)]
                 out[f"{name}{s}"] = ",".join(map(str, r["keep"]))
                 out[f"{name}{s}_acc"] = f"{r['student_recall_acc']:.2f}"
+    # Teachers whose scan found carrying layers (not the fallback): those that learned recall.
+    learned = [s for s in seeds if not recs[(s, "scan")]["fallback"]]
+    out["learned"] = str(len(learned))
     for name in ("even", "greedy", "gates", "optuna"):
         hits = [recs[(s, name)]["keeps_carrying"] for s in seeds if (s, name) in recs]
         out[f"{name}_hits"] = f"{sum(hits)}/{len(hits)}"
-    accs = [recs[(s, "teacher")]["recall_acc"] for s in seeds]
-    out["teacher_mean"] = f"{statistics.mean(accs):.2f}"
+        hits = [recs[(s, name)]["keeps_carrying"] for s in learned if (s, name) in recs]
+        out[f"{name}_hits_learned"] = f"{sum(hits)}/{len(hits)}"
+    # Recall of the teachers that learned it, and of their students from the trained strategies.
+    teachers = [recs[(s, "teacher")]["recall_acc"] for s in learned]
+    students = [recs[(s, n)]["student_recall_acc"] for s in learned
+                for n in ("greedy", "gates", "optuna") if (s, n) in recs]  # fmt: skip
+    out["learned_lo"], out["learned_hi"] = f"{min(teachers):.2f}", f"{max(teachers):.2f}"
+    out["students_lo"], out["students_hi"] = f"{min(students):.2f}", f"{max(students):.2f}"
     return out
 
 
