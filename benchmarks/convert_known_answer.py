@@ -66,7 +66,8 @@ class RecallMix:
             raise ValueError("the recall tokens need vocab_size >= 276")
 
     def prepare(self, model, device) -> None:
-        self.device = device
+        """Nothing to load: the teacher trains from its fresh initialisation. (A resumed
+        teacher draws its recall batches afresh from the seed.)"""
 
     def loss(self, net, x, y) -> torch.Tensor:
         idx = torch.randint(0, len(self.x), (self.batch,), generator=self.gen)
