@@ -62,6 +62,42 @@ def test_mistral_without_window_loads(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("cls", "option", "names"),
+    [("Qwen2", "attn_bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias")),
+     ("Qwen3", "qk_norm", ("q_norm.weight", "k_norm.weight"))],
+)  # fmt: skip
+def test_qwen_teachers_logits_and_params_equal_transformers(tmp_path, cls, option, names):
+    hf, folder = _tiny_llama(tmp_path, cls=cls, head_dim=16)
+    # Biases start at zero and norm scales at one in a fresh model: draw them, so that a
+    # dropped bias or norm shows in the logits.
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(names):
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(folder)
+    teacher = load_teacher(folder)
+    shape = teacher.arch.shape
+    assert (shape.attn_bias, shape.qk_norm) == (option == "attn_bias", option == "qk_norm")
+    assert teacher.attention_layers == [0, 2, 4]
+    assert sum(p.numel() for p in teacher.model.parameters()) == hf.num_parameters()
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.model(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_qwen2_sliding_window_flag_covering_no_layer_loads(tmp_path):
+    # use_sliding_window with max_window_layers >= the depth: every layer is full attention.
+    hf, folder = _tiny_llama(
+        tmp_path, cls="Qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=3
+    )
+    teacher = load_teacher(folder)
+    tokens = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.model(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
     ("cls", "overrides", "words"),
     [
         (
@@ -72,8 +108,17 @@ def test_mistral_without_window_loads(tmp_path):
         ("Llama", {"attention_bias": True}, "attention_bias"),
         ("Llama", {"mlp_bias": True}, "mlp_bias"),
         ("Llama", {"hidden_act": "gelu"}, "hidden_act"),
-        ("Qwen2", {}, "biases on q/k/v"),
-        ("Qwen3", {"head_dim": 16}, "q_norm"),
+        (
+            "Qwen2",
+            {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+            "sliding window of 16 tokens on layers 1..2",
+        ),
+        (
+            "Qwen2",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_type 'yarn'",
+        ),
+        ("Qwen3", {"head_dim": 16, "attention_bias": True}, "attention_bias = True"),
         ("Mistral", {"sliding_window": 32}, "sliding window of 32"),
     ],
 )

@@ -101,6 +101,28 @@ def test_bf16_fast_decoding_close_to_reference():
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+def test_bf16_fast_decoding_with_bias_and_qk_norm_close_to_reference():
+    # The fused single-token kernel gets normed q and k (it applies RoPE itself); the fused
+    # block kernel, which has no biases or norms, must stand aside.
+    # (init_std 0.1: large enough that a step without the norms is far off, 14% of the max)
+    shape = TINY.replace(attn_bias=True, qk_norm=True, init_std=0.1)
+    model = build_model("(AF)*2", shape=shape, seed=4, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj.bias", "_norm.weight")) and "mixer" in name:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+    tokens = torch.randint(0, TINY.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = decode_stepwise(model, tokens, prefill=6).float()
+        with reference_decoding():
+            ref = decode_stepwise(model, tokens, prefill=6).float()
+        full = model(tokens).float()
+    for other in (ref, full):
+        assert (fast - other).abs().max() < 0.03 * other.abs().max()
+        assert (fast.argmax(-1) == other.argmax(-1)).float().mean() > 0.9
+
+
 def test_mamba_fast_step_updates_state_like_reference():
     torch.manual_seed(0)
     m = Mamba2(TINY.replace(ssm_groups=2)).double()

@@ -39,6 +39,37 @@ def test_every_primitive_decodes_like_full_forward(token):
     _check_decoding(f"{token}F{token}" if token not in "FE" else f"A{token}", 0, prefill=T // 2)
 
 
+def _perturb_qwen_options(model) -> int:
+    """Random q/k/v biases and q/k norm scales (they start at 0 and 1, a no-op); how many."""
+    g = torch.Generator().manual_seed(7)
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize(
+    "options", [{"attn_bias": True}, {"qk_norm": True}, {"attn_bias": True, "qk_norm": True}]
+)
+def test_attention_bias_and_qk_norm_decode_like_full_forward(options):
+    shape = TINY.replace(**options)
+    model = build_model("AFWF[A|W]F", shape=shape, seed=3).eval()
+    # 4 attention modules (A, W, and a group of two): 3 biases and/or 2 norms each.
+    assert _perturb_qwen_options(model) == 4 * (3 * shape.attn_bias + 2 * shape.qk_norm)
+    tokens = _tokens(3)
+    with torch.no_grad():
+        full = model(tokens)
+        stepwise = decode_stepwise(model, tokens)
+        split = decode_stepwise(model, tokens[:, :14], prefill=9)
+        plain = build_model("AFWF[A|W]F", shape=TINY, seed=3).eval()(tokens)
+    torch.testing.assert_close(stepwise, full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(split, full[:, :14], atol=2e-5, rtol=1e-4)
+    assert (full - plain).abs().max() > 1e-3  # the options change the model
+
+
 def _random_patterns(n: int = 20, seed: int = 1234) -> list[str]:
     rng = random.Random(seed)
     return [random_pattern(rng) for _ in range(n)]

@@ -67,7 +67,7 @@ class PrimitiveSpec:
 
 
 _P = "hcomposer.primitives."
-_ATTN = ("n_heads", "n_kv_heads", "head_dim", "rope_theta")
+_ATTN = ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "attn_bias", "qk_norm")
 
 SPECS: dict[str, PrimitiveSpec] = {
     s.token: s

@@ -47,6 +47,9 @@ class Shape(Config):
     rope_theta: float = spec(10000.0, gt=0, le=1e12, help="RoPE base")
     norm_eps: float = spec(1e-5, gt=0, le=1.0, help="RMSNorm epsilon")
     init_std: float = spec(0.02, gt=0, le=10.0, help="standard deviation of the initial weights")
+    # A/W options of pretrained families (off: the Llama attention every model had before).
+    attn_bias: bool = spec(False, help="A/W: biases on the q, k and v projections (Qwen2)")
+    qk_norm: bool = spec(False, help="A/W: RMSNorm of every query and key head before RoPE (Qwen3)")
     # W: each query sees itself and the window - 1 tokens before it.
     window: int = spec(128, ge=1, le=2**24, unit="tokens", help="W: sliding window")
     # S: Mamba-2.

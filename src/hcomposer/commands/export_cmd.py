@@ -8,7 +8,7 @@ import sys
 import torch
 
 from hcomposer.commands.options import add_output
-from hcomposer.export import export_run
+from hcomposer.export import KINDS, export_run
 from hcomposer.guards import check_output_dir
 
 HELP = "Export a run folder as a Hugging Face model folder (native Llama or Bamba where it fits)."
@@ -18,8 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="DIR", help="run folder written by `hcomposer train`")
     p.add_argument("--out", required=True, help="new folder for the Hugging Face model")
     p.add_argument(
-        "--kind", choices=["auto", "llama", "bamba", "hcomposer"], default="auto",
-        help="auto: LlamaForCausalLM for (AF)*n, BambaForCausalLM for (XF)*n with X in A,S, "
+        "--kind", choices=list(KINDS), default="auto",
+        help="auto: LlamaForCausalLM for (AF)*n (Qwen2ForCausalLM with q/k/v biases, "
+        "Qwen3ForCausalLM with q/k norms), BambaForCausalLM for (XF)*n with X in A,S, "
         "HComposerForCausalLM (self-contained remote code) otherwise",
     )  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")

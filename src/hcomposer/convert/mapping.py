@@ -11,6 +11,11 @@ mixer starts from its attention layer's weights where the math allows (MambaInLl
 - ``D`` (gated delta rule, ``o_t = S_t q_t`` with ``S`` written by ``k`` and ``v``): q <- Q,
   k <- K, v <- V, out_proj <- O, q/k heads and value heads = the query heads.
 
+A teacher's attention options (Qwen2's q/k/v biases, Qwen3's per-head q/k norms: the shape's
+``attn_bias`` and ``qk_norm``) stay in the student's shape, so kept attention layers and ``W``
+hold them exactly; ``S`` and ``D`` have no bias on their projections and no per-head norm
+before their state update, so those tensors are not carried into them (the report says so).
+
 Grouped key/value heads are repeated as attention reads them: query head ``h`` uses key/value
 head ``h // (n_heads / n_kv_heads)`` (SDPA's ``enable_gqa``, ``repeat_interleave``), so K and V
 rows of KV head ``j`` are copied to query heads ``j*g .. j*g+g-1``.
@@ -139,6 +144,9 @@ def init_from_attention(mixer: nn.Module, attn: Attention) -> dict[str, str]:
     else:
         raise ValueError(f"no attention mapping for {token!r}")
     report["out_proj <- O"] = _copy_block(mixer.out_proj.weight, attn.o_proj.weight)
+    dropped = [n for n, p in attn.named_parameters() if n.endswith("bias") or "_norm" in n]
+    if dropped:
+        report[", ".join(dropped)] = f"not carried (no counterpart in {token})"
     return report
 
 

@@ -9,13 +9,17 @@ model becomes our ``(AF)*n`` ``HybridLM`` through the export's own mapping run b
   give back every field of the config (a field it cannot express is refused, by name);
 - the weights: ``export.to_llama_state_dict(ours)`` names each of our tensors by its Llama name
   (the tensors share storage with our parameters), and each is filled from the Hugging Face
-  tensor of that name. A Hugging Face tensor left over (a bias, a q/k norm) is refused.
+  tensor of that name. A Hugging Face tensor left over is refused.
 
-Supported: ``LlamaForCausalLM`` (default RoPE, tied or untied head, any ``head_dim``) and
-``MistralForCausalLM`` without an active sliding window (the same decoder). Refused with one
-line: RoPE scaling of any type other than ``default`` (Llama-3's ``llama3``, ``yarn``...),
-Qwen2 (biases on q/k/v), Qwen3 (per-head q/k RMSNorm), Mistral's sliding window shorter than
-its context, attention or MLP biases, activations other than SiLU.
+Supported: ``LlamaForCausalLM`` (default RoPE, tied or untied head, any ``head_dim``),
+``MistralForCausalLM`` without an active sliding window (the same decoder),
+``Qwen2ForCausalLM`` (biases on q/k/v: the shape's ``attn_bias``) and ``Qwen3ForCausalLM``
+(per-head q/k RMSNorm: ``qk_norm``), both with every layer on full attention. Refused with one
+line: RoPE scaling of any type other than ``default`` (Llama-3's ``llama3``, ``yarn``...), a
+sliding window shorter than the context on any layer (Mistral's ``sliding_window``, Qwen's
+``use_sliding_window`` on the layers from ``max_window_layers`` on), Llama's attention or MLP
+biases (they include the output projection), Qwen3's ``attention_bias``, activations other
+than SiLU.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ __all__ = [
 SUPPORTED: dict[str, str | None] = {
     "llama": None,
     "mistral": None,
-    "qwen2": "Qwen2 puts biases on q/k/v, which hcomposer's attention does not have",
-    "qwen3": "Qwen3 normalises q and k per head (q_norm/k_norm), which hcomposer's attention "
-    "does not do",
+    "qwen2": None,
+    "qwen3": None,
 }
+# model_type -> the attention options of its decoder (shape fields).
+_OPTIONS = {"qwen2": {"attn_bias": True}, "qwen3": {"qk_norm": True}}
 
 
 @dataclass
@@ -187,10 +192,16 @@ def _refuse_window(config) -> None:
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", None) is False:
         return
+    types = getattr(config, "layer_types", None)
+    sliding = [i for i, t in enumerate(types or []) if t != "full_attention"]
+    if types is not None and not sliding:
+        return  # Qwen: use_sliding_window set, but max_window_layers covers every layer
     if window < _int(config, "max_position_embeddings"):
+        where = f" on layers {sliding[0]}..{sliding[-1]}" if sliding else ""
         raise UserError(
-            f"teacher attends within a sliding window of {window} tokens (shorter than its "
-            f"{config.max_position_embeddings}-token context); only full attention is supported"
+            f"teacher attends within a sliding window of {window} tokens{where} (shorter than "
+            f"its {config.max_position_embeddings}-token context); only full attention is "
+            "supported"
         )
 
 
@@ -245,6 +256,7 @@ def _shape(config, d: int, heads: int, kv: int, head_dim: int, theta: float) -> 
             norm_eps=float(config.rms_norm_eps),
             init_std=float(getattr(config, "initializer_range", 0.02)),
             window=min(4096, _int(config, "max_position_embeddings")),
+            **_OPTIONS.get(config.model_type, {}),
             **conversion_fields(d, heads, head_dim),
         )
     except UserError as e:
@@ -254,8 +266,8 @@ def _shape(config, d: int, heads: int, kv: int, head_dim: int, theta: float) -> 
 def _check_round_trip(config, arch: Architecture) -> None:
     """Every field the export writes must read back as the config's own value."""
     for key, want in llama_config_kwargs(arch).items():
-        if key == "rope_parameters":
-            continue  # checked above (type) and taken as is (theta)
+        if key in ("rope_parameters", "use_sliding_window"):
+            continue  # checked above (rope type, windows) and taken as is (theta)
         got = getattr(config, key, None)
         if key in ("attention_bias", "mlp_bias") and got is None:
             got = False
@@ -264,8 +276,8 @@ def _check_round_trip(config, arch: Architecture) -> None:
         same = abs(got - want) <= 1e-12 * abs(want) if isinstance(want, float) else got == want
         if not same:
             raise UserError(
-                f"teacher config: {key} = {got!r} is not supported (the Llama mapping needs "
-                f"{want!r})"
+                f"teacher config: {key} = {got!r} is not supported (the {config.model_type} "
+                f"mapping needs {want!r})"
             )
 
 
@@ -281,7 +293,7 @@ def _fill_from_hf(model: HybridLM, hf_state: dict[str, torch.Tensor], path: Path
     ]
     if extra:
         raise UserError(
-            f"teacher {str(path)!r} has weights the Llama mapping does not hold (e.g. {extra[0]})"
+            f"teacher {str(path)!r} has weights the mapping does not hold (e.g. {extra[0]})"
         )
     for name, ours in targets.items():
         theirs = hf_state.get(name)

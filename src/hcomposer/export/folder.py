@@ -6,6 +6,9 @@ Three kinds of folder (``kind="auto"`` picks the first that fits):
   ``LlamaForCausalLM`` folder, loadable anywhere without remote code. Our RoPE
   uses Llama's half-split convention and our RMSNorm matches Llama's, so the
   weights map one to one (only the names change).
+- ``qwen2`` / ``qwen3``: the same stack with biases on q/k/v (shape ``attn_bias``) or
+  per-head q/k RMSNorm (``qk_norm``) becomes a native ``Qwen2ForCausalLM`` /
+  ``Qwen3ForCausalLM`` (the Llama names, plus ``q_proj.bias``... or ``q_norm``/``k_norm``).
 - ``bamba``: ``(XF)*n`` with X in {A, S} becomes a native ``BambaForCausalLM``
   (``export.native``): stock ``transformers``, no remote code.
 - ``hcomposer``: every other pattern becomes ``HComposerForCausalLM``
@@ -40,6 +43,7 @@ from hcomposer.export.model_card import model_card
 from hcomposer.export.native import (
     bamba_model,
     decoder_config_kwargs,
+    decoder_family,
     is_bamba_pattern,
     native_blocks,
     native_model,
@@ -62,7 +66,13 @@ __all__ = [
 
 EOS_TOKEN = "<|endoftext|>"
 
-KINDS = ("auto", "llama", "bamba", "hcomposer")
+KINDS = ("auto", "llama", "qwen2", "qwen3", "bamba", "hcomposer")
+# The native decoder classes of (AF)*n by model_type (export.native.decoder_family).
+_DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
 
 
 def is_llama_pattern(arch: Architecture) -> bool:
@@ -71,16 +81,28 @@ def is_llama_pattern(arch: Architecture) -> bool:
 
 
 def llama_config_kwargs(arch: Architecture) -> dict[str, Any]:
-    """``LlamaConfig`` fields (transformers 5 names) for a plain transformer architecture."""
+    """The config fields (transformers 5 names) of the native decoder class of an ``(AF)*n``
+    architecture: ``LlamaConfig``'s, or ``Qwen2Config``'s / ``Qwen3Config``'s for the shape's
+    attention options (``export.native.decoder_family``)."""
     s = arch.shape
-    return {
+    family = decoder_family(arch) or "llama"
+    out = {
         **decoder_config_kwargs(s, arch.n_sublayers // 2),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(s.rope_theta)},
     }
+    if family != "llama":
+        # Qwen2 has q/k/v biases built in and no bias options; Qwen3 no MLP bias option.
+        out.pop("mlp_bias")
+        out["use_sliding_window"] = False
+        if family == "qwen2":
+            out.pop("attention_bias")
+    return out
 
 
 def to_llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our ``(AF)*n`` weights under ``LlamaForCausalLM``'s names."""
+    """Our ``(AF)*n`` weights under ``LlamaForCausalLM``'s names (with the attention options,
+    the q/k/v biases and q/k norms under Qwen2's and Qwen3's: ``self_attn.q_proj.bias``,
+    ``self_attn.q_norm.weight``...)."""
     sd = model.state_dict()
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     n = len(model.layers) // 2
@@ -88,8 +110,10 @@ def to_llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         a, f = f"layers.{2 * i}", f"layers.{2 * i + 1}"
         dst = f"model.layers.{i}"
         out[f"{dst}.input_layernorm.weight"] = sd[f"{a}.norm.weight"]
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{dst}.self_attn.{p}.weight"] = sd[f"{a}.mixer.{p}.weight"]
+        mixer = f"{a}.mixer."
+        for name in sd:
+            if name.startswith(mixer):
+                out[f"{dst}.self_attn.{name.removeprefix(mixer)}"] = sd[name]
         out[f"{dst}.post_attention_layernorm.weight"] = sd[f"{f}.norm.weight"]
         for p in ("gate_proj", "up_proj", "down_proj"):
             out[f"{dst}.mlp.{p}.weight"] = sd[f"{f}.mixer.ffn.{p}.weight"]
@@ -242,8 +266,8 @@ def export_model(
         if dtype is not None:
             model = model.to(dtype)
         special = _write_tokenizer(tokenizer, arch, tmp)
-        if kind == "llama":
-            hf_model = _llama_model(model, arch, special)
+        if kind in _DECODERS:
+            hf_model = _decoder_model(model, arch, special, kind)
         elif kind == "bamba":
             hf_model = bamba_model(model, arch, special)
         else:
@@ -277,17 +301,29 @@ def resolve_kind(arch: Architecture, kind: str) -> str:
     """The folder kind for ``arch``: ``auto`` resolved, an explicit kind checked against it."""
     if kind not in KINDS:
         raise UserError(f"unknown export kind {kind!r}; valid: {', '.join(KINDS)}")
+    family = decoder_family(arch)
     if kind == "auto":
-        if is_llama_pattern(arch):
-            return "llama"
+        if family is not None:
+            return family
         return "bamba" if is_bamba_pattern(arch) else "hcomposer"
-    if kind == "llama" and not is_llama_pattern(arch):
-        raise UserError(f"pattern {arch.pattern!r} is not (AF)*n: --kind llama does not fit it")
-    if kind == "bamba" and not (is_bamba_pattern(arch) or is_llama_pattern(arch)):
+    if kind in _DECODERS and not is_llama_pattern(arch):
+        raise UserError(f"pattern {arch.pattern!r} is not (AF)*n: --kind {kind} does not fit it")
+    if kind in _DECODERS and kind != family:
+        raise UserError(f"--kind {kind} does not fit {_options(arch)}; use --kind auto")
+    if kind == "bamba" and not (is_bamba_pattern(arch) or family == "llama"):
+        if is_llama_pattern(arch) or native_blocks(arch, "bamba"):
+            raise UserError(f"--kind bamba does not fit {_options(arch)}; use --kind auto")
         raise UserError(
             f"pattern {arch.pattern!r} is not (XF)*n with X in A, S: --kind bamba does not fit it"
         )
     return kind
+
+
+def _options(arch: Architecture) -> str:
+    """The attention options of ``arch``'s shape, in words."""
+    s = arch.shape
+    names = [n for n, on in (("attn_bias", s.attn_bias), ("qk_norm", s.qk_norm)) if on]
+    return "attention with " + " and ".join(names) if names else "plain attention"
 
 
 def _usual_permissions(root: Path) -> None:
@@ -299,11 +335,15 @@ def _usual_permissions(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _llama_model(model, arch: Architecture, special: dict):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _decoder_model(model, arch: Architecture, special: dict, kind: str):
+    import transformers
 
-    config = LlamaConfig(**llama_config_kwargs(arch), bos_token_id=None, **special)
-    return native_model(LlamaForCausalLM, config, to_llama_state_dict(model), model, arch)
+    config_name, model_name = _DECODERS[kind]
+    config = getattr(transformers, config_name)(
+        **llama_config_kwargs(arch), bos_token_id=None, **special
+    )
+    cls = getattr(transformers, model_name)
+    return native_model(cls, config, to_llama_state_dict(model), model, arch)
 
 
 def _hcomposer_model(model, arch: Architecture, special: dict):

@@ -19,6 +19,8 @@ __all__ = ["model_card"]
 
 _LOAD = {
     "llama": "a native `LlamaForCausalLM`: stock `transformers`, no remote code",
+    "qwen2": "a native `Qwen2ForCausalLM`: stock `transformers`, no remote code",
+    "qwen3": "a native `Qwen3ForCausalLM`: stock `transformers`, no remote code",
     "bamba": "a native `BambaForCausalLM`: stock `transformers` (5.x), no remote code",
     "hcomposer": (
         "`HComposerForCausalLM`, shipped in this folder as self-contained remote code that "

@@ -20,8 +20,13 @@ where the mixer is Mamba-2 or global attention. That is our pattern ``(XF)*n`` w
 - Norms are RMSNorm in fp32 with the shape's ``norm_eps``; the final norm and the (tied or
   untied) head are Llama's.
 
-An all-``A`` pattern ``(AF)*n`` stays Llama (the more widely supported class). Why the other
-hybrid classes of ``transformers`` do not fit is written down in ``docs/export.md``.
+An all-``A`` pattern ``(AF)*n`` stays Llama (the more widely supported class), or the Qwen
+class that holds its attention options: ``Qwen2ForCausalLM`` for biases on q/k/v
+(``attn_bias``: Qwen2's attention has exactly those, no output bias), ``Qwen3ForCausalLM`` for
+per-head q/k RMSNorm (``qk_norm``, Qwen3's ``q_norm``/``k_norm`` with ``attention_bias``
+false). Both options together fit no stock class (Qwen3's ``attention_bias`` also puts one on
+the output projection), nor does either fit Bamba: those go to the self-contained class. Why
+the other hybrid classes of ``transformers`` do not fit is written down in ``docs/export.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from hcomposer.primitive_specs import SPECS
 
 __all__ = [
     "native_blocks",
+    "FAMILIES",
+    "decoder_family",
     "is_bamba_pattern",
     "bamba_config_kwargs",
     "decoder_config_kwargs",
@@ -58,9 +65,32 @@ def native_blocks(arch: Architecture, kind: str) -> bool:
     return True
 
 
+# (attn_bias, qk_norm) -> the stock decoder class holding that attention, by model_type.
+FAMILIES: dict[tuple[bool, bool], str] = {
+    (False, False): "llama",
+    (True, False): "qwen2",
+    (False, True): "qwen3",
+}
+
+
+def _plain_attention(arch: Architecture) -> bool:
+    return not (arch.shape.attn_bias or arch.shape.qk_norm)
+
+
+def decoder_family(arch: Architecture) -> str | None:
+    """``llama``, ``qwen2`` or ``qwen3`` for ``(AF)*n`` whose attention options (``attn_bias``,
+    ``qk_norm``) that class holds exactly; None for other patterns and for both options."""
+    if not native_blocks(arch, "llama"):
+        return None
+    return FAMILIES.get((arch.shape.attn_bias, arch.shape.qk_norm))
+
+
 def is_bamba_pattern(arch: Architecture) -> bool:
-    """True for ``(XF)*n`` with every X in {A, S} and at least one S (all-A is a Llama)."""
-    return native_blocks(arch, "bamba") and not native_blocks(arch, "llama")
+    """True for ``(XF)*n`` with every X in {A, S} and at least one S (all-A is a Llama), its
+    attention without the Qwen options."""
+    return (
+        native_blocks(arch, "bamba") and not native_blocks(arch, "llama") and _plain_attention(arch)
+    )
 
 
 def decoder_config_kwargs(s, n_blocks: int) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Rotary embeddings use the half-split convention of Hugging Face's Llama, so a
 plain transformer pattern exports to ``LlamaForCausalLM`` weight for weight.
 
+Two options of pretrained families, off by default (the shape's ``attn_bias`` and ``qk_norm``):
+biases on the q, k and v projections (Qwen2; the output projection has none), and an RMSNorm
+of every query and key head over its ``head_dim`` channels, one learned scale shared by the
+query heads and one by the key heads, applied before RoPE (Qwen3's ``q_norm``/``k_norm``).
+
 W computes only the band a window allows (``banded_window_attention``): queries in chunks,
 each chunk against the keys its window reaches, so a layer costs O(T * window) rather than
 O(T^2). ``masked_attention``, every query against every key under a mask, is its readable
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hcomposer.primitives.base import Linear, Primitive
+from hcomposer.primitives.base import Linear, Primitive, RMSNorm
 from hcomposer.primitives.cpu_kernels import attn_step as kernel_attn_step
 from hcomposer.primitives.cpu_kernels import block_attn as kernel_block_attn
 from hcomposer.primitives.cpu_kernels import enabled as kernels_enabled
@@ -253,26 +258,44 @@ class _AttentionBase(Primitive):
         self.theta = shape.rope_theta
         d = shape.d_model
         self.inner_dim = self.n_heads * self.head_dim
-        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        bias = shape.attn_bias
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, shape.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, shape.norm_eps)
         if project:
             self.o_proj = Linear(self.inner_dim, d, bias=False)
             self.o_proj.is_residual_output = True
 
     @classmethod
     def param_count(cls, shape: Shape, *, fraction: float = 1.0, project: bool = True) -> int:
-        """q, k, v projections (grouped KV heads), and the output projection when it has one."""
+        """q, k, v projections (grouped KV heads; their biases with ``attn_bias``), the q/k
+        norm scales with ``qk_norm``, and the output projection when it has one."""
         nh = _split_heads(shape.n_heads, fraction, "n_heads")
         nkv = _split_heads(shape.n_kv_heads, fraction, "n_kv_heads")
         d, hd = shape.d_model, shape.head_dim
-        return d * hd * (nh + 2 * nkv) + (nh * hd * d if project else 0)
+        extra = (hd * (nh + 2 * nkv) if shape.attn_bias else 0) + (2 * hd if shape.qk_norm else 0)
+        return d * hd * (nh + 2 * nkv) + (nh * hd * d if project else 0) + extra
+
+    @property
+    def qk_norm(self) -> bool:
+        return hasattr(self, "q_norm")
+
+    def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head RMSNorm of q and k (any layout with ``head_dim`` last), when the shape
+        asks for it."""
+        if not self.qk_norm:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
     def _qkv(self, x: torch.Tensor, start: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self._norm_qk(q, k)
         if not self.fast_rope:
             pos = torch.arange(start, start + T, device=x.device)
             cos, sin = rope_angles(pos, self.head_dim, self.theta, self._inv_freq(x.device))
@@ -390,7 +413,8 @@ class Attention(_AttentionBase):
         )
 
     def decode_block(self, x: torch.Tensor, norm: torch.nn.Module, cache) -> torch.Tensor | None:
-        if cache is None or not kernels_enabled():
+        # The fused block kernel has neither projection biases nor q/k norms.
+        if cache is None or not kernels_enabled() or self.shape.attn_bias or self.qk_norm:
             return None
         return kernel_block_attn(x, norm, self, cache, self._inv_freq(x.device))
 
@@ -404,6 +428,7 @@ class Attention(_AttentionBase):
         q = self.q_proj(x).view(B, self.n_heads, 1, hd)
         k = self.k_proj(x).view(B, self.n_kv_heads, 1, hd)
         v = self.v_proj(x).view(B, self.n_kv_heads, 1, hd)
+        q, k = self._norm_qk(q, k)  # the kernel applies RoPE, after the norms
         y = kernel_attn_step(q, k, v, cache.k, cache.v, cache.pos, self._inv_freq(x.device))
         if y is None:
             return None
