@@ -11,26 +11,13 @@ import textwrap
 import pytest
 import torch
 
+from byte_tok import ByteTok
 from hcomposer import Architecture
 from hcomposer.errors import UserError
 from hcomposer.export import export_model, is_llama_pattern
 from hcomposer.model import build_model
 
 transformers = pytest.importorskip("transformers")
-
-
-class ByteTok:
-    """Byte ids 0..255 and EOS 256: the shape of the framework's default tokenizer."""
-
-    name = "byte"
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
 def _arch(pattern: str, tie: bool = True) -> Architecture:

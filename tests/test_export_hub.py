@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from byte_tok import ByteTok
 from hcomposer import Architecture
 from hcomposer.errors import UserError
 from hcomposer.export import export_model, resolve_kind
@@ -21,15 +22,6 @@ from hcomposer.export.remote import module_source, remote_code_files, shipped_mo
 from hcomposer.model import build_model
 
 transformers = pytest.importorskip("transformers")
-
-
-class ByteTok:
-    name = "byte"
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
 
 
 def _arch(pattern: str, tie: bool = True, groups: int = 1) -> Architecture:

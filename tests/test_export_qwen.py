@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from byte_tok import ByteTok
 from hcomposer import Architecture
 from hcomposer.convert import load_teacher
 from hcomposer.convert.mapping import convert_model, student_architecture
@@ -15,18 +16,6 @@ from hcomposer.export import export_model, resolve_kind
 from hcomposer.model import build_model
 
 transformers = pytest.importorskip("transformers")
-
-
-class ByteTok:
-    name = "byte"
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
 def _arch(pattern: str, **options) -> Architecture:

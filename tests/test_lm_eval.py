@@ -18,6 +18,7 @@ from hcomposer.model import build_model
 
 pytest.importorskip("lm_eval")
 
+from byte_tok import ByteTok  # noqa: E402
 from hcomposer.evaluation.lm_eval_adapter import (  # noqa: E402
     HComposerLM,
     rolling_windows,
@@ -27,18 +28,6 @@ from hcomposer.evaluation.lm_eval_adapter import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval_task"
-
-
-class ByteTok:
-    name = "byte"
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
 class Req:
