@@ -44,6 +44,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _runuser() -> str:
+    """``runuser`` from PATH, or from /usr/sbin or /sbin where a PATH without them (a bare
+    ``env -i`` shell) leaves it out."""
+    found = shutil.which("runuser") or next(
+        (c for c in ("/usr/sbin/runuser", "/sbin/runuser") if Path(c).is_file()), None
+    )
+    if found is None:
+        raise RuntimeError("running as root needs runuser (util-linux) to start PostgreSQL")
+    return found
+
+
 class PgCluster:
     """``start()`` a cluster, ``url(db)`` for SQLAlchemy, ``create_db(name)``, ``restart()``,
     ``stop()``."""
@@ -62,7 +73,7 @@ class PgCluster:
     def _run(self, *args: str) -> subprocess.CompletedProcess:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self._user is not None:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = [_runuser(), "-u", "postgres", "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.dir)
 
     def _check(self, proc: subprocess.CompletedProcess, what: str) -> None:

@@ -8,6 +8,9 @@ import sys
 from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, human_bytes
+from hcomposer.io import atomic_write_json
+from hcomposer.pipeline.plan import card, plan_recipe
+from hcomposer.recipes import get_recipe
 
 HELP = "Estimate a recipe's tokens, FLOPs, memory per GPU and wall time before it runs."
 
@@ -102,10 +105,6 @@ def _print(plan: dict) -> None:
 
 def run(args) -> int:
     _check(args)
-    from hcomposer.io import atomic_write_json
-    from hcomposer.pipeline.plan import card, plan_recipe
-    from hcomposer.recipes import get_recipe
-
     recipe = get_recipe(args.recipe)
     gpu = card(args.gpu, args.memory_gib)
     plan = plan_recipe(recipe, gpus=args.gpus, gpu=gpu, mfu=args.mfu, block=args.block)
