@@ -4,13 +4,14 @@ after a checkpoint and resumed, which end where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -127,8 +128,16 @@ def test_fsdp_killed_after_a_sharded_checkpoint_resumes_to_the_same_end(tmp_path
     while not (killed / "checkpoint" / "state.json").is_file() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each rank in a session of its own, out of reach of a signal to its
+    # group: kill torchrun and every process under it, and wait until all have exited (a live
+    # rank would still hold the run folder's lock when the resume starts).
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"processes {[p.pid for p in alive]} outlived SIGKILL"
     assert read_json(killed / "status.json")["status"] == "running"
     step = read_state(usable_checkpoint(killed))["step"]
     assert 2 <= step < 16
