@@ -13,7 +13,9 @@ scored on held-out recall sequences. A layer carries recall when its conversion 
 most half of the teacher's accuracy above chance; k = how many do (if none, the one with the
 largest drop, flagged ``fallback``). Then ``hcomposer.convert.convert`` with ``--keep k`` and
 each strategy, whether the kept set holds the carrying layers, and the distilled student's
-recall accuracy.
+recall accuracy. The strategies: ``even``, ``greedy``, ``gates`` and ``optuna`` as ``convert``
+runs them (scoring on the distillation text), and ``gates-recall``: ``gates`` with its gates
+also trained on the recall data (``--gate-recall-weight``, tokens at 260..275).
 
     nice -n 10 python benchmarks/convert_known_answer.py --work /tmp/known_answer \\
         --out benchmarks/results/convert_known_answer/raw.jsonl
@@ -27,19 +29,17 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.convert.mapping import convert_model, student_architecture
+from hcomposer.convert.recall import RECALL_CHANCE, RecallData, RecallMix, recall_accuracy
 from hcomposer.convert.run import ConvertConfig, convert
 from hcomposer.convert.teacher import load_teacher
 from hcomposer.data import embedded_corpus_text
-from hcomposer.data.mad import MADData, default_task_config, generate_task
 from hcomposer.io import append_jsonl, read_jsonl
-from hcomposer.model import lm_loss
 from hcomposer.training import TrainConfig, load_run, train
 
 SHAPE = dict(
@@ -47,46 +47,7 @@ SHAPE = dict(
     max_seq_len=512, init_std=0.15, window=32,
 )  # fmt: skip
 OFFSET = 260  # MAD tokens 0..15 become 260..275: no byte of the text uses them
-STRATEGIES = ("even", "greedy", "gates", "optuna")
-
-
-class RecallMix:
-    """Training objective: the LM loss on the text batch plus the LM loss on a batch of MAD
-    recall sequences (targets only at the recalled values), drawn with the run's seed."""
-
-    def __init__(self, data: MADData, batch: int, seed: int, weight: float = 1.0):
-        self.x = torch.as_tensor(data.train_inputs + OFFSET)
-        y = torch.as_tensor(data.train_targets)
-        self.y = torch.where(y >= 0, y + OFFSET, y)
-        self.batch, self.weight, self.seed = batch, weight, seed
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def check(self, arch, tokenizer) -> None:
-        if arch.shape.vocab_size < OFFSET + 16:
-            raise ValueError("the recall tokens need vocab_size >= 276")
-
-    def prepare(self, model, device) -> None:
-        """Nothing to load: the teacher trains from its fresh initialisation. (A resumed
-        teacher draws its recall batches afresh from the seed.)"""
-
-    def loss(self, net, x, y) -> torch.Tensor:
-        idx = torch.randint(0, len(self.x), (self.batch,), generator=self.gen)
-        mx, my = self.x[idx].to(x.device), self.y[idx].to(x.device)
-        return lm_loss(net(x), y) + self.weight * lm_loss(net(mx), my)
-
-    def record(self) -> dict[str, Any]:
-        return {"kind": "text+mad-recall", "batch": self.batch, "weight": self.weight}
-
-
-@torch.no_grad()
-def recall_accuracy(model, data: MADData) -> float:
-    """Share of the held-out recall targets the model's argmax gets right."""
-    model.eval()
-    x = torch.as_tensor(data.test_inputs + OFFSET)
-    y = torch.as_tensor(data.test_targets)
-    pred = model(x).argmax(-1) - OFFSET
-    scored = y >= 0
-    return float((pred[scored] == y[scored]).float().mean())
+STRATEGIES = ("even", "greedy", "gates", "optuna", "gates-recall")
 
 
 def carrying_layers(acc: dict[int, float], teacher: float, chance: float) -> tuple[list, bool]:
@@ -99,7 +60,9 @@ def carrying_layers(acc: dict[int, float], teacher: float, chance: float) -> tup
     return [min(acc, key=acc.get)], True
 
 
-def layer_scan(teacher_dir: Path, data: MADData, text: torch.Tensor, to: str) -> dict[int, float]:
+def layer_scan(
+    teacher_dir: Path, data: RecallData, text: torch.Tensor, to: str
+) -> dict[int, float]:
     """Recall accuracy with each attention layer alone converted (mapped init, calibrated on
     ``text``, no training), by attention ordinal."""
     teacher = load_teacher(teacher_dir)
@@ -111,7 +74,7 @@ def layer_scan(teacher_dir: Path, data: MADData, text: torch.Tensor, to: str) ->
     return out
 
 
-def train_teacher(work: Path, data_file: Path, mad: MADData, seed: int, args) -> Path:
+def train_teacher(work: Path, data_file: Path, mad: RecallData, seed: int, args) -> Path:
     out = work / f"teacher-seed{seed}"
     config = TrainConfig(
         tokens=args.teacher_steps * args.text_batch * 128, batch_size=args.text_batch, seq_len=128,
@@ -119,15 +82,19 @@ def train_teacher(work: Path, data_file: Path, mad: MADData, seed: int, args) ->
         log_every=50, checkpoint_every=100, data=str(data_file), threads=1, seed=seed,
     )  # fmt: skip
     arch = Architecture.parse("AF" * args.layers, shape=SHAPE)
-    objective = RecallMix(mad, args.recall_batch, seed, args.recall_weight)
+    objective = RecallMix(mad, args.recall_batch, args.recall_weight)
     train(arch, config, out, resume=(out / "run.json").is_file(), progress=False,
           objective=objective)  # fmt: skip
     return out
 
 
 def run_strategy(work: Path, teacher: Path, data_file: Path, k: int, name: str, seed, args):
+    """``gates-recall``: the ``gates`` strategy with its gates also trained on the recall data
+    (``--gate-recall-weight``, the recall tokens where the teacher learned them)."""
+    recall = dict(gate_recall_weight=args.gate_recall_weight, gate_recall_offset=OFFSET)
     config = ConvertConfig(
-        teacher=str(teacher), to=args.to, keep=k, strategy=name, tokens=args.tokens,
+        **(recall if name == "gates-recall" else {}),
+        teacher=str(teacher), to=args.to, keep=k, strategy=name.split("-")[0], tokens=args.tokens,
         probe_tokens=args.probe_tokens, trials=args.trials, seq_len=128, batch_size=args.batch,
         lr=1e-3, data=str(data_file), eval_tokens=8192, lm_weight=0.1, seed=seed,
     )  # fmt: skip
@@ -138,8 +105,8 @@ def run_strategy(work: Path, teacher: Path, data_file: Path, k: int, name: str, 
 
 def seed_parts(work, data_file, seed, done: dict, log: Path, args) -> None:
     """Every part of one seed not yet in ``done`` (appended to ``log`` as it finishes)."""
-    mad = generate_task(default_task_config("in_context_recall", num_test_examples=512), seed)
-    chance = 1.0 / 8  # 16 tokens: 8 value tokens
+    mad = RecallData(seed, OFFSET, SHAPE["vocab_size"])
+    chance = RECALL_CHANCE
     teacher = train_teacher(work, data_file, mad, seed, args)
     if (seed, "teacher") not in done:
         model, _, _, _ = load_run(teacher)
@@ -186,6 +153,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384, help="final distillation tokens")
     p.add_argument("--probe-tokens", type=int, default=8192)
     p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--gate-recall-weight", type=float, default=1.0, help="gates-recall")
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -4,15 +4,18 @@ gradient, a kill-and-resume of the gated super-network equal to an uninterrupted
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from hcomposer.cli import main
 from hcomposer.convert import load_teacher
-from hcomposer.convert.distill import DistillConfig
+from hcomposer.convert.distill import DistillConfig, distill_loss
 from hcomposer.convert.gates import GATE_SCALE, GatedTwin, GateSearch, gate_values
 from hcomposer.convert.mapping import convert_model, student_architecture
+from hcomposer.convert.recall import RecallData
 from hcomposer.io import read_json, read_jsonl
-from hcomposer.model import build_model
+from hcomposer.model import build_model, lm_loss
 from hcomposer.training import TrainConfig, train
 from hcomposer.training.checkpoint import find_checkpoint, load_checkpoint
 
@@ -86,3 +89,65 @@ def test_gates_strategy_keeps_the_highest_gates(small_teacher, convert_text, tmp
     assert set(scores) == {0, 1, 2} and all(0 < v < 1 for v in scores.values())
     lowest = min(scores, key=scores.get)
     assert placement["keep"] == sorted(set(scores) - {lowest})
+
+
+def test_recall_trained_gate_objective_is_the_hand_sum(small_teacher):
+    teacher = load_teacher(small_teacher)
+    attn = teacher.attention_layers
+    arch = student_architecture(teacher.arch, attn, "D")
+    student, _ = convert_model(teacher.model, arch, seed=0)
+    recall = RecallData(0, 260, teacher.arch.shape.vocab_size)
+    config = DistillConfig()
+    args = (teacher.model, student.state_dict(), attn, config, 0.1, {})
+    objective = GateSearch(*args, recall=recall, recall_weight=0.7)
+    text_only = GateSearch(*args)
+    net = build_model(arch)
+    objective.prepare(net, "cpu")
+    with torch.no_grad():
+        for j, m in enumerate(objective.gated):
+            m.theta.fill_((1.0 - j) / GATE_SCALE)
+    tokens = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(5))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    got = objective.loss(net, x, y)
+    rx, ry = recall.batch_for(x, 3)
+    assert rx.shape == (3, 32) and int(rx.min()) >= 260 and int(ry.max()) >= 260
+    gates = torch.sigmoid(torch.tensor([1.0 - j for j in range(len(attn))])).mean()
+    with torch.no_grad():
+        text = distill_loss(net(x), teacher.model(x), y, config)
+    want = text + 0.7 * lm_loss(net(rx), ry) + 0.1 * gates
+    torch.testing.assert_close(got, want)
+    # The recall term is there (the text-only objective lacks it) and the same text batch
+    # draws the same recall batch (a resumed run draws what an uninterrupted one does).
+    text_only.gated = objective.gated
+    assert float(got - text_only.loss(net, x, y)) > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(recall.batch_for(x, 3), (rx, ry)))
+    assert objective.record()["recall_weight"] == 0.7
+    assert objective.record()["recall_offset"] == 260
+
+
+def _gates_argv(teacher, text, out) -> list[str]:
+    argv = ["convert", str(teacher), "--keep", "2", "--to", "S", "--out", str(out)]
+    argv += ["--strategy", "gates", "--probe-tokens", "256", "--tokens", "128"]
+    argv += ["--data", str(text), "--seq-len", "32", "--batch-size", "4"]
+    return argv + ["--eval-tokens", "256", "--no-progress"]
+
+
+def test_gate_recall_option_reaches_the_gate_search(small_teacher, convert_text, tmp_path, capsys):
+    out = tmp_path / "gates"
+    argv = _gates_argv(small_teacher, convert_text, out)
+    assert main(argv + ["--gate-recall-weight", "0.5", "--gate-recall-offset", "260"]) == 0
+    run = read_json(out / "placement" / "gates" / "run.json")
+    found = json.dumps(run)
+    assert '"recall_weight": 0.5' in found and '"recall_offset": 260' in found
+    assert "recall weight 0.5" in read_json(out / "placement.json")["score_meaning"]
+    assert read_json(out / "convert.json")["gate_recall_weight"] == 0.5
+    # Recall tokens past the vocabulary (320 ids), or the option without the gates: exit 2,
+    # one line, nothing written.
+    capsys.readouterr()
+    for extra in (["--gate-recall-weight", "1", "--gate-recall-offset", "310"],
+                  ["--gate-recall-weight", "1", "--strategy", "even"]):  # fmt: skip
+        bad = tmp_path / "bad"
+        assert main(_gates_argv(small_teacher, convert_text, bad) + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "recall" in err, err
+        assert not bad.exists()

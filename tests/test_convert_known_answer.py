@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hcomposer.data.mad import default_task_config, generate_task
+from hcomposer.convert.recall import RecallData, RecallMix, recall_accuracy
 from hcomposer.io import read_jsonl
 from hcomposer.model import build_model, lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "benchmarks" / "results" / "convert_known_answer"
 RAW = FOLDER / "raw.jsonl"
+NAMES = ("even", "greedy", "gates", "optuna", "gates-recall")
 
 
 def _script():
@@ -52,22 +53,22 @@ class _Oracle(torch.nn.Module):
 
 def test_recall_accuracy_and_the_mixed_objective():
     ka = _script()
-    data = generate_task(default_task_config("in_context_recall", num_test_examples=8), 0)
-    x = torch.as_tensor(data.test_inputs + ka.OFFSET)
-    y = torch.as_tensor(data.test_targets)
-    assert ka.recall_accuracy(_Oracle(x, y, 320, ka.OFFSET), data) == 1.0
-    assert ka.recall_accuracy(_Oracle(x, torch.where(y >= 0, (y + 1) % 16, y), 320, ka.OFFSET),
-                              data) == 0.0  # fmt: skip
+    data = RecallData(0, ka.OFFSET, 320, n_test=8)
+    x, y = data.test_x, torch.as_tensor(data.data.test_targets)
+    assert torch.equal(x, torch.as_tensor(data.data.test_inputs) + ka.OFFSET)
+    assert recall_accuracy(_Oracle(x, y, 320, ka.OFFSET), data) == 1.0
+    assert recall_accuracy(_Oracle(x, torch.where(y >= 0, (y + 1) % 16, y), 320, ka.OFFSET),
+                           data) == 0.0  # fmt: skip
     # The objective is the text LM loss plus the LM loss on recall sequences at the offset.
     model = build_model("AF", shape=dict(ka.SHAPE, max_seq_len=64), seed=0)
-    mix = ka.RecallMix(data, batch=4, seed=3)
+    mix = RecallMix(data, batch=4)
     text = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
     got = mix.loss(model, text[:, :-1], text[:, 1:])
-    idx = torch.randint(0, len(mix.x), (4,), generator=torch.Generator().manual_seed(3))
-    my = torch.as_tensor(data.train_targets)[idx]
-    assert int(mix.y[idx].min()) == -100 and int(mix.y[idx].max()) >= ka.OFFSET
+    idx = torch.randint(0, len(data.x), (4,), generator=torch.Generator().manual_seed(0))
+    my = torch.as_tensor(data.data.train_targets)[idx]
+    assert int(data.y[idx].min()) == -100 and int(data.y[idx].max()) >= ka.OFFSET
     want = lm_loss(model(text[:, :-1]), text[:, 1:]) + lm_loss(
-        model(mix.x[idx]), torch.where(my >= 0, my + ka.OFFSET, my)
+        model(data.x[idx]), torch.where(my >= 0, my + ka.OFFSET, my)
     )
     torch.testing.assert_close(got, want)
 
@@ -86,7 +87,7 @@ def figures() -> dict[str, str]:
         out[f"teacher{s}"] = f"{recs[(s, 'teacher')]['recall_acc']:.2f}"
         out[f"carry{s}"] = ",".join(map(str, scan["carrying"]))
         out[f"scan{s}"] = "/".join(f"{scan['acc'][k]:.2f}" for k in sorted(scan["acc"], key=int))
-        for name in ("even", "greedy", "gates", "optuna"):
+        for name in NAMES:
             if (s, name) in recs:
                 r = recs[(s, name)]
                 out[f"{name}{s}"] = ",".join(map(str, r["keep"]))
@@ -94,7 +95,7 @@ def figures() -> dict[str, str]:
     # Teachers whose scan found carrying layers (not the fallback): those that learned recall.
     learned = [s for s in seeds if not recs[(s, "scan")]["fallback"]]
     out["learned"] = str(len(learned))
-    for name in ("even", "greedy", "gates", "optuna"):
+    for name in NAMES:
         hits = [recs[(s, name)]["keeps_carrying"] for s in seeds if (s, name) in recs]
         out[f"{name}_hits"] = f"{sum(hits)}/{len(hits)}"
         hits = [recs[(s, name)]["keeps_carrying"] for s in learned if (s, name) in recs]
@@ -102,9 +103,13 @@ def figures() -> dict[str, str]:
     # Recall of the teachers that learned it, and of their students from the trained strategies.
     teachers = [recs[(s, "teacher")]["recall_acc"] for s in learned]
     students = [recs[(s, n)]["student_recall_acc"] for s in learned
-                for n in ("greedy", "gates", "optuna") if (s, n) in recs]  # fmt: skip
+                for n in NAMES[1:] if (s, n) in recs]  # fmt: skip
     out["learned_lo"], out["learned_hi"] = f"{min(teachers):.2f}", f"{max(teachers):.2f}"
     out["students_lo"], out["students_hi"] = f"{min(students):.2f}", f"{max(students):.2f}"
+    for s in learned:
+        r = recs[(s, "gates-recall")]
+        out[f"gr_has1_{s}"] = "keeps" if 1 in r["keep"] else "drops"
+        out[f"gr_has0_{s}"] = "keeps" if 0 in r["keep"] else "drops"
     return out
 
 

@@ -31,6 +31,16 @@ def add_arguments(p) -> None:
     )  # fmt: skip
     p.add_argument("--trials", type=int, default=8, help="optuna: keep-sets tried")
     p.add_argument("--gate-penalty", type=float, default=0.05, help="gates: weight of mean(g)")
+    p.add_argument(
+        "--gate-recall-weight", type=float, default=0.0,
+        help="gates: also train the gates on MAD in-context recall, this weight x its LM loss "
+        "(default 0: on the distillation text only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gate-recall-offset", type=int, default=0,
+        help="gates: the recall's 16 tokens become ids OFFSET..OFFSET+15 of the teacher's "
+        "vocabulary (ids the teacher recalls with)",
+    )  # fmt: skip
     p.add_argument("--probe-tokens", default="32K", help="tokens of each placement probe")
     p.add_argument("--tokens", default="1M", help="distillation tokens (default 1M)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -57,8 +67,8 @@ def add_arguments(p) -> None:
 
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
-    names = "trials gate_penalty seq_len batch_size lr temperature kl_weight lm_weight"
-    names += " hidden_weight seed"
+    names = "trials gate_penalty gate_recall_weight gate_recall_offset seq_len batch_size lr"
+    names += " temperature kl_weight lm_weight hidden_weight seed"
     return {name: (ConvertConfig, name) for name in names.split()}
 
 
@@ -72,6 +82,7 @@ def run(args) -> int:
     config = ConvertConfig(
         teacher=args.teacher, to=args.to, init=args.init, keep=keep, layers=args.keep_layers,
         strategy=args.strategy, trials=args.trials, gate_penalty=args.gate_penalty,
+        gate_recall_weight=args.gate_recall_weight, gate_recall_offset=args.gate_recall_offset,
         probe_tokens=parse_count(args.probe_tokens, "--probe-tokens"),
         tokens=parse_count(args.tokens, "--tokens"), seq_len=args.seq_len,
         batch_size=args.batch_size, lr=args.lr, data=args.data, tokenizer=args.tokenizer,

@@ -10,9 +10,19 @@ whose attention the objective cannot do without, and the ``k`` highest are kept.
 ``GATE_SCALE`` gives the gate a larger effective step than the other weights under the one
 learning rate (Adam moves ``theta`` by about ``lr`` per step, the logit by ``GATE_SCALE * lr``).
 
-Differences from FlashMorph (arXiv 2606.30562), said plainly: the gates train on the text the
-conversion distils on, not on synthetic long-context retrieval data, and the cut is a top-k of
-the learned gates rather than a budgeted schedule.
+With ``recall_weight > 0`` (``--gate-recall-weight``) each step adds ``recall_weight`` x the
+LM loss of the gated network on as many MAD in-context recall sequences as the text batch
+holds (``convert.recall``: 16 tokens placed at ``--gate-recall-offset`` of the teacher's
+vocabulary, loss only at the recalled values), as FlashMorph trains its gates on synthetic
+retrieval. The default stays 0 (the text alone): on the known-answer study of 2026-12-07
+(``benchmarks/results/convert_known_answer/``), with the recall carried by two attention layers,
+weight 1 at the study's budget (16 gate steps, penalty 0.05) kept both on neither teacher, no
+better than the text alone; the gates hardly leave their start there. Recall data can only help
+where the recall tokens are ids the teacher learned to recall with.
+
+Differences from FlashMorph (arXiv 2606.30562), said plainly: the recall data is MAD's short
+in-context recall (32 tokens), not long-context retrieval, mixed with the distillation text;
+and the cut is a top-k of the learned gates rather than a budgeted schedule.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import torch
 from torch import nn
 
 from hcomposer.convert.distill import DistillConfig, distill_loss
-from hcomposer.model import HybridLM
+from hcomposer.convert.recall import RecallData
+from hcomposer.model import HybridLM, lm_loss
 
 __all__ = ["GatedTwin", "GateSearch", "GATE_SCALE", "GATE_START", "gate_values"]
 
@@ -80,10 +91,15 @@ class GateSearch:
         config: DistillConfig,
         penalty: float,
         info: dict[str, Any],
+        recall: RecallData | None = None,
+        recall_weight: float = 0.0,
     ):
+        if recall_weight and recall is None:
+            raise ValueError("recall_weight > 0 needs the recall data")
         self.teacher = teacher.eval()
         self.initial, self.layers, self.config = initial, layers, config
         self.penalty, self.info = penalty, info
+        self.recall, self.recall_weight = recall, recall_weight
         self.gated: list[GatedTwin] = []
 
     def check(self, arch, tokenizer) -> None:
@@ -108,6 +124,9 @@ class GateSearch:
         with torch.no_grad():
             t_logits = self.teacher(x)
         main = distill_loss(net(x), t_logits, y, self.config)
+        if self.recall_weight:
+            rx, ry = self.recall.batch_for(x, x.shape[0])
+            main = main + self.recall_weight * lm_loss(net(rx.to(x.device)), ry.to(x.device))
         gates = torch.stack([m.gate for m in self.gated]).float()
         return main + self.penalty * gates.mean()
 
@@ -116,6 +135,8 @@ class GateSearch:
             "kind": "gated-super-network",
             **self.config.to_dict(),
             "penalty": self.penalty,
+            "recall_weight": self.recall_weight,
+            **({"recall_offset": self.recall.offset} if self.recall_weight else {}),
             "layers": self.layers,
             **self.info,
         }

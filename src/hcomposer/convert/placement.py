@@ -11,7 +11,8 @@
   scores a keep-set by the validation loss after a short distillation of the whole student.
   Scores: per layer, mean loss of the trials that kept it minus that of the trials that did not.
 - ``gates`` (FlashMorph-style, ``convert.gates``): a gate per layer between its attention and
-  its converted twin, trained with a penalty toward the twin; the ``k`` highest gates are kept.
+  its converted twin, trained with a penalty toward the twin (on the text, plus MAD recall
+  with ``--gate-recall-weight``); the ``k`` highest gates are kept.
   It trains for (attention layers) x the probe tokens: the budget of ``greedy``'s probes.
   Scores: the learned gates.
 """

@@ -20,6 +20,7 @@ from hcomposer.config_io import Config
 from hcomposer.convert.distill import Distillation, DistillConfig
 from hcomposer.convert.mapping import TARGETS, convert_model, describe, student_architecture
 from hcomposer.convert.placement import STRATEGIES, even_keep, val_loss
+from hcomposer.convert.recall import RecallData
 from hcomposer.convert.search import gates_keep, greedy_keep, optuna_keep
 from hcomposer.convert.teacher import Teacher, load_teacher
 from hcomposer.data import get_tokenizer, prepare_dataset
@@ -50,6 +51,10 @@ class ConvertConfig(Config):
     strategy: str = spec("even", choices=STRATEGIES, help="how the kept layers are chosen")
     trials: int = spec(8, ge=1, le=10_000, help="optuna: keep-sets tried")
     gate_penalty: float = spec(0.05, ge=0, le=1e6, help="gates: weight of mean(g)")
+    gate_recall_weight: float = spec(
+        0.0, ge=0, le=1e6, help="gates: weight of the MAD recall loss (0: text only)"
+    )
+    gate_recall_offset: int = spec(0, ge=0, le=2**31, help="gates: first id of the recall tokens")
     probe_tokens: int = spec(32_768, ge=1, cap="tokens", unit="tokens", help="tokens per probe")
     tokens: int = spec(1_000_000, ge=1, cap="tokens", unit="tokens", help="distillation tokens")
     seq_len: int = spec(256, ge=1, le=2**24, unit="tokens", help="training sequence length")
@@ -168,6 +173,12 @@ def convert(
     if config.layers and len(chosen) != config.keep:
         raise UserError(f"--keep {config.keep} but --keep-layers lists {len(chosen)} layers")
     tok_spec, tokenizer = _tokenizer_spec(teacher, config)
+    recall = None
+    if config.gate_recall_weight and config.strategy != "gates":
+        raise UserError("--gate-recall-weight trains the gates: it needs --strategy gates")
+    if config.gate_recall_weight and not config.layers:
+        vocab = teacher.arch.shape.vocab_size
+        recall = RecallData(config.seed, config.gate_recall_offset, vocab)
     # Nothing was written before this line.
     # Written once: a resumed conversion keeps the command line it was started with.
     if not cd.request.is_file():
@@ -177,6 +188,7 @@ def convert(
         cd.record({"convert": config.to_dict(), "teacher": teacher.source}, argv)
     dataset = prepare_dataset(config.data, tokenizer, None, 0.02, config.seed)
     ctx = _Context(config, cd, teacher, tok_spec, dataset, progress)
+    ctx.recall = recall
     placement = _placement(ctx, chosen)
     converted = [a for j, a in enumerate(teacher.attention_layers) if j not in placement["keep"]]
     student_arch = student_architecture(teacher.arch, converted, config.to)
@@ -214,6 +226,7 @@ class _Context:
         self.config, self.cd, self.teacher = config, cd, teacher
         self.tok_spec, self.dataset, self.progress = tok_spec, dataset, progress
         self.device = resolve_device(config.device)
+        self.recall: RecallData | None = None  # gates: MAD recall data, when asked for
 
     def calibration(self) -> torch.Tensor:
         """A training batch (its own seed) to fit the converted mixers' gates and scales."""

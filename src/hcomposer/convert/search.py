@@ -171,8 +171,9 @@ def gates_keep(ctx) -> dict[str, Any]:
     def gated(student):
         info = {"to": config.to}
         made["objective"] = GateSearch(
-            teacher.model, student.state_dict(), attn, config.distill(), config.gate_penalty, info
-        )
+            teacher.model, student.state_dict(), attn, config.distill(), config.gate_penalty,
+            info, recall=ctx.recall, recall_weight=config.gate_recall_weight if ctx.recall else 0,
+        )  # fmt: skip
         return made["objective"]
 
     # One run as long as greedy's probes together (one per attention layer): the same budget.
@@ -188,6 +189,7 @@ def gates_keep(ctx) -> dict[str, Any]:
         "keep": sorted(order[: config.keep]),
         "scores": {str(j): values[a] for j, a in enumerate(attn)},
         "score_meaning": "learned gate g toward attention (1) or its converted twin (0) after "
-        f"{result.tokens:,} tokens with penalty {config.gate_penalty:g} x mean(g)",
+        f"{result.tokens:,} tokens with penalty {config.gate_penalty:g} x mean(g)"
+        + (f", recall weight {config.gate_recall_weight:g}" if ctx.recall else ""),
         "val_loss": result.val_loss,
     }
