@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,19 +38,10 @@ import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_run_file
-from hcomposer.data import (
-    StreamingDataset,
-    get_tokenizer,
-    is_streamed,
-    load_tokenizer,
-    prepare_dataset,
-    resolve_source,
-)
+from hcomposer.data import load_tokenizer
 from hcomposer.errors import UserError
 from hcomposer.format import progress_bar
-from hcomposer.io import entry_lock
 from hcomposer.model import build_model, lm_loss
-from hcomposer.primitives import primitive_class
 from hcomposer.runs import RUN_JSON, FolderLock, RunDir
 from hcomposer.threads import THREADS_EVERY, AdaptiveThreads, adapts
 from hcomposer.tracking import Tracking, open_tracking
@@ -61,17 +51,12 @@ from hcomposer.training.checkpoint import (
     set_aside_damaged,
     usable_checkpoint,
 )
-from hcomposer.training.config import (
-    RESUMABLE_CHANGES,
-    TrainConfig,
-    TrainResult,
-    resolve_arch,
-    vocab_for,
-)
+from hcomposer.training.config import TrainConfig, TrainResult, resolve_arch, vocab_for
+from hcomposer.training.data_feed import data_state, micro_batches, restore_data
 from hcomposer.training.distributed import Distributed
 from hcomposer.training.meter import Meter
 from hcomposer.training.objective import Objective
-from hcomposer.training.out_dir import check_out_dir
+from hcomposer.training.preflight import check_inputs
 from hcomposer.training.schedule import lr_at
 from hcomposer.training.step import (
     evaluate,
@@ -211,100 +196,12 @@ def _train(trainer: Trainer, stop_at: int | None, progress: bool) -> TrainResult
     )  # fmt: skip
 
 
-def _check_inputs(arch, config, out, dist, resume):
-    """``(has_run, tokenizer, arch, checkpoint, micro-batch, dataset)`` of a run about to start."""
-    # Every check that can fail on bad input runs before anything is written.
-    has_run = check_out_dir(out, arch, config.to_dict(), resume, RESUMABLE_CHANGES)
-    if has_run:
-        tokenizer = load_tokenizer(RunDir(out).tokenizer)
-        arch = RunDir(out).read_architecture()
-    else:
-        tokenizer = get_tokenizer(config.tokenizer, source=config.data)
-        arch = resolve_arch(arch, tokenizer, config.seq_len)
-    # A truncated or tampered checkpoint is refused here, before anything is written, unless
-    # the previous one is whole (then that one is used, and the user told).
-    ckpt = usable_checkpoint(out, tell=dist.main) if has_run else None
-    if config.batch_threads > 1 and dist.enabled:
-        raise UserError(
-            f"--batch-threads {config.batch_threads} does not work in a distributed run "
-            "(torchrun); leave it at 1"
-        )
-    if config.batch_threads > 1:
-        stateful = sorted(
-            {t for layer in arch.layers for t in layer if primitive_class(t).forward_updates_state}
-        )
-        if stateful:
-            # Concurrent forwards of one model would race on that state (MoE routing).
-            raise UserError(
-                f"--batch-threads {config.batch_threads} does not work with {', '.join(stateful)} "
-                "layers (their forward updates shared state); leave it at 1"
-            )
-    if config.fsdp and not dist.enabled:
-        raise UserError(
-            "--fsdp shards the model over torchrun's processes: run it under "
-            "`torchrun --nproc_per_node N` with N >= 2"
-        )
-    micro, rem = divmod(config.batch_size, dist.world * config.grad_accum)
-    if rem or micro == 0:
-        raise UserError(
-            f"batch size {config.batch_size} does not split into {dist.world} process(es) x "
-            f"{config.grad_accum} accumulation steps"
-        )
-    shards = config.data is not None and (Path(config.data) / "manifest.json").is_file()
-    # Every rank checks the source, so bad input fails everywhere, not only on rank 0.
-    source = None if shards else resolve_source(config.data)
-    if source is not None and is_streamed(source):
-        # An hf: source is streamed (hcomposer.data.stream): nothing is downloaded or
-        # tokenised ahead; its position is saved with each checkpoint.
-        dataset = StreamingDataset(source, tokenizer, config.val_fraction, config.seed)
-        dataset.check_lengths(config.seq_len, config.eval_tokens)
-    else:
-        dataset = _shards(config, tokenizer, dist)
-    if has_run:
-        stored = read_run_file(out, RUN_JSON, keys=("config",), versioned=True)["config"]
-        started_on = (
-            (stored.get("dataset") or {}).get("sha256") if isinstance(stored, dict) else None
-        )
-        if started_on is not None and started_on != dataset.manifest.get("sha256"):
-            raise UserError(
-                f"--resume: the data of the run in {str(out)!r} changed since it started "
-                "(token shard checksums differ); restore the data or start a new run"
-            )
-    device = dist.device
-    if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16; pass --dtype fp32")
-    return has_run, tokenizer, arch, ckpt, micro, dataset
-
-
-def _shards(config, tokenizer, dist):
-    """Rank 0 tokenises ``config.data`` into shards (or finds them); the others then open them."""
-    t_data = time.time()
-    if dist.main:
-        dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
-    dist.barrier()
-    if not dist.main:
-        dataset = prepare_dataset(config.data, tokenizer, None, config.val_fraction, config.seed)
-    try:
-        for split in ("train", "val"):
-            dataset.check_len(dataset.split(split), split, config.seq_len)
-    except UserError:
-        # Shards built just now from a source too small to train on: leave nothing behind.
-        manifest = Path(dataset.path) / "manifest.json"
-        fresh = manifest.is_file() and manifest.stat().st_mtime >= t_data - 1
-        if dist.main and fresh and Path(dataset.path) != Path(str(config.data)):
-            # Under the entry's lock, which then goes too.
-            with entry_lock(dataset.path):
-                shutil.rmtree(dataset.path, ignore_errors=True)
-        raise
-    return dataset
-
-
 class Trainer:
     """One training run: :meth:`setup`, then :meth:`step` / :meth:`evaluate` /
     :meth:`checkpoint` in a loop, then :meth:`finish` (``train`` drives it).
 
-    The constructor checks everything (``_check_inputs``) before anything is written;
-    :meth:`setup` builds the model and optimiser, restores the checkpoint and
+    The constructor checks everything (``preflight.check_inputs``) before anything is
+    written; :meth:`setup` builds the model and optimiser, restores the checkpoint and
     writes the run folder's first files.
     """
 
@@ -329,7 +226,7 @@ class Trainer:
                 "a distillation run trains in one process without --compile for now; "
                 "drop torchrun/--compile"
             )
-        checked = _check_inputs(arch, config, self.run_dir.root, dist, resume)
+        checked = check_inputs(arch, config, self.run_dir.root, dist, resume)
         self.has_run, self.tokenizer, self.arch, self.ckpt, self.micro, self.dataset = checked
         if objective is not None:
             objective.check(self.arch, self.tokenizer)
@@ -363,8 +260,7 @@ class Trainer:
             # One path for one process, DDP and FSDP (each rank keeps its shard).
             state = load_checkpoint(self.ckpt, model, self.optimizer)
             self.start_step = int(state["step"])
-            if isinstance(self.dataset, StreamingDataset):
-                self.dataset.load_state_dict(state.get("data", {}))
+            restore_data(self.dataset, state.get("data", {}))
             if dist.main and self.ckpt != run.checkpoint:
                 set_aside_damaged(run.root)  # the next save keeps the good one as previous
         else:
@@ -489,14 +385,7 @@ class Trainer:
         ``grad_norm`` is None when the loss was not finite (nothing was updated)."""
         config, micro = self.config, self.micro
         set_lr(self.optimizer, self.lr(step))
-        x_all, y_all = self.dataset.batch_at(
-            "train", step, config.batch_size, config.seq_len, seed=config.seed
-        )
-        x_all, y_all = x_all[self.rows].to(self.device), y_all[self.rows].to(self.device)
-        batches = [
-            (x_all[k * micro : (k + 1) * micro], y_all[k * micro : (k + 1) * micro])
-            for k in range(config.grad_accum)
-        ]
+        batches = micro_batches(self.dataset, step, config, self.rows, micro, self.device)
         net = self.net
         no_sync = None
         if config.fsdp:
@@ -541,14 +430,10 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         config, dist = self.config, self.dist
-        data: dict[str, Any] = {"seed": config.seed, "next_batch": step}
-        if isinstance(self.dataset, StreamingDataset):
-            # A streamed source's position: the next record and token (hcomposer.data.stream).
-            data.update(self.dataset.state_dict())
         record = {
             "step": step,
             "tokens": step * config.tokens_per_step,
-            "data": data,
+            "data": data_state(self.dataset, config, step),
             "total_steps": config.total_steps,
         }
         # Every rank takes part: under FSDP each writes its own shards (nothing is gathered);
