@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hcomposer.evaluation import efficiency
-from hcomposer.evaluation.efficiency import EfficiencyConfig, compare_efficiency, run_efficiency
+from hcomposer.evaluation.efficiency import EfficiencyConfig, run_efficiency
+from hcomposer.evaluation.efficiency_compare import compare_efficiency
 from hcomposer.model import build_model
 from hcomposer.training import step as core
 from hcomposer.training.step import param_groups

@@ -7,8 +7,9 @@ import torch
 
 from hcomposer import build_model
 from hcomposer.errors import UserError
-from hcomposer.evaluation import efficiency
-from hcomposer.evaluation.efficiency import EfficiencyConfig, compare_efficiency
+from hcomposer.evaluation import efficiency, efficiency_compare
+from hcomposer.evaluation.efficiency import EfficiencyConfig
+from hcomposer.evaluation.efficiency_compare import compare_efficiency
 from hcomposer.evaluation.interleave import measure_interleaved, round_order, spread
 from hcomposer.primitives import cpu_kernels
 
@@ -82,7 +83,9 @@ def test_spread_arithmetic():
 def test_compare_efficiency_on_a_fake_clock(monkeypatch):
     # Every timed call lasts exactly 0.5 fake seconds, whatever the model.
     ticks = iter(range(10**6))
-    monkeypatch.setattr(efficiency, "_clock", lambda device: (lambda: 0.25 * next(ticks), None))
+    monkeypatch.setattr(
+        efficiency_compare, "_clock", lambda device: (lambda: 0.25 * next(ticks), None)
+    )
     models = {
         "base": build_model("AF", shape="tiny", seed=0),
         "hyb": build_model("SF", shape="tiny", seed=0),
@@ -107,7 +110,7 @@ def test_compare_efficiency_on_a_fake_clock(monkeypatch):
 def test_compare_efficiency_ratios_are_paired_per_round(monkeypatch):
     # The hybrid's calls last half the baseline's in every round, under load growing 10x.
     seen = []
-    real = efficiency.measure_interleaved
+    real = efficiency_compare.measure_interleaved
 
     def spy(fns, **kw):
         res = real(fns, **kw)
@@ -118,7 +121,7 @@ def test_compare_efficiency_ratios_are_paired_per_round(monkeypatch):
             res.times["hyb"][r] = 1.0 * load
         return res
 
-    monkeypatch.setattr(efficiency, "measure_interleaved", spy)
+    monkeypatch.setattr(efficiency_compare, "measure_interleaved", spy)
     models = {"base": build_model("AF", shape="tiny"), "hyb": build_model("AF", shape="tiny")}
     cfg = EfficiencyConfig(min_len=16, max_len=16, repeats=4, decode_steps=1, train_batch=1,
                            train_optimizer="none", device="cpu")  # fmt: skip

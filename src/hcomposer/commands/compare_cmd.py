@@ -7,7 +7,8 @@ from pathlib import Path
 
 from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
-from hcomposer.evaluation.efficiency import EfficiencyConfig, measure_runs_interleaved
+from hcomposer.evaluation.efficiency import EfficiencyConfig
+from hcomposer.evaluation.efficiency_compare import measure_runs_interleaved
 from hcomposer.format import console
 from hcomposer.guards import check_output_dir
 from hcomposer.reporting.compare import compare_runs

@@ -30,12 +30,7 @@ Lengths double from ``min_len`` to ``max_len``; a length that runs out of memory
 or over ``max_seconds`` is recorded with its reason and the sweep stops there.
 Each timing is the median of ``repeats`` runs after one warm-up.
 
-Comparisons (``compare_efficiency``, used by ``hcomposer compare --interleaved`` and the
-pipeline's report) measure the models of a comparison in one process, interleaved: each
-round times one training step (the same settings for every model), one prefill and
-``decode_steps`` decode steps of every model in turn (see ``evaluation/interleave.py``), on the
-suite's clock. Medians and [min, max] come with every figure, and each ratio to the first
-model is the median of per-round ratios, so load from other processes cancels out of it.
+Comparisons of several models, measured interleaved: ``evaluation/efficiency_compare.py``.
 """
 
 from __future__ import annotations
@@ -53,23 +48,14 @@ import torch
 
 from hcomposer.accounting import count_costs
 from hcomposer.errors import UserError
-from hcomposer.evaluation.interleave import measure_interleaved
 from hcomposer.model import lm_loss
 from hcomposer.plots import save_png, subplots
 from hcomposer.primitives import cpu_kernels
 from hcomposer.training import step as core
 from hcomposer.training.step import make_optimizer, resolve_dtype
-from hcomposer.training.trainer import TrainConfig, load_run
+from hcomposer.training.trainer import TrainConfig
 
-__all__ = [
-    "EfficiencyConfig",
-    "run_efficiency",
-    "compare_efficiency",
-    "measure_runs_interleaved",
-    "interleaved_markdown",
-    "plot_efficiency",
-    "efficiency_markdown",
-]
+__all__ = ["EfficiencyConfig", "run_efficiency", "plot_efficiency", "efficiency_markdown"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +95,7 @@ class EfficiencyConfig:
         return asdict(self)
 
 
-def _device(spec: str) -> torch.device:
+def device_for(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
@@ -183,7 +169,7 @@ def _can_reset_hwm() -> bool:
     return _HWM_OK
 
 
-def _now(device: torch.device) -> float:
+def clock_now(device: torch.device) -> float:
     """The suite's clock: CPU time of this process on CPU with one thread (time spent
     descheduled by other processes does not count; equal to wall time on an idle core),
     wall time otherwise."""
@@ -192,7 +178,7 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _clock_name(device: torch.device) -> str:
+def clock_name(device: torch.device) -> str:
     if device.type == "cpu" and torch.get_num_threads() == 1:
         return "cpu process time"
     return "wall time" + (", synchronised" if device.type == "cuda" else "")
@@ -203,10 +189,10 @@ def _timed(fn, device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         _sync(device)
-        t = _now(device)
+        t = clock_now(device)
         fn()
         _sync(device)
-        times.append(_now(device) - t)
+        times.append(clock_now(device) - t)
     return statistics.median(times)
 
 
@@ -214,7 +200,7 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _training_step(model, cfg: EfficiencyConfig, train_len: int, device, train: TrainConfig):
+def training_step(model, cfg: EfficiencyConfig, train_len: int, device, train: TrainConfig):
     """One step of the training core on a copy of ``model``, as a closure: the trainer's loss,
     optimiser, autocast and clipping (from ``train``); ``train_optimizer="none"`` computes the
     gradients only."""
@@ -244,7 +230,7 @@ def _training_step(model, cfg: EfficiencyConfig, train_len: int, device, train: 
     return step
 
 
-def _train_settings(cfg: EfficiencyConfig, train: TrainConfig, device) -> dict[str, Any]:
+def train_settings(cfg: EfficiencyConfig, train: TrainConfig, device) -> dict[str, Any]:
     return {
         "optimizer": cfg.train_optimizer,
         "precision": resolve_dtype(train.dtype, device),
@@ -255,13 +241,13 @@ def _train_settings(cfg: EfficiencyConfig, train: TrainConfig, device) -> dict[s
 def _train_throughput(
     model, cfg: EfficiencyConfig, train_len: int, device, train: TrainConfig
 ) -> dict[str, Any]:
-    step = _training_step(model, cfg, train_len, device, train)
+    step = training_step(model, cfg, train_len, device, train)
     with _PeakMemory(device) as mem:
         t = _timed(step, device, cfg.repeats)
     return {
         "batch": cfg.train_batch,
         "seq_len": train_len,
-        **_train_settings(cfg, train, device),
+        **train_settings(cfg, train, device),
         "seconds_per_step": t,
         "tokens_per_s": cfg.train_batch * train_len / t,
         "peak_bytes": mem.peak,
@@ -287,11 +273,11 @@ def _inference_point(model, L: int, cfg: EfficiencyConfig, device) -> dict[str, 
         cache = model.init_cache(cfg.batch, total)
         model(prompt, cache=cache)
         _sync(device)
-        t0 = _now(device)
+        t0 = clock_now(device)
         for _ in range(cfg.decode_steps):
             model(nxt, cache=cache)
         _sync(device)
-        return _now(device) - t0
+        return clock_now(device) - t0
 
     decode()
     bandwidth = _read_bandwidth(cfg.bandwidth_probe_mib, device)
@@ -320,12 +306,12 @@ def run_efficiency(
     """The efficiency sweep for ``model``; returns a JSON-ready dict (see module docstring).
     ``train``: the settings of its training step (the trainer's defaults if None)."""
     cfg = config or EfficiencyConfig()
-    device = _device(cfg.device)
+    device = device_for(cfg.device)
     arch = model.arch
     dtype = next(model.parameters()).dtype
     dtype_bytes = torch.finfo(dtype).bits // 8
     model = model.to(device).eval()
-    lengths = _lengths(cfg, train_len)
+    lengths = context_lengths(cfg, train_len)
     weight_bytes = _weight_bytes(model)
     torch.manual_seed(cfg.seed)
     train = train or TrainConfig()
@@ -355,8 +341,8 @@ def run_efficiency(
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu(),
         "threads": torch.get_num_threads(),
-        "clock": _clock_name(device),
-        "decode_kernels": _kernels(device),
+        "clock": clock_name(device),
+        "decode_kernels": kernels_status(device),
         "dtype": str(dtype).replace("torch.", ""),
         "memory_method": _PeakMemory(device).method,
         "params_total": costs.params_total,
@@ -383,7 +369,7 @@ def _add_cache_bytes(p: dict, L: int, cfg: EfficiencyConfig, costs, weight_bytes
     return p
 
 
-def _kernels(device: torch.device) -> str:
+def kernels_status(device: torch.device) -> str:
     """Whether the fused CPU decode kernels are built (they serve bf16 models on CPU only)."""
     return cpu_kernels.status() if device.type == "cpu" else "not used (not a CPU)"
 
@@ -478,20 +464,14 @@ def _read_bandwidth(mib: int, device: torch.device) -> float | None:
     best = float("inf")
     for _ in range(3):
         _sync(device)
-        t0 = _now(device)
+        t0 = clock_now(device)
         x.sum()
         _sync(device)
-        best = min(best, _now(device) - t0)
+        best = min(best, clock_now(device) - t0)
     return x.numel() * 4 / best
 
 
-def _clock(device: torch.device):
-    """(timer, sync) for interleaved timing: the suite's clock, synchronised on CUDA."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    return (lambda: _now(device)), sync
-
-
-def _lengths(cfg: EfficiencyConfig, train_len: int) -> list[int]:
+def context_lengths(cfg: EfficiencyConfig, train_len: int) -> list[int]:
     if cfg.contexts:
         return sorted(set(cfg.contexts))
     max_len = cfg.max_len or 4 * train_len
@@ -500,163 +480,3 @@ def _lengths(cfg: EfficiencyConfig, train_len: int) -> list[int]:
         out.append(n)
         n *= 2
     return out
-
-
-@torch.no_grad()
-def _context_fns(model, L: int, cfg: EfficiencyConfig, device, rounds: int):
-    """(prefill, decode) closures at context L; decode continues one cache, round after round."""
-    g = torch.Generator().manual_seed(cfg.seed + L)
-    V = model.arch.shape.vocab_size
-    prompt = torch.randint(0, V, (cfg.batch, L), generator=g).to(device)
-    nxt = torch.randint(0, V, (cfg.batch, 1), generator=g).to(device)
-
-    def prefill():
-        with torch.no_grad():
-            model(prompt, cache=model.init_cache(cfg.batch, L + 1))
-
-    cache = model.init_cache(cfg.batch, L + cfg.decode_steps * rounds + 1)
-    model(prompt, cache=cache)
-
-    def decode():
-        with torch.no_grad():
-            for _ in range(cfg.decode_steps):
-                model(nxt, cache=cache)
-
-    return prefill, decode
-
-
-class _Rounds:
-    """Interleaved measurements of every model, and each one's paired ratios to the first."""
-
-    def __init__(self, labels: list[str], device: torch.device, repeats: int):
-        self.labels, self.repeats = labels, repeats
-        self.timer, self.sync = _clock(device)
-        self.ratios: dict[str, dict[str, Any]] = {lab: {} for lab in labels[1:]}
-
-    def speeds(self, metric: str, fns: dict[str, Any], work: float) -> dict[str, Any]:
-        """Time ``fns`` interleaved; ``work`` units per call -> each label's speed spread."""
-        res = measure_interleaved(fns, repeats=self.repeats, timer=self.timer, sync=self.sync)
-        for lab in self.labels[1:]:
-            self.ratios[lab][metric] = res.ratio(self.labels[0], lab).to_dict()
-        return {lab: res.summary(lab).map(lambda t: work / t) for lab in self.labels}
-
-
-def compare_efficiency(
-    models: dict[str, Any],
-    *,
-    train_len: int,
-    config: EfficiencyConfig | None = None,
-    train: TrainConfig | None = None,
-) -> dict[str, Any]:
-    """Training, prefill and decode speed of several models measured interleaved (see above).
-
-    Returns ``{"models": {label: run_efficiency-like dict}, "ratios": {label: {metric: spread}},
-    "clock", "config"}``; ratios are speeds relative to the first label (> 1: faster). Every
-    model's training step uses ``train``'s settings (the trainer's defaults if None), so the
-    ratios compare architectures, not settings.
-    """
-    if not models:
-        raise UserError("compare_efficiency: no models")
-    cfg = config or EfficiencyConfig()
-    train = train or TrainConfig()
-    device = _device(cfg.device)
-    labels = list(models)
-    rounds = _Rounds(labels, device, cfg.repeats)
-    costs = {lab: count_costs(m.arch, seq_len=train_len, dtype_bytes=_dtype_bytes(m))
-             for lab, m in models.items()}  # fmt: skip
-    models = {lab: m.to(device).eval() for lab, m in models.items()}
-    tl = cfg.train_len or train_len
-    torch.manual_seed(cfg.seed)
-    steps = {lab: _training_step(m, cfg, tl, device, train) for lab, m in models.items()}
-    speeds = rounds.speeds("train", steps, cfg.train_batch * tl)
-    results = {
-        lab: {
-            "train": {
-                "batch": cfg.train_batch,
-                "seq_len": tl,
-                **_train_settings(cfg, train, device),
-                "tokens_per_s": speeds[lab].median,
-                "tokens_per_s_spread": speeds[lab].to_dict(),
-            },
-            "inference": [],
-            "kv_bytes_per_token": costs[lab].kv_bytes_per_token,
-            "state_bytes_per_sequence": costs[lab].state_bytes,
-        }
-        for lab in labels
-    }
-    stopped = _compare_contexts(models, cfg, train_len, device, rounds, costs, results)
-    return {"models": results, "ratios": rounds.ratios, "config": cfg.to_dict(),
-            "device": str(device), "clock": _clock_name(device), "stopped": stopped,
-            "threads": torch.get_num_threads(), "reference": labels[0],
-            "decode_kernels": _kernels(device)}  # fmt: skip
-
-
-def _compare_contexts(models, cfg, train_len, device, rounds: _Rounds, costs, results):
-    """Prefill and decode of every model at each context length, interleaved, into
-    ``results[label]["inference"]``; returns why the sweep stopped early (None if it did not)."""
-    for L in _lengths(cfg, train_len):
-        t0 = time.perf_counter()
-        # One warm-up round before the timed ones: the decode cache holds them all.
-        fns = {lab: _context_fns(m, L, cfg, device, cfg.repeats + 1) for lab, m in models.items()}
-        prefill = rounds.speeds(
-            f"prefill@{L}", {lab: f[0] for lab, f in fns.items()}, cfg.batch * L
-        )
-        decode = rounds.speeds(f"decode@{L}", {lab: f[1] for lab, f in fns.items()},
-                               cfg.batch * cfg.decode_steps)  # fmt: skip
-        for lab, out in results.items():
-            out["inference"].append({
-                "context": L,
-                "prefill_tokens_per_s": prefill[lab].median,
-                "decode_tokens_per_s": decode[lab].median,
-                "prefill_tokens_per_s_spread": prefill[lab].to_dict(),
-                "decode_tokens_per_s_spread": decode[lab].to_dict(),
-                "kv_bytes": costs[lab].kv_bytes_per_token * L * cfg.batch,
-                "state_bytes": costs[lab].state_bytes * cfg.batch,
-            })  # fmt: skip
-        if time.perf_counter() - t0 > cfg.max_seconds:
-            return f"context {L} took over {cfg.max_seconds:g}s; longer ones skipped"
-    return None
-
-
-def _dtype_bytes(model) -> int:
-    return torch.finfo(next(model.parameters()).dtype).bits // 8
-
-
-def measure_runs_interleaved(
-    run_dirs: list[str | Path], labels: list[str], config: EfficiencyConfig | None = None
-) -> dict[str, Any]:
-    """``compare_efficiency`` of the latest checkpoints of several run folders; every model's
-    training step uses the first (reference) run's training settings."""
-    models, train_len, train = {}, 0, None
-    for d, lab in zip(run_dirs, labels, strict=True):
-        model, arch, _tok, info = load_run(d)
-        cfg = info.get("config") or {}
-        stored = cfg.get("train", cfg) or {}
-        seq = stored.get("seq_len") or arch.shape.max_seq_len
-        train_len = max(train_len, int(seq))
-        train = train or TrainConfig.from_dict(stored)
-        models[lab] = model
-    return compare_efficiency(models, train_len=train_len, config=config, train=train)
-
-
-def _spread_text(d: dict[str, Any], fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}, {fmt.format(d['max'])}]"
-
-
-def interleaved_markdown(res: dict[str, Any]) -> str:
-    """The paired speed ratios of ``compare_efficiency`` as a Markdown table."""
-    labels = list(res["ratios"])
-    metrics = list(next(iter(res["ratios"].values()), {}))
-    lines = [
-        f"Measured interleaved in one process ({res['clock']}, {res['threads']} threads, "
-        f"{res['config']['repeats']} rounds; CPU decode kernels (bf16 models): "
-        f"{res.get('decode_kernels', 'not recorded')}): speed relative to "
-        f"**{res['reference']}**, median [min, max] of per-round ratios.",
-        "",
-        "| metric | " + " | ".join(f"{lab} / {res['reference']}" for lab in labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for m in metrics:
-        cells = " | ".join(_spread_text(res["ratios"][lab][m]) for lab in labels)
-        lines.append(f"| {m} | {cells} |")
-    return "\n".join(lines)

@@ -10,7 +10,7 @@ from typing import Any
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
-from hcomposer.evaluation.efficiency import measure_runs_interleaved
+from hcomposer.evaluation.efficiency_compare import measure_runs_interleaved
 from hcomposer.format import markdown_table
 from hcomposer.io import atomic_write_text
 from hcomposer.pipeline.state import State, fmt_pm, mean_std

@@ -13,7 +13,8 @@ from typing import Any
 from hcomposer.accounting import count_costs
 from hcomposer.config_io import read_run_file
 from hcomposer.errors import UserError
-from hcomposer.evaluation.efficiency import interleaved_markdown, plot_efficiency
+from hcomposer.evaluation.efficiency import plot_efficiency
+from hcomposer.evaluation.efficiency_compare import interleaved_markdown
 from hcomposer.evaluation.mqar_curve import plot_mqar_curve
 from hcomposer.evaluation.niah import plot_niah
 from hcomposer.evaluation.suite import load_eval_results
