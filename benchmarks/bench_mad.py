@@ -16,7 +16,8 @@ import sys
 import time
 
 from hcomposer.architecture import Architecture
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 
 
 def main(argv: list[str] | None = None) -> int:

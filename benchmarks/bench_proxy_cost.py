@@ -23,7 +23,8 @@ import torch
 
 from hcomposer.architecture import Architecture
 from hcomposer.io import atomic_write_text
-from hcomposer.proxies.proxy import QUICKSTART_PROXY, ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import QUICKSTART_PROXY, evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 
 # The defaults before the calibration of 2026-12-01, on today's generators.
 PREVIOUS = dict(steps=120, lrs=(1e-3, 3e-3), dtype="bf16", warmup_steps=10, check_every=0)

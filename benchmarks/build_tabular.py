@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from hcomposer.architecture import Architecture
     from hcomposer.io import append_jsonl
-    from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+    from hcomposer.proxies.proxy import evaluate_proxy
+    from hcomposer.proxies.proxy_config import ProxyConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,7 +26,7 @@ import torch
 from hcomposer.architecture import Architecture
 from hcomposer.data.mad import default_task_config, generate_task
 from hcomposer.io import atomic_write_text
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.proxies.task import TaskHooks, TaskRun, train_and_score
 
 

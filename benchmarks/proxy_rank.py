@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32")
     args = p.parse_args(argv)
 
-    from hcomposer.proxies.proxy import ProxyConfig
+    from hcomposer.proxies.proxy_config import ProxyConfig
     from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
     from hcomposer.shapes import resolve_shape
     from hcomposer.training.trainer import TrainConfig

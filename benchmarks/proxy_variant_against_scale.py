@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from hcomposer.architecture import Architecture
     from hcomposer.errors import UserError
     from hcomposer.io import append_jsonl, atomic_write_json, read_jsonl
-    from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
+    from hcomposer.proxies.proxy import evaluate_proxy, parse_proxy
+    from hcomposer.proxies.proxy_config import ProxyConfig
     from hcomposer.proxies.rank_correlation import study_scale_losses
     from hcomposer.stats import spearman_ci, spearman_diff_ci
 

@@ -33,7 +33,7 @@ from hcomposer.evaluation.mqar_curve import MQARCurveConfig
 from hcomposer.evaluation.niah import NIAHConfig
 from hcomposer.fields import FieldSpec, field_specs
 from hcomposer.guards import _ARG_RANGES as ARG_RANGES
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.search.space import SearchConfig
 from hcomposer.shapes import PRESETS, Shape
 from hcomposer.training.trainer import TrainConfig

@@ -14,7 +14,7 @@ from hcomposer.cli import main
 from hcomposer.config_io import FORMAT_VERSION, check_fields, load_config, migrate, stamp
 from hcomposer.errors import UserError
 from hcomposer.io import atomic_write_json
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.runs import record_run
 from hcomposer.shapes import Shape, resolve_shape
 

@@ -18,7 +18,8 @@ from hcomposer.pattern import parse_pattern, to_megatron
 from hcomposer.primitives.delta_rule import chunked_flops, gated_delta_rule_reference
 from hcomposer.primitives.deltanet import A_INIT_RANGE, DeltaNetCache, GatedDeltaNet
 from hcomposer.primitives.mamba2 import DT_RANGE
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.search.space import SearchConfig, parse_choices
 from hcomposer.shapes import PRESETS, get_shape
 

@@ -15,7 +15,7 @@ from hcomposer.architecture import Architecture
 from hcomposer.config_io import read_json_file
 from hcomposer.errors import UserError
 from hcomposer.pattern import format_pattern, parse_pattern
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.search.space import SearchConfig
 from hcomposer.shapes import Shape, resolve_shape
 from hcomposer.training.trainer import TrainConfig

@@ -14,13 +14,8 @@ from hcomposer.data.mad import default_task_config
 from hcomposer.errors import UserError
 from hcomposer.proxies import proxy as proxy_mod
 from hcomposer.proxies import task as proxy_train
-from hcomposer.proxies.proxy import (
-    ProxyConfig,
-    ProxyPruned,
-    early_stop,
-    evaluate_proxy,
-    parse_proxy,
-)
+from hcomposer.proxies.proxy import ProxyPruned, early_stop, evaluate_proxy, parse_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 
 HAS_MAMBA = importlib.util.find_spec("hcomposer.primitives.mamba2") is not None
 

@@ -14,7 +14,7 @@ from hcomposer.errors import UserError
 from hcomposer.format import console
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
 from hcomposer.pipeline import rehearse as rh
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.proxies.rank_correlation import RankStudy, run_proxy_rank
 from hcomposer.proxies.ruler import RulerConfig
 from hcomposer.proxies.ruler_study import summarise, summary_markdown, write_zoo

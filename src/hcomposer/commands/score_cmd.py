@@ -10,7 +10,8 @@ from hcomposer.architecture import Architecture
 from hcomposer.commands.options import add_output
 from hcomposer.errors import UserError
 from hcomposer.format import console, human, parse_count
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy, parse_proxy
+from hcomposer.proxies.proxy import evaluate_proxy, parse_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.training.step import resolve_device
 
 HELP = "Score a pattern with a proxy: MAD tasks, MQAR or text loss at a token budget."

@@ -28,7 +28,8 @@ from hcomposer.errors import UserError
 from hcomposer.fields import spec
 from hcomposer.guards import MAX_SEED
 from hcomposer.plots import save_png, subplots
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 
 __all__ = ["MQARCurveConfig", "run_mqar_curve", "plot_mqar_curve", "mqar_markdown"]
 

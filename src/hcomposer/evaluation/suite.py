@@ -48,7 +48,8 @@ from hcomposer.evaluation.mqar_curve import (
 )
 from hcomposer.evaluation.niah import NIAHConfig, niah_lengths, niah_markdown, plot_niah, run_niah
 from hcomposer.io import atomic_write_json, atomic_write_text, run_metadata
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.runs import RunDir
 from hcomposer.training.step import evaluate
 from hcomposer.training.trainer import TrainConfig, load_run

@@ -35,7 +35,8 @@ from hcomposer.data.mad import default_task_config
 from hcomposer.errors import UserError
 from hcomposer.footprint import matmul_flops_per_token, training_memory
 from hcomposer.pipeline.scale import matched_baseline
-from hcomposer.proxies.proxy import ProxyConfig, parse_proxy
+from hcomposer.proxies.proxy import parse_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.recipes import Recipe
 from hcomposer.scaling.extrapolate import extrapolate
 from hcomposer.search.objectives import is_synthetic

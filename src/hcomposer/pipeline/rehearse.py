@@ -52,7 +52,7 @@ from hcomposer.data import ByteTokenizer, get_tokenizer, rehearsal_assets
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from hcomposer.pipeline.run import run_pipeline
 from hcomposer.pipeline.scale import matched_baseline, target_on_meta
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.recipes import PAPER_TOKENIZER, EvalConfig, Recipe
 from hcomposer.runs import RunDir, rehearsal_json
 from hcomposer.training.checkpoint import read_state, usable_checkpoint

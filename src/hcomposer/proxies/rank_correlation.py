@@ -36,7 +36,8 @@ from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from hcomposer.plots import save_png, subplots
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.stats import pair_agreement, seed_std, spearman_ci
 from hcomposer.training.trainer import TrainConfig, train

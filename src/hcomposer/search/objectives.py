@@ -24,7 +24,8 @@ from typing import Any
 
 from hcomposer.architecture import Architecture
 from hcomposer.errors import UserError
-from hcomposer.proxies.proxy import ProxyConfig, Report, evaluate_proxy, parse_proxy
+from hcomposer.proxies.proxy import Report, evaluate_proxy, parse_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 
 __all__ = [
     "Objective",

@@ -32,7 +32,7 @@ from hcomposer.fields import spec
 from hcomposer.guards import MAX_SEED
 from hcomposer.io import pick
 from hcomposer.pattern import TOKENS, format_pattern, parse_pattern
-from hcomposer.proxies.proxy import ProxyConfig
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.search.pruners import PRUNERS
 from hcomposer.search.samplers import SAMPLERS
 from hcomposer.shapes import Shape, resolve_shape
