@@ -54,10 +54,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hcomposer.errors import UserError
-from hcomposer.io import atomic_write_json, current_umask, read_json, sha256_file
+from hcomposer.io import current_umask, read_json, sha256_file
 from hcomposer.runs import RunDir
 from hcomposer.training import sharded
 from hcomposer.training.checkpoint_parts import (
+    RNG_FILE,
     DamagedCheckpoint,
     check_optimizer,
     commit_folder,
@@ -68,11 +69,13 @@ from hcomposer.training.checkpoint_parts import (
     misfit,
     param_names,
     rng_state,
+    save_rng,
     set_rng_state,
     split_optimizer,
     state_dict_api,
     take_state,
     tie_groups,
+    write_state_json,
 )
 
 __all__ = [
@@ -97,7 +100,7 @@ FORMAT = "hcomposer.checkpoint/2"
 FORMAT_V1 = "hcomposer.checkpoint/1"
 # Each rank's shards (``hcomposer.training.sharded``) instead of model and optimizer files.
 FORMAT_SHARDED = sharded.FORMAT
-_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+_FILES = ("model.safetensors", "optimizer.safetensors", RNG_FILE)
 
 
 def _names_for_indices(folder: Path, state: dict, flat: list[str]) -> dict:
@@ -163,16 +166,9 @@ def _write(
         save_file(tensors, str(tmp / "model.safetensors"), metadata=aliases or None)
         opt_tensors, opt_meta = split_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng_json, rng_tensors = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        record = {
-            "format": FORMAT,
-            **state,
-            "optimizer": opt_meta,
-            "rng": rng_json,
-            "sha256": {name: sha256_file(tmp / name) for name in _FILES},
-        }
-        atomic_write_json(tmp / "state.json", record)
+        rng = save_rng(tmp)
+        sums = {name: sha256_file(tmp / name) for name in _FILES}
+        write_state_json(tmp, FORMAT, state, opt_meta, rng, sums)
         final = commit_folder(tmp, run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The pieces both checkpoint layouts share (``hcomposer.training.checkpoint``'s gathered files
 and ``hcomposer.training.sharded``'s per-rank shards): RNG states, names of the
-optimiser's parameters, the optimiser state split into tensors and JSON, the checks that refuse
-a checkpoint that does not fit, and the atomic rotation of the checkpoint folder."""
+optimiser's parameters, the optimiser state split into tensors and JSON, ``state.json``'s
+record, the checks that refuse a checkpoint that does not fit, and the atomic rotation of the
+checkpoint folder."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from hcomposer.errors import UserError
+from hcomposer.io import atomic_write_json
 from hcomposer.runs import RunDir
 
 __all__ = [
+    "RNG_FILE",
     "rng_state",
     "set_rng_state",
+    "save_rng",
+    "write_state_json",
     "state_dict_api",
     "param_names",
     "tie_groups",
@@ -49,6 +55,32 @@ def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
     return json_state, tensors
+
+
+RNG_FILE = "rng.safetensors"
+
+
+def save_rng(folder: Path) -> dict[str, Any]:
+    """Write torch's generator states to ``folder/rng.safetensors``; returns Python's and
+    numpy's, as JSON for ``state.json``."""
+    rng_json, rng_tensors = rng_state()
+    save_file(rng_tensors, str(folder / RNG_FILE))
+    return rng_json
+
+
+def write_state_json(
+    folder: Path,
+    fmt: str,
+    state: dict[str, Any],
+    opt_meta: dict[str, Any],
+    rng: dict[str, Any],
+    sha256: dict[str, str],
+    **extra: Any,
+) -> None:
+    """``folder/state.json``: the layout's format, the caller's state (step, tokens, data), the
+    optimiser state's JSON part, the generators' JSON part, ``extra`` and each file's sha256."""
+    record = {"format": fmt, **state, "optimizer": opt_meta, "rng": rng, **extra, "sha256": sha256}
+    atomic_write_json(folder / "state.json", record)
 
 
 def set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

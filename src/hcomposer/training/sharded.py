@@ -30,24 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from hcomposer.io import atomic_write_json, current_umask, sha256_file
-from hcomposer.training.checkpoint_parts import (
-    check_optimizer,
-    commit_folder,
-    damaged,
-    differ,
-    forget_unsaved,
-    join_optimizer,
-    misfit,
-    param_names,
-    rng_state,
-    split_optimizer,
-    state_dict_api,
-    take_state,
-    tie_groups,
-)
+from hcomposer.io import current_umask, sha256_file
+from hcomposer.training import checkpoint_parts as parts
 
 __all__ = [
     "FORMAT",
@@ -185,12 +170,12 @@ def save_sharded(
     Rank 0 writes ``rng.safetensors`` and ``state.json`` (with every file's sha256, each
     hashed by its writer) and renames the folder into place; it returns the folder, the other
     ranks None."""
-    ties = tie_groups(model.state_dict(keep_vars=True))
+    ties = parts.tie_groups(model.state_dict(keep_vars=True))
     # Each tied tensor once, under its first name; state.json names the others.
     aliases = {name: group[0] for group in ties for name in group[1:]}
-    weights, osd = take_state(model, optimizer, whole=False)
+    weights, osd = parts.take_state(model, optimizer, whole=False)
     tensors = {k: v for k, v in weights.items() if k not in aliases}
-    opt_tensors, opt_meta = split_optimizer(osd, to_host=False)
+    opt_tensors, opt_meta = parts.split_optimizer(osd, to_host=False)
     tmp = run_dir / _TMP
     if _rank() == 0:
         if tmp.exists():
@@ -204,22 +189,14 @@ def save_sharded(
         sums = gather_digests([tmp / MODEL, tmp / OPTIMIZER])
         if _rank() != 0:
             return None
-        rng_json, rng_tensors = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        record = {
-            "format": FORMAT,
-            **state,
-            "optimizer": opt_meta,
-            "rng": rng_json,
-            "aliases": aliases,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "sha256": {
-                "rng.safetensors": sha256_file(tmp / "rng.safetensors"),
-                **{path.relative_to(tmp).as_posix(): digest for path, digest in sums.items()},
-            },
-        }
-        atomic_write_json(tmp / "state.json", record)
-        return commit_folder(tmp, run_dir)
+        rng = parts.save_rng(tmp)
+        files = {parts.RNG_FILE: sha256_file(tmp / parts.RNG_FILE)}
+        files.update((path.relative_to(tmp).as_posix(), digest) for path, digest in sums.items())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        parts.write_state_json(
+            tmp, FORMAT, state, opt_meta, rng, files, aliases=aliases, world_size=world
+        )
+        return parts.commit_folder(tmp, run_dir)
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -233,9 +210,9 @@ def checked_files(folder: Path, sums: dict[str, str]) -> list[str]:
     for sub in (MODEL, OPTIMIZER):
         for path in sorted((folder / sub).glob("*" + _SUFFIX)) if (folder / sub).is_dir() else ():
             if f"{sub}/{path.name}" not in sums:
-                raise damaged(folder, f"{sub}/{path.name} is not one of its files")
+                raise parts.damaged(folder, f"{sub}/{path.name} is not one of its files")
     if not any(name.startswith(MODEL + "/") for name in listed):
-        raise damaged(folder, "state.json lists no model shards")
+        raise parts.damaged(folder, "state.json lists no model shards")
     return ["rng.safetensors", *listed]
 
 
@@ -245,7 +222,7 @@ def _shapes(folder: Path, sub: str) -> dict[str, tuple[int, ...]]:
     try:
         return stored_shapes(folder / sub)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise damaged(folder, f"its {sub} shards do not read ({e})") from None
+        raise parts.damaged(folder, f"its {sub} shards do not read ({e})") from None
 
 
 def _check_weights(folder: Path, model: torch.nn.Module, aliases: dict[str, str]) -> None:
@@ -254,10 +231,10 @@ def _check_weights(folder: Path, model: torch.nn.Module, aliases: dict[str, str]
         k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if k not in aliases
     }
     if set(shapes) != set(expected):
-        raise misfit(folder, differ(set(expected), set(shapes)))
+        raise parts.misfit(folder, parts.differ(set(expected), set(shapes)))
     for k, shape in expected.items():
         if shapes[k] != shape:
-            raise misfit(folder, f"{k} is {shapes[k]} in it, {shape} here")
+            raise parts.misfit(folder, f"{k} is {shapes[k]} in it, {shape} here")
 
 
 def load_sharded(
@@ -269,20 +246,22 @@ def load_sharded(
     """Load a sharded checkpoint (checked by ``read_state``) into ``model`` (and
     ``optimizer``), whole or sharded by FSDP at any number of processes: each target reads
     the slices it needs. Names and shapes are checked first (a UserError naming them)."""
-    api = state_dict_api()
+    api = parts.state_dict_api()
     aliases = state.get("aliases") or {}
     _check_weights(folder, model, aliases)
     options = api.StateDictOptions(strict=False)
     if optimizer is None:
         weights, targets = api.get_model_state_dict(model, options=options), {}
     else:
-        names = param_names(model, optimizer)
+        names = parts.param_names(model, optimizer)
         stored = _shapes(folder, OPTIMIZER)
         meta = {k: torch.empty(s, device="meta") for k, s in stored.items()}
         try:
-            check_optimizer(folder, join_optimizer(meta, state["optimizer"]), model, names)
+            parts.check_optimizer(
+                folder, parts.join_optimizer(meta, state["optimizer"]), model, names
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise damaged(folder, f"its optimiser state does not read ({e})") from None
+            raise parts.damaged(folder, f"its optimiser state does not read ({e})") from None
         # Creates every parameter's state (forget_unsaved drops what the checkpoint lacks).
         weights, live = api.get_state_dict(model, optimizer, options=options)
         targets = {}
@@ -298,13 +277,13 @@ def load_sharded(
             api.set_model_state_dict(model, weights, options=options)
             return
         read_shards(folder / OPTIMIZER, targets)
-        osd = join_optimizer(targets, state["optimizer"])
+        osd = parts.join_optimizer(targets, state["optimizer"])
         api.set_state_dict(
             model, optimizer, model_state_dict=weights, optim_state_dict=osd, options=options
         )
-        forget_unsaved(optimizer, names, osd)
+        parts.forget_unsaved(optimizer, names, osd)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, SafetensorError) as e:
-        raise damaged(folder, f"its state does not load ({e})") from None
+        raise parts.damaged(folder, f"its state does not load ({e})") from None
 
 
 def read_whole(folder: Path) -> dict[str, torch.Tensor]:
