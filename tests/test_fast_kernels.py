@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -112,7 +113,8 @@ def test_our_delta_rule_matches_fla_naive_on_cpu(t, chunk):
 
 def test_cpu_inputs_never_take_the_kernel(monkeypatch, caplog):
     calls = []
-    monkeypatch.setattr(fla_delta, "_FAST", {"fn": lambda *a, **k: calls.append(1), "reason": ""})
+    fake = dataclasses.replace(fla_delta._KERNEL, fn=lambda *a, **k: calls.append(1), looked=True)
+    monkeypatch.setattr(fla_delta, "_KERNEL", fake)
     with caplog.at_level(logging.INFO, logger=fla_delta.__name__):
         assert not fla_delta.use_fast_delta(torch.device("cpu"), torch.float32)
     assert caplog.records == []
@@ -124,7 +126,8 @@ def test_cpu_inputs_never_take_the_kernel(monkeypatch, caplog):
 
 
 def test_cuda_fallback_is_announced_once(monkeypatch, caplog):
-    monkeypatch.setattr(fla_delta, "_FAST", {})
+    fresh = dataclasses.replace(fla_delta._KERNEL, fn=None, looked=False, announced=False)
+    monkeypatch.setattr(fla_delta, "_KERNEL", fresh)
     monkeypatch.setenv("HCOMPOSER_DELTA", "torch")
     cuda = torch.device("cuda")
     with caplog.at_level(logging.INFO, logger=fla_delta.__name__):
@@ -137,7 +140,8 @@ def test_cuda_fallback_is_announced_once(monkeypatch, caplog):
 
 
 def test_kernel_path_is_chosen_for_cuda_when_usable(monkeypatch):
-    monkeypatch.setattr(fla_delta, "_FAST", {"fn": object(), "reason": "", "announced": True})
+    usable = dataclasses.replace(fla_delta._KERNEL, fn=object(), looked=True, announced=True)
+    monkeypatch.setattr(fla_delta, "_KERNEL", usable)
     cuda = torch.device("cuda")
     assert fla_delta.use_fast_delta(cuda, torch.bfloat16)
     assert fla_delta.use_fast_delta(cuda, torch.float32)

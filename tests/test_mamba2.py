@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -176,9 +177,8 @@ def test_fast_path_never_used_on_cpu_and_announced_once(monkeypatch, caplog):
     def kernel(*args, **kwargs):
         raise AssertionError("the CUDA kernel was called on CPU input")
 
-    monkeypatch.setitem(mamba2_mod._FAST, "fn", kernel)
-    monkeypatch.setitem(mamba2_mod._FAST, "reason", "")
-    monkeypatch.setitem(mamba2_mod._FAST, "announced", False)
+    usable = dataclasses.replace(mamba2_mod._KERNEL, fn=kernel, looked=True, announced=False)
+    monkeypatch.setattr(mamba2_mod, "_KERNEL", usable)
     with caplog.at_level(logging.INFO, logger=mamba2_mod.__name__):
         m = Mamba2(TINY)
         Mamba2(TINY)

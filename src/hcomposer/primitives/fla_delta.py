@@ -21,10 +21,10 @@ run at 64 (the chunk size changes the order of the arithmetic, not the result).
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any
 
 import torch
+
+from hcomposer.primitives.optional_kernel import OptionalKernel
 
 __all__ = [
     "fast_delta_available",
@@ -37,33 +37,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FLA_CHUNKS = (16, 32, 64)
-_FAST: dict[str, Any] = {}
+_KERNEL = OptionalKernel(
+    package="flash-linear-attention", top="fla", module="fla.ops.gated_delta_rule",
+    attr="chunk_gated_delta_rule", env="HCOMPOSER_DELTA",
+)  # fmt: skip
 
 
 def fast_delta_available() -> bool:
     """True when fla's chunked gated delta-rule kernel imports (it runs on CUDA inputs only)."""
-    if "fn" not in _FAST:
-        fn = None
-        reason = "flash-linear-attention is not installed"
-        if os.environ.get("HCOMPOSER_DELTA", "").lower() == "torch":
-            reason = "HCOMPOSER_DELTA=torch"
-        else:
-            try:
-                from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fn
-            except ImportError as e:
-                if getattr(e, "name", "") != "fla":  # fla is there but Triton (or more) is not
-                    reason = f"flash-linear-attention is not usable ({type(e).__name__}: {e})"
-                fn = None
-            except Exception as e:  # a broken Triton/CUDA install
-                fn, reason = None, f"flash-linear-attention is not usable ({type(e).__name__}: {e})"
-        _FAST["fn"] = fn
-        _FAST["reason"] = reason
-    return _FAST["fn"] is not None
+    return _KERNEL.available()
 
 
 def fast_delta_reason() -> str:
     """Why the kernel is not used ("" when it is usable)."""
-    return "" if fast_delta_available() else _FAST["reason"]
+    return "" if fast_delta_available() else _KERNEL.reason
 
 
 def use_fast_delta(device: torch.device, dtype: torch.dtype) -> bool:
@@ -73,15 +60,15 @@ def use_fast_delta(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda":
         return False
     ok = fast_delta_available()
-    if not _FAST.get("announced"):
-        _FAST["announced"] = True
+    if not _KERNEL.announced:
+        _KERNEL.announced = True
         if ok:
             log.info("hcomposer D (Gated DeltaNet): CUDA inputs use fla's chunk_gated_delta_rule")
         else:
             log.warning(
                 "hcomposer D (Gated DeltaNet): CUDA inputs use the PyTorch chunked scan (%s; "
                 "pip install 'hcomposer[cuda]' for the fused kernel)",
-                _FAST["reason"],
+                _KERNEL.reason,
             )
     return ok and dtype != torch.float64
 
@@ -98,10 +85,10 @@ def fla_gated_delta_rule(
     """``gated_delta_rule_chunked``'s contract through fla's kernel: o [b,t,h,d_v] in v's
     dtype and the final state [b,h,d_k,d_v] in fp32. Needs ``fast_delta_available()``."""
     if not fast_delta_available():
-        raise RuntimeError(f"fla's gated delta-rule kernel is not usable: {_FAST['reason']}")
+        raise RuntimeError(f"fla's gated delta-rule kernel is not usable: {_KERNEL.reason}")
     dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        o, final = _FAST["fn"](
+        o, final = _KERNEL.fn(
             q.to(dtype),
             k.to(dtype),
             v,

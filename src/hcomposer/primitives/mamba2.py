@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +41,7 @@ from hcomposer.primitives.base import Linear, Primitive
 from hcomposer.primitives.cpu_kernels import block_ssm as kernel_block_ssm
 from hcomposer.primitives.cpu_kernels import ssm_step as kernel_ssm_step
 from hcomposer.primitives.decoding import fast_decoding
+from hcomposer.primitives.optional_kernel import OptionalKernel
 from hcomposer.primitives.short_conv import causal_conv_silu
 from hcomposer.primitives.ssd import ssd_chunked, ssd_step
 from hcomposer.shapes import Shape
@@ -68,37 +67,28 @@ A_INIT_RANGE = (0.01, 2.0)
 DT_RANGE = (1e-3, 1e-1)
 DT_FLOOR = 1e-4
 
-_FAST: dict[str, Any] = {}
+_KERNEL = OptionalKernel(
+    package="mamba_ssm", top="mamba_ssm", module="mamba_ssm.ops.triton.ssd_combined",
+    attr="mamba_chunk_scan_combined", env="HCOMPOSER_SSD",
+)  # fmt: skip
 
 
 def fast_scan_available() -> bool:
     """True when mamba_ssm's chunked-scan kernel can be used (CUDA inputs only)."""
-    if "fn" not in _FAST:
-        fn = None
-        reason = "mamba_ssm is not installed"
-        if os.environ.get("HCOMPOSER_SSD", "").lower() == "torch":
-            reason = "HCOMPOSER_SSD=torch"
-        else:
-            try:
-                from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
-            except Exception as e:  # ImportError, or a broken Triton/CUDA install
-                fn, reason = None, f"mamba_ssm is not usable ({type(e).__name__}: {e})"
-        _FAST["fn"] = fn
-        _FAST["reason"] = reason
-    return _FAST["fn"] is not None
+    return _KERNEL.available()
 
 
 def _announce_once() -> None:
-    if _FAST.get("announced"):
+    if _KERNEL.announced:
         return
-    _FAST["announced"] = True
+    _KERNEL.announced = True
     if fast_scan_available():
         log.warning(
             "hcomposer S (Mamba-2): CUDA inputs use mamba_ssm's mamba_chunk_scan_combined kernel; "
             "CPU inputs the PyTorch chunked scan (set HCOMPOSER_SSD=torch to use it everywhere)"
         )
     else:
-        log.info("hcomposer S (Mamba-2): PyTorch chunked scan everywhere (%s)", _FAST["reason"])
+        log.info("hcomposer S (Mamba-2): PyTorch chunked scan everywhere (%s)", _KERNEL.reason)
 
 
 @torch.no_grad()
@@ -228,7 +218,7 @@ class Mamba2(Primitive):
 
     def _scan(self, x, dt, A, B, C, initial_state):
         if x.is_cuda and fast_scan_available():
-            y, final = _FAST["fn"](
+            y, final = _KERNEL.fn(
                 x,
                 dt,
                 A,
