@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hcomposer.accounting import estimate_memory
 from hcomposer.architecture import Architecture
-from hcomposer.commands.options import add_data, add_output
+from hcomposer.commands.options import add_data, add_output, int_list
 from hcomposer.errors import UserError
 from hcomposer.evaluation.mqar_curve import MQARCurveConfig
 from hcomposer.evaluation.niah import NIAHConfig
@@ -50,16 +50,8 @@ def option_fields() -> dict:
     }
 
 
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"{what} needs whole numbers of at least 1, got {text!r}")
-    return values
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    return None if text is None else int_list(text, flag, least=1)
 
 
 def _check_lengths(run_dir: Path, parts, options: dict, max_len: int | None) -> None:

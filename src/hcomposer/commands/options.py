@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["DATA_FORMS", "TOKENIZER_FORMS", "add_data", "add_tokenizer", "add_output"]
+from hcomposer.errors import UserError
+
+__all__ = ["DATA_FORMS", "TOKENIZER_FORMS", "add_data", "add_tokenizer", "add_output", "int_list"]
 
 DATA_FORMS = (
     "a text file or folder, a token-shard folder, or hf:NAME[:CONFIG][@SPLIT] (a Hub dataset, "
@@ -33,3 +35,17 @@ def add_output(p: argparse.ArgumentParser, progress: str | None = "no progress b
     if progress is not None:
         p.add_argument("--no-progress", action="store_true", help=progress)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def int_list(text: str, flag: str, least: int) -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``, the value of option ``flag``: one whole number at least,
+    none below ``least`` (else a UserError naming the option)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(
+            f"{flag} {text!r}: write comma-separated whole numbers, e.g. {least},{least + 1}"
+        ) from None
+    if not values or min(values) < least:
+        raise UserError(f"{flag} {text!r}: give at least one whole number, none below {least}")
+    return values

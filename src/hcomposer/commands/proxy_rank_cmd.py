@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hcomposer.architecture import Architecture
-from hcomposer.commands.options import add_data, add_output, add_tokenizer
+from hcomposer.commands.options import add_data, add_output, add_tokenizer, int_list
 from hcomposer.data.sources import resolve_source
 from hcomposer.errors import UserError
 from hcomposer.format import console
@@ -135,15 +135,7 @@ def option_fields() -> dict:
 
 
 def _seeds(text: str | None, flag: str, default: tuple[int, ...]) -> tuple[int, ...]:
-    if text is None:
-        return default
-    try:
-        seeds = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: write comma-separated whole numbers, e.g. 0,1") from None
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"{flag} {text!r}: give at least one seed, none negative")
-    return tuple(dict.fromkeys(seeds))
+    return default if text is None else tuple(dict.fromkeys(int_list(text, flag, least=0)))
 
 
 def _ruler_report(args) -> int:
