@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from hcomposer.config_io import Config, migrate, read_json_file
 from hcomposer.errors import ShapeError, UserError
@@ -148,7 +148,11 @@ class Shape(Config):
         return self.ssm_inner // self.ssm_head_dim
 
 
-# name, d_model, heads, kv heads, ffn, max_seq_len, sublayers, window, ssm state, ssm head dim
+# The columns of a ladder row (``n_layers`` counts sublayers).
+_COLUMNS = (
+    "name", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "n_layers", "window",
+    "ssm_state", "ssm_head_dim",
+)  # fmt: skip
 _LADDER = [
     ("2m", 128, 4, 2, 384, 2048, 12, 128, 32, 32),
     ("10m", 256, 4, 2, 768, 2048, 24, 256, 64, 64),
@@ -158,22 +162,10 @@ _LADDER = [
 ]
 
 
-def _ladder(name, d, heads, kv, ffn, seq, layers, window, state, ssm_head, **rest) -> Shape:
-    """One rung of the size ladder: a 32K vocabulary unless ``rest`` says otherwise, the
-    fields not given at their defaults."""
-    return Shape(
-        name=name,
-        d_model=d,
-        n_heads=heads,
-        n_kv_heads=kv,
-        ffn_dim=ffn,
-        max_seq_len=seq,
-        n_layers=layers,
-        window=window,
-        ssm_state=state,
-        ssm_head_dim=ssm_head,
-        **{"vocab_size": 32768, **rest},
-    )
+def _ladder(*row: str | int, **rest: Any) -> Shape:
+    """One rung of the size ladder (a row of ``_COLUMNS``): a 32K vocabulary unless ``rest``
+    says otherwise, the fields not given at their defaults."""
+    return Shape(**dict(zip(_COLUMNS, row, strict=True)), **{"vocab_size": 32768, **rest})
 
 
 def _llama(name: str, d: int, heads: int, kv: int, ffn: int, layers: int, tie: bool) -> Shape:

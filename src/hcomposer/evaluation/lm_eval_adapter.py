@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 BOOTSTRAP_ITERS = 1000
+_SEED_ARGS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
 
 
 @torch.no_grad()
@@ -329,7 +330,7 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
 
     opts = options or LMEvalOptions()
-    seed, limit = opts.seed, opts.limit
+    limit = opts.limit
     tm = check_tasks(tasks, include_path)
     lm = HComposerLM(model, tokenizer, batch_size=opts.batch_size, max_gen_toks=opts.max_gen_toks)
     with _single_process_bootstrap():
@@ -341,10 +342,8 @@ def run_lm_eval(
             num_fewshot=opts.num_fewshot,
             bootstrap_iters=BOOTSTRAP_ITERS,
             log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
+            # One seed for all four of lm-eval's generators (python, numpy, torch, few-shot).
+            **dict.fromkeys(_SEED_ARGS, opts.seed),
         )
     out: dict[str, Any] = {
         "tasks": {},
