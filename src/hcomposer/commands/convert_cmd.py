@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from hcomposer.commands.options import add_data, add_output
 from hcomposer.convert.run import ConvertConfig, convert
 from hcomposer.errors import UserError
 from hcomposer.format import console, parse_count
@@ -46,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--data", default=None, help="text, token shards or hf:NAME (default: corpus)")
+    add_data(p, default="the embedded corpus", what="distillation text")
     p.add_argument("--tokenizer", default=None, help="default: the teacher's tokenizer")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--kl-weight", type=float, default=1.0)
@@ -61,8 +62,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue the conversion in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_output(p)
 
 
 def option_fields() -> dict:
