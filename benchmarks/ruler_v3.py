@@ -9,6 +9,7 @@ learning rate, two seeds, losses on a test split. See ``hcomposer.proxies.ruler`
     python benchmarks/ruler_v3.py proxies --shard 0/2   # the zoo's proxy scores (resumable)
     python benchmarks/ruler_v3.py zoo              # zoo.json / zoo.md / zoo.png (no training)
     python benchmarks/ruler_v3.py seed --shard 0/2 # seed 2 where seeds 0 and 1 differ > 0.1
+    python benchmarks/ruler_v3.py bytes --shard 0/2  # the byte-level check on 10 dev patterns
 
 Order of work: the five ``check`` patterns first (the cheap rate rule against the full grid),
 then the rest alternating held-out and development patterns, so any prefix of the study is
@@ -34,6 +35,7 @@ from hcomposer.proxies.ruler import (
 )
 from hcomposer.proxies.ruler_study import (
     add_seed,
+    run_byte_check,
     run_proxies,
     summarise,
     summary_markdown,
@@ -115,6 +117,15 @@ def make_split() -> dict:
     return {**split, "check": check, "seed": SPLIT_SEED}
 
 
+def byte_check_patterns(split: dict) -> list[str]:
+    """The byte-level check's 10 patterns, all from the development set (a design question):
+    the five check patterns and five more drawn with the study's seed. Fixed 2026-12-07
+    before any byte-level run."""
+    rng = np.random.default_rng(SPLIT_SEED + 2)
+    rest = [p for p in split["dev"] if p not in split["check"]]
+    return list(split["check"]) + [rest[i] for i in sorted(rng.choice(len(rest), 5, replace=False))]
+
+
 def order(split: dict) -> list[str]:
     rest_h = [p for p in split["heldout"]]
     rest_d = [p for p in split["dev"] if p not in split["check"]]
@@ -129,9 +140,8 @@ def order(split: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "what", choices=["split", "plan", "run", "status", "summary", "proxies", "zoo", "seed"]
-    )
+    what = ["split", "plan", "run", "status", "summary", "proxies", "zoo", "seed", "bytes"]
+    ap.add_argument("what", choices=what)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--work", default=None, help="run folders (default OUT/runs, not committed)")
     ap.add_argument("--shard", default="0/1")
@@ -183,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         i, n = (int(v) for v in args.shard.split("/"))
         add_seed(out, cfg, args.seed, above=args.spread, shard=(i, n), work_dir=args.work,
                  log=lambda m: print(m, flush=True))  # fmt: skip
+        return 0
+    if args.what == "bytes":
+        i, n = (int(v) for v in args.shard.split("/"))
+        run_byte_check(out, byte_check_patterns(split), cfg, shard=(i, n), work_dir=args.work,
+                       log=lambda m: print(m, flush=True))  # fmt: skip
         return 0
     if args.what == "summary":
         res = summarise(out, split, cfg)

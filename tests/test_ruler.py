@@ -23,7 +23,7 @@ from hcomposer.proxies.ruler import (
     run_ruler,
     split_patterns,
 )
-from hcomposer.proxies.ruler_study import add_seed, wide_spread
+from hcomposer.proxies.ruler_study import add_seed, byte_check, run_byte_check, wide_spread
 from hcomposer.runs import RulerDir, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,3 +270,35 @@ def test_a_third_seed_goes_where_the_first_two_disagree(tmp_path):
     # Again: the run is read from the log, not trained twice; the list does not shrink.
     assert add_seed(out, cfg, 2, above=0.1, log=lambda m: None) == ["AF"]
     assert len(list(read_jsonl(RulerDir(out).runs))) == len(runs) + 1
+
+
+def test_byte_check_trains_seed_0_byte_level_and_compares_with_bpe(tmp_path):
+    cfg = RulerConfig(shape=TINY, layers=2, tokens=8 * 64 * 160, batch_size=8, seq_len=64,
+                      base_lr=1e-2, warmup_steps=3, tokenizer="bpe:300")  # fmt: skip
+    out = tmp_path / "study"
+    out.mkdir()
+    bpe = {"AF": (5.0, 5.1), "FA": (5.2, 5.25), "AA": (5.5, 5.15), "FF": (6.0, 6.1)}
+    runs = [_final(p, s, v[s]) for p, v in bpe.items() for s in (0, 1)]
+    RulerDir(out).runs.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    # Nothing byte-level yet: the check lists its patterns, compares nothing.
+    assert byte_check(out) is None
+    said = []
+    run_byte_check(out, ["AF"], cfg, log=said.append)
+    sub = out / "byte_check"
+    recs = list(read_jsonl(RulerDir(sub).runs))
+    assert {r["seed"] for r in recs} == {0}, said
+    assert any(r["role"] == "final" and r["test_loss"] for r in recs), said
+    assert json.loads((sub / "ruler.json").read_text())["tokenizer"] == "byte"
+    res = byte_check(out)
+    assert res["patterns"] == ["AF"] and "byte_vs_bpe_mean" not in res  # 1 < 3 patterns
+    # Another pattern list on the same folder is refused; nothing is trained.
+    with pytest.raises(UserError, match="other patterns"):
+        run_byte_check(out, ["FA"], cfg, log=lambda m: None)
+    # Known answers from hand-written byte-level losses: the same order as BPE's mean.
+    byte = [_final(p, 0, v[0] + v[1]) for p, v in bpe.items()]
+    RulerDir(sub).runs.write_text("".join(json.dumps(r) + "\n" for r in byte))
+    (sub / "patterns.json").write_text(json.dumps(list(bpe)))
+    res = byte_check(out)
+    assert res["patterns"] == list(bpe)
+    assert res["byte_vs_bpe_mean"][0] == pytest.approx(1.0)
+    assert res["bpe_seed0_vs_seed1"][0] == pytest.approx(0.8)

@@ -4,13 +4,24 @@ from synthetic files (no training)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from hcomposer.proxies.ruler import RulerConfig
 from hcomposer.proxies.ruler_study import write_zoo
-from hcomposer.proxies.zoo import TRIVIAL, afwe_only, judge, plot_zoo, trivial_scores, zoo_markdown
+from hcomposer.proxies.zoo import (
+    TRIVIAL,
+    afwe_only,
+    fit_ridge,
+    judge,
+    plot_zoo,
+    structure,
+    trivial_scores,
+    zoo_markdown,
+)
+from hcomposer.stats import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 PATS = ["AFAFAF", "SFSFSF", "DFDFDF", "AAFFFF", "FFFFFF", "AEAEAE", "WFWFWF", "SSFFAA", "FAFAFA"]
@@ -113,3 +124,50 @@ def test_proxy_rank_reports_a_ruler_study_from_its_files(tmp_path, capsys):
     # Options that would train are refused on a ruler folder.
     assert main(["proxy-rank", "--out", str(out), "--tokens", "100000"]) == 2
     assert "ruler study" in capsys.readouterr().err
+
+
+def test_fit_ridge_scores_dev_out_of_sample_and_ranks_held_out():
+    """The fitted combination's dev scores are leave-one-out: a dev pattern's own target
+    cannot move its own score. Held-out patterns are scored by the fit on all of dev."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pats = [f"P{i}" for i in range(20)]
+    signal = {p: float(i) for i, p in enumerate(pats)}
+    feats = {p: {"signal": signal[p], "noise": float(rng.normal())} for p in pats}
+    loss = {p: 5.0 - 0.1 * signal[p] for p in pats}
+    dev, held = pats[::2], pats[1::2]
+    scores, info = fit_ridge(feats, loss, dev)
+    assert set(scores) == set(pats) and info["dev_n"] == len(dev)
+    assert abs(info["weights"]["signal"]) > abs(info["weights"]["noise"])
+    held_rho = spearman([scores[p] for p in held], [-loss[p] for p in held])
+    assert held_rho == pytest.approx(1.0)
+    # Leave-one-out: change one dev pattern's target wildly; its own score stays put
+    # when the penalty is the same (held fixed by giving one alpha).
+    a = (info["alpha"],)
+    before, _ = fit_ridge(feats, loss, dev, alphas=a)
+    after, _ = fit_ridge(feats, {**loss, dev[3]: 100.0}, dev, alphas=a)
+    assert after[dev[3]] == pytest.approx(before[dev[3]])
+    assert after[dev[4]] != pytest.approx(before[dev[4]])  # the others' fits did see it
+    # Too few dev patterns: no fit, and the reason says so.
+    reason = "4 dev patterns with every feature (6 needed)"
+    assert fit_ridge(feats, loss, dev[:4]) == ({}, {"reason": reason})
+
+
+def test_study_zoo_fits_combinations_on_dev_only(tmp_path):
+    split = _synthetic_study(tmp_path)
+    split = {**split, "dev": PATS[:6], "heldout": PATS[6:]}
+    write_zoo(tmp_path, split, RulerConfig(), n_boot=50)
+    res = json.loads((tmp_path / "zoo.json").read_text())
+    note = res["notes"]["fitted on dev: MAD task losses + structure"]
+    assert note["dev_n"] == 6 and "good" in note["features"] and "count of S+D" in note["features"]
+    held = {v["name"]: v for v in res["sets"]["heldout"]}
+    fitted = held["fitted on dev: MAD task losses + structure"]
+    assert fitted["n"] == 3 and fitted["cpu_seconds"] == 41.0
+    assert held["fitted on dev: text 1/32 + structure"]["cpu_seconds"] == 9.0
+
+
+def test_structure_counts():
+    s = structure("[A|S]FWEDA", 1000.0)
+    assert s["count of S+D"] == 2 and s["count of A"] == 2 and s["count of W"] == 1
+    assert s["count of E"] == 1 and s["log parameters"] == pytest.approx(math.log(1000.0))

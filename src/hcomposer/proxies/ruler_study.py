@@ -10,11 +10,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from hcomposer.errors import UserError
 from hcomposer.format import markdown_table
 from hcomposer.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from hcomposer.proxies.proxy import ProxyConfig, evaluate_proxy
+from hcomposer.proxies.proxy import evaluate_proxy
+from hcomposer.proxies.proxy_config import ProxyConfig
 from hcomposer.proxies.ruler import (
     Ruler,
     RulerConfig,
@@ -23,12 +26,21 @@ from hcomposer.proxies.ruler import (
     reliability,
     ruler_losses,
 )
-from hcomposer.proxies.zoo import judge, plot_zoo, rho_against, trivial_scores, zoo_markdown
+from hcomposer.proxies.zoo import (
+    fit_ridge,
+    judge,
+    plot_zoo,
+    rho_against,
+    structure,
+    trivial_scores,
+    zoo_markdown,
+)
 from hcomposer.runs import RulerDir
-from hcomposer.stats import spearman
+from hcomposer.stats import spearman, spearman_ci
 
 __all__ = ["PROXY_RUNS", "summarise", "summary_markdown", "run_proxies", "zoo_scores",
-           "write_zoo", "complete_losses", "wide_spread", "add_seed"]  # fmt: skip
+           "write_zoo", "complete_losses", "wide_spread", "add_seed", "run_byte_check",
+           "byte_check"]  # fmt: skip
 
 
 def _rank_against(scores: dict[str, float], losses: dict[str, float]) -> dict | None:
@@ -64,6 +76,7 @@ def summarise(out: Path, split: dict, cfg: RulerConfig) -> dict:
             r: _rank_against(sc, afwe) for r, sc in trivial_scores(list(afwe), params).items()
         }
     res["rate_rule"] = rate_rule_check(out, split["check"], cfg)
+    res["byte_check"] = byte_check(out)
     res["patterns"] = [
         {
             "pattern": p,
@@ -94,7 +107,8 @@ def _fmt_rho(v: dict | None) -> str:
 def summary_markdown(res: dict) -> str:
     """result.md: reliability, trivial rankers, the rate rule, per-pattern losses, flags."""
     head = f"Ruler v3: {res['runs']} runs logged; {len(res['patterns'])} patterns with a test loss."
-    lines = [head, "", *_reliability_md(res), *_trivial_md(res), *_rate_rule_md(res)]
+    lines = [head, "", *_reliability_md(res), *_trivial_md(res), *_rate_rule_md(res),
+             *_byte_check_md(res.get("byte_check"))]  # fmt: skip
     rows = [[f"`{p['pattern']}`", p["set"], p["lr"],
              ", ".join(f"{v:.4f}" for v in p["seeds"].values()), f"{p['mean']:.4f}"]
             for p in res["patterns"]]  # fmt: skip
@@ -143,9 +157,30 @@ def _rate_rule_md(res: dict) -> list[str]:
 
 # The zoo's proxies computed per pattern: (kind, seeds). mad6: the six-task MAD proxy with
 # today's defaults (ProxyConfig()), whose per-task accuracies and losses also give "fuzzy
-# recall alone" and "MAD by task loss"; text/K: a run of 1/K of the ruler's tokens on its
-# training text at the base rate, scored on validation.
-PROXY_RUNS = (("mad6", (0, 1, 2)), ("text/32", (0, 1)), ("text/8", (0, 1)))
+# recall alone", "MAD by task loss" and the fitted combination's inputs; text/K: a run of 1/K
+# of the ruler's tokens on its training text at the base rate, scored on validation; madlab:
+# MAD with MAD-lab's protocol, per task the best point of its learning-rate x weight-decay
+# grid on the validation split (six times mad6's runs, so one seed, after the rest).
+PROXY_RUNS = (("mad6", (0, 1, 2)), ("text/32", (0, 1)), ("text/8", (0, 1)), ("madlab", (0,)))
+MADLAB = ProxyConfig(lrs=(1e-4, 5e-4, 1e-3), weight_decays=(0.0, 0.1))
+_LAST = ("madlab",)
+
+
+def _schedule() -> list[tuple[int, list[str]]]:
+    """(seed, kinds) phases: every cheap kind's seed 0 over all patterns, then seed 1, ...;
+    the dear kinds last."""
+    seeds = sorted({s for _, ss in PROXY_RUNS for s in ss})
+    cheap = [(s, [k for k, ss in PROXY_RUNS if s in ss and k not in _LAST]) for s in seeds]
+    dear = [(s, [k]) for k, ss in PROXY_RUNS if k in _LAST for s in ss]
+    return [ph for ph in cheap + dear if ph[1]]
+
+
+def _mad_record(pattern: str, seed: int, config: ProxyConfig) -> dict:
+    cpu0 = time.process_time()
+    res = evaluate_proxy(pattern, "mad", seed=seed, config=config, device="cpu")
+    tasks = {t: {k: v for k, v in r.items() if k != "grid"}
+             for t, r in res.to_dict()["tasks"].items()}  # fmt: skip
+    return {"score": res.score, "tasks": tasks, "cpu_seconds": time.process_time() - cpu0}
 
 
 def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -> None:
@@ -156,18 +191,13 @@ def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -
     done = {(r["pattern"], r["kind"], r["seed"]) for r in read_jsonl(log)}
     ruler = Ruler(out, cfg, work, log=lambda m: None)
     mine = [p for k, p in enumerate(patterns) if k % shard[1] == shard[0]]
-    for seed in (0, 1, 2):
+    for seed, kinds in _schedule():
         for p in mine:
-            for kind, seeds in PROXY_RUNS:
-                if seed not in seeds or (p, kind, seed) in done:
+            for kind in kinds:
+                if (p, kind, seed) in done:
                     continue
-                if kind == "mad6":
-                    cpu0 = time.process_time()
-                    res = evaluate_proxy(p, "mad", seed=seed, config=ProxyConfig(), device="cpu")
-                    tasks = {t: {k: v for k, v in r.items() if k != "grid"}
-                             for t, r in res.to_dict()["tasks"].items()}  # fmt: skip
-                    rec = {"score": res.score, "tasks": tasks,
-                           "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
+                if kind in ("mad6", "madlab"):
+                    rec = _mad_record(p, seed, ProxyConfig() if kind == "mad6" else MADLAB)
                 else:
                     k = int(kind.split("/")[1])
                     steps = max(10, cfg.tokens // k // cfg.step_tokens)
@@ -175,6 +205,9 @@ def run_proxies(out: Path, patterns: list[str], cfg: RulerConfig, shard, work) -
                 append_jsonl(log, {"pattern": p, "kind": kind, "seed": seed, **rec})
                 print(f"{kind} {p} seed {seed}: {rec.get('score', rec.get('val_loss'))}",
                       flush=True)  # fmt: skip
+
+
+_KIND_NAME = {"mad6": "MAD six tasks (accuracy)", "text/32": "text, 1/32 of the ruler's tokens"}
 
 
 def zoo_scores(out: Path, split: dict, cfg: RulerConfig) -> tuple[dict, dict, dict]:
@@ -195,10 +228,11 @@ def zoo_scores(out: Path, split: dict, cfg: RulerConfig) -> tuple[dict, dict, di
             cpu[name] = statistics.median(r["cpu_seconds"] for (k, _), rs in by.items()
                                           if k == kind for r in rs)  # fmt: skip
 
-    add("MAD six tasks (accuracy)", "mad6", lambda r: r["score"])
+    add(_KIND_NAME["mad6"], "mad6", lambda r: r["score"])
     add("fuzzy recall alone", "mad6", lambda r: r["tasks"]["fuzzy_in_context_recall"]["accuracy"])
-    add("text, 1/32 of the ruler's tokens", "text/32", lambda r: -r["val_loss"])
+    add(_KIND_NAME["text/32"], "text/32", lambda r: -r["val_loss"])
     add("text, 1/8 of the ruler's tokens", "text/8", lambda r: -r["val_loss"])
+    add("MAD, MAD-lab protocol (lr x wd grid per task)", "madlab", lambda r: r["score"])
     notes: dict = {}
     losses = complete_losses(out, cfg)
     dev = [p for p in split["dev"] if p in losses and ("mad6", p) in by]
@@ -208,7 +242,40 @@ def zoo_scores(out: Path, split: dict, cfg: RulerConfig) -> tuple[dict, dict, di
         if tasks:
             add("MAD by task loss", "mad6",
                 lambda r: -statistics.fmean(r["tasks"][t]["loss"] for t in tasks))  # fmt: skip
+    _add_fitted(by, scores, cpu, notes, losses, dev=[p for p in split["dev"] if p in losses],
+                params=read_json(RulerDir(out).plan)["non_embedding_active_params"])  # fmt: skip
     return scores, cpu, notes
+
+
+def _mean_feature(rs: list[dict], value: Callable[[dict], float | None]) -> float | None:
+    vals = [value(r) for r in rs]
+    return None if any(v is None for v in vals) else statistics.fmean(vals)
+
+
+def _add_fitted(by, scores, cpu, notes, losses, *, dev, params) -> None:
+    """Two combinations fitted on the dev patterns (ridge, :func:`fit_ridge`), each of one
+    proxy run's measures plus the pattern's structure: the six MAD task losses, and the
+    1/32 text run's loss. Their CPU-s is that of the run they need."""
+    inputs = {
+        "mad6": lambda r: {t: v.get("loss") for t, v in r["tasks"].items()},
+        "text/32": lambda r: {"text loss": r["val_loss"]},
+    }
+    names = {"mad6": "fitted on dev: MAD task losses + structure",
+             "text/32": "fitted on dev: text 1/32 + structure"}  # fmt: skip
+    for kind, measure in inputs.items():
+        feats: dict[str, dict[str, float]] = {}
+        for (k, p), rs in by.items():
+            if k != kind or p not in params:
+                continue
+            keys = measure(rs[0])
+            vals = {m: _mean_feature(rs, lambda r, m=m, f=measure: f(r)[m]) for m in keys}
+            if all(v is not None for v in vals.values()):
+                feats[p] = {**vals, **structure(p, params[p])}
+        fitted, info = fit_ridge(feats, losses, dev)
+        notes[names[kind]] = info
+        if fitted:
+            scores[names[kind]] = fitted
+            cpu[names[kind]] = cpu.get(_KIND_NAME[kind])
 
 
 def _loss_tasks(by: dict, dev: list[str], losses: dict[str, float]) -> list[str]:
@@ -297,3 +364,67 @@ def add_seed(
     for p in mine:
         ruler.train_one(p, chosen[p], cfg.tokens, seed, "final")
     return mine
+
+
+# ---------------------------------------------------------------- byte against BPE
+
+
+def _byte_dir(out: str | Path) -> Path:
+    return Path(out) / "byte_check"
+
+
+def run_byte_check(out, patterns: list[str], cfg: RulerConfig, *, shard=(0, 1), work_dir=None,
+                   log: Callable[[str], None] = print) -> None:  # fmt: skip
+    """The ruler again on ``patterns`` with byte-level text instead of BPE (same token
+    budget, its own cheap rate rule, seed 0), in ``OUT/byte_check``: does the tokenizer change
+    the ranking? The pattern list is recorded there and never changed."""
+    sub = _byte_dir(out)
+    sub.mkdir(parents=True, exist_ok=True)
+    listed = sub / "patterns.json"
+    if listed.is_file() and read_json(listed) != patterns:
+        raise UserError(f"{listed} lists other patterns; it is never rewritten")
+    atomic_write_json(listed, patterns)
+    work = Path(work_dir) / "byte_check" if work_dir else None
+    ruler = Ruler(sub, replace(cfg, tokenizer="byte", seeds=(0,)), work, log)
+    for k, p in enumerate(patterns):
+        if k % shard[1] == shard[0]:
+            try:
+                ruler.run(p)
+            except UserError as e:
+                log(f"{p}: {e}")
+
+
+def byte_check(out: str | Path) -> dict | None:
+    """Byte-level seed 0 against BPE (its two-seed mean, and its seed 0) on the check's
+    patterns, beside BPE's own seed-to-seed Spearman on the same patterns (the noise)."""
+    listed = _byte_dir(out) / "patterns.json"
+    if not listed.is_file():
+        return None
+    bpe, byte = ruler_losses(out), ruler_losses(_byte_dir(out))
+    two = {p for p, v in bpe.items() if {0, 1} <= set(v["seeds"])}
+    pats = [p for p in read_json(listed) if p in two and p in byte and 0 in byte[p]["seeds"]]
+    res: dict = {"listed": read_json(listed), "patterns": pats,
+                 "byte": {p: byte[p]["seeds"][0] for p in pats},
+                 "bpe_mean": {p: bpe[p]["mean"] for p in pats}}  # fmt: skip
+    if len(pats) >= 3:
+        b = [byte[p]["seeds"][0] for p in pats]
+        for name, y in (("byte_vs_bpe_mean", [bpe[p]["mean"] for p in pats]),
+                        ("byte_vs_bpe_seed0", [bpe[p]["seeds"][0] for p in pats]),
+                        ("bpe_seed0_vs_seed1", None)):  # fmt: skip
+            x = [bpe[p]["seeds"][0] for p in pats] if y is None else b
+            y = [bpe[p]["seeds"][1] for p in pats] if y is None else y
+            res[name] = list(spearman_ci(x, y))
+    return res
+
+
+def _byte_check_md(res: dict | None) -> list[str]:
+    if not res:
+        return []
+    title = "## Byte-level text against BPE (same budget, own rate rule, seed 0)"
+    n, listed = len(res["patterns"]), len(res["listed"])
+    if "byte_vs_bpe_mean" not in res:
+        return [title, "", f"{n} of {listed} patterns done; too few to compare yet.", ""]
+    rows = [[k.replace("_", " "), f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"]
+            for k, v in res.items() if k.count("_vs_")]  # fmt: skip
+    return [title, "", f"{n} of {listed} patterns done.", "",
+            markdown_table(["Spearman", "value [95% interval]"], rows), ""]  # fmt: skip

@@ -24,12 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hcomposer.format import markdown_table
 from hcomposer.plots import save_png, subplots
-from hcomposer.stats import kendall_ci, spearman_ci, spearman_diff_ci
+from hcomposer.stats import kendall_ci, spearman, spearman_ci, spearman_diff_ci
 
-__all__ = ["TRIVIAL", "Verdict", "letters", "afwe_only", "trivial_scores", "judge",
-           "rho_against", "zoo_markdown", "plot_zoo"]  # fmt: skip
+__all__ = ["TRIVIAL", "Verdict", "letters", "afwe_only", "trivial_scores", "structure",
+           "fit_ridge", "judge", "rho_against", "zoo_markdown", "plot_zoo"]  # fmt: skip
 
 TRIVIAL = ("parameter count", "has S/D", "count of S+D", "count of A")
 
@@ -52,6 +54,69 @@ def trivial_scores(patterns: list[str], params: Mapping[str, float]) -> dict[str
         "count of S+D": {p: float(sum(c in "SD" for c in letters(p))) for p in patterns},
         "count of A": {p: float(letters(p).count("A")) for p in patterns},
     }
+
+
+def structure(pattern: str, params: float) -> dict[str, float]:
+    """The structural counts a fitted combination may use beside measured scores."""
+    ls = letters(pattern)
+    return {
+        "count of S+D": float(sum(c in "SD" for c in ls)),
+        "count of A": float(ls.count("A")),
+        "count of W": float(ls.count("W")),
+        "count of E": float(ls.count("E")),
+        "log parameters": math.log(params),
+    }
+
+
+def _ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float):
+    """Ridge on standardised columns (the scale from the fitting rows only); returns a
+    predictor for new rows. Constant columns are dropped."""
+    mu, sd = x.mean(0), x.std(0)
+    keep = sd > 1e-12
+    z = (x[:, keep] - mu[keep]) / sd[keep]
+    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+    return lambda rows: (rows[:, keep] - mu[keep]) / sd[keep] @ w + y.mean(), w, keep
+
+
+def fit_ridge(
+    features: Mapping[str, Mapping[str, float]],
+    target: Mapping[str, float],
+    dev: list[str],
+    alphas: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A combination fitted on the development patterns only: ridge regression of minus the
+    loss at scale on ``features`` (pattern -> name -> value), the penalty chosen by
+    leave-one-out Spearman on ``dev``. Scores for dev patterns are their leave-one-out
+    predictions (never in-sample); every other pattern is scored by the fit on all of dev.
+    Written with numpy (a closed form of a few lines) rather than adding scikit-learn."""
+    names = sorted({k for f in features.values() for k in f})
+    pats = [p for p in features if all(k in features[p] for k in names)]
+    train = [p for p in dev if p in pats and p in target]
+    if len(train) < 6:
+        return {}, {"reason": f"{len(train)} dev patterns with every feature (6 needed)"}
+    x = {p: np.array([features[p][k] for k in names], dtype=float) for p in pats}
+    xd = np.stack([x[p] for p in train])
+    yd = np.array([-target[p] for p in train])
+
+    def loo(alpha: float) -> list[float]:
+        out = []
+        for i in range(len(train)):
+            rest = np.arange(len(train)) != i
+            predict, _, _ = _ridge_fit(xd[rest], yd[rest], alpha)
+            out.append(float(predict(xd[i : i + 1])[0]))
+        return out
+
+    by_alpha = {a: loo(a) for a in alphas}
+    rho = {a: spearman(v, list(yd)) for a, v in by_alpha.items()}
+    best = max(alphas, key=lambda a: (np.nan_to_num(rho[a], nan=-2.0), a))
+    predict, w, keep = _ridge_fit(xd, yd, best)
+    scores = {p: float(predict(x[p][None, :])[0]) for p in pats if p not in train}
+    scores.update(zip(train, by_alpha[best], strict=True))
+    kept = [k for k, m in zip(names, keep, strict=True) if m]
+    info = {"features": names, "alpha": best, "dev_n": len(train),
+            "loo_spearman": {str(a): rho[a] for a in alphas},
+            "weights": dict(zip(kept, map(float, w), strict=True))}  # fmt: skip
+    return scores, info
 
 
 @dataclass
