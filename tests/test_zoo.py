@@ -171,3 +171,12 @@ def test_structure_counts():
     s = structure("[A|S]FWEDA", 1000.0)
     assert s["count of S+D"] == 2 and s["count of A"] == 2 and s["count of W"] == 1
     assert s["count of E"] == 1 and s["log parameters"] == pytest.approx(math.log(1000.0))
+
+
+def test_task_cpu_is_the_task_share_of_the_record():
+    from hcomposer.proxies.ruler_study import task_cpu
+
+    rec = {"cpu_seconds": 60.0, "tasks": {"a": {"seconds": 10.0}, "b": {"seconds": 30.0}}}
+    assert task_cpu(rec, "a") == pytest.approx(15.0) and task_cpu(rec, "b") == pytest.approx(45.0)
+    old = {"cpu_seconds": 60.0, "tasks": {"a": {}, "b": {}}}  # before tasks were timed
+    assert task_cpu(old, "a") == 60.0
