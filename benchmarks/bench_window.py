@@ -3,8 +3,8 @@
 All in this process, at one size (default: the `10m` shape with window 512, T 8192, batch 1):
 
 - ``W``: ``SlidingWindowAttention`` as built, computing only the band
-  (``banded_window_attention``, chunks of ``band_chunk(window)`` queries), and ``W/<c>`` the
-  same with chunks of c (``--chunks``);
+  (``banded_window_attention``, chunks of ``band_chunk(window)`` queries, on CPU straight
+  through PyTorch's flash kernels), and ``W/<c>`` the same with chunks of c (``--chunks``);
 - ``W-masked``: the same layer and weights with ``band_chunk = 0``: every score of the T x T
   square computed, the band kept by a mask (the path W took before the band);
 - ``A``: ``Attention`` (global causal, SDPA's causal kernel) with the same weights.
@@ -20,7 +20,7 @@ W-masked are compared before timing. Time is the process's CPU time by default (
 uses wall time. The dtype is training's default on this machine (``resolve_dtype("auto")``:
 bf16 autocast where bf16 is native, else fp32).
 
-    python benchmarks/bench_window.py --rounds 9 --chunks 128 --core \
+    python benchmarks/bench_window.py --rounds 9 --chunks 256,128 --core \
         --json benchmarks/results/window/bench_window.json
 """
 

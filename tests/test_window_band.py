@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hcomposer import build_model
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
-from hcomposer.primitives import attention
+from hcomposer.primitives import window_band
 from hcomposer.primitives.attention import (
     SlidingWindowAttention,
     band_chunk,
@@ -36,7 +36,8 @@ def _reference(q, k, v, window):
 
 
 # (T, P, window, chunk, H, Hkv): odd T not a multiple of the chunk, T below the window,
-# chunks larger and smaller than the window, window 1, a cache prefix shorter than, equal to
+# T equal to the window and T a multiple of chunk and window, chunks larger and smaller than
+# the window, window 1 and 2, a cache prefix shorter than, equal to
 # and longer than window - 1, grouped-query and plain heads.
 CASES = [
     (53, 0, 13, 8, 4, 2),
@@ -48,6 +49,10 @@ CASES = [
     (45, 4, 13, 8, 4, 2),
     (45, 12, 13, 8, 4, 2),
     (45, 30, 13, 8, 4, 2),
+    (64, 0, 64, 16, 4, 2),
+    (40, 0, 64, 16, 2, 1),
+    (48, 0, 16, 16, 4, 2),
+    (50, 3, 2, 16, 2, 2),
 ]
 
 
@@ -71,6 +76,19 @@ def test_band_in_bf16_stays_near_fp64():
     got = banded_window_attention(*(t.detach().bfloat16() for t in (q, k, v)), 12, 8)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want.detach(), atol=3e-2, rtol=3e-2)
+
+
+def test_band_gradients_in_bf16_stay_near_fp64():
+    q, k, v = _qkv(2, 4, 2, 70, 3, hd=16)
+    want = _reference(q, k, v, 12)
+    g = torch.randn_like(want)
+    g_ref = torch.autograd.grad((want * g).sum(), (q, k, v))
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    got = banded_window_attention(*low, 12, 8)
+    grads = torch.autograd.grad((got * g.bfloat16()).sum(), low)
+    for a, b in zip(grads, g_ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, atol=8e-2, rtol=5e-2)
 
 
 def _layer_pair(window, seed=0):
@@ -121,20 +139,25 @@ def test_model_prefill_then_decode_equals_full_forward():
 
 
 def _count_scores(monkeypatch, fn):
-    """Run fn, counting the query-key scores every SDPA call computes (batch x heads x Tq x Tk)."""
+    """Run fn, counting the query-key scores every attention kernel call computes (batch x
+    heads x Tq x Tk): SDPA's and the CPU flash kernel's the banded path calls directly."""
     seen = []
-    sdpa = F.scaled_dot_product_attention
+    sdpa, flash = F.scaled_dot_product_attention, window_band._CPU_FORWARD
 
-    def counting(q, k, v, **kw):
-        seen.append(q.shape[:-1].numel() * k.shape[-2])
-        return sdpa(q, k, v, **kw)
+    def counting(kernel):
+        def call(q, k, v, *args, **kw):
+            seen.append(q.shape[:-1].numel() * k.shape[-2])
+            return kernel(q, k, v, *args, **kw)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
+        return call
+
+    monkeypatch.setattr(window_band.F, "scaled_dot_product_attention", counting(sdpa))
+    monkeypatch.setattr(window_band, "_CPU_FORWARD", counting(flash))
     fn()
     return sum(seen)
 
 
-@pytest.mark.parametrize("T, P", [(300, 0), (301, 7), (20, 0), (1, 15)])
+@pytest.mark.parametrize("T, P", [(300, 0), (301, 7), (20, 0), (1, 15), (12, 0), (40, 30)])
 def test_keys_per_query_is_what_the_band_computes(monkeypatch, T, P):
     window, chunk, H = 16, 8, 2
     q, k, v = _qkv(1, H, 1, T, P)
@@ -142,9 +165,29 @@ def test_keys_per_query_is_what_the_band_computes(monkeypatch, T, P):
     assert scores == pytest.approx(H * T * banded_keys_per_query(T, P, window, chunk))
 
 
+def test_cpu_kernel_path_equals_sdpa_path(monkeypatch):
+    # The CPU path (flash kernels, own backward) against the same chunks through SDPA and
+    # autograd, which the band takes elsewhere and under torch.compile: outputs and gradients.
+    T, P, window, chunk = 83, 5, 13, 8
+    q, k, v = _qkv(2, 4, 2, T, P, dtype=torch.float32)
+    y = banded_window_attention(q, k, v, window, chunk)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), (q, k, v))
+    monkeypatch.setattr(window_band, "_cpu_kernels", lambda q: False)
+    y_sdpa = banded_window_attention(q, k, v, window, chunk)
+
+    def backward_of(t):  # the step under the final slice to T queries
+        return type(t.grad_fn.next_functions[0][0]).__name__
+
+    assert backward_of(y) == "_CpuBandBackward" and backward_of(y_sdpa) == "StackBackward0"
+    torch.testing.assert_close(y, y_sdpa, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad((y_sdpa * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_accounting_charges_the_band_and_the_band_path_computes_near_it():
     # The accounting's attention FLOPs are the band's scores (the mask's True entries); the
-    # chunked path computes (chunk + window - 1) / window of them, padding aside.
+    # chunked path computes chunk + window - 1 scores per query, padding aside.
     shape = get_shape("10m").replace(window=512)
     T = 8192
     prim = SlidingWindowAttention(shape)
@@ -158,4 +201,5 @@ def test_accounting_charges_the_band_and_the_band_path_computes_near_it():
         per_score * ((T + 1) / 2 - band / T), rel=1e-12
     )
     computed = banded_keys_per_query(T, 0, 512, prim.band_chunk)
-    assert 1.0 < computed / (band / T) <= (prim.band_chunk + 511) / 512 * 1.02
+    # chunk + window - 1 keys per query, plus the padding of the last chunk (under 1% here)
+    assert band / T < computed <= (prim.band_chunk + 511) * 1.01

@@ -8,10 +8,10 @@ biases on the q, k and v projections (Qwen2; the output projection has none), an
 of every query and key head over its ``head_dim`` channels, one learned scale shared by the
 query heads and one by the key heads, applied before RoPE (Qwen3's ``q_norm``/``k_norm``).
 
-W computes only the band a window allows (``banded_window_attention``): queries in chunks,
-each chunk against the keys its window reaches, so a layer costs O(T * window) rather than
-O(T^2). ``masked_attention``, every query against every key under a mask, is its readable
-reference.
+W computes only the band a window allows (``banded_window_attention``, in
+``window_band.py``): queries in chunks, each chunk against the keys its window reaches, so a
+layer costs O(T * window) rather than O(T^2). ``masked_attention``, every query against every
+key under a mask, is its readable reference.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ from hcomposer.primitives.cpu_kernels import attn_step as kernel_attn_step
 from hcomposer.primitives.cpu_kernels import block_attn as kernel_block_attn
 from hcomposer.primitives.cpu_kernels import enabled as kernels_enabled
 from hcomposer.primitives.decoding import fast_decoding
+from hcomposer.primitives.window_band import (
+    band_chunk,
+    banded_keys_per_query,
+    banded_window_attention,
+    masked_attention,
+)
 from hcomposer.shapes import Shape
 
 __all__ = [
@@ -120,102 +126,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     # [B, Hkv, hd, g]: v^T times the weights, reducing along positions.
     o = torch.matmul(v.transpose(-1, -2), p.transpose(-1, -2))
     return o.transpose(-1, -2).reshape(B, H, 1, hd)
-
-
-def masked_attention(q, k, v, q_pos, k_pos, window: int | None = None) -> torch.Tensor:
-    """SDPA of q [B,H,Tq,hd] over k, v [B,Hkv,Tk,hd]: causal by absolute positions, and
-    limited to the last ``window`` keys when one is given. Every score is computed and the
-    mask drops the ones outside: the plain form the banded path is held to."""
-    Tq, Tk = q.shape[2], k.shape[2]
-    # SDPA reads each KV head for its group of query heads itself: no repeated copy of
-    # K and V (1.4-1.5x faster forward+backward on CPU than repeat_interleave).
-    gqa = k.shape[1] != q.shape[1]
-    if window is None and Tq == Tk and bool((q_pos == k_pos).all()):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        mask = mask & (k_pos[None, :] > q_pos[:, None] - window)
-    if Tq == 1 and bool(mask.all()):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def band_chunk(window: int) -> int:
-    """Queries per chunk of the banded path for a window: half of it (at least 16).
-
-    A chunk of c queries reads c + window - 1 keys, so it computes (c + window - 1) / window
-    times the band's scores (1.5x here); smaller chunks waste fewer scores but run smaller
-    products and read each key more often. At window 512 on the 2-core CPU, chunks of 256
-    ran faster than chunks of 128 inside a layer, slower alone
-    (benchmarks/results/window/README.md).
-    """
-    return max(16, window // 2)
-
-
-def banded_keys_per_query(n_queries: int, n_past: int, window: int, chunk: int) -> float:
-    """Scores per query that ``banded_window_attention`` computes: what its FLOPs are,
-    against the band's ``min(i + 1, window)``."""
-    if n_queries == 0:
-        return 0.0
-    head, nb, tail = _band_split(n_queries, n_past, window, chunk)
-    if nb == 0:
-        return float(n_past + n_queries)
-    scores = head * (n_past + head) + nb * chunk * (chunk + window - 1)
-    return (scores + tail * (tail + window - 1)) / n_queries
-
-
-def _band_split(n_queries: int, n_past: int, window: int, chunk: int) -> tuple[int, int, int]:
-    """(head, chunks, tail): the first ``head`` queries, whose windows reach before the first
-    key, go through the masked path, then ``chunks`` full chunks, then the ``tail`` queries
-    (fewer than a chunk) through the masked path again. No chunks: all of it masked."""
-    head = min(n_queries, -(-max(0, window - 1 - n_past) // chunk) * chunk)
-    nb = (n_queries - head) // chunk if n_queries > chunk else 0
-    return head, nb, n_queries - head - nb * chunk
-
-
-def banded_window_attention(q, k, v, window: int, chunk: int) -> torch.Tensor:
-    """Sliding-window causal attention computing only the band, equal to ``masked_attention``.
-
-    q [B,H,T,hd]; k, v [B,Hkv,P+T,hd], where query i sits at key P+i (P earlier keys from a
-    cache, 0 in training). Queries go in chunks of ``chunk``: a chunk starting at query i0
-    reads the keys P+i0-window+1 .. P+i0+chunk-1, K = chunk + window - 1 of them, and inside
-    that [chunk, K] block query r sees keys r .. r+window-1 - one small mask shared by every
-    chunk. Per sequence, the chunks are the batch of one SDPA call on views (``unfold``: the
-    overlapping key blocks are not copied). The first queries, whose windows reach before
-    key 0, the last partial chunk, and short inputs go through ``masked_attention``.
-    """
-    H, T = q.shape[1], q.shape[2]
-    Hkv, Tk = k.shape[1], k.shape[2]
-    P = Tk - T
-    pos = torch.arange(Tk, device=q.device)
-    head, nb, tail = _band_split(T, P, window, chunk)
-    if nb == 0:
-        return masked_attention(q, k, v, pos[P:], pos, window)
-    parts = []
-    if head:
-        kh, vh, qh = k[:, :, : P + head], v[:, :, : P + head], q[:, :, :head]
-        parts.append(masked_attention(qh, kh, vh, pos[P : P + head], pos[: P + head], window))
-    end = head + nb * chunk
-    K = chunk + window - 1
-    r = torch.arange(chunk, device=q.device)[:, None]
-    s = torch.arange(K, device=q.device)[None, :]
-    mask = (s >= r) & (s < r + window)
-    keys = slice(P + head - (window - 1), P + end)
-    rows = []
-    # One call per sequence: the chunks of a sequence stride evenly through its keys, those
-    # of two sequences do not (a 5-D batch would take SDPA's slow path on CPU).
-    for b in range(q.shape[0]):
-        kb = k[b, :, keys].unfold(1, K, chunk).permute(1, 0, 3, 2)  # [nb, Hkv, K, hd]
-        vb = v[b, :, keys].unfold(1, K, chunk).permute(1, 0, 3, 2)
-        qb = q[b, :, head:end].unflatten(1, (nb, chunk)).transpose(0, 1)  # [nb, H, c, hd]
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=Hkv != H)
-        rows.append(y.transpose(0, 1).flatten(1, 2))
-    parts.append(torch.stack(rows))
-    if tail:
-        past = P + end - (window - 1)
-        kt, vt = k[:, :, past:], v[:, :, past:]
-        parts.append(masked_attention(q[:, :, end:], kt, vt, pos[P + end :], pos[past:], window))
-    return torch.cat(parts, dim=2)
 
 
 @dataclass
