@@ -17,8 +17,11 @@ import torch.nn.functional as F
 
 __all__ = ["masked_attention", "banded_window_attention", "band_chunk", "banded_keys_per_query"]
 
-_CPU_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# PyTorch's own CPU flash kernels (private ops: a torch without them takes the SDPA path).
+_CPU_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_BACKWARD = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
+)
 
 
 def masked_attention(q, k, v, q_pos, k_pos, window: int | None = None) -> torch.Tensor:
@@ -102,7 +105,9 @@ def banded_window_attention(q, k, v, window: int, chunk: int) -> torch.Tensor:
 
 def _cpu_kernels(q: torch.Tensor) -> bool:
     """Whether the chunks go straight to the CPU flash kernels (else through SDPA)."""
-    return q.device.type == "cpu" and not torch.compiler.is_compiling()
+    return (
+        _CPU_BACKWARD is not None and q.device.type == "cpu" and not torch.compiler.is_compiling()
+    )
 
 
 def _band_masks(n: int, c: int, window: int, front: int, dtype, device):
