@@ -149,8 +149,6 @@ class GatedRMSNorm(nn.Module):
 class Mamba2(Primitive):
     """The S primitive; see the module docstring."""
 
-    token = "S"
-    is_mixer = True
     normalized_output = True
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
