@@ -172,10 +172,8 @@ def test_registry_facts_are_consistent():
 
 
 class TokenShift(Primitive):
-    """Z: y = P([x_t, x_{t-1}]) — a causal token shift, the smallest stateful mixer."""
-
-    token = "Z"
-    is_mixer = True
+    """Z: y = P([x_t, x_{t-1}]) — a causal token shift, the smallest stateful mixer. Its
+    letter and that it is a mixer are read from its registry entry, not written here."""
 
     def __init__(self, shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__(shape, fraction=fraction, project=project)
@@ -231,6 +229,9 @@ def test_a_registered_primitive_is_known_everywhere(toy, tmp_path):
 
     assert parse_pattern("Z[Z|A]F") == [("Z",), ("Z", "A"), ("F",)]
     assert TOKENS["Z"] == "token shift" and "Z" in MIXER_TOKENS
+    # The class knows its letter and kind from the entry alone (read when asked).
+    assert (TokenShift.token, TokenShift.is_mixer) == ("Z", True)
+    assert (TokenShift(TINY).token, TokenShift(TINY).is_mixer) == ("Z", True)
     # Its parameter count comes from the base class's meta-device default.
     assert TokenShift.param_count(TINY) == _count(TokenShift(TINY))
     with pytest.raises(PatternError, match="no symbol"):
@@ -239,6 +240,21 @@ def test_a_registered_primitive_is_known_everywhere(toy, tmp_path):
         register(PrimitiveSpec(token="Z", name="again", module=__name__, cls="TokenShift",
                                mixer=True))  # fmt: skip
     assert plot_pattern_strips([("toy", "ZFZF")], tmp_path / "s.png").stat().st_size > 0
+
+
+def test_token_and_kind_come_from_the_registry():
+    # Unregistered, a class has the base's placeholders; a subclass of a registered primitive
+    # answers with its base's entry; a parallel group sets its own.
+    assert (TokenShift.token, TokenShift.is_mixer) == ("?", False)
+    assert (Primitive.token, Primitive.is_mixer) == ("?", False)
+
+    class Variant(primitive_class("S")):
+        pass
+
+    assert (Variant.token, Variant.is_mixer) == ("S", True)
+    assert [primitive_class(t).is_mixer for t in "AWFESD"] == [True, True, False, False, True, True]
+    group = build_model("[A|D]F", shape=TINY, seed=0).layers[0].mixer
+    assert group.token == "[A|D]" and group.is_mixer
 
 
 def test_unknown_and_bad_tokens_are_refused():

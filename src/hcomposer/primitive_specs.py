@@ -28,6 +28,7 @@ __all__ = [
     "register",
     "unregister",
     "spec",
+    "spec_of_class",
     "MixerTokens",
     "FfnTokens",
     "TokenNames",
@@ -122,6 +123,11 @@ def spec(token: str) -> PrimitiveSpec:
     if token not in SPECS:
         raise PatternError(f"unknown primitive {token!r}; valid: {', '.join(SPECS)}")
     return SPECS[token]
+
+
+def spec_of_class(module: str, cls: str) -> PrimitiveSpec | None:
+    """The spec whose behaviour is the class ``cls`` of ``module``, or None."""
+    return next((s for s in SPECS.values() if s.module == module and s.cls == cls), None)
 
 
 class _LiveTokens(Set):

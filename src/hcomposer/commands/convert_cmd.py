@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hcomposer.commands.options import add_data, add_output
+from hcomposer.commands.options import add_data, add_fields, add_output
 from hcomposer.convert.run import ConvertConfig, convert
 from hcomposer.errors import UserError
 from hcomposer.format import console, parse_count
@@ -23,44 +23,15 @@ def add_arguments(p) -> None:
         "--keep-layers", default="",
         help="which attention layers to keep, e.g. 0,3 (0-based; sets --keep)",
     )  # fmt: skip
-    p.add_argument("--to", choices=["S", "D", "W"], default="S", help="what the rest become")
     p.add_argument("--out", required=True, help="new folder for the conversion")
-    p.add_argument(
-        "--strategy", choices=["even", "greedy", "optuna", "gates"], default="even",
-        help="even: spread evenly; greedy: Distill-then-Replace; optuna: TPE over keep-sets; "
-        "gates: learned gates between attention and its twin (FlashMorph-style)",
-    )  # fmt: skip
-    p.add_argument("--trials", type=int, default=8, help="optuna: keep-sets tried")
-    p.add_argument("--gate-penalty", type=float, default=0.05, help="gates: weight of mean(g)")
-    p.add_argument(
-        "--gate-recall-weight", type=float, default=0.0,
-        help="gates: also train the gates on MAD in-context recall, this weight x its LM loss "
-        "(default 0: on the distillation text only)",
-    )  # fmt: skip
-    p.add_argument(
-        "--gate-recall-offset", type=int, default=0,
-        help="gates: the recall's 16 tokens become ids OFFSET..OFFSET+15 of the teacher's "
-        "vocabulary (ids the teacher recalls with)",
-    )  # fmt: skip
-    p.add_argument("--probe-tokens", default="32K", help="tokens of each placement probe")
-    p.add_argument("--tokens", default="1M", help="distillation tokens (default 1M)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    add_fields(
+        p, ConvertConfig, "to strategy trials gate_penalty gate_recall_weight gate_recall_offset"
+    )
+    add_fields(p, ConvertConfig, "seq_len batch_size lr", counts="probe_tokens tokens")
     add_data(p, default="the embedded corpus", what="distillation text")
     p.add_argument("--tokenizer", default=None, help="default: the teacher's tokenizer")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--lm-weight", type=float, default=0.1)
-    p.add_argument("--hidden-weight", type=float, default=0.0, help="per-sublayer state MSE")
-    p.add_argument("--freeze-mlp", action="store_true", help="keep the teacher's MLPs")
-    p.add_argument(
-        "--init", choices=["attention", "random"], default="attention",
-        help="converted mixers start from the attention weights (default) or fresh (ablation)",
-    )  # fmt: skip
-    p.add_argument("--eval-tokens", default="16K")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_fields(p, ConvertConfig, "temperature kl_weight lm_weight hidden_weight freeze_mlp init")
+    add_fields(p, ConvertConfig, "seed device", counts="eval_tokens")
     p.add_argument("--resume", action="store_true", help="continue the conversion in --out")
     add_output(p)
 

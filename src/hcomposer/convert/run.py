@@ -44,17 +44,29 @@ class ConvertConfig(Config):
     teacher: str = spec(help="Hugging Face model folder or hcomposer run folder")
     to: str = spec("S", choices=TARGETS, help="what the converted attention layers become")
     init: str = spec(
-        "attention", choices=("attention", "random"), help="converted mixers' starting weights"
-    )
+        "attention", choices=("attention", "random"),
+        help="converted mixers start from the attention weights (default) or fresh (ablation)",
+    )  # fmt: skip
     keep: int = spec(ge=0, le=2**16, help="attention layers kept")
     layers: str = spec("", help="kept attention layers, e.g. '0,3' (empty: the strategy picks)")
-    strategy: str = spec("even", choices=STRATEGIES, help="how the kept layers are chosen")
+    strategy: str = spec(
+        "even", choices=STRATEGIES,
+        help="how the kept layers are chosen. even: spread evenly; greedy: Distill-then-Replace; "
+        "optuna: TPE over keep-sets; gates: learned gates between attention and its twin "
+        "(FlashMorph-style)",
+    )  # fmt: skip
     trials: int = spec(8, ge=1, le=10_000, help="optuna: keep-sets tried")
     gate_penalty: float = spec(0.05, ge=0, le=1e6, help="gates: weight of mean(g)")
     gate_recall_weight: float = spec(
-        0.0, ge=0, le=1e6, help="gates: weight of the MAD recall loss (0: text only)"
-    )
-    gate_recall_offset: int = spec(0, ge=0, le=2**31, help="gates: first id of the recall tokens")
+        0.0, ge=0, le=1e6,
+        help="gates: also train the gates on MAD in-context recall, this weight x its LM loss "
+        "(default 0: on the distillation text only)",
+    )  # fmt: skip
+    gate_recall_offset: int = spec(
+        0, ge=0, le=2**31,
+        help="gates: the recall's 16 tokens become ids OFFSET..OFFSET+15 of the teacher's "
+        "vocabulary (ids the teacher recalls with)",
+    )  # fmt: skip
     probe_tokens: int = spec(32_768, ge=1, cap="tokens", unit="tokens", help="tokens per probe")
     tokens: int = spec(1_000_000, ge=1, cap="tokens", unit="tokens", help="distillation tokens")
     seq_len: int = spec(256, ge=1, le=2**24, unit="tokens", help="training sequence length")

@@ -152,7 +152,6 @@ class RollingKVCache:
 
 
 class _AttentionBase(Primitive):
-    is_mixer = True
     window: int | None = None
     # True: the rotation from kept tables (``rope_tables``); False: ``apply_rope``, the
     # plain form it is held to (tests/test_fast_paths.py).
@@ -271,8 +270,6 @@ class _AttentionBase(Primitive):
 class Attention(_AttentionBase):
     """Global causal attention with grouped-query heads and a growing KV cache."""
 
-    token = "A"
-
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> KVCache:
         device = torch.device(device) if device is not None else self.q_proj.weight.device
         # On CPU the fused bf16 kernel reads the ordinary layout (head_dim contiguous) as one
@@ -355,8 +352,6 @@ class SlidingWindowAttention(_AttentionBase):
     Training and prefill compute only the band (``banded_window_attention``, in chunks of
     ``band_chunk``); set ``band_chunk = 0`` for the masked reference path.
     """
-
-    token = "W"
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__(shape, fraction=fraction, project=project)

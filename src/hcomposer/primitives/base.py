@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hcomposer.primitive_specs import PrimitiveSpec, spec_of_class
 from hcomposer.primitives.cpu_kernels import linear as kernel_linear
 from hcomposer.primitives.cpu_kernels import rmsnorm as kernel_rmsnorm
 from hcomposer.shapes import Shape
@@ -36,12 +37,32 @@ from hcomposer.shapes import Shape
 __all__ = ["Primitive", "RMSNorm", "Linear"]
 
 
-class Primitive(nn.Module):
-    """Base class: see the module docstring for the contract."""
+class _FromSpec:
+    """A class attribute read from the primitive's entry in the registry
+    (``hcomposer.primitive_specs``): the entry of the class itself, or of the nearest base
+    class that has one (``default`` where none has, e.g. a base class such as ``Primitive``).
+    Read on every access, so a class registered after it was defined answers too; a subclass
+    or an instance may still set its own value."""
 
-    token: ClassVar[str] = "?"
-    # True for sequence mixers (may sit in a parallel group).
-    is_mixer: ClassVar[bool] = False
+    def __init__(self, read, default):
+        self.read, self.default = read, default
+
+    def __get__(self, obj, owner: type) -> object:
+        for klass in owner.__mro__:
+            found: PrimitiveSpec | None = spec_of_class(klass.__module__, klass.__qualname__)
+            if found is not None:
+                return self.read(found)
+        return self.default
+
+
+class Primitive(nn.Module):
+    """Base class: see the module docstring for the contract.
+
+    ``token`` (its letter in patterns) and ``is_mixer`` (a sequence mixer, which may sit in a
+    parallel group) are the registry's ``token`` and ``mixer``, read from there."""
+
+    token: ClassVar[str] = _FromSpec(lambda s: s.token, "?")  # type: ignore[assignment]
+    is_mixer: ClassVar[bool] = _FromSpec(lambda s: s.mixer, False)  # type: ignore[assignment]
     # True when the inner output is already normalised (Mamba-2's gated RMSNorm),
     # so a parallel group adds no second norm on that branch.
     normalized_output: ClassVar[bool] = False

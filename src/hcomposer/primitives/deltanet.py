@@ -87,8 +87,6 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 class GatedDeltaNet(Primitive):
     """The D primitive; see the module docstring."""
 
-    token = "D"
-    is_mixer = True
     normalized_output = True
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):

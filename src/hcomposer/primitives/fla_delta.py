@@ -59,18 +59,13 @@ def use_fast_delta(device: torch.device, dtype: torch.dtype) -> bool:
     our scan)."""
     if device.type != "cuda":
         return False
-    ok = fast_delta_available()
-    if not _KERNEL.announced:
-        _KERNEL.announced = True
-        if ok:
-            log.info("hcomposer D (Gated DeltaNet): CUDA inputs use fla's chunk_gated_delta_rule")
-        else:
-            log.warning(
-                "hcomposer D (Gated DeltaNet): CUDA inputs use the PyTorch chunked scan (%s; "
-                "pip install 'hcomposer[cuda]' for the fused kernel)",
-                _KERNEL.reason,
-            )
-    return ok and dtype != torch.float64
+    _KERNEL.announce(
+        log,
+        "hcomposer D (Gated DeltaNet): CUDA inputs use fla's chunk_gated_delta_rule",
+        "hcomposer D (Gated DeltaNet): CUDA inputs use the PyTorch chunked scan (%s; "
+        "pip install 'hcomposer[cuda]' for the fused kernel)",
+    )
+    return fast_delta_available() and dtype != torch.float64
 
 
 def fla_gated_delta_rule(

@@ -51,7 +51,6 @@ __all__ = [
     "Mamba2Cache",
     "GatedRMSNorm",
     "A_INIT_RANGE",
-    "fast_scan_available",
     "init_decay_and_step",
     "zero_states",
 ]
@@ -73,22 +72,15 @@ _KERNEL = OptionalKernel(
 )  # fmt: skip
 
 
-def fast_scan_available() -> bool:
-    """True when mamba_ssm's chunked-scan kernel can be used (CUDA inputs only)."""
-    return _KERNEL.available()
-
-
 def _announce_once() -> None:
-    if _KERNEL.announced:
-        return
-    _KERNEL.announced = True
-    if fast_scan_available():
-        log.warning(
-            "hcomposer S (Mamba-2): CUDA inputs use mamba_ssm's mamba_chunk_scan_combined kernel; "
-            "CPU inputs the PyTorch chunked scan (set HCOMPOSER_SSD=torch to use it everywhere)"
-        )
-    else:
-        log.info("hcomposer S (Mamba-2): PyTorch chunked scan everywhere (%s)", _KERNEL.reason)
+    _KERNEL.announce(
+        log,
+        "hcomposer S (Mamba-2): CUDA inputs use mamba_ssm's mamba_chunk_scan_combined kernel; "
+        "CPU inputs the PyTorch chunked scan (set HCOMPOSER_SSD=torch to use it everywhere)",
+        "hcomposer S (Mamba-2): PyTorch chunked scan everywhere (%s)",
+        used_level=logging.WARNING,
+        fallback_level=logging.INFO,
+    )
 
 
 @torch.no_grad()
@@ -149,8 +141,6 @@ class GatedRMSNorm(nn.Module):
 class Mamba2(Primitive):
     """The S primitive; see the module docstring."""
 
-    token = "S"
-    is_mixer = True
     normalized_output = True
 
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
@@ -217,7 +207,7 @@ class Mamba2(Primitive):
         return Mamba2Cache(conv_state=conv, ssm_state=state)
 
     def _scan(self, x, dt, A, B, C, initial_state):
-        if x.is_cuda and fast_scan_available():
+        if x.is_cuda and _KERNEL.available():
             y, final = _KERNEL.fn(
                 x,
                 dt,

@@ -35,8 +35,6 @@ class SwiGLU(nn.Module):
 class MLP(Primitive):
     """Stateless channel mixer: the cache argument is accepted and ignored."""
 
-    token = "F"
-
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__(shape, fraction=fraction, project=project)
         self.ffn = SwiGLU(shape.d_model, shape.ffn_dim)

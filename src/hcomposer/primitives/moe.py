@@ -69,7 +69,6 @@ def route(
 class MixtureOfExperts(Primitive):
     """Top-k routed SwiGLU experts plus optional shared experts. Stateless."""
 
-    token = "E"
     # The routing statistics and the selection bias (see ``_record``).
     forward_updates_state = True
 

@@ -9,6 +9,7 @@ leaves the PyTorch path in use with the reason recorded for the one line each pr
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ __all__ = ["OptionalKernel"]
 class OptionalKernel:
     """``module.attr`` of the optional ``package`` (imported as ``top``), unless ``env`` is
     ``torch``. ``available()`` looks once (``looked``); then ``fn`` is the kernel (None when
-    unusable) and ``reason`` says why not. ``announced`` is the primitive's flag for its one
-    log line. Tests put a stand-in in place with ``dataclasses.replace``."""
+    unusable) and ``reason`` says why not. ``announce`` logs the primitive's one line
+    (``announced``: done). Tests put a stand-in in place with ``dataclasses.replace``."""
 
     package: str
     top: str
@@ -39,6 +40,25 @@ class OptionalKernel:
             self.looked = True
             self.fn, self.reason = self._lookup()
         return self.fn is not None
+
+    def announce(
+        self,
+        log: logging.Logger,
+        used: str,
+        fallback: str,
+        *,
+        used_level: int = logging.INFO,
+        fallback_level: int = logging.WARNING,
+    ) -> None:
+        """Log, once per process, which path runs: ``used`` when the kernel is usable, else
+        ``fallback`` with its ``%s`` filled by the reason."""
+        if self.announced:
+            return
+        self.announced = True
+        if self.available():
+            log.log(used_level, used)
+        else:
+            log.log(fallback_level, fallback, self.reason)
 
     def _lookup(self) -> tuple[Callable[..., Any] | None, str]:
         if os.environ.get(self.env, "").lower() == "torch":

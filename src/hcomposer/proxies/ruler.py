@@ -19,7 +19,9 @@ by accident. What it does for every pattern (the issue that asked for it lists w
   lower rate; the flagged run stays in the log.
 
 Text: the embedded corpus cut into chapters, each chapter assigned to train, validation or
-test by a hash of its text (``prepare_text``), so the three never share a chapter.
+test by a hash of its text (``prepare_text``), so the three never share a chapter; patterns
+split into dev and held out by family (``split_patterns``). Both live in
+:mod:`hcomposer.proxies.ruler_text` and are importable from here.
 
 Everything is appended to JSON-lines logs in the study folder (one line per finished run),
 so a killed study resumes where it stopped and a finished run is never repeated; several
@@ -28,10 +30,8 @@ workers (``shard=(i, n)``) may share one folder. Run folders (checkpoints) go to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -45,9 +45,9 @@ import torch
 from hcomposer.accounting import count_costs
 from hcomposer.architecture import Architecture
 from hcomposer.data import load_tokenizer
-from hcomposer.data.sources import embedded_corpus_documents
 from hcomposer.errors import UserError
-from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, sha256_file
+from hcomposer.io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from hcomposer.proxies.ruler_text import family, prepare_text, split_patterns
 from hcomposer.runs import RulerDir, RunDir
 from hcomposer.scaling.extrapolate import stack
 from hcomposer.shapes import Shape
@@ -90,9 +90,6 @@ RULER_SHAPE: dict[str, Any] = {
     "expert_ffn_dim": 96,
 }
 
-SPLITS = ("train", "val", "test")
-_CHAPTER = re.compile(r"\n(?=chapter [0-9ivxlc]+\b)", re.IGNORECASE)
-
 
 @dataclass(frozen=True, kw_only=True)
 class RulerConfig:
@@ -129,70 +126,6 @@ class RulerConfig:
             self.warmup_steps + 5, round(self.select_fraction * self.tokens / self.step_tokens)
         )
         return steps * self.step_tokens
-
-
-# ---------------------------------------------------------------- text and splits
-
-
-def _bucket(key: str, salt: str) -> float:
-    h = hashlib.sha256(f"{salt}|{key}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
-def prepare_text(folder: str | Path, fractions: tuple[float, float] = (0.9, 0.05)) -> dict:
-    """Write ``train/val/test.jsonl`` (one chapter a line) from the embedded corpus into
-    ``folder`` and return ``{split: {"path", "sha256", "chapters", "bytes"}}``.
-
-    A chapter goes to train when a hash of its text falls below ``fractions[0]``, to
-    validation below ``sum(fractions)``, else to test: the same text always lands in the
-    same split, and no chapter is in two.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for doc in embedded_corpus_documents():
-        for chapter in _CHAPTER.split(doc):
-            if not chapter.strip():
-                continue
-            u = _bucket(chapter, "ruler-text")
-            split = "train" if u < fractions[0] else "val" if u < sum(fractions) else "test"
-            lines[split].append(json.dumps({"text": chapter}))
-    info = {}
-    for split in SPLITS:
-        path = folder / f"{split}.jsonl"
-        text = "\n".join(lines[split]) + "\n"
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
-        info[split] = {
-            "path": str(path),
-            "sha256": sha256_file(path),
-            "chapters": len(lines[split]),
-            "bytes": len(text.encode()),
-        }
-    return info
-
-
-def family(pattern: str) -> str:
-    """``afwe`` for patterns made of A/F/W/E only (where has-S/D rules are blind), else ``sd``."""
-    return "afwe" if set(re.sub(r"[\[\]|]", "", pattern)) <= set("AFWE") else "sd"
-
-
-def split_patterns(
-    patterns: list[str], *, heldout_afwe: int, heldout_sd: int, seed: int = 0
-) -> dict[str, list[str]]:
-    """A seeded random split into ``dev`` and ``heldout``, stratified by family."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[str]] = {"dev": [], "heldout": []}
-    for fam, k in (("afwe", heldout_afwe), ("sd", heldout_sd)):
-        members = sorted(p for p in patterns if family(p) == fam)
-        if k > len(members):
-            raise UserError(f"only {len(members)} {fam} patterns; cannot hold out {k}")
-        pick = set(rng.choice(len(members), size=k, replace=False).tolist())
-        for i, p in enumerate(members):
-            out["heldout" if i in pick else "dev"].append(p)
-    return out
 
 
 # ---------------------------------------------------------------- runs
