@@ -58,6 +58,14 @@ def add_arguments(p) -> None:
         help="converted mixers start from the attention weights (default) or fresh (ablation)",
     )  # fmt: skip
     p.add_argument("--eval-tokens", default="16K")
+    p.add_argument(
+        "--eval-every", type=int, default=0,
+        help="validate the student every N distillation steps (default 0: at the end)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=["auto", "bf16", "fp32"], default="fp32",
+        help="the distillation's autocast dtype (default fp32)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue the conversion in --out")
@@ -68,7 +76,7 @@ def add_arguments(p) -> None:
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
     names = "trials gate_penalty gate_recall_weight gate_recall_offset seq_len batch_size lr"
-    names += " temperature kl_weight lm_weight hidden_weight seed"
+    names += " temperature kl_weight lm_weight hidden_weight seed eval_every"
     return {name: (ConvertConfig, name) for name in names.split()}
 
 
@@ -88,6 +96,7 @@ def run(args) -> int:
         batch_size=args.batch_size, lr=args.lr, data=args.data, tokenizer=args.tokenizer,
         seed=args.seed, device=args.device,
         eval_tokens=parse_count(args.eval_tokens, "--eval-tokens"),
+        eval_every=args.eval_every, dtype=args.dtype,
         temperature=args.temperature, kl_weight=args.kl_weight, lm_weight=args.lm_weight,
         hidden_weight=args.hidden_weight, freeze_mlp=args.freeze_mlp,
     )  # fmt: skip
