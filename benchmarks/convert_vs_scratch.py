@@ -4,7 +4,12 @@ Question: a teacher ``(AF)*6`` is converted to a hybrid that keeps 2 of its 6 at
 (the other 4 become Mamba-2, ``S``, initialised from the attention weights) and distilled for
 a budget of B tokens. How many times fewer tokens (and FLOPs) does it need to reach the loss
 the same hybrid reaches when trained from scratch for 16 x B tokens, and how far is it from the
-teacher's loss?
+teacher's loss? And the other way round: how many tokens does the from-scratch run need to
+reach the converted model's final loss?
+
+Curves are validation losses during one run each (one cosine schedule per run), so a point
+before a run's end is not annealed and is higher than a run of that length would end at:
+this favours the from-scratch arm in the first question and the converted one in the second.
 
 Setup: the teacher is trained by ``hcomposer.training.train`` (the trainer behind ``hcomposer
 train``) on the first 1M characters of the embedded corpus; the conversions are
@@ -191,8 +196,20 @@ def analyse(records: list[dict]) -> dict:
                 pair["flop_ratio_with_teacher_pretraining"] = (
                     s["tokens"] * s["train_flops_per_token"]
                 ) / (tok * c["train_flops_per_token"] + pre)
+            # The other way round: the from-scratch tokens to the converted model's final loss.
+            back, bound = crossing(s["curve"], c["final_val_loss"])
+            pair["scratch_tokens_to_converted_final"] = back
+            if back is not None:
+                pair["reverse_token_ratio"] = back / c["tokens"]
+                pair["reverse_flop_ratio"] = (back * s["train_flops_per_token"]) / (
+                    c["tokens"] * c["train_flops_per_token"]
+                )
             pairs.append(pair)
     out["pairs"] = pairs
+    back = [p for p in pairs if p["scratch_tokens_to_converted_final"] is not None]
+    out["reverse_pairs_reached"] = f"{len(back)}/{len(pairs)}"
+    for key in ("reverse_token_ratio", "reverse_flop_ratio"):
+        out[key] = _spread([p[key] for p in back]) if back else None
     reached = [p for p in pairs if p["tokens_needed"] is not None]
     out["pairs_reached"] = f"{len(reached)}/{len(pairs)}"
     out["any_upper_bound"] = any(p["upper_bound"] for p in pairs)

@@ -74,6 +74,21 @@ def test_analyse_known_answers():
     assert [p["tokens_needed"] for p in got["pairs"][:2]] == [None, pytest.approx(20 + 20 / 3)]
 
 
+def test_analyse_the_other_way_round():
+    """Tokens the from-scratch run needs to reach the converted model's final loss."""
+    recs = _synthetic()[:2] + [
+        {"arm": "scratch", "seed": 0, "curve": [[100, 1.4], [200, 1.25], [300, 1.15]],
+         "final_val_loss": 1.15, "tokens": 300, "train_flops_per_token": 24},
+    ]  # fmt: skip
+    recs[1] = {**recs[1], "curve": [[10, 1.5], [30, 1.2]], "final_val_loss": 1.2}
+    got = _script().analyse(recs)
+    assert got["pairs_reached"] == "0/1" and got["token_ratio"] is None
+    assert got["pairs"][0]["scratch_tokens_to_converted_final"] == pytest.approx(250)
+    assert got["reverse_token_ratio"]["mean"] == pytest.approx(250 / 30)
+    assert got["reverse_flop_ratio"]["mean"] == pytest.approx(250 * 24 / (30 * 40))
+    assert got["reverse_pairs_reached"] == "1/1"
+
+
 def _records() -> list[dict]:
     return list(read_jsonl(RAW))
 
@@ -95,7 +110,9 @@ def figures() -> dict[str, str]:
         out[key] = f"{s['mean']:.1f}"
         out[key + "_range"] = f"{s['min']:.1f}-{s['max']:.1f}"
         out[key + "_ci"] = f"{s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}"
-    for key in ("token_ratio", "flop_ratio", "flop_ratio_with_teacher_pretraining"):
+    out["reverse_reached"] = r["reverse_pairs_reached"]
+    keys = ("token_ratio", "flop_ratio", "flop_ratio_with_teacher_pretraining")
+    for key in (*keys, "reverse_token_ratio", "reverse_flop_ratio"):
         s = r[key]
         if s is None:
             out[key] = "none"
