@@ -97,12 +97,15 @@ def run_teacher(work: Path, data: Path, tokens: int) -> dict:
             "wall_s": time.time() - t0}  # fmt: skip
 
 
-def run_converted(work: Path, data: Path, args, seed: int) -> dict:
-    out = work / f"converted-seed{seed}"
+def run_converted(work: Path, data: Path, args, seed: int, mult: int = 1) -> dict:
+    """A conversion distilled for ``mult`` x B tokens (1: the ``converted`` arm, else
+    ``converted_long``)."""
+    out = work / (f"converted-seed{seed}" if mult == 1 else f"converted-x{mult}-seed{seed}")
     config = ConvertConfig(
         teacher=str(work / "teacher"), to=args.to, keep=2, layers=args.keep_layers,
-        tokens=args.budget, seq_len=SEQ, batch_size=BATCH, lr=args.distill_lr, data=str(data),
-        eval_tokens=EVAL_TOKENS, eval_every=args.distill_eval_every, dtype="bf16", seed=seed,
+        tokens=args.budget * mult, seq_len=SEQ, batch_size=BATCH, lr=args.distill_lr,
+        data=str(data), eval_tokens=EVAL_TOKENS, eval_every=args.distill_eval_every * mult,
+        dtype="bf16", seed=seed,
         lm_weight=0.1,
     )  # fmt: skip
     t0 = time.time()
@@ -110,7 +113,8 @@ def run_converted(work: Path, data: Path, args, seed: int) -> dict:
     teacher = load_teacher(str(work / "teacher"))
     student = teacher.arch.with_pattern(s["student_pattern"])
     fs, ft = _fwd_flops(student), _fwd_flops(teacher.arch)
-    return {"arm": "converted", "seed": seed, "pattern": s["student_pattern"],
+    arm = "converted" if mult == 1 else "converted_long"
+    return {"arm": arm, "seed": seed, "pattern": s["student_pattern"],
             "keep": s["kept_attention_layers"], "tokens": s["student"]["tokens"],
             "fwd_flops_per_token": fs, "teacher_fwd_flops_per_token": ft,
             "train_flops_per_token": 3 * fs + ft, "curve": _curve(out / "student"),
@@ -161,66 +165,82 @@ def _spread(values: list[float]) -> dict:
             "ci95": [mean - half, mean + half]}  # fmt: skip
 
 
-def analyse(records: list[dict]) -> dict:
-    """The headline of the module docstring, with spreads over seeds."""
-    records = list(records)
-    teacher = next(r for r in records if r["arm"] == "teacher")
-    conv = sorted((r for r in records if r["arm"] == "converted"), key=lambda r: r["seed"])
-    scratch = sorted((r for r in records if r["arm"] == "scratch"), key=lambda r: r["seed"])
+def _pair(c: dict, s: dict, teacher: dict) -> dict:
+    """One converted run against one from-scratch run, both ways round."""
+    tok, bound = crossing(c["curve"], s["final_val_loss"])
+    pair = {"converted_seed": c["seed"], "scratch_seed": s["seed"],
+            "target": s["final_val_loss"], "tokens_needed": tok, "upper_bound": bound}  # fmt: skip
+    scratch_flops = s["tokens"] * s["train_flops_per_token"]
+    if tok is not None:
+        pair["token_ratio"] = s["tokens"] / tok
+        pair["flop_ratio"] = scratch_flops / (tok * c["train_flops_per_token"])
+        # The teacher's pretraining charged to this one conversion.
+        pre = teacher["tokens"] * teacher["train_flops_per_token"]
+        pair["flop_ratio_with_teacher_pretraining"] = scratch_flops / (
+            tok * c["train_flops_per_token"] + pre
+        )
+    # The other way round: the from-scratch tokens to the converted model's final loss.
+    back, _ = crossing(s["curve"], c["final_val_loss"])
+    pair["scratch_tokens_to_converted_final"] = back
+    if back is not None:
+        pair["reverse_token_ratio"] = back / c["tokens"]
+        pair["reverse_flop_ratio"] = (back * s["train_flops_per_token"]) / (
+            c["tokens"] * c["train_flops_per_token"]
+        )
+    return pair
+
+
+def _compare(teacher: dict, conv: list[dict], scratch: list[dict]) -> dict:
     t_loss = teacher["final_val_loss"]
-    out = {"teacher_val_loss": t_loss, "teacher_tokens": teacher["tokens"],
-           "converted_seeds": [r["seed"] for r in conv],
-           "scratch_seeds": [r["seed"] for r in scratch]}  # fmt: skip
+    out = {"converted_seeds": [r["seed"] for r in conv],
+           "converted_tokens": conv[0]["tokens"] if conv else None}  # fmt: skip
     out["converted_final"] = _spread([r["final_val_loss"] for r in conv])
-    out["scratch_final"] = _spread([r["final_val_loss"] for r in scratch])
     out["gap_to_teacher_pct"] = _spread(
         [100 * (r["final_val_loss"] - t_loss) / t_loss for r in conv]
     )
-    out["scratch_gap_to_teacher_pct"] = _spread(
-        [100 * (r["final_val_loss"] - t_loss) / t_loss for r in scratch]
-    )
-    pairs = []
-    for c in conv:
-        for s in scratch:
-            tok, bound = crossing(c["curve"], s["final_val_loss"])
-            pair = {"converted_seed": c["seed"], "scratch_seed": s["seed"],
-                    "target": s["final_val_loss"], "tokens_needed": tok,
-                    "upper_bound": bound}  # fmt: skip
-            if tok is not None:
-                pair["token_ratio"] = s["tokens"] / tok
-                pair["flop_ratio"] = (s["tokens"] * s["train_flops_per_token"]) / (
-                    tok * c["train_flops_per_token"]
-                )
-                # The teacher's pretraining charged to this one conversion.
-                pre = teacher["tokens"] * teacher["train_flops_per_token"]
-                pair["flop_ratio_with_teacher_pretraining"] = (
-                    s["tokens"] * s["train_flops_per_token"]
-                ) / (tok * c["train_flops_per_token"] + pre)
-            # The other way round: the from-scratch tokens to the converted model's final loss.
-            back, bound = crossing(s["curve"], c["final_val_loss"])
-            pair["scratch_tokens_to_converted_final"] = back
-            if back is not None:
-                pair["reverse_token_ratio"] = back / c["tokens"]
-                pair["reverse_flop_ratio"] = (back * s["train_flops_per_token"]) / (
-                    c["tokens"] * c["train_flops_per_token"]
-                )
-            pairs.append(pair)
+    pairs = [_pair(c, s, teacher) for c in conv for s in scratch]
     out["pairs"] = pairs
-    back = [p for p in pairs if p["scratch_tokens_to_converted_final"] is not None]
-    out["reverse_pairs_reached"] = f"{len(back)}/{len(pairs)}"
-    for key in ("reverse_token_ratio", "reverse_flop_ratio"):
-        out[key] = _spread([p[key] for p in back]) if back else None
     reached = [p for p in pairs if p["tokens_needed"] is not None]
     out["pairs_reached"] = f"{len(reached)}/{len(pairs)}"
     out["any_upper_bound"] = any(p["upper_bound"] for p in pairs)
     for key in ("token_ratio", "flop_ratio", "flop_ratio_with_teacher_pretraining"):
         out[key] = _spread([p[key] for p in reached]) if reached else None
+    back = [p for p in pairs if p["scratch_tokens_to_converted_final"] is not None]
+    out["reverse_pairs_reached"] = f"{len(back)}/{len(pairs)}"
+    for key in ("reverse_token_ratio", "reverse_flop_ratio"):
+        out[key] = _spread([p[key] for p in back]) if back else None
     out["goal_met"] = bool(
         reached
         and len(reached) == len(pairs)
         and min(p["token_ratio"] for p in reached) >= 10
         and out["gap_to_teacher_pct"]["max"] <= 5
     )
+    return out
+
+
+def analyse(records: list[dict]) -> dict:
+    """The headline of the module docstring, with spreads over seeds; ``long``: the same for
+    the longer distillations, where there are any."""
+    records = list(records)
+    teacher = next(r for r in records if r["arm"] == "teacher")
+
+    def arm(name):
+        return sorted((r for r in records if r["arm"] == name), key=lambda r: r["seed"])
+
+    scratch = arm("scratch")
+    t_loss = teacher["final_val_loss"]
+    out = {"teacher_val_loss": t_loss, "teacher_tokens": teacher["tokens"],
+           "scratch_seeds": [r["seed"] for r in scratch],
+           "scratch_tokens": scratch[0]["tokens"] if scratch else None}  # fmt: skip
+    out["scratch_final"] = _spread([r["final_val_loss"] for r in scratch]) if scratch else None
+    out["scratch_gap_to_teacher_pct"] = (
+        _spread([100 * (r["final_val_loss"] - t_loss) / t_loss for r in scratch])
+        if scratch
+        else None
+    )
+    out.update(_compare(teacher, arm("converted"), scratch))
+    if arm("converted_long"):
+        out["long"] = _compare(teacher, arm("converted_long"), scratch)
     return out
 
 
@@ -237,6 +257,8 @@ def main() -> None:
     p.add_argument("--keep-layers", default="0,1")
     p.add_argument("--to", default="S")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--long-mult", type=int, default=4, help="longer distillation: this x B")
+    p.add_argument("--long-seeds", default="", help="seeds of the longer distillation")
     p.add_argument("--analyse", action="store_true", help="only recompute result.json")
     args = p.parse_args()
     out = Path(args.out)
@@ -256,6 +278,7 @@ def main() -> None:
         # Two seeds of each arm first, so a kill leaves a comparison.
         plan = [("teacher", 0)] + [("converted", s) for s in seeds]
         plan += [("scratch", s) for s in seeds]
+        plan += [("converted_long", int(s)) for s in args.long_seeds.split(",") if s.strip()]
         for arm, seed in plan:
             if (arm, seed) in done:
                 continue
@@ -263,6 +286,8 @@ def main() -> None:
                 rec = run_teacher(work, data, args.teacher_tokens)
             elif arm == "converted":
                 rec = run_converted(work, data, args, seed)
+            elif arm == "converted_long":
+                rec = run_converted(work, data, args, seed, args.long_mult)
             else:
                 rec = run_scratch(work, data, args, seed)
             rec["setup"] = {k: v for k, v in vars(args).items() if k not in ("work", "out")}
