@@ -277,8 +277,9 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
         # Two seeds of each arm first, so a kill leaves a comparison.
         plan = [("teacher", 0)] + [("converted", s) for s in seeds]
-        plan += [("scratch", s) for s in seeds]
+        plan += [("scratch", s) for s in seeds[:2]]
         plan += [("converted_long", int(s)) for s in args.long_seeds.split(",") if s.strip()]
+        plan += [("scratch", s) for s in seeds[2:]]
         for arm, seed in plan:
             if (arm, seed) in done:
                 continue
