@@ -160,7 +160,7 @@ def _spread(values: list[float]) -> dict:
     n = len(values)
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n > 1 else 0.0
-    half = sstats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    half = float(sstats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else math.nan
     return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n,
             "ci95": [mean - half, mean + half]}  # fmt: skip
 

@@ -96,16 +96,23 @@ def _records() -> list[dict]:
 def figures() -> dict[str, str]:
     """Every number the README states, by name, formatted as it is printed there."""
     r = _script().analyse(_records())
-    out = {
-        "teacher": f"{r['teacher_val_loss']:.3f}",
-        "conv_seeds": str(len(r["converted_seeds"])),
-        "scratch_seeds": str(len(r["scratch_seeds"])),
-        "reached": r["pairs_reached"],
-    }
-    for key in ("converted_final", "scratch_final"):
+    out = _arm_figures(r, "")
+    if "long" in r:
+        out |= _arm_figures(r["long"], "long_")
+    return out
+
+
+def _arm_figures(r: dict, pre: str) -> dict[str, str]:
+    out = {"conv_seeds": str(len(r["converted_seeds"])), "reached": r["pairs_reached"]}
+    keys = ["converted_final"]
+    if not pre:
+        out["teacher"] = f"{r['teacher_val_loss']:.3f}"
+        out["scratch_seeds"] = str(len(r["scratch_seeds"]))
+        keys.append("scratch_final")
+    for key in keys:
         out[key] = f"{r[key]['mean']:.3f}"
         out[key + "_sd"] = f"{r[key]['sd']:.3f}"
-    for key in ("gap_to_teacher_pct", "scratch_gap_to_teacher_pct"):
+    for key in ("gap_to_teacher_pct", "scratch_gap_to_teacher_pct")[: 1 if pre else 2]:
         s = r[key]
         out[key] = f"{s['mean']:.1f}"
         out[key + "_range"] = f"{s['min']:.1f}-{s['max']:.1f}"
@@ -114,13 +121,12 @@ def figures() -> dict[str, str]:
     keys = ("token_ratio", "flop_ratio", "flop_ratio_with_teacher_pretraining")
     for key in (*keys, "reverse_token_ratio", "reverse_flop_ratio"):
         s = r[key]
-        if s is None:
-            out[key] = "none"
+        if s is None:  # not reached: "reached" / "reverse_reached" say so
             continue
         digits = 2 if s["max"] < 1 else 1
         out[key] = f"{s['mean']:.{digits}f}"
         out[key + "_range"] = f"{s['min']:.{digits}f}-{s['max']:.{digits}f}"
-    return out
+    return {pre + k: v for k, v in out.items()}
 
 
 @pytest.mark.skipif(not RAW.is_file(), reason="the study's raw file is not there")
