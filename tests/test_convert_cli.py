@@ -133,3 +133,26 @@ def test_optuna_study_in_the_folder_and_resumes(small_teacher, convert_text, tmp
     attempts = len(study.trials)
     assert main([*argv, "--resume"]) == 0
     assert len(optuna.load_study(study_name="placement", storage=storage).trials) == attempts
+
+
+def test_eval_every_and_dtype_reach_the_distillation(small_teacher, convert_text, tmp_path):
+    out = tmp_path / "conv"
+    argv = ["convert", str(small_teacher), "--keep-layers", "0", "--out", str(out)]
+    argv += ["--tokens", "1K", "--data", str(convert_text), *SMALL]
+    assert main([*argv, "--eval-every", "2", "--dtype", "bf16"]) == 0
+    config = read_json(out / "student" / "run.json")["config"]["train"]
+    assert (config["eval_every"], config["dtype"]) == (2, "bf16")
+    # 1K tokens of 4 x 32: 8 steps, validated at 2, 4, 6 and 8 (the curve a study reads).
+    metrics = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().split("\n")
+               if x.strip()]  # fmt: skip
+    assert [r["step"] for r in metrics if r.get("val_loss") is not None] == [2, 4, 6, 8]
+    # A conversion started before these options existed resumes: absent means the default.
+    plain = tmp_path / "plain"
+    argv[5] = str(plain)
+    assert main(argv) == 0
+    request = read_json(plain / "convert.json")
+    del request["eval_every"], request["dtype"]
+    (plain / "convert.json").write_text(json.dumps(request))
+    assert main([*argv, "--resume"]) == 0
+    # ... but not with another value than the default it was run with.
+    assert main([*argv, "--resume", "--eval-every", "3"]) == 2

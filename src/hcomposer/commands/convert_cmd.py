@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
     add_data(p, default="the embedded corpus", what="distillation text")
     p.add_argument("--tokenizer", default=None, help="default: the teacher's tokenizer")
     add_fields(p, ConvertConfig, "temperature kl_weight lm_weight hidden_weight freeze_mlp init")
-    add_fields(p, ConvertConfig, "seed device", counts="eval_tokens")
+    add_fields(p, ConvertConfig, "eval_every dtype seed device", counts="eval_tokens")
     p.add_argument("--resume", action="store_true", help="continue the conversion in --out")
     add_output(p)
 
@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 def option_fields() -> dict:
     """argparse dest -> (config class, field): each option is checked against the field."""
     names = "trials gate_penalty gate_recall_weight gate_recall_offset seq_len batch_size lr"
-    names += " temperature kl_weight lm_weight hidden_weight seed"
+    names += " temperature kl_weight lm_weight hidden_weight seed eval_every"
     return {name: (ConvertConfig, name) for name in names.split()}
 
 
@@ -59,6 +59,7 @@ def run(args) -> int:
         batch_size=args.batch_size, lr=args.lr, data=args.data, tokenizer=args.tokenizer,
         seed=args.seed, device=args.device,
         eval_tokens=parse_count(args.eval_tokens, "--eval-tokens"),
+        eval_every=args.eval_every, dtype=args.dtype,
         temperature=args.temperature, kl_weight=args.kl_weight, lm_weight=args.lm_weight,
         hidden_weight=args.hidden_weight, freeze_mlp=args.freeze_mlp,
     )  # fmt: skip

@@ -30,7 +30,7 @@ from hcomposer.guards import MAX_SEED
 from hcomposer.io import atomic_write_json, atomic_write_text, read_json
 from hcomposer.runs import ConvertDir
 from hcomposer.training import TrainConfig, train, vocab_for
-from hcomposer.training.step import resolve_device
+from hcomposer.training.step import DTYPES, resolve_device
 
 __all__ = ["ConvertConfig", "convert", "parse_layers"]
 
@@ -77,6 +77,8 @@ class ConvertConfig(Config):
     seed: int = spec(0, ge=0, le=MAX_SEED, help="data order and fresh weights")
     device: str = spec("auto", help="auto, cpu, cuda, cuda:N")
     eval_tokens: int = spec(16_384, ge=1, le=10**12, unit="tokens", help="validation tokens")
+    eval_every: int = spec(0, ge=0, le=2**40, unit="steps", help="validate every N steps (0: end)")
+    dtype: str = spec("fp32", choices=DTYPES, help="distillation's autocast dtype")
     temperature: float = spec(2.0, gt=0, le=100.0, help="KL temperature")
     kl_weight: float = spec(1.0, ge=0, le=1e6, help="weight of the KL term")
     lm_weight: float = spec(0.1, ge=0, le=1e6, help="weight of the LM loss")
@@ -91,8 +93,9 @@ class ConvertConfig(Config):
         batch = max(1, min(self.batch_size, tokens // self.seq_len))
         return TrainConfig(
             tokens=max(tokens, batch * self.seq_len), batch_size=batch, seq_len=self.seq_len,
-            lr=self.lr, min_lr=self.lr / 10, warmup=0.05, dtype="fp32", eval_every=0,
-            eval_tokens=self.eval_tokens, log_every=10, checkpoint_every=200, seed=self.seed,
+            lr=self.lr, min_lr=self.lr / 10, warmup=0.05, dtype=self.dtype,
+            eval_every=self.eval_every, eval_tokens=self.eval_tokens, log_every=10,
+            checkpoint_every=200, seed=self.seed,
             data=self.data, tokenizer=tokenizer, device=self.device, threads=None,
         )  # fmt: skip
 
@@ -146,6 +149,11 @@ def _tokenizer_spec(teacher: Teacher, config: ConvertConfig) -> tuple[str, Any]:
     return spec_, tokenizer
 
 
+def _defaults(config: ConvertConfig) -> dict[str, Any]:
+    """Every field's default (the required ones: ``config``'s values)."""
+    return ConvertConfig(teacher=config.teacher, keep=config.keep).to_dict()
+
+
 def _check_request(cd: ConvertDir, config: ConvertConfig, resume: bool) -> None:
     if not cd.root.exists() or not any(cd.root.iterdir()):
         return
@@ -158,6 +166,8 @@ def _check_request(cd: ConvertDir, config: ConvertConfig, resume: bool) -> None:
         raise UserError(
             f"--out {str(cd.root)!r} already holds a conversion; pass --resume to continue it"
         )
+    # A field added since the conversion was started counts as its default.
+    stored = {**_defaults(config), **stored}
     if stored != config.to_dict():
         differ = sorted(k for k in config.to_dict() if stored.get(k) != config.to_dict()[k])
         raise UserError(
