@@ -3,6 +3,9 @@
 Three implementations of one Mamba-2 mixer at the same size, all in this process:
 
 - ``hcomposer``: ``Mamba2`` with the chunked SSD scan (``ssd_chunked``);
+- ``exact``: the same layer with the scan forced to its exact form (``form="exact"``: a decay
+  matrix per head and chunk), the form that ``hcomposer`` takes where the decays are too strong
+  for the factored one;
 - ``reference``: the same layer with its scan replaced by ``ssd_reference`` (a Python loop over
   time steps) - the slow form the tests hold the chunked scan to;
 - ``transformers``: ``transformers``' ``Mamba2Mixer`` (its PyTorch ``torch_forward`` path: no
@@ -14,6 +17,10 @@ With ``--deltanet``, a second table times ``D`` the same way: ``GatedDeltaNet`` 
 shape against its own no-scan bound (the scan replaced by o = beta * v), in turns, after the S
 tables (so S's weights and results are the same with or without it); its measure is D's tokens/s
 over the bound's, round by round (median, lowest and highest round).
+
+The measure of S against its no-scan bound (``_no_scan_layer``) is S's tokens/s over the
+bound's, taken round by round (the bound's time over S's in the same round) and reported as
+the median with the lowest and highest round; ``--json`` writes every round's seconds.
 
 Each step is forward, backward with a fixed random cotangent, gradients cleared. The
 implementations run in turns (``--rounds`` times) so that load from other processes spreads
@@ -27,6 +34,7 @@ wall`` uses wall time.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -82,6 +90,16 @@ def _reference_layer(ours: Mamba2) -> Mamba2:
     return ref
 
 
+def _exact_layer(ours: Mamba2) -> Mamba2:
+    """The same layer with the scan forced to its exact form (a decay matrix per head)."""
+    exact = Mamba2(ours.shape)
+    exact.load_state_dict(ours.state_dict())
+    exact._scan = lambda x, dt, A, B, C, initial_state: ssd_chunked(
+        x, dt, A, B, C, ours.chunk_size, initial_state, form="exact"
+    )
+    return exact
+
+
 def _no_scan_layer(ours: Mamba2) -> Mamba2:
     """The layer with its scan replaced by y = dt * x (no mixing over time): everything the three
     implementations share (projections, conv, norm). Its speed bounds any ratio to the
@@ -101,7 +119,7 @@ def _deltanet_no_scan(ours: GatedDeltaNet) -> GatedDeltaNet:
     return bound
 
 
-def _deltanet_rows(shape, seq_lens, batch, rounds, clock) -> list[dict]:
+def _deltanet_rows(shape, seq_lens, batch, rounds, clock, raw) -> list[dict]:
     """D and its no-scan bound per T: tokens/s (median) and D / bound per round."""
     rows = []
     for T in seq_lens:
@@ -116,6 +134,7 @@ def _deltanet_rows(shape, seq_lens, batch, rounds, clock) -> list[dict]:
         for _ in range(rounds):
             for k, step in steps.items():
                 times[k].append(step())
+        raw.update({f"T{T}:{k}": v for k, v in times.items()})
         # D's speed over the bound's = the bound's time over D's, in the same round.
         per = [b / d for d, b in zip(times["D"], times["bound"])]
         row = {"T": T, "chunk": shape.dn_chunk, "fraction": statistics.median(per)}
@@ -188,8 +207,9 @@ def _scan_steppers(shape, T, batch, chunks, with_reference, clock):
     return steps
 
 
-def _measure(steps, rounds, ref_rounds) -> dict[str, float]:
-    """Median seconds per step; the implementations run in turns, after one warm-up each."""
+def _measure(steps, rounds, ref_rounds, raw=None) -> dict[str, float]:
+    """Median seconds per step; the implementations run in turns, after one warm-up each.
+    With ``raw`` (a dict), every round's seconds are added to it under each step's name."""
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step in steps.values():
         step()
@@ -198,6 +218,8 @@ def _measure(steps, rounds, ref_rounds) -> dict[str, float]:
             if k == "reference" and r >= ref_rounds:
                 continue
             times[k].append(step())
+    if raw is not None:
+        raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -213,8 +235,9 @@ def _check_same_function(ours, others, d_model):
 def _table(rows) -> str:
     lines = [
         "| T | chunk | hcomposer tok/s | transformers tok/s | reference tok/s | "
-        "vs transformers | vs reference | no-scan bound tok/s | bound / reference |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "vs transformers | vs reference | no-scan bound tok/s | bound / reference | "
+        "exact form tok/s | hcomposer / bound (median [min-max]) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ref = r["reference"]
@@ -225,7 +248,7 @@ def _table(rows) -> str:
             + (f"{r['ours'] / ref:.1f}x" if ref else "-")
             + f" | {r['bound']:,.0f} | "
             + (f"{r['bound'] / ref:.1f}x" if ref else "-")
-            + " |"
+            + f" | {r['exact']:,.0f} | {r['fraction']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |"
         )
     return "\n".join(lines)
 
@@ -268,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--out", default=None, help="also write the results as Markdown here")
+    p.add_argument("--json", default=None, help="also write every round's seconds here")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -277,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     d = shape.d_model
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows, scan_rows = [], []
+    raw: dict[str, list[float]] = {}
     for T in (int(t) for t in args.seq_lens.split(",")):
         run_ref = args.ref_max_len >= T
         ours = Mamba2(shape.replace(ssm_chunk=chunks[0]))
@@ -284,14 +309,20 @@ def main(argv: list[str] | None = None) -> int:
         if run_ref:
             layers["reference"] = _reference_layer(ours)
         _check_same_function(ours, {k: v for k, v in layers.items() if k != "ours"}, d)
+        layers["exact"] = _exact_layer(ours)
         layers["bound"] = _no_scan_layer(ours)
         x = torch.randn(args.batch_size, T, d, requires_grad=True)
         grad = torch.randn(args.batch_size, T, d)
         steps = {k: _stepper(v, x, grad, clock) for k, v in layers.items()}
-        med = _measure(steps, args.rounds, args.ref_rounds)
+        times: dict[str, list[float]] = {}
+        med = _measure(steps, args.rounds, args.ref_rounds, times)
+        raw.update({f"T{T}:{k}": v for k, v in times.items()})
         tok = args.batch_size * T
         row = {"T": T, "chunk": chunks[0], "reference": None}
         row.update({k: tok / v for k, v in med.items()})
+        # S's speed over the bound's = the bound's time over S's, in the same round.
+        per = [b / o for o, b in zip(times["ours"], times["bound"])]
+        row.update({"fraction": statistics.median(per), "min": min(per), "max": max(per)})
         rows.append(row)
         print(_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
         if args.scan:
@@ -317,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         text += _scan_table(scan_rows, chunks) + "\n"
     if args.deltanet:
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
-        d_rows = _deltanet_rows(shape, seq_lens, args.batch_size, args.rounds, clock)
+        d_rows = _deltanet_rows(shape, seq_lens, args.batch_size, args.rounds, clock, raw)
         text += (
             f"\nD layer (`GatedDeltaNet`) forward+backward, the same shape ({shape.dn_heads} "
             f"q/k heads of {shape.dn_head_dim}, {shape.dn_v_heads} value heads of "
@@ -327,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         atomic_write_text(args.out, text)
+    if args.json:
+        meta = {"shape": shape.name, "chunk": chunks[0], "batch": args.batch_size}
+        meta.update({"threads": args.threads, "clock": args.clock, "rounds": args.rounds})
+        meta["torch"] = torch.__version__
+        atomic_write_text(args.json, json.dumps({"config": meta, "seconds": raw}, indent=1))
     return 0
 
 

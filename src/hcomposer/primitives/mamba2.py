@@ -310,9 +310,10 @@ class Mamba2(Primitive):
 
         Per chunk of L = min(ssm_chunk, seq_len) steps: C B^T per group (2 L^2 G N), the
         masked product with x per head (2 L^2 H P), the chunk state (2 L H P N) and the
-        start state's output (2 L H P N); across chunks the (c+1)^2 state-passing product
-        (2 (c+1)^2 H P N). Padding of the last chunk is counted: it is computed. Elementwise
-        work (decays, gates, the conv, the D skip) is left out, as for attention's softmax.
+        start state's output (2 L H P N). Padding of the last chunk is counted: it is
+        computed. Elementwise work (decays, gates, the conv, the D skip, and the passing of
+        states from chunk to chunk, one multiply-add of H P N per chunk) is left out, as for
+        attention's softmax.
         The recurrent step used for decoding costs about 4 H P N per token instead.
         """
         if seq_len <= 0:
@@ -321,8 +322,7 @@ class Mamba2(Primitive):
         L = min(self.chunk_size, seq_len)
         nc = -(-seq_len // L)
         per_chunk = 2 * L * L * G * N + 2 * L * L * H * P + 4 * L * H * P * N
-        total = nc * per_chunk + 2 * (nc + 1) ** 2 * H * P * N
-        return total / seq_len
+        return nc * per_chunk / seq_len
 
     def state_bytes(self, dtype_bytes: int = 2) -> int:
         """Conv inputs (in the model's dtype) plus the SSM state (always fp32), per sequence."""
