@@ -173,9 +173,10 @@ def test_matmul_flops_match_the_mamba2_cost_formula():
     T = 40  # not a multiple of the chunk (16): padding is computed and counted
     H, P, G, N = m.n_heads, m.head_dim, m.n_groups, m.d_state
     x, dt, A, B, C, s0 = (v.float() for v in _inputs(1, T, H, P, G, N, seed=2))
-    with FlopCounterMode(display=False) as counter:
-        ssd_chunked(x, dt, A, B, C, m.chunk_size, s0)
-    assert counter.get_total_flops() == pytest.approx(m.extra_flops_per_token(T) * T)
+    for form in ("factored", "exact"):
+        with FlopCounterMode(display=False) as counter:
+            ssd_chunked(x, dt, A, B, C, m.chunk_size, s0, form=form)
+        assert counter.get_total_flops() == pytest.approx(m.extra_flops_per_token(T) * T), form
 
 
 def test_bad_shapes_raise():

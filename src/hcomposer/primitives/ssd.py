@@ -86,7 +86,7 @@ class _ChunkStates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local, log_w, init, factored):
-        w = log_w.exp()[..., None]
+        w = log_w.exp()  # broadcasts against one chunk's states
         nc = local.shape[0]
         states = local.new_empty((nc + 1, *local.shape[1:]))
         states[0] = init
@@ -96,22 +96,25 @@ class _ChunkStates(torch.autograd.Function):
             else:
                 torch.addcmul(local[c], states[c], w[c], out=states[c + 1])
         ctx.factored = factored
-        ctx.save_for_backward(states, w, local if factored else None)
+        ctx.save_for_backward(states, w)
         return states[:nc], states[nc]
 
     @staticmethod
     def backward(ctx, d_starts, d_final):
-        states, w, local = ctx.saved_tensors
-        # acc: the full gradient of s[c], its own cotangent plus what flows back from s[c+1].
+        states, w = ctx.saved_tensors
+        # The full gradient of s[c] is its own cotangent plus what flows back from s[c+1].
         d_next = torch.empty_like(d_starts)  # d_next[c]: the gradient of s[c+1]
-        acc = d_final
-        for c in range(d_next.shape[0] - 1, -1, -1):
-            d_next[c] = acc
-            acc = torch.addcmul(d_starts[c], acc, w[c])
+        nc = d_next.shape[0]
+        d_next[nc - 1] = d_final
+        for c in range(nc - 1, 0, -1):
+            torch.addcmul(d_starts[c], d_next[c], w[c], out=d_next[c - 1])
+        acc = torch.addcmul(d_starts[0], d_next[0], w[0])  # the gradient of s[0]
         if ctx.factored:
-            d_log_w = (d_next * (states[:-1] + local)).sum(-1) * w[..., 0]
-            return d_next * w, d_log_w, acc, None
-        return d_next, (d_next * states[:-1]).sum(-1) * w[..., 0], acc, None
+            # d log_w[c] = <d s[c+1], w[c] (s[c] + local[c])> = <d s[c+1], s[c+1]>.
+            d_log_w = (d_next * states[1:]).sum_to_size(w.shape)
+            return d_next.mul_(w), d_log_w, acc, None
+        d_log_w = (d_next * states[:-1]).sum_to_size(w.shape) * w
+        return d_next, d_log_w, acc, None
 
 
 class _ChunkDiagonal(torch.autograd.Function):
@@ -175,13 +178,15 @@ def _scan_factored(x, dt, a, B, C, init, L):
     Bc = B.view(b, nc, L, g, n).permute(0, 3, 1, 2, 4).reshape(b * g * nc, L, n)
     Cc = C.view(b, nc, L, g, n).permute(0, 3, 1, 2, 4).reshape(b * g * nc, L, n)
     scores = (Cc @ Bc.transpose(-1, -2)).tril()  # [bgc,l,s], once per group
-    local = (u.transpose(-1, -2) @ Bc).view(b, g, nc, hg, p * n).permute(2, 0, 1, 3, 4)
-    log_w = a_cum[:, :, -1].permute(1, 0, 2, 3)  # [c,b,g,hg]
-    starts, final = _ChunkStates.apply(local, log_w, init, True)
-    starts = starts.view(nc, b, g, hg * p, n).permute(1, 2, 0, 3, 4).reshape(-1, hg * p, n)
-    z = torch.baddbmm(Cc @ starts.transpose(-1, -2), scores, u)  # [bgc,l,hg*p]
+    # The states are kept transposed, [n, hg*p] per group: the products read them as they are.
+    local = (Bc.transpose(-1, -2) @ u).view(b, g, nc, n, hg, p).permute(2, 0, 1, 3, 4, 5)
+    log_w = a_cum[:, :, -1].permute(1, 0, 2, 3)[:, :, :, None, :, None]  # [c,b,g,1,hg,1]
+    init = init.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)  # [b,g,n,hg,p]
+    starts, final = _ChunkStates.apply(local, log_w, init, True)  # [c,b,g,n,hg,p]
+    starts = starts.permute(1, 2, 0, 3, 4, 5).reshape(b * g * nc, n, hg * p)
+    z = scores @ u + Cc @ starts  # [bgc,l,hg*p]
     y = z.view(b, g, nc, L, hg, p).permute(0, 2, 3, 1, 4, 5) * a_cum.exp()[..., None]
-    return y.reshape(b, T, h, p), final
+    return y.reshape(b, T, h, p), final.permute(0, 1, 3, 4, 2)
 
 
 def _scan_exact(x, dt, a, B, C, init, L):
@@ -203,7 +208,7 @@ def _scan_exact(x, dt, a, B, C, init, L):
     xs = (xdt * to_end[..., None]).permute(0, 3, 1, 2, 4, 5).reshape(b, g, nc, L, hg * p)
     local = (xs.transpose(-1, -2) @ Bc).view(b, g, nc, hg, p * n).permute(2, 0, 1, 3, 4)
     # 3. States passed across chunks; 4. what each start state adds to its chunk's outputs.
-    log_w = a_cum[:, :, -1].permute(1, 0, 2, 3)  # [c,b,g,hg]
+    log_w = a_cum[:, :, -1].permute(1, 0, 2, 3)[..., None]  # [c,b,g,hg,1]
     starts, final = _ChunkStates.apply(local, log_w, init, False)
     starts = starts.view(nc, b, g, hg * p, n).permute(1, 2, 0, 3, 4)  # [b,g,c,hg*p,n]
     y_off = (Cc @ starts.transpose(-1, -2)).view(b, g, nc, L, hg, p).permute(0, 2, 3, 1, 4, 5)
