@@ -290,18 +290,22 @@ class Mamba2(Primitive):
         work = torch.promote_types(u.dtype, torch.float32)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
         A = -torch.exp(self.A_log.to(work))
+        # The PyTorch scans compute in the work dtype: given x in it, their output stays in it
+        # (no round trip through bf16 before the D skip). mamba_ssm's kernel takes x as it is.
+        xw = x.to(work)
         if cache is not None and T == 1:
             y, state = ssd_step(
-                cache.ssm_state, x[:, 0], dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N)
+                cache.ssm_state, xw[:, 0], dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N)
             )
             y = y[:, None]
         else:
             init = cache.ssm_state if cache is not None else None
-            y, state = self._scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), init)
+            xs = x if x.is_cuda and fast_scan_available() else xw
+            y, state = self._scan(xs, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), init)
         if cache is not None:
             cache.ssm_state.copy_(state)
             cache.pos += T
-        y = torch.addcmul(y.to(work), x.to(work), self.D.to(work)[:, None])
+        y = torch.addcmul(y.to(work), xw, self.D.to(work)[:, None])
         y = self.norm(y.reshape(Bsz, T, self.inner_dim), z, u.dtype)
         return self.out_proj(y) if self.project else y
 
