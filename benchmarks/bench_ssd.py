@@ -24,9 +24,10 @@ the median with the lowest and highest round; ``--json`` writes every round's se
 
 Each step is forward, backward with a fixed random cotangent, gradients cleared. The
 implementations run in turns (``--rounds`` times) so that load from other processes spreads
-over all of them; the median is reported. Time is the process's CPU time by default (robust on
-a shared machine; with ``--threads 1`` it equals the step's time on an idle core); ``--clock
-wall`` uses wall time.
+over all of them; the median is reported. ``--bf16`` runs the layers' forward under bf16
+autocast, as training does on CPU (the scans compute in fp32 either way). Time is the
+process's CPU time by default (robust on a shared machine; with ``--threads 1`` it equals the
+step's time on an idle core); ``--clock wall`` uses wall time.
 
     python benchmarks/bench_ssd.py --shape 50m --seq-lens 1024,2048,4096 --out results.md
 """
@@ -119,7 +120,7 @@ def _deltanet_no_scan(ours: GatedDeltaNet) -> GatedDeltaNet:
     return bound
 
 
-def _deltanet_rows(shape, seq_lens, batch, rounds, clock, raw) -> list[dict]:
+def _deltanet_rows(shape, seq_lens, batch, rounds, clock, raw, bf16) -> list[dict]:
     """D and its no-scan bound per T: tokens/s (median) and D / bound per round."""
     rows = []
     for T in seq_lens:
@@ -127,7 +128,7 @@ def _deltanet_rows(shape, seq_lens, batch, rounds, clock, raw) -> list[dict]:
         layers = {"D": ours, "bound": _deltanet_no_scan(ours)}
         x = torch.randn(batch, T, shape.d_model, requires_grad=True)
         grad = torch.randn(batch, T, shape.d_model)
-        steps = {k: _stepper(v, x, grad, clock) for k, v in layers.items()}
+        steps = {k: _stepper(v, x, grad, clock, bf16) for k, v in layers.items()}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for step in steps.values():
             step()
@@ -158,11 +159,12 @@ def _deltanet_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _stepper(layer, x, grad, clock):
+def _stepper(layer, x, grad, clock, bf16=False):
     def step() -> float:
         t0 = clock()
-        y = layer(x)
-        y.backward(grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = layer(x)
+        y.float().backward(grad)
         layer.zero_grad(set_to_none=True)
         return clock() - t0
 
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-scan", dest="scan", action="store_false", help="skip the scan table")
     p.add_argument("--deltanet", action="store_true", help="also time D against its no-scan bound")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--bf16", action="store_true", help="layers under bf16 autocast (training's default)"
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--ref-rounds", type=int, default=2, help="rounds for the slow reference")
     p.add_argument("--ref-max-len", type=int, default=4096, help="skip the reference above this")
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         layers["bound"] = _no_scan_layer(ours)
         x = torch.randn(args.batch_size, T, d, requires_grad=True)
         grad = torch.randn(args.batch_size, T, d)
-        steps = {k: _stepper(v, x, grad, clock) for k, v in layers.items()}
+        steps = {k: _stepper(v, x, grad, clock, args.bf16) for k, v in layers.items()}
         times: dict[str, list[float]] = {}
         med = _measure(steps, args.rounds, args.ref_rounds, times)
         raw.update({f"T{T}:{k}": v for k, v in times.items()})
@@ -335,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             scan_rows.append(srow)
             print(srow, file=sys.stderr, flush=True)
 
+    dtype = "bf16 autocast" if args.bf16 else "fp32"
     header = (
         f"S layer (`Mamba2`) forward+backward, shape `{shape.name}` (d_model {d}, "
         f"{shape.ssm_heads} heads of {shape.ssm_head_dim}, state {shape.ssm_state}, expand "
         f"{shape.ssm_expand}, groups {shape.ssm_groups}, conv {shape.ssm_conv}), batch "
-        f"{args.batch_size}, fp32, {args.threads} thread(s), {args.clock} time, median of "
+        f"{args.batch_size}, {dtype}, {args.threads} thread(s), {args.clock} time, median of "
         f"{args.rounds} rounds ({args.ref_rounds} for the reference), torch {torch.__version__}."
     )
     text = header + "\n\n" + _table(rows) + "\n"
@@ -348,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         text += _scan_table(scan_rows, chunks) + "\n"
     if args.deltanet:
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
-        d_rows = _deltanet_rows(shape, seq_lens, args.batch_size, args.rounds, clock, raw)
+        d_rows = _deltanet_rows(
+            shape, seq_lens, args.batch_size, args.rounds, clock, raw, args.bf16
+        )
         text += (
             f"\nD layer (`GatedDeltaNet`) forward+backward, the same shape ({shape.dn_heads} "
             f"q/k heads of {shape.dn_head_dim}, {shape.dn_v_heads} value heads of "
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {"shape": shape.name, "chunk": chunks[0], "batch": args.batch_size}
         meta.update({"threads": args.threads, "clock": args.clock, "rounds": args.rounds})
-        meta["torch"] = torch.__version__
+        meta.update({"bf16_autocast": args.bf16, "torch": torch.__version__})
         atomic_write_text(args.json, json.dumps({"config": meta, "seconds": raw}, indent=1))
     return 0
 
