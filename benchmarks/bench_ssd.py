@@ -20,7 +20,8 @@ over the bound's, round by round (median, lowest and highest round).
 
 The measure of S against its no-scan bound (``_no_scan_layer``) is S's tokens/s over the
 bound's, taken round by round (the bound's time over S's in the same round) and reported as
-the median with the lowest and highest round; ``--json`` writes every round's seconds.
+the median with the lowest and highest round; ``--json`` writes every round's seconds (keys
+``S:T<len>:<layer>`` and ``D:T<len>:<layer>``).
 
 Each step is forward, backward with a fixed random cotangent, gradients cleared. The
 implementations run in turns (``--rounds`` times) so that load from other processes spreads
@@ -135,7 +136,7 @@ def _deltanet_rows(shape, seq_lens, batch, rounds, clock, raw, bf16) -> list[dic
         for _ in range(rounds):
             for k, step in steps.items():
                 times[k].append(step())
-        raw.update({f"T{T}:{k}": v for k, v in times.items()})
+        raw.update({f"D:T{T}:{k}": v for k, v in times.items()})
         # D's speed over the bound's = the bound's time over D's, in the same round.
         per = [b / d for d, b in zip(times["D"], times["bound"])]
         row = {"T": T, "chunk": shape.dn_chunk, "fraction": statistics.median(per)}
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = {k: _stepper(v, x, grad, clock, args.bf16) for k, v in layers.items()}
         times: dict[str, list[float]] = {}
         med = _measure(steps, args.rounds, args.ref_rounds, times)
-        raw.update({f"T{T}:{k}": v for k, v in times.items()})
+        raw.update({f"S:T{T}:{k}": v for k, v in times.items()})
         tok = args.batch_size * T
         row = {"T": T, "chunk": chunks[0], "reference": None}
         row.update({k: tok / v for k, v in med.items()})

@@ -55,8 +55,9 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     """out[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i, and -inf above the diagonal.
 
     Summed by a cumsum over a masked copy rather than as a difference of two prefix sums, so
-    it stays exact when the prefix sums are large (the sums span the whole sequence when used
-    across chunks). exp(segsum(a)) is the matrix of decays from step j to step i.
+    it stays exact when the prefix sums are large. exp(segsum(a)) is the matrix of decays from
+    step j to step i (the scans no longer build it across chunks: they pass states chunk by
+    chunk instead; kept for callers and the tests).
     """
     n = a.shape[-1]
     ones = torch.ones(n, n, dtype=torch.bool, device=a.device)
