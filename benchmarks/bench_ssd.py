@@ -3,6 +3,9 @@
 Three implementations of one Mamba-2 mixer at the same size, all in this process:
 
 - ``hcomposer``: ``Mamba2`` with the chunked SSD scan (``ssd_chunked``);
+- ``exact``: the same layer with the scan forced to its exact form (``form="exact"``: a decay
+  matrix per head and chunk), the form that ``hcomposer`` takes where the decays are too strong
+  for the factored one;
 - ``reference``: the same layer with its scan replaced by ``ssd_reference`` (a Python loop over
   time steps) - the slow form the tests hold the chunked scan to;
 - ``transformers``: ``transformers``' ``Mamba2Mixer`` (its PyTorch ``torch_forward`` path: no
@@ -15,11 +18,17 @@ shape against its own no-scan bound (the scan replaced by o = beta * v), in turn
 tables (so S's weights and results are the same with or without it); its measure is D's tokens/s
 over the bound's, round by round (median, lowest and highest round).
 
+The measure of S against its no-scan bound (``_no_scan_layer``) is S's tokens/s over the
+bound's, taken round by round (the bound's time over S's in the same round) and reported as
+the median with the lowest and highest round; ``--json`` writes every round's seconds (keys
+``S:T<len>:<layer>`` and ``D:T<len>:<layer>``).
+
 Each step is forward, backward with a fixed random cotangent, gradients cleared. The
 implementations run in turns (``--rounds`` times) so that load from other processes spreads
-over all of them; the median is reported. Time is the process's CPU time by default (robust on
-a shared machine; with ``--threads 1`` it equals the step's time on an idle core); ``--clock
-wall`` uses wall time.
+over all of them; the median is reported. ``--bf16`` runs the layers' forward under bf16
+autocast, as training does on CPU (the scans compute in fp32 either way). Time is the
+process's CPU time by default (robust on a shared machine; with ``--threads 1`` it equals the
+step's time on an idle core); ``--clock wall`` uses wall time.
 
     python benchmarks/bench_ssd.py --shape 50m --seq-lens 1024,2048,4096 --out results.md
 """
@@ -27,6 +36,7 @@ wall`` uses wall time.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -82,6 +92,16 @@ def _reference_layer(ours: Mamba2) -> Mamba2:
     return ref
 
 
+def _exact_layer(ours: Mamba2) -> Mamba2:
+    """The same layer with the scan forced to its exact form (a decay matrix per head)."""
+    exact = Mamba2(ours.shape)
+    exact.load_state_dict(ours.state_dict())
+    exact._scan = lambda x, dt, A, B, C, initial_state: ssd_chunked(
+        x, dt, A, B, C, ours.chunk_size, initial_state, form="exact"
+    )
+    return exact
+
+
 def _no_scan_layer(ours: Mamba2) -> Mamba2:
     """The layer with its scan replaced by y = dt * x (no mixing over time): everything the three
     implementations share (projections, conv, norm). Its speed bounds any ratio to the
@@ -101,7 +121,7 @@ def _deltanet_no_scan(ours: GatedDeltaNet) -> GatedDeltaNet:
     return bound
 
 
-def _deltanet_rows(shape, seq_lens, batch, rounds, clock) -> list[dict]:
+def _deltanet_rows(shape, seq_lens, batch, rounds, clock, raw, bf16) -> list[dict]:
     """D and its no-scan bound per T: tokens/s (median) and D / bound per round."""
     rows = []
     for T in seq_lens:
@@ -109,13 +129,14 @@ def _deltanet_rows(shape, seq_lens, batch, rounds, clock) -> list[dict]:
         layers = {"D": ours, "bound": _deltanet_no_scan(ours)}
         x = torch.randn(batch, T, shape.d_model, requires_grad=True)
         grad = torch.randn(batch, T, shape.d_model)
-        steps = {k: _stepper(v, x, grad, clock) for k, v in layers.items()}
+        steps = {k: _stepper(v, x, grad, clock, bf16) for k, v in layers.items()}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for step in steps.values():
             step()
         for _ in range(rounds):
             for k, step in steps.items():
                 times[k].append(step())
+        raw.update({f"D:T{T}:{k}": v for k, v in times.items()})
         # D's speed over the bound's = the bound's time over D's, in the same round.
         per = [b / d for d, b in zip(times["D"], times["bound"])]
         row = {"T": T, "chunk": shape.dn_chunk, "fraction": statistics.median(per)}
@@ -139,11 +160,12 @@ def _deltanet_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _stepper(layer, x, grad, clock):
+def _stepper(layer, x, grad, clock, bf16=False):
     def step() -> float:
         t0 = clock()
-        y = layer(x)
-        y.backward(grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = layer(x)
+        y.float().backward(grad)
         layer.zero_grad(set_to_none=True)
         return clock() - t0
 
@@ -188,8 +210,9 @@ def _scan_steppers(shape, T, batch, chunks, with_reference, clock):
     return steps
 
 
-def _measure(steps, rounds, ref_rounds) -> dict[str, float]:
-    """Median seconds per step; the implementations run in turns, after one warm-up each."""
+def _measure(steps, rounds, ref_rounds, raw=None) -> dict[str, float]:
+    """Median seconds per step; the implementations run in turns, after one warm-up each.
+    With ``raw`` (a dict), every round's seconds are added to it under each step's name."""
     times: dict[str, list[float]] = {k: [] for k in steps}
     for step in steps.values():
         step()
@@ -198,6 +221,8 @@ def _measure(steps, rounds, ref_rounds) -> dict[str, float]:
             if k == "reference" and r >= ref_rounds:
                 continue
             times[k].append(step())
+    if raw is not None:
+        raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -213,8 +238,9 @@ def _check_same_function(ours, others, d_model):
 def _table(rows) -> str:
     lines = [
         "| T | chunk | hcomposer tok/s | transformers tok/s | reference tok/s | "
-        "vs transformers | vs reference | no-scan bound tok/s | bound / reference |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "vs transformers | vs reference | no-scan bound tok/s | bound / reference | "
+        "exact form tok/s | hcomposer / bound (median [min-max]) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ref = r["reference"]
@@ -225,7 +251,7 @@ def _table(rows) -> str:
             + (f"{r['ours'] / ref:.1f}x" if ref else "-")
             + f" | {r['bound']:,.0f} | "
             + (f"{r['bound'] / ref:.1f}x" if ref else "-")
-            + " |"
+            + f" | {r['exact']:,.0f} | {r['fraction']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |"
         )
     return "\n".join(lines)
 
@@ -262,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-scan", dest="scan", action="store_false", help="skip the scan table")
     p.add_argument("--deltanet", action="store_true", help="also time D against its no-scan bound")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--bf16", action="store_true", help="layers under bf16 autocast (training's default)"
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--ref-rounds", type=int, default=2, help="rounds for the slow reference")
     p.add_argument("--ref-max-len", type=int, default=4096, help="skip the reference above this")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--out", default=None, help="also write the results as Markdown here")
+    p.add_argument("--json", default=None, help="also write every round's seconds here")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -277,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     d = shape.d_model
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows, scan_rows = [], []
+    raw: dict[str, list[float]] = {}
     for T in (int(t) for t in args.seq_lens.split(",")):
         run_ref = args.ref_max_len >= T
         ours = Mamba2(shape.replace(ssm_chunk=chunks[0]))
@@ -284,14 +315,20 @@ def main(argv: list[str] | None = None) -> int:
         if run_ref:
             layers["reference"] = _reference_layer(ours)
         _check_same_function(ours, {k: v for k, v in layers.items() if k != "ours"}, d)
+        layers["exact"] = _exact_layer(ours)
         layers["bound"] = _no_scan_layer(ours)
         x = torch.randn(args.batch_size, T, d, requires_grad=True)
         grad = torch.randn(args.batch_size, T, d)
-        steps = {k: _stepper(v, x, grad, clock) for k, v in layers.items()}
-        med = _measure(steps, args.rounds, args.ref_rounds)
+        steps = {k: _stepper(v, x, grad, clock, args.bf16) for k, v in layers.items()}
+        times: dict[str, list[float]] = {}
+        med = _measure(steps, args.rounds, args.ref_rounds, times)
+        raw.update({f"S:T{T}:{k}": v for k, v in times.items()})
         tok = args.batch_size * T
         row = {"T": T, "chunk": chunks[0], "reference": None}
         row.update({k: tok / v for k, v in med.items()})
+        # S's speed over the bound's = the bound's time over S's, in the same round.
+        per = [b / o for o, b in zip(times["ours"], times["bound"])]
+        row.update({"fraction": statistics.median(per), "min": min(per), "max": max(per)})
         rows.append(row)
         print(_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
         if args.scan:
@@ -304,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             scan_rows.append(srow)
             print(srow, file=sys.stderr, flush=True)
 
+    dtype = "bf16 autocast" if args.bf16 else "fp32"
     header = (
         f"S layer (`Mamba2`) forward+backward, shape `{shape.name}` (d_model {d}, "
         f"{shape.ssm_heads} heads of {shape.ssm_head_dim}, state {shape.ssm_state}, expand "
         f"{shape.ssm_expand}, groups {shape.ssm_groups}, conv {shape.ssm_conv}), batch "
-        f"{args.batch_size}, fp32, {args.threads} thread(s), {args.clock} time, median of "
+        f"{args.batch_size}, {dtype}, {args.threads} thread(s), {args.clock} time, median of "
         f"{args.rounds} rounds ({args.ref_rounds} for the reference), torch {torch.__version__}."
     )
     text = header + "\n\n" + _table(rows) + "\n"
@@ -317,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         text += _scan_table(scan_rows, chunks) + "\n"
     if args.deltanet:
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
-        d_rows = _deltanet_rows(shape, seq_lens, args.batch_size, args.rounds, clock)
+        d_rows = _deltanet_rows(
+            shape, seq_lens, args.batch_size, args.rounds, clock, raw, args.bf16
+        )
         text += (
             f"\nD layer (`GatedDeltaNet`) forward+backward, the same shape ({shape.dn_heads} "
             f"q/k heads of {shape.dn_head_dim}, {shape.dn_v_heads} value heads of "
@@ -327,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         atomic_write_text(args.out, text)
+    if args.json:
+        meta = {"shape": shape.name, "chunk": chunks[0], "batch": args.batch_size}
+        meta.update({"threads": args.threads, "clock": args.clock, "rounds": args.rounds})
+        meta.update({"bf16_autocast": args.bf16, "torch": torch.__version__})
+        atomic_write_text(args.json, json.dumps({"config": meta, "seconds": raw}, indent=1))
     return 0
 
 

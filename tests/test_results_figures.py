@@ -514,6 +514,22 @@ def _paired(seconds: dict[str, list[float]], num: str, den: str) -> dict[str, st
 
 
 @cache
+def ssd_bound() -> dict[str, str]:
+    out = {}
+    for key, name in (("32", "bench_ssd_10m.json"), ("16", "bench_ssd_10m_bf16.json")):
+        t = json.loads((RAW / "ssd_bound" / name).read_text())["seconds"]
+        out |= prefixed(f"s{key}", _paired(t, "S:T2048:bound", "S:T2048:ours"))
+        out |= prefixed(f"e{key}", _paired(t, "S:T2048:bound", "S:T2048:exact"))
+        out |= prefixed(f"hf{key}", _paired(t, "S:T2048:hf", "S:T2048:ours"))
+        out |= prefixed(f"d{key}", _paired(t, "D:T2048:bound", "D:T2048:D"))
+        if key == "32":
+            per = [b / s for s, b in zip(t["S:T2048:ours"], t["S:T2048:bound"], strict=True)]
+            med = statistics.median(per)
+            out["goal"] = f"{'met' if med >= 0.75 else 'missed'} at {med:.3f}"
+    return out
+
+
+@cache
 def window_band() -> dict[str, str]:
     t = json.loads((RAW / "window" / "bench_window.json").read_text())["seconds"]
     return {
@@ -729,6 +745,14 @@ FIGURES: dict[str, Figure] = {
         ("load/bench_load_split.json",),
         train_load,
         "{loaded} loaded, {quiet} quiet (unsplit default: {default} loaded)",
+    ),
+    "ssd-bound": Figure(
+        ("ssd_bound/bench_ssd_10m.json", "ssd_bound/bench_ssd_10m_bf16.json"),
+        ssd_bound,
+        "fp32: S {s32_v} [{s32_lo}-{s32_hi}] (its exact form {e32_v} [{e32_lo}-{e32_hi}]), "
+        "D {d32_v} [{d32_lo}-{d32_hi}]; bf16 autocast: S {s16_v} [{s16_lo}-{s16_hi}], D "
+        "{d16_v} [{d16_lo}-{d16_hi}]; S / transformers' torch path {hf32_v}x (fp32), "
+        "{hf16_v}x (bf16) (goal S >= 0.75 in fp32: {goal})",
     ),
     "window-band": Figure(
         ("window/bench_window.json",),

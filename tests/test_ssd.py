@@ -44,11 +44,12 @@ def test_chunked_equals_recurrence_outputs_and_state(chunk, t, with_init):
     torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("form", ["factored", "exact"])
 @pytest.mark.parametrize(
     "chunk,t,groups,with_init",
     [(4, 13, 1, True), (8, 16, 2, False), (8, 21, 2, True), (5, 5, 4, True), (32, 11, 1, True)],
 )
-def test_chunked_equals_recurrence_gradients(chunk, t, groups, with_init):
+def test_chunked_equals_recurrence_gradients(chunk, t, groups, with_init, form):
     x, dt, A, B, C, s0 = _inputs(2, t, 4, 3, groups, 4, seed=7 + t)
     leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C, s0)]
     gen = torch.Generator().manual_seed(99)
@@ -64,11 +65,32 @@ def test_chunked_equals_recurrence_gradients(chunk, t, groups, with_init):
         return [v.grad for v in (vs if with_init else vs[:5])]
 
     ref = grads(ssd_reference)
-    got = grads(lambda *a: ssd_chunked(*a[:5], chunk, a[5]))
+    got = grads(lambda *a: ssd_chunked(*a[:5], chunk, a[5], form=form))
     names = ["x", "dt", "A", "B", "C", "initial_state"]
     for name, g_ref, g in zip(names, ref, got):
         assert g is not None, name
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_factored_and_exact_forms_agree_and_strong_decays_fall_back(chunk):
+    # Moderate decays: both forms equal the recurrence in fp64, outputs and final state.
+    x, dt, A, B, C, s0 = _inputs(1, 150, 4, 3, 2, 5, seed=chunk)
+    y_ref, f_ref = ssd_reference(x, dt, A, B, C, s0)
+    for form in ("factored", "exact"):
+        y, f = ssd_chunked(x, dt, A, B, C, chunk, s0, form=form)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10, msg=form)
+        torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10, msg=form)
+    # Decays past the factored form's limit in fp32 (a chunk's total log-decay below -60):
+    # the default must still be finite and equal the fp64 recurrence, gradients included.
+    dt32 = (dt * 40).float().requires_grad_()
+    y, f = ssd_chunked(x.float(), dt32, A.float(), B.float(), C.float(), chunk, s0.float())
+    (y.sum() + f.sum()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(dt32.grad).all()
+    y_ref, f_ref = ssd_reference(x, dt32.detach().double(), A, B, C, s0)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-3, atol=1e-3)  # fp32, |y| up to ~30
+    with pytest.raises(ValueError, match="form"):
+        ssd_chunked(x, dt, A, B, C, chunk, form="fast")
 
 
 def test_reference_known_answer():
@@ -151,9 +173,10 @@ def test_matmul_flops_match_the_mamba2_cost_formula():
     T = 40  # not a multiple of the chunk (16): padding is computed and counted
     H, P, G, N = m.n_heads, m.head_dim, m.n_groups, m.d_state
     x, dt, A, B, C, s0 = (v.float() for v in _inputs(1, T, H, P, G, N, seed=2))
-    with FlopCounterMode(display=False) as counter:
-        ssd_chunked(x, dt, A, B, C, m.chunk_size, s0)
-    assert counter.get_total_flops() == pytest.approx(m.extra_flops_per_token(T) * T)
+    for form in ("factored", "exact"):
+        with FlopCounterMode(display=False) as counter:
+            ssd_chunked(x, dt, A, B, C, m.chunk_size, s0, form=form)
+        assert counter.get_total_flops() == pytest.approx(m.extra_flops_per_token(T) * T), form
 
 
 def test_bad_shapes_raise():

@@ -280,18 +280,22 @@ class Mamba2(Primitive):
         work = torch.promote_types(u.dtype, torch.float32)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
         A = -torch.exp(self.A_log.to(work))
+        # The PyTorch scans compute in the work dtype: given x in it, their output stays in it
+        # (no round trip through bf16 before the D skip). mamba_ssm's kernel takes x as it is.
+        xw = x.to(work)
         if cache is not None and T == 1:
             y, state = ssd_step(
-                cache.ssm_state, x[:, 0], dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N)
+                cache.ssm_state, xw[:, 0], dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N)
             )
             y = y[:, None]
         else:
             init = cache.ssm_state if cache is not None else None
-            y, state = self._scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), init)
+            xs = x if x.is_cuda and fast_scan_available() else xw
+            y, state = self._scan(xs, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), init)
         if cache is not None:
             cache.ssm_state.copy_(state)
             cache.pos += T
-        y = torch.addcmul(y.to(work), x.to(work), self.D.to(work)[:, None])
+        y = torch.addcmul(y.to(work), xw, self.D.to(work)[:, None])
         y = self.norm(y.reshape(Bsz, T, self.inner_dim), z, u.dtype)
         return self.out_proj(y) if self.project else y
 
@@ -300,9 +304,10 @@ class Mamba2(Primitive):
 
         Per chunk of L = min(ssm_chunk, seq_len) steps: C B^T per group (2 L^2 G N), the
         masked product with x per head (2 L^2 H P), the chunk state (2 L H P N) and the
-        start state's output (2 L H P N); across chunks the (c+1)^2 state-passing product
-        (2 (c+1)^2 H P N). Padding of the last chunk is counted: it is computed. Elementwise
-        work (decays, gates, the conv, the D skip) is left out, as for attention's softmax.
+        start state's output (2 L H P N). Padding of the last chunk is counted: it is
+        computed. Elementwise work (decays, gates, the conv, the D skip, and the passing of
+        states from chunk to chunk, one multiply-add of H P N per chunk) is left out, as for
+        attention's softmax.
         The recurrent step used for decoding costs about 4 H P N per token instead.
         """
         if seq_len <= 0:
@@ -311,8 +316,7 @@ class Mamba2(Primitive):
         L = min(self.chunk_size, seq_len)
         nc = -(-seq_len // L)
         per_chunk = 2 * L * L * G * N + 2 * L * L * H * P + 4 * L * H * P * N
-        total = nc * per_chunk + 2 * (nc + 1) ** 2 * H * P * N
-        return total / seq_len
+        return nc * per_chunk / seq_len
 
     def state_bytes(self, dtype_bytes: int = 2) -> int:
         """Conv inputs (in the model's dtype) plus the SSM state (always fp32), per sequence."""
