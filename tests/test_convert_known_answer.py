@@ -3,7 +3,6 @@ of benchmarks/results/convert_known_answer/README.md recomputed from raw.jsonl."
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from hcomposer.convert.recall import RecallData, RecallMix, recall_accuracy
 from hcomposer.io import read_jsonl
 from hcomposer.model import build_model, lm_loss
+from load_script import script
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "benchmarks" / "results" / "convert_known_answer"
@@ -21,12 +21,7 @@ NAMES = ("even", "greedy", "gates", "optuna", "gates-recall")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_known_answer", ROOT / "benchmarks" / "convert_known_answer.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("benchmarks/convert_known_answer.py")
 
 
 def test_carrying_layers_known_answers():

@@ -3,7 +3,6 @@ benchmarks/results/convert_vs_scratch/ (result.json, README.md) recomputed from 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hcomposer.io import read_jsonl
+from load_script import script
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "benchmarks" / "results" / "convert_vs_scratch"
@@ -19,12 +19,7 @@ RAW = FOLDER / "raw.jsonl"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_vs_scratch", ROOT / "benchmarks" / "convert_vs_scratch.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("benchmarks/convert_vs_scratch.py")
 
 
 def test_crossing_interpolates_bounds_and_says_not_reached():

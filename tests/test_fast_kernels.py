@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hcomposer.primitives import fla_delta
 from hcomposer.primitives.delta_rule import gated_delta_rule_chunked, gated_delta_rule_reference
 from hcomposer.primitives.ssd import ssd_chunked
+from load_script import script
 
 CUDA = torch.cuda.is_available()
 
@@ -38,10 +39,7 @@ def _fla_naive():
     if not path.is_file():
         pytest.skip(f"this fla version has no {path.name} reference")
     pytest.importorskip("einops")
-    mod_spec = importlib.util.spec_from_file_location("fla_gdr_naive", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
+    return script(path)
 
 
 def _inputs(b, t, h, dk, dv, device="cpu", dtype=torch.float32, seed=0):

@@ -1,20 +1,18 @@
 """benchmarks/proxy_seed_table.py: the calibration targets checked on a hand-made proxy log."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from load_script import script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_seed_table.py"
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("proxy_seed_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script(SCRIPT)
 
 
 TASKS = ("in_context_recall", "fuzzy_in_context_recall", "noisy_in_context_recall",

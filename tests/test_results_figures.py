@@ -17,7 +17,6 @@ either file, a new unchecked number, or a raw file that no longer gives its numb
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -48,6 +47,7 @@ from hcomposer.stats import (
     spearman_diff_ci,
     tied_with_best,
 )
+from load_script import script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -561,11 +561,9 @@ def train_step() -> dict[str, str]:
 @cache
 def convert_vs_scratch() -> dict[str, str]:
     """The converted hybrid against the same hybrid from scratch (the study's own analysis)."""
-    path = ROOT / "benchmarks" / "convert_vs_scratch.py"
-    spec = importlib.util.spec_from_file_location("convert_vs_scratch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    r = module.analyse(read_jsonl(RAW / "convert_vs_scratch" / "raw.jsonl"))
+    r = script("benchmarks/convert_vs_scratch.py").analyse(
+        read_jsonl(RAW / "convert_vs_scratch" / "raw.jsonl")
+    )
     out = {"t": f"{r['teacher_val_loss']:.3f}", "ns": str(len(r["scratch_seeds"]))}
     out["s"], out["s_sd"] = f"{r['scratch_final']['mean']:.3f}", f"{r['scratch_final']['sd']:.3f}"
     for pre, arm in (("", r), ("l", r["long"])):

@@ -3,7 +3,6 @@ rule, seeds, resume, and the committed study split."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,6 +24,7 @@ from hcomposer.proxies.ruler import (
 )
 from hcomposer.proxies.ruler_study import add_seed, byte_check, run_byte_check, wide_spread
 from hcomposer.runs import RulerDir, RunDir
+from load_script import script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +81,7 @@ def test_prepare_text_splits_chapters_disjointly(tmp_path):
 
 
 def test_committed_study_split_is_reproducible_and_big_enough():
-    spec = importlib.util.spec_from_file_location("ruler_v3", ROOT / "benchmarks" / "ruler_v3.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = script("benchmarks/ruler_v3.py")
     committed = json.loads((ROOT / "benchmarks/results/ruler_v3/split.json").read_text())
     assert committed == mod.make_split()
     held = committed["heldout"]

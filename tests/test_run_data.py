@@ -3,7 +3,6 @@ and the one-line errors before any training when a dataset or tokenizer cannot b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from hcomposer.data.stream import StreamingDataset
 from hcomposer.model import build_model
 from hcomposer.pipeline.scale import target_architecture
 from hcomposer.recipes import PAPER_DATA, PAPER_TOKENIZER, paper
+from load_script import script
 
 CORPUS, TOKENIZER = rehearsal_assets()
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,11 +122,7 @@ def test_the_fixtures_load_and_match_their_generator(tmp_path):
     ]
     assert ds.plan["rule"] == "hash" and len(rows) == 120
     # The committed files are what the script makes (same content, byte for byte).
-    spec = importlib.util.spec_from_file_location(
-        "make_fixtures", ROOT / "scripts" / "make_rehearsal_fixtures.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("scripts/make_rehearsal_fixtures.py")
     module.build(tmp_path / "again")
     assert (tmp_path / "again" / "tokenizer.json").read_text() == TOKENIZER.read_text()
     again = pq.read_table(tmp_path / "again" / "corpus" / module.SHARD).to_pylist()
