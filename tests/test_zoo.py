@@ -180,3 +180,13 @@ def test_task_cpu_is_the_task_share_of_the_record():
     assert task_cpu(rec, "a") == pytest.approx(15.0) and task_cpu(rec, "b") == pytest.approx(45.0)
     old = {"cpu_seconds": 60.0, "tasks": {"a": {}, "b": {}}}  # before tasks were timed
     assert task_cpu(old, "a") == 60.0
+
+
+def test_fit_ridge_leave_one_out_has_no_intercept_artefact():
+    """Features that carry nothing: a strong penalty predicts ~0 for every left-out pattern,
+    not the mean of the others (which ranks exactly backwards, Spearman -1)."""
+    pats = [f"P{i}" for i in range(10)]
+    feats = {p: {"x": float((i * 7) % 10)} for i, p in enumerate(pats)}
+    loss = {p: float(i) for i, p in enumerate(pats)}
+    _, info = fit_ridge(feats, loss, pats, alphas=(1e6,))
+    assert info["loo_spearman"]["1000000.0"] > -0.9

@@ -70,12 +70,15 @@ def structure(pattern: str, params: float) -> dict[str, float]:
 
 def _ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float):
     """Ridge on standardised columns (the scale from the fitting rows only); returns a
-    predictor for new rows. Constant columns are dropped."""
+    predictor for new rows *without* the intercept (ranks do not need it, and a
+    leave-one-out intercept, the mean of the other rows, is anti-correlated with the row left
+    out: it would drag every leave-one-out Spearman down, most under a strong penalty).
+    Constant columns are dropped."""
     mu, sd = x.mean(0), x.std(0)
     keep = sd > 1e-12
     z = (x[:, keep] - mu[keep]) / sd[keep]
     w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
-    return lambda rows: (rows[:, keep] - mu[keep]) / sd[keep] @ w + y.mean(), w, keep
+    return lambda rows: (rows[:, keep] - mu[keep]) / sd[keep] @ w, w, keep
 
 
 def fit_ridge(
