@@ -290,7 +290,7 @@ class Mamba2(Primitive):
             y = y[:, None]
         else:
             init = cache.ssm_state if cache is not None else None
-            xs = x if x.is_cuda and fast_scan_available() else xw
+            xs = x if x.is_cuda and _KERNEL.available() else xw
             y, state = self._scan(xs, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), init)
         if cache is not None:
             cache.ssm_state.copy_(state)
