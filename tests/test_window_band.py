@@ -176,11 +176,15 @@ def _backward_steps(t) -> set[str]:
     return seen
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("T, P, chunk", [(700, 0, 20), (430, 300, 32)])
-def test_band_with_key_blocks_rounded_up_equals_masked_fp64(monkeypatch, T, P, chunk):
+def test_band_with_key_blocks_rounded_up_equals_masked_fp64(monkeypatch, T, P, chunk, kernels):
     # From 512 keys a chunk up, its key block is padded to a multiple of 64 (519 -> 576 and
-    # 531 -> 576 here): outputs, gradients and the scores counted against the reference.
+    # 531 -> 576 here): outputs, gradients and the scores counted against the reference, on
+    # the CPU kernels' path and on the SDPA path.
     window = 500
+    if not kernels:
+        monkeypatch.setattr(window_band, "_cpu_kernels", lambda q: False)
     q, k, v = _qkv(1, 4, 2, T, P)
     y = banded_window_attention(q, k, v, window, chunk)
     y_ref = _reference(q, k, v, window)
