@@ -20,7 +20,7 @@ W-masked are compared before timing. Time is the process's CPU time by default (
 uses wall time. The dtype is training's default on this machine (``resolve_dtype("auto")``:
 bf16 autocast where bf16 is native, else fp32).
 
-    python benchmarks/bench_window.py --rounds 9 --chunks 256,128 --core \
+    python benchmarks/bench_window.py --rounds 9 --chunks 192,256 --core \
         --json benchmarks/results/window/bench_window.json
 """
 

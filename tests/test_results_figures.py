@@ -536,8 +536,8 @@ def window_band() -> dict[str, str]:
         **prefixed("aw", _paired(t, "A", "W")),
         **prefixed("mw", _paired(t, "W-masked", "W")),
         **prefixed("core", _paired(t, "core:A", "core:W")),
-        **prefixed("half", _paired(t, "W/256", "W")),
-        **prefixed("quarter", _paired(t, "W/128", "W")),
+        **prefixed("c192", _paired(t, "W/192", "W")),
+        **prefixed("c256", _paired(t, "W/256", "W")),
     }
 
 
@@ -756,9 +756,9 @@ FIGURES: dict[str, Figure] = {
         ("window/bench_window.json",),
         window_band,
         "layer: A / W {aw_v}x [{aw_lo}-{aw_hi}], masked W / W {mw_v}x [{mw_lo}-{mw_hi}]; "
-        "attention alone: A / W {core_v}x [{core_lo}-{core_hi}]; W in chunks of 256 and 128 "
-        "takes {half_v}x [{half_lo}-{half_hi}] and {quarter_v}x [{quarter_lo}-{quarter_hi}] "
-        "W's time (chunks of 192)",
+        "attention alone: A / W {core_v}x [{core_lo}-{core_hi}]; W in chunks of 192 and 256 "
+        "takes {c192_v}x [{c192_lo}-{c192_hi}] and {c256_v}x [{c256_lo}-{c256_hi}] "
+        "W's time (chunks of 128)",
     ),
     "train-step": Figure(
         ("train_step/bench_llama.json",),

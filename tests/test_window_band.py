@@ -103,7 +103,7 @@ def _layer_pair(window, seed=0):
 @pytest.mark.parametrize("window, T", [(16, 77), (5, 40), (24, 11)])
 def test_layer_band_equals_layer_masked(window, T):
     band, dense = _layer_pair(window)
-    assert band.band_chunk == band_chunk(window)
+    assert band.band_chunk == band_chunk(window, band.n_heads // band.n_kv_heads)
     x = torch.randn(2, T, TINY.d_model, dtype=torch.float64, requires_grad=True)
     y, y_ref = band(x), dense(x)
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
@@ -165,24 +165,63 @@ def test_keys_per_query_is_what_the_band_computes(monkeypatch, T, P):
     assert scores == pytest.approx(H * T * banded_keys_per_query(T, P, window, chunk))
 
 
-def test_cpu_kernel_path_equals_sdpa_path(monkeypatch):
-    # The CPU path (flash kernels, own backward) against the same chunks through SDPA and
-    # autograd, which the band takes elsewhere and under torch.compile: outputs and gradients.
+def _backward_steps(t) -> set[str]:
+    """Names of every step in t's autograd graph."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in seen:
+            seen.add(type(fn).__name__)
+            todo += [nxt for nxt, _ in fn.next_functions]
+    return seen
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("T, P, chunk", [(700, 0, 20), (430, 300, 32)])
+def test_band_with_key_blocks_rounded_up_equals_masked_fp64(monkeypatch, T, P, chunk, kernels):
+    # From 512 keys a chunk up, its key block is padded to a multiple of 64 (519 -> 576 and
+    # 531 -> 576 here): outputs, gradients and the scores counted against the reference, on
+    # the CPU kernels' path and on the SDPA path.
+    window = 500
+    if not kernels:
+        monkeypatch.setattr(window_band, "_cpu_kernels", lambda q: False)
+    q, k, v = _qkv(1, 4, 2, T, P)
+    y = banded_window_attention(q, k, v, window, chunk)
+    y_ref = _reference(q, k, v, window)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+    w = torch.randn_like(y)
+    g = torch.autograd.grad((y * w).sum(), (q, k, v))
+    for a, b in zip(g, torch.autograd.grad((y_ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    n = -(-T // chunk)
+    with torch.no_grad():
+        scores = _count_scores(monkeypatch, lambda: banded_window_attention(q, k, v, window, chunk))
+    assert scores == 4 * n * chunk * 576 == 4 * T * banded_keys_per_query(T, P, window, chunk)
+
+
+@pytest.mark.parametrize("H, Hkv", [(4, 2), (6, 2), (3, 3)])
+def test_cpu_kernel_path_equals_sdpa_path(monkeypatch, H, Hkv):
+    # The CPU path (flash kernels, own backward, grouped query heads folded into one call)
+    # against the same chunks through SDPA and autograd, which the band takes elsewhere and
+    # under torch.compile: outputs and gradients.
     T, P, window, chunk = 83, 5, 13, 8
-    q, k, v = _qkv(2, 4, 2, T, P, dtype=torch.float32)
+    q, k, v = _qkv(2, H, Hkv, T, P, dtype=torch.float32)
     y = banded_window_attention(q, k, v, window, chunk)
     g = torch.randn_like(y)
     grads = torch.autograd.grad((y * g).sum(), (q, k, v))
     monkeypatch.setattr(window_band, "_cpu_kernels", lambda q: False)
     y_sdpa = banded_window_attention(q, k, v, window, chunk)
-
-    def backward_of(t):  # the step under the final slice to T queries
-        return type(t.grad_fn.next_functions[0][0]).__name__
-
-    assert backward_of(y) == "_CpuBandBackward" and backward_of(y_sdpa) == "StackBackward0"
+    assert "_CpuBandBackward" in _backward_steps(y)
+    assert "_CpuBandBackward" not in _backward_steps(y_sdpa)
     torch.testing.assert_close(y, y_sdpa, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, torch.autograd.grad((y_sdpa * g).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_band_chunk_folds_groups_onto_the_kernels_larger_blocks():
+    # Ungrouped heads: chunks of 192 at most; grouped: group * chunk rows of 256 (64 at least).
+    assert [band_chunk(512, g) for g in (1, 2, 4, 8)] == [192, 128, 64, 64]
+    assert band_chunk(40, 2) == 20 and band_chunk(20, 1) == 16
 
 
 def test_accounting_charges_the_band_and_the_band_path_computes_near_it():
@@ -201,5 +240,5 @@ def test_accounting_charges_the_band_and_the_band_path_computes_near_it():
         per_score * ((T + 1) / 2 - band / T), rel=1e-12
     )
     computed = banded_keys_per_query(T, 0, 512, prim.band_chunk)
-    # chunk + window - 1 keys per query, plus the padding of the last chunk (under 1% here)
-    assert band / T < computed <= (prim.band_chunk + 511) * 1.01
+    # chunk + window - 1 keys per query rounded up to 64, plus the last chunk's padding
+    assert band / T < computed <= (prim.band_chunk + 511 + 63) * 1.01

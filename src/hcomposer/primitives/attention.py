@@ -356,7 +356,7 @@ class SlidingWindowAttention(_AttentionBase):
     def __init__(self, shape: Shape, *, fraction: float = 1.0, project: bool = True):
         super().__init__(shape, fraction=fraction, project=project)
         self.window = shape.window
-        self.band_chunk = band_chunk(shape.window)
+        self.band_chunk = band_chunk(shape.window, self.n_heads // self.n_kv_heads)
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None) -> RollingKVCache:
         return RollingKVCache(*self._empty_kv(batch_size, self.window, device, dtype))
