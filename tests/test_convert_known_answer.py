@@ -3,7 +3,6 @@ of benchmarks/results/convert_known_answer/README.md recomputed from raw.jsonl."
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from hcomposer.convert.recall import RecallData, RecallMix, recall_accuracy
 from hcomposer.io import read_jsonl
 from hcomposer.model import build_model, lm_loss
 from load_script import script
+from tagged_figures import assert_tagged_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "benchmarks" / "results" / "convert_known_answer"
@@ -110,9 +110,4 @@ def figures() -> dict[str, str]:
 
 @pytest.mark.skipif(not RAW.is_file(), reason="the study's raw file is not there")
 def test_readme_states_the_raw_files_figures():
-    text = (FOLDER / "README.md").read_text()
-    for name, value in figures().items():
-        tag = f"<!-- {name} -->"
-        assert tag in text, f"README lacks the figure {name}"
-        m = re.search(r"(\S+)\s*" + re.escape(tag), text)
-        assert m and m.group(1).strip("`*(),;:") == value, (name, value, m and m.group(1))
+    assert_tagged_figures(FOLDER / "README.md", figures())

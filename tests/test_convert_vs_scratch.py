@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
 
 from hcomposer.io import read_jsonl
 from load_script import script
+from tagged_figures import assert_tagged_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "benchmarks" / "results" / "convert_vs_scratch"
@@ -148,9 +148,4 @@ def _assert_close(a, b, where="result"):
 
 @pytest.mark.skipif(not RAW.is_file(), reason="the study's raw file is not there")
 def test_readme_states_the_raw_files_figures():
-    text = (FOLDER / "README.md").read_text()
-    for name, value in figures().items():
-        tag = f"<!-- {name} -->"
-        assert tag in text, f"README lacks the figure {name}"
-        m = re.search(r"(\S+)\s*" + re.escape(tag), text)
-        assert m and m.group(1).strip("`*(),;:x%") == value, (name, value, m and m.group(1))
+    assert_tagged_figures(FOLDER / "README.md", figures(), strip="`*(),;:x%")
