@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from pathlib import Path
 
 import pytest
+
+from tagged_figures import assert_tagged_figures
 
 FOLDER = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "convert_placement"
 RAW = FOLDER / "raw.json"
@@ -55,13 +56,8 @@ def figures() -> dict[str, str]:
 
 def test_readme_states_the_raw_files_figures():
     text = (FOLDER / "README.md").read_text()
-    for name, value in figures().items():
-        assert f"{{{name}}}" not in text
-        tag = f"<!-- {name} -->"
-        assert tag in text, f"README lacks the figure {name}"
-        # The figure sits right before its tag.
-        m = re.search(r"(\S+)\s*" + re.escape(tag), text)
-        assert m and m.group(1).strip("`*(),;:") == value, (name, value, m and m.group(1))
+    assert not any(f"{{{name}}}" in text for name in figures())  # no unfilled placeholder
+    assert_tagged_figures(FOLDER / "README.md", figures())
 
 
 def test_the_layer_that_must_stay():
